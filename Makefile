@@ -1,0 +1,52 @@
+# maskfill: every target runs from the virtual environment at .venv (created by `make setup`).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.maskfill-installed
+TORCH  ?= torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test test-gpu lint fix bench bench-gpu eval train vsix
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: a bare `torch` in a fresh venv resolves to a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install maskfill with its dev tools
+
+run: $(STAMP) ## complete the sample file through the real LSP server with the embedded model
+	$(PY) -m lsp_server.demo
+
+test: $(STAMP) ## run every test (GPU-only tests skip without CUDA)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+test-gpu: $(STAMP) ## run only the GPU tests
+	$(PY) -m pytest -q -m gpu
+
+lint: $(STAMP) ## ruff
+	$(PY) -m ruff check .
+
+fix: $(STAMP) ## ruff --fix and format
+	$(PY) -m ruff check --fix .
+
+bench: $(STAMP) ## engine and server benchmarks on CPU: a table, then one JSON line
+	$(PY) -m engine bench --device cpu
+
+bench-gpu: $(STAMP) ## the same on CUDA
+	$(PY) -m engine bench --device cuda
+
+eval: $(STAMP) ## FIM benchmarks with the embedded model (HumanEval single-line infilling)
+	$(PY) -m engine.eval --suite humaneval-single
+
+train: $(STAMP) ## train the embedded model (see engine/train.py --help)
+	$(PY) -m engine.train
+
+vsix: ## package the VS Code extension
+	cd editors/vscode && npm ci && npm run package

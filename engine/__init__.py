@@ -1,0 +1,1 @@
+"""maskfill engine: native diffusion code models, fill-in-the-middle by denoising."""

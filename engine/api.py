@@ -1,0 +1,92 @@
+"""Typed boundary between the engine and its callers (CLI, LSP server, bench, eval).
+
+Everything here is a msgspec.Struct so it can cross a process boundary unchanged. The engine
+never imports LSP code; the server never builds tensors. Cancellation (a threading.Event) is
+passed beside the request, not inside it, because it cannot be serialised.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+StopMode = Literal["line", "block", "free"]
+SamplerName = Literal[
+    "threshold",  # fast default: commit every masked slot with confidence >= tau (>= 1 per step)
+    "entropy_bounded",  # EB-Sampler: lowest-entropy slots while summed entropy <= gamma
+    "origin",  # Dream reference samplers (models.md 5.1) ...
+    "maskgit_plus",
+    "topk_margin",
+    "entropy",
+    "low_confidence",  # LLaDA reference remasking (models.md 5.2)
+]
+QuantMode = Literal["none", "int8", "int4", "fp8"]
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """One fill-in-the-middle job: text before and after the cursor plus decoding knobs."""
+
+    prefix: str
+    suffix: str
+    max_tokens: int = 64  # span budget: the longest hole tried, in tokens
+    span_lengths: tuple[int, ...] | None = None  # None: the engine picks buckets <= max_tokens
+    stop: StopMode = "block"
+    sampler: SamplerName = "threshold"
+    threshold: float = 0.9  # tau for "threshold"
+    entropy_bound: float = 0.15  # gamma for "entropy_bounded"
+    steps: int | None = None  # reference samplers: steps per hole (None: one per masked token)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    num_candidates: int = 1  # >1: distinct candidates sampled in one batch (manual trigger)
+    use_cache: bool = True  # dual context cache within the request
+    cache_refresh_every: int = 0  # re-encode the whole context every N steps (0: never)
+    max_context_tokens: int | None = None  # None: the model's trained window
+    timeout_ms: float | None = None  # deadline relative to the call's start
+
+
+class Candidate(msgspec.Struct, kw_only=True, frozen=True):
+    text: str
+    mean_confidence: float  # mean probability of the committed tokens
+    span_length: int  # hole length (tokens) this candidate came from
+    ended: bool  # an end token closed the span before its last slot
+
+
+class CompletionStats(msgspec.Struct, kw_only=True):
+    forward_passes: int = 0
+    tokens_committed_per_step: list[int] = msgspec.field(default_factory=list)
+    timings_ms: dict[str, float] = msgspec.field(default_factory=dict)  # tokenize/encode/denoise/...
+    mean_confidence: float = 0.0
+    prefix_tokens: int = 0
+    suffix_tokens: int = 0
+    span_length: int = 0
+    cancelled: bool = False
+    timed_out: bool = False
+
+    @property
+    def committed_tokens(self) -> int:
+        return sum(self.tokens_committed_per_step)
+
+
+class CompletionResult(msgspec.Struct, kw_only=True):
+    text: str  # best candidate after stop-mode trimming ("" when cancelled)
+    candidates: list[Candidate]
+    stats: CompletionStats
+
+
+class EngineInfo(msgspec.Struct, kw_only=True, frozen=True):
+    model: str  # what the user asked for (path or repo id)
+    path: str  # resolved checkpoint folder
+    family: str  # "dream" | "llada"
+    device: str
+    dtype: str
+    quant: QuantMode
+    weight_bytes: int  # resident parameter + buffer bytes
+    parameters: int
+    max_context: int
+    load_ms: float
+
+
+class EngineError(Exception):
+    """A user-facing failure: the message is one clear line, fit to print without a traceback."""

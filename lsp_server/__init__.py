@@ -1,0 +1,1 @@
+"""maskfill language server: inline completions over LSP."""
