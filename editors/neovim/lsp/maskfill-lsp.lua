@@ -1,0 +1,7 @@
+-- maskfill-lsp for Neovim 0.11+ (`:h lsp-config`): put editors/neovim on 'runtimepath' and call
+-- vim.lsp.enable('maskfill-lsp'), or use require('maskfill').setup{}, which also sets up inline
+-- completion and its keymaps. No `filetypes`: the server serves every language it is enabled for.
+return {
+  cmd = { 'maskfill-lsp', '--stdio' },
+  root_markers = { '.git' },
+}

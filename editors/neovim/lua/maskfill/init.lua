@@ -1,0 +1,180 @@
+-- maskfill for Neovim: starts maskfill-lsp and shows its completions.
+--   0.12+: inline (ghost text) completion, accepted and cycled with keymaps;
+--   0.10/0.11: the completion menu (textDocument/completion), which the server also serves.
+local M = {}
+
+local NAME = 'maskfill-lsp' -- also the name of lsp/maskfill-lsp.lua
+local INLINE = 'textDocument/inlineCompletion'
+local COMPLETION = 'textDocument/completion'
+
+M.defaults = {
+  cmd = { 'maskfill-lsp', '--stdio' }, -- a list, or the path of the executable
+  settings = {}, -- server settings, camelCase as in the README (model, device, quant, ...)
+  filetypes = nil, -- nil: every filetype
+  root_markers = { '.git' },
+  inline = true, -- false: use the completion menu even where inline completion exists
+  keymaps = { -- insert mode; false (or a false entry) leaves keys alone
+    accept = '<Tab>', -- accept the inline suggestion, else insert the key itself
+    next = '<M-]>', -- next / previous candidate (manual triggers return several)
+    prev = '<M-[>',
+    trigger = '<C-Space>', -- completion-menu path: ask for a completion now
+  },
+}
+
+local function has_inline_api()
+  return vim.lsp.inline_completion ~= nil and vim.lsp.inline_completion.enable ~= nil
+end
+
+local function supports(client, method, bufnr)
+  if vim.fn.has('nvim-0.11') == 1 then
+    return client:supports_method(method, bufnr)
+  end
+  return client.supports_method(method, { bufnr = bufnr })
+end
+
+local function merge_options(opts)
+  opts = opts or {}
+  local merged = vim.tbl_extend('force', M.defaults, opts)
+  if opts.keymaps == false then
+    merged.keymaps = {}
+  else
+    merged.keymaps = vim.tbl_extend('force', M.defaults.keymaps, opts.keymaps or {})
+  end
+  if type(merged.cmd) == 'string' then
+    merged.cmd = { merged.cmd, '--stdio' }
+  end
+  return merged
+end
+
+-- The vim.lsp config this plugin registers (exposed for tests and for vim.lsp.start users).
+function M.lsp_config(opts)
+  local config = {
+    cmd = opts.cmd,
+    root_markers = opts.root_markers,
+    filetypes = opts.filetypes,
+    -- An empty Lua table would be sent as a JSON list; the server wants an object.
+    init_options = next(opts.settings) and opts.settings or vim.empty_dict(),
+  }
+  if not (opts.inline and has_inline_api()) then
+    -- The server answers textDocument/completion only for clients without inline completion
+    -- (no double suggestions), so don't announce it when the menu is what we want.
+    config.before_init = function(params)
+      params.capabilities.textDocument.inlineCompletion = nil
+    end
+  end
+  return config
+end
+
+local function map(bufnr, lhs, rhs, desc, expr)
+  if lhs then
+    vim.keymap.set('i', lhs, rhs, { buffer = bufnr, expr = expr, desc = desc })
+  end
+end
+
+local function attach_inline(bufnr, keymaps)
+  vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
+  map(bufnr, keymaps.accept, function()
+    if not vim.lsp.inline_completion.get() then
+      return keymaps.accept -- nothing to accept: the key does what it always does
+    end
+  end, 'maskfill: accept the suggestion', true)
+  map(bufnr, keymaps.next, function()
+    vim.lsp.inline_completion.select({ count = 1 })
+  end, 'maskfill: next suggestion')
+  map(bufnr, keymaps.prev, function()
+    vim.lsp.inline_completion.select({ count = -1 })
+  end, 'maskfill: previous suggestion')
+end
+
+local function attach_menu(client, bufnr, keymaps)
+  if not vim.lsp.completion then
+    return -- Neovim 0.10: vim.lsp.omnifunc (<C-x><C-o>) is set on attach
+  end
+  vim.lsp.completion.enable(true, client.id, bufnr, { autotrigger = true })
+  map(bufnr, keymaps.trigger, function()
+    vim.lsp.completion.get()
+  end, 'maskfill: complete now')
+end
+
+-- Called on LspAttach for our client: picks inline completion or the completion menu.
+function M.attach(client, bufnr, opts)
+  if opts.inline and has_inline_api() and supports(client, INLINE, bufnr) then
+    attach_inline(bufnr, opts.keymaps)
+    M.mode = 'inline'
+  elseif supports(client, COMPLETION, bufnr) then
+    attach_menu(client, bufnr, opts.keymaps)
+    M.mode = 'menu'
+  end
+end
+
+local function client_for(bufnr)
+  return vim.lsp.get_clients({ name = NAME, bufnr = bufnr })[1] or vim.lsp.get_clients({ name = NAME })[1]
+end
+
+-- Runs a server command (maskfill.status, maskfill.toggle); returns its result or nil, error.
+function M.exec(command, timeout_ms)
+  local client = client_for(vim.api.nvim_get_current_buf())
+  if not client then
+    return nil, 'maskfill-lsp is not running'
+  end
+  local params = { command = command, arguments = {} }
+  local reply, err = client:request_sync('workspace/executeCommand', params, timeout_ms or 2000)
+  if not reply then
+    return nil, err or 'no reply'
+  end
+  if reply.err then
+    return nil, reply.err.message
+  end
+  return reply.result
+end
+
+local function report(command)
+  local result, err = M.exec(command)
+  if err then
+    vim.notify('maskfill: ' .. err, vim.log.levels.ERROR)
+  else
+    vim.notify(vim.inspect(result), vim.log.levels.INFO)
+  end
+end
+
+function M.setup(opts)
+  opts = merge_options(opts)
+  M.options = opts
+  local config = M.lsp_config(opts)
+  local group = vim.api.nvim_create_augroup('maskfill', { clear = true })
+
+  vim.api.nvim_create_autocmd('LspAttach', {
+    group = group,
+    callback = function(args)
+      local client = vim.lsp.get_client_by_id(args.data.client_id)
+      if client and client.name == NAME then
+        M.attach(client, args.buf, opts)
+      end
+    end,
+  })
+
+  if vim.lsp.config then -- 0.11+
+    vim.lsp.config(NAME, config)
+    vim.lsp.enable(NAME)
+  else -- 0.10: start it for each file buffer ourselves
+    vim.api.nvim_create_autocmd('FileType', {
+      group = group,
+      callback = function(args)
+        local ft_ok = not opts.filetypes or vim.tbl_contains(opts.filetypes, vim.bo[args.buf].filetype)
+        if ft_ok and vim.bo[args.buf].buftype == '' then
+          local root = vim.fs.root(args.buf, opts.root_markers)
+          vim.lsp.start(vim.tbl_extend('force', config, { name = NAME, root_dir = root }))
+        end
+      end,
+    })
+  end
+
+  vim.api.nvim_create_user_command('MaskfillStatus', function()
+    report('maskfill.status')
+  end, { desc = 'Show the maskfill server status' })
+  vim.api.nvim_create_user_command('MaskfillToggle', function()
+    report('maskfill.toggle')
+  end, { desc = 'Turn maskfill completions on or off' })
+end
+
+return M

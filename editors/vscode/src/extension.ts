@@ -1,0 +1,155 @@
+// maskfill for VS Code: launches maskfill-lsp, passes settings, shows state. The server does the
+// work; inline completion itself is built into vscode-languageclient 11.
+import * as vscode from "vscode";
+import {
+  DidChangeConfigurationNotification,
+  ExecuteCommandRequest,
+  LanguageClient,
+  State,
+} from "vscode-languageclient/node";
+import { inlineMiddleware } from "./middleware";
+import { isExecutableFile, resolveServer } from "./serverPath";
+import { type ClientSettings, needsRestart, readSettings, serverSettings } from "./settings";
+import { phaseFromServerStatus, StatusTracker } from "./status";
+
+const SECTION = "maskfill";
+const LOAD_POLL_MS = 1000;
+let stopClient: (() => Promise<void>) | undefined; // awaited by deactivate()
+
+function currentSettings(): ClientSettings {
+  const config = vscode.workspace.getConfiguration(SECTION);
+  return readSettings((key) => config.get(key));
+}
+
+export async function activate(context: vscode.ExtensionContext): Promise<void> {
+  const log = vscode.window.createOutputChannel("maskfill", { log: true });
+  const item = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+  const status = new StatusTracker();
+  let settings = currentSettings();
+  let client: LanguageClient | undefined;
+  let pollTimer: ReturnType<typeof setTimeout> | undefined;
+
+  const render = (): void => {
+    const view = status.view();
+    item.text = view.text;
+    item.tooltip = view.tooltip;
+    item.backgroundColor = view.isError ? new vscode.ThemeColor("statusBarItem.errorBackground") : undefined;
+    item.show();
+  };
+  const fail = (message: string): void => {
+    status.setPhase("error", message);
+    render();
+    log.error(message);
+    void vscode.window.showErrorMessage(`maskfill: ${message}`, "Show Log").then((choice) => {
+      if (choice) log.show();
+    });
+  };
+  const queryServerStatus = async (): Promise<unknown> =>
+    client?.sendRequest(ExecuteCommandRequest.type, { command: "maskfill.status", arguments: [] });
+
+  // The model loads in the background after `initialize`; ask the server until it says how it went.
+  const pollLoad = async (): Promise<void> => {
+    pollTimer = undefined;
+    if (client?.state !== State.Running) return;
+    try {
+      const reply = await queryServerStatus();
+      const { phase, detail } = phaseFromServerStatus(reply);
+      if (phase === "error") fail(detail);
+      else status.setPhase(phase, detail);
+    } catch (err) {
+      status.setPhase("loading", `status not available yet: ${String(err)}`);
+    }
+    render();
+    if (status.phase === "loading") pollTimer = setTimeout(() => void pollLoad(), LOAD_POLL_MS);
+  };
+
+  const start = async (): Promise<void> => {
+    status.enabled = settings.enabled;
+    const found = resolveServer({
+      configuredPath: settings.serverPath,
+      workspaceFolders: (vscode.workspace.workspaceFolders ?? []).map((f) => f.uri.fsPath),
+      pathEnv: process.env.PATH,
+      platform: process.platform,
+      isExecutable: isExecutableFile,
+    });
+    if (!found.ok) return fail(found.message);
+    log.info(`starting ${found.server.command} ${found.server.args.join(" ")} (found via ${found.server.source})`);
+    status.setPhase("starting");
+    render();
+    client = new LanguageClient(
+      "maskfill",
+      "maskfill",
+      { command: found.server.command, args: found.server.args },
+      {
+        documentSelector: [{ scheme: "file" }, { scheme: "untitled" }], // the server filters languages
+        initializationOptions: serverSettings(settings),
+        outputChannel: log,
+        middleware: inlineMiddleware(
+          () => settings,
+          (ms) => {
+            status.recordLatency(ms);
+            render();
+          },
+        ),
+      },
+    );
+    client.onDidChangeState(({ newState }) => {
+      if (newState === State.Stopped && status.phase !== "error") status.setPhase("stopped");
+      render();
+    });
+    try {
+      await client.start();
+    } catch (err) {
+      return fail(`the server did not start: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    status.setPhase("loading");
+    render();
+    await pollLoad();
+  };
+
+  const stop = async (): Promise<void> => {
+    if (pollTimer !== undefined) clearTimeout(pollTimer);
+    pollTimer = undefined;
+    const running = client;
+    client = undefined;
+    if (running?.needsStop()) await running.stop();
+  };
+  const restart = async (): Promise<void> => {
+    await stop();
+    await start();
+  };
+
+  context.subscriptions.push(
+    log,
+    item,
+    vscode.commands.registerCommand("maskfill.restartServer", restart),
+    vscode.commands.registerCommand("maskfill.showLog", () => log.show()),
+    vscode.commands.registerCommand("maskfill.toggleCompletions", () =>
+      vscode.workspace.getConfiguration(SECTION).update("enabled", !settings.enabled, vscode.ConfigurationTarget.Global),
+    ),
+    vscode.commands.registerCommand("maskfill.showServerStatus", async () => {
+      const reply = await queryServerStatus().catch((err: unknown) => `unavailable: ${String(err)}`);
+      log.info(`server status: ${JSON.stringify(reply, null, 2)}`);
+      log.show();
+    }),
+    vscode.workspace.onDidChangeConfiguration(async (event) => {
+      if (!event.affectsConfiguration(SECTION)) return;
+      const before = settings;
+      settings = currentSettings();
+      status.enabled = settings.enabled;
+      render();
+      if (needsRestart(before, settings) || client === undefined) return restart();
+      await client.sendNotification(DidChangeConfigurationNotification.type, { settings: serverSettings(settings) });
+      if (status.phase === "ready") {
+        status.setPhase("loading"); // a new model/device/quant reloads; the poll says when it is back
+        await pollLoad();
+      }
+    }),
+  );
+  stopClient = stop;
+  await start();
+}
+
+export async function deactivate(): Promise<void> {
+  await stopClient?.();
+}

@@ -1,0 +1,65 @@
+// What the status bar item says. vscode-free: the extension copies `view()` onto the item.
+
+export type Phase = "starting" | "loading" | "ready" | "error" | "stopped";
+
+export interface StatusView {
+  text: string; // with a $(codicon) prefix
+  tooltip: string;
+  isError: boolean;
+}
+
+export class StatusTracker {
+  phase: Phase = "starting";
+  detail = "";
+  enabled = true;
+  lastLatencyMs: number | undefined;
+
+  setPhase(phase: Phase, detail = ""): void {
+    this.phase = phase;
+    this.detail = detail;
+  }
+
+  // Round trip of the last inline request that returned a suggestion, as the editor saw it.
+  recordLatency(ms: number): void {
+    this.lastLatencyMs = ms;
+  }
+
+  view(): StatusView {
+    const detail = this.detail ? `\n${this.detail}` : "";
+    switch (this.phase) {
+      case "starting":
+        return { text: "$(loading~spin) maskfill", tooltip: `maskfill: starting the server${detail}`, isError: false };
+      case "loading":
+        return { text: "$(loading~spin) maskfill", tooltip: `maskfill: loading the model${detail}`, isError: false };
+      case "error":
+        return { text: "$(error) maskfill", tooltip: `maskfill: ${this.detail || "error"} (click for the log)`, isError: true };
+      case "stopped":
+        return { text: "$(debug-stop) maskfill", tooltip: `maskfill: server stopped${detail}`, isError: false };
+      case "ready": {
+        if (!this.enabled) {
+          return { text: "$(circle-slash) maskfill off", tooltip: `maskfill: completions turned off${detail}`, isError: false };
+        }
+        const latency = this.lastLatencyMs === undefined ? "" : ` ${Math.round(this.lastLatencyMs)} ms`;
+        const last = this.lastLatencyMs === undefined ? "no completion yet" : `last completion${latency}`;
+        return { text: `$(sparkle) maskfill${latency}`, tooltip: `maskfill: ready, ${last}${detail}`, isError: false };
+      }
+    }
+  }
+}
+
+// Reads the `maskfill.status` command's reply (lsp_server/server.py) into a phase for the status
+// bar. The server's load states: unloaded | loading | ready | failed | closed.
+export function phaseFromServerStatus(reply: unknown): { phase: Phase; detail: string } {
+  const r = typeof reply === "object" && reply !== null ? (reply as Record<string, unknown>) : {};
+  const where = typeof r.model === "string" ? `${r.model} on ${String(r.device ?? "?")}` : "";
+  switch (r.loadState) {
+    case "ready":
+      return { phase: "ready", detail: where };
+    case "failed":
+      return { phase: "error", detail: String(r.error ?? "the model failed to load") };
+    case "closed":
+      return { phase: "stopped", detail: "" };
+    default:
+      return { phase: "loading", detail: where };
+  }
+}

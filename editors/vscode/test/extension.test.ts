@@ -1,0 +1,222 @@
+// activate() against a mocked `vscode` and a mocked language client: which server it launches,
+// with which options, and what the commands, settings changes and status bar do.
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
+
+const h = vi.hoisted(() => {
+  const state = {
+    config: {} as Record<string, unknown>,
+    commands: new Map<string, (...args: unknown[]) => unknown>(),
+    configListeners: [] as ((e: { affectsConfiguration: (s: string) => boolean }) => unknown)[],
+    errors: [] as string[],
+    updates: [] as [string, unknown, unknown][],
+    clients: [] as FakeClient[],
+    statusReply: { loadState: "ready", model: "tiny", device: "cpu" } as unknown,
+    startError: undefined as Error | undefined,
+    item: { text: "", tooltip: "", backgroundColor: undefined as unknown, show() {}, dispose() {} },
+    log: { info: vi.fn(), error: vi.fn(), show: vi.fn(), dispose() {} },
+  };
+  class FakeClient {
+    state = 2; // State.Running
+    requests: unknown[] = [];
+    notifications: unknown[] = [];
+    stopped = false;
+    constructor(
+      public id: string,
+      public name: string,
+      public serverOptions: { command: string; args: string[] },
+      public clientOptions: { initializationOptions: unknown; middleware: unknown },
+    ) {
+      state.clients.push(this);
+    }
+    async start() {
+      if (state.startError) throw state.startError;
+    }
+    needsStop() {
+      return !this.stopped;
+    }
+    async stop() {
+      this.stopped = true;
+      this.state = 1;
+    }
+    onDidChangeState() {
+      return { dispose() {} };
+    }
+    async sendRequest(type: string, params: unknown) {
+      this.requests.push([type, params]);
+      return state.statusReply;
+    }
+    async sendNotification(type: string, params: unknown) {
+      this.notifications.push([type, params]);
+    }
+  }
+  return { state, FakeClient };
+});
+
+vi.mock("vscode", () => ({
+  StatusBarAlignment: { Left: 1, Right: 2 },
+  ConfigurationTarget: { Global: 1, Workspace: 2, WorkspaceFolder: 3 },
+  ThemeColor: class {
+    constructor(public id: string) {}
+  },
+  window: {
+    createOutputChannel: () => h.state.log,
+    createStatusBarItem: () => h.state.item,
+    showErrorMessage: async (message: string) => {
+      h.state.errors.push(message);
+      return undefined;
+    },
+  },
+  commands: {
+    registerCommand: (name: string, fn: (...args: unknown[]) => unknown) => {
+      h.state.commands.set(name, fn);
+      return { dispose() {} };
+    },
+  },
+  workspace: {
+    workspaceFolders: undefined,
+    getConfiguration: () => ({
+      get: (key: string) => h.state.config[key],
+      update: async (key: string, value: unknown, target: unknown) => {
+        h.state.updates.push([key, value, target]);
+      },
+    }),
+    onDidChangeConfiguration: (fn: (e: { affectsConfiguration: (s: string) => boolean }) => unknown) => {
+      h.state.configListeners.push(fn);
+      return { dispose() {} };
+    },
+  },
+}));
+
+vi.mock("vscode-languageclient/node", () => ({
+  LanguageClient: h.FakeClient,
+  State: { Stopped: 1, Running: 2, Starting: 3 },
+  DidChangeConfigurationNotification: { type: "workspace/didChangeConfiguration" },
+  ExecuteCommandRequest: { type: "workspace/executeCommand" },
+}));
+
+import { activate, deactivate } from "../src/extension";
+
+let dir: string;
+let server: string;
+const context = () => ({ subscriptions: [] as unknown[] }) as never;
+const changeConfig = async () => {
+  for (const fn of h.state.configListeners) await fn({ affectsConfiguration: (s) => s === "maskfill" });
+};
+
+beforeEach(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), "maskfill-ext-"));
+  server = path.join(dir, "maskfill-lsp");
+  fs.writeFileSync(server, "#!/bin/sh\n", { mode: 0o755 });
+  Object.assign(h.state, {
+    config: { serverPath: server, model: "/models/tiny", device: "cuda", quant: "int8", enabled: true },
+    errors: [],
+    updates: [],
+    clients: [],
+    configListeners: [],
+    statusReply: { loadState: "ready", model: "tiny", device: "cpu" },
+    startError: undefined,
+  });
+  h.state.commands.clear();
+});
+
+afterEach(async () => {
+  await deactivate();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+describe("activate", () => {
+  it("launches the configured server over stdio with the settings as initializationOptions", async () => {
+    await activate(context());
+    expect(h.state.clients).toHaveLength(1);
+    const client = h.state.clients[0];
+    expect(client.serverOptions).toEqual({ command: server, args: ["--stdio"] });
+    expect(client.clientOptions.initializationOptions).toMatchObject({
+      model: "/models/tiny",
+      device: "cuda",
+      quant: "int8",
+      enabled: true,
+    });
+    expect(client.clientOptions.initializationOptions).not.toHaveProperty("serverPath");
+    expect(client.requests).toContainEqual(["workspace/executeCommand", { command: "maskfill.status", arguments: [] }]);
+    expect(h.state.item.text).toBe("$(sparkle) maskfill");
+    expect(h.state.item.tooltip).toContain("tiny on cpu");
+  });
+
+  it("registers restart, toggle, show log and server status commands", async () => {
+    await activate(context());
+    expect([...h.state.commands.keys()].sort()).toEqual([
+      "maskfill.restartServer",
+      "maskfill.showLog",
+      "maskfill.showServerStatus",
+      "maskfill.toggleCompletions",
+    ]);
+    h.state.commands.get("maskfill.showLog")!();
+    expect(h.state.log.show).toHaveBeenCalled();
+  });
+
+  it("says plainly when the server cannot be found", async () => {
+    h.state.config.serverPath = path.join(dir, "missing-lsp");
+    await activate(context());
+    expect(h.state.clients).toHaveLength(0);
+    expect(h.state.errors[0]).toContain("missing-lsp");
+    expect(h.state.errors[0]).toContain("not an executable file");
+    expect(h.state.item.text).toBe("$(error) maskfill");
+  });
+
+  it("shows a server that fails to start as an error", async () => {
+    h.state.startError = new Error("spawn EACCES");
+    await activate(context());
+    expect(h.state.errors[0]).toContain("spawn EACCES");
+    expect(h.state.item.text).toBe("$(error) maskfill");
+  });
+
+  it("shows a model that failed to load as an error", async () => {
+    h.state.statusReply = { loadState: "failed", error: "CUDA out of memory" };
+    await activate(context());
+    expect(h.state.errors[0]).toContain("CUDA out of memory");
+  });
+});
+
+describe("commands and settings", () => {
+  it("toggle flips maskfill.enabled, and the change reaches the server and the status bar", async () => {
+    await activate(context());
+    await h.state.commands.get("maskfill.toggleCompletions")!();
+    expect(h.state.updates).toEqual([["enabled", false, 1]]);
+    h.state.config.enabled = false;
+    await changeConfig();
+    const client = h.state.clients[0];
+    expect(client.notifications).toHaveLength(1);
+    const [type, params] = client.notifications[0] as [string, { settings: Record<string, unknown> }];
+    expect(type).toBe("workspace/didChangeConfiguration");
+    expect(params.settings).toMatchObject({ enabled: false, model: "/models/tiny" });
+    expect(h.state.item.text).toBe("$(circle-slash) maskfill off");
+  });
+
+  it("restart stops the running client and starts a new one", async () => {
+    await activate(context());
+    await h.state.commands.get("maskfill.restartServer")!();
+    expect(h.state.clients).toHaveLength(2);
+    expect(h.state.clients[0].stopped).toBe(true);
+    expect(h.state.clients[1].stopped).toBe(false);
+  });
+
+  it("a new serverPath restarts the server with it", async () => {
+    await activate(context());
+    const other = path.join(dir, "other-lsp");
+    fs.writeFileSync(other, "#!/bin/sh\n", { mode: 0o755 });
+    h.state.config.serverPath = other;
+    await changeConfig();
+    expect(h.state.clients).toHaveLength(2);
+    expect(h.state.clients[1].serverOptions.command).toBe(other);
+    expect(h.state.clients[0].notifications).toHaveLength(0);
+  });
+
+  it("deactivate stops the client", async () => {
+    await activate(context());
+    await deactivate();
+    expect(h.state.clients[0].stopped).toBe(true);
+  });
+});

@@ -1,0 +1,150 @@
+"""Command line: `python -m engine complete ...` and `python -m engine bench ...`.
+
+Every failure a user can cause (missing or corrupt checkpoint, bad position, unreadable file, a model that
+does not fit) ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.api import CompletionRequest, EngineError
+
+MAX_FILE_BYTES = 16 * 1024 * 1024  # beyond this a "source file" is not something we complete in
+
+
+def _default_model() -> str | None:
+    try:
+        from engine.embedded_model import default_model_path
+    except ImportError:
+        return None
+    path = default_model_path()
+    return str(path) if path is not None else None
+
+
+def read_source(path: Path) -> str:
+    """Read a text file the way an editor would, refusing what is not source code."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise EngineError(f"cannot read {path}: {exc.strerror}") from None
+    if size > MAX_FILE_BYTES:
+        raise EngineError(f"{path} is {size} bytes; files over {MAX_FILE_BYTES} bytes are refused")
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise EngineError(f"{path} looks binary (contains NUL bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EngineError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def split_at(text: str, line: int, col: int) -> tuple[str, str]:
+    """Split text at an editor position: 1-based line, 0-based character (code point) in that line."""
+    lines = text.splitlines(keepends=True) or [""]
+    if text.endswith(("\n", "\r")):
+        lines.append("")  # a cursor may sit on the empty last line
+    if not 1 <= line <= len(lines):
+        raise EngineError(f"line {line} is outside the file (1..{len(lines)})")
+    body = lines[line - 1].rstrip("\r\n")
+    if not 0 <= col <= len(body):
+        raise EngineError(f"column {col} is outside line {line} (0..{len(body)})")
+    offset = sum(len(s) for s in lines[: line - 1]) + col
+    return text[:offset], text[offset:]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser(
+        "complete",
+        help="fill the middle at a position of a file",
+        description="Complete a file at a cursor position. LINE is 1-based and COL is 0-based, "
+        "as editors show them (COL counts characters, i.e. Unicode code points, in that line).",
+    )
+    c.add_argument("--model", default=None, help="checkpoint folder or Hugging Face repo id "
+                   "(resolved from the local HF cache only); default: the embedded model")
+    c.add_argument("--file", required=True, type=Path)
+    c.add_argument("--line", required=True, type=int, help="1-based line number")
+    c.add_argument("--col", required=True, type=int, help="0-based character in the line")
+    _add_model_args(c)
+    c.add_argument("--max-tokens", type=int, default=64, help="span budget in tokens")
+    c.add_argument("--stop", default="block", choices=["line", "block", "free"])
+    c.add_argument("--sampler", default="threshold", choices=[
+        "threshold", "entropy_bounded", "origin", "maskgit_plus", "topk_margin", "entropy",
+        "low_confidence"])
+    c.add_argument("--threshold", type=float, default=0.9)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--no-cache", action="store_true", help="full forward every step (reference)")
+    c.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    b = sub.add_parser("bench", help="speed and memory benchmarks: a table, then one JSON line")
+    _add_model_args(b)
+    b.add_argument("--skip-server", action="store_true", help="engine figures only")
+    b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    return parser
+
+
+def run_complete(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from engine.engine import Engine
+
+    model = args.model or _default_model()
+    if model is None:
+        raise EngineError("no --model given and no embedded model is installed")
+    prefix, suffix = split_at(read_source(args.file), args.line, args.col)
+    request = CompletionRequest(
+        prefix=prefix, suffix=suffix, max_tokens=args.max_tokens, stop=args.stop,
+        sampler=args.sampler, threshold=args.threshold, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
+    )
+    engine = Engine.load(model, device=args.device, quant=args.quant)
+    try:
+        result = engine.complete(request)
+    finally:
+        engine.close()
+    if args.json:
+        print(msgspec.json.encode(result).decode())
+        return 0
+    s = result.stats
+    print(result.text)
+    print("---", file=sys.stderr)
+    timings = " ".join(f"{k}={v:.1f}ms" for k, v in s.timings_ms.items())
+    print(f"forward passes: {s.forward_passes}  committed tokens: {s.committed_tokens}  "
+          f"per step: {s.tokens_committed_per_step}", file=sys.stderr)
+    print(f"span: {s.span_length}  mean confidence: {s.mean_confidence:.3f}  {timings}",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "complete":
+            return run_complete(args)
+        from engine.bench import run_bench
+
+        return run_bench(device=args.device, quick=args.quick, with_server=not args.skip_server)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory while loading or running the model", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`python -m engine bench`: speed and memory of the engine (and the server), as one table and one JSON line.
+
+Figures are measured in one run and compared as ratios, so a slower or busier machine shifts them
+together. Nothing here asserts: tests check behaviour, this file only measures.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine.config import ModelArgs
+from engine.model import Transformer
+
+SPAN = 32
+CONTEXTS = (512, 2048)
+
+
+def small_random_args(vocab: int = 8192) -> ModelArgs:
+    """A small Dream-shaped model: big enough that matmuls, not Python, dominate a step on CPU."""
+    return ModelArgs(
+        family="dream", variant="dream", vocab_size=vocab, dim=256, n_layers=4, n_heads=8,
+        n_kv_heads=2, head_dim=32, ffn_dim=768, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True,
+        tie_embeddings=False, logit_shift=True, max_context=4096, infill_bos=True, infill_eos=True,
+        mask_token_id=vocab - 1, eos_token_id=vocab - 2, pad_token_id=vocab - 2,
+        bos_token_id=vocab - 3, expand_token_id=None, torch_dtype="float32",
+    )
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median wall time of fn in milliseconds after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+@torch.inference_mode()
+def bench_steps(device: torch.device, reps: int) -> dict[str, float]:
+    """Encode time and per-step time with and without the context cache, per context length."""
+    args = small_random_args()
+    torch.manual_seed(0)
+    model = Transformer(args).to(device).eval()
+    out: dict[str, float] = {}
+    for ctx in CONTEXTS:
+        n = ctx + SPAN
+        ids = torch.randint(0, args.vocab_size - 3, (1, n), device=device)
+        hole = torch.arange(ctx // 2, ctx // 2 + SPAN, device=device)
+        ids[0, hole] = args.mask_token_id
+        pos = torch.arange(n, device=device)[None]
+        valid = torch.ones(1, n, dtype=torch.bool, device=device)
+        # Shifted model: the rows that predict the hole are the slot before each hole slot.
+        rows = torch.arange(ctx // 2 - 1, ctx // 2 + SPAN, device=device)
+        head_rows = rows[:-1]
+
+        def uncached() -> torch.Tensor:
+            hidden = model(ids, pos, valid)
+            return model.output(hidden[:, head_rows])
+
+        _, cache = model.encode(ids, pos, valid)
+        ctx_valid = valid.clone()
+        ctx_valid[0, rows] = False  # query rows bring their own fresh K/V
+        q_valid = torch.ones(1, rows.numel(), dtype=torch.bool, device=device)
+
+        def cached() -> torch.Tensor:
+            hidden = model.step(ids[:, rows], pos[:, rows], q_valid, cache, ctx_valid)
+            return model.output(hidden[:, :-1])
+
+        out[f"encode_ms_{ctx}"] = _time_ms(lambda: model.encode(ids, pos, valid), device, reps)
+        out[f"step_ms_uncached_{ctx}"] = _time_ms(uncached, device, reps)
+        out[f"step_ms_cached_{ctx}"] = _time_ms(cached, device, reps)
+    return out
+
+
+def bench_weight_bytes(device: torch.device) -> dict[str, float]:
+    """Resident weight bytes per quant mode, against the same model held in bf16."""
+    from engine.quantize import quantize_model, weight_bytes
+
+    torch.manual_seed(0)
+    base = Transformer(small_random_args(vocab=32000)).eval()
+    bf16 = weight_bytes(copy.deepcopy(base).to(torch.bfloat16))
+    out: dict[str, float] = {"bf16_weight_bytes": bf16}
+    for mode in ("int8", "int4"):
+        q = quantize_model(copy.deepcopy(base).to(torch.bfloat16), mode)
+        out[f"{mode}_weight_bytes"] = weight_bytes(q.to(device))
+        out[f"{mode}_weight_bytes_ratio"] = out[f"{mode}_weight_bytes"] / bf16
+    return out
+
+
+def bench_memorized(device: torch.device) -> dict[str, float]:
+    """Forward passes per committed token at tau = 0.9 on the memorized test model."""
+    from engine.api import CompletionRequest
+    from engine.engine import Engine
+    from tests.fixtures.memorized import SNIPPETS, train_memorized_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = train_memorized_checkpoint(Path(tmp) / "memorized")
+        engine = Engine.load(str(path), device=str(device))
+        passes = tokens = 0
+        for snippet in SNIPPETS:
+            lines = snippet.splitlines(keepends=True)
+            cut = len(lines) // 2  # hide the body's middle line onwards to the end of the function
+            prefix, suffix = "".join(lines[:cut]), ""
+            middle = "".join(lines[cut:])
+            n_tokens = len(engine.tokenizer.encode(middle))
+            result = engine.complete(CompletionRequest(
+                prefix=prefix, suffix=suffix, span_lengths=(n_tokens,), max_tokens=n_tokens,
+                stop="free", threshold=0.9))
+            passes += result.stats.forward_passes
+            tokens += result.stats.committed_tokens
+        engine.close()
+    return {"passes_per_token": passes / max(tokens, 1), "memorized_tokens": tokens}
+
+
+def bench_server() -> dict[str, float]:
+    try:
+        from lsp_server.bench import run_server_bench
+    except ImportError as exc:
+        print(f"(server bench unavailable: {exc})", file=sys.stderr)
+        return {}
+    return run_server_bench()
+
+
+def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True) -> int:
+    dev = torch.device(device)
+    reps = 3 if quick else 10
+    results: dict[str, float | str] = {"device": str(dev)}
+    if dev.type == "cuda":
+        results["device_name"] = torch.cuda.get_device_name(dev)
+    results.update(bench_steps(dev, reps))
+    for ctx in CONTEXTS:
+        results[f"cached_step_speedup_{ctx}"] = (
+            results[f"step_ms_uncached_{ctx}"] / results[f"step_ms_cached_{ctx}"])
+    results["cached_step_speedup"] = results[f"cached_step_speedup_{CONTEXTS[-1]}"]
+    results.update(bench_weight_bytes(dev))
+    results.update(bench_memorized(dev))
+    if with_server:
+        results.update(bench_server())
+
+    width = max(len(k) for k in results)
+    print(f"{'metric':<{width}}  value")
+    for key, value in results.items():
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"{key:<{width}}  {shown}")
+    print(json.dumps(results))
+    return 0

@@ -1,0 +1,228 @@
+"""Deterministic training-corpus selection for the embedded model.
+
+Sources are Python files that exist wherever maskfill is installed: the standard library and the
+sources of the packages installed next to maskfill. Selection is reproducible: candidate files are
+listed in sorted order, shuffled with a seeded RNG, and taken until a byte budget is met. Two kinds of
+files are never taken: anything under the FIM benchmark folder, and any file that shares a word
+n-gram with a HumanEval problem (prompt, canonical solution, tests), so the eval cannot be
+contaminated through a package that happens to vendor HumanEval text.
+
+The selection is recorded as a manifest (file keys with content hashes, a hash of the whole list,
+byte and token counts) that ships next to the checkpoint; `engine.eval` re-reads it for its
+overlap check.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import re
+import sys
+import sysconfig
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCHMARK_DIR = Path("/work/shared/fim-benchmarks")
+HUMANEVAL_FILE = "human-eval-infilling/HumanEval-SingleLineInfilling.jsonl.gz"
+
+NGRAM = 10  # words; ten identical words in a row are not a coincidence in code or prose
+MAX_FILE_BYTES = 200_000  # generated tables and vendored blobs teach little
+MAX_LINE_CHARS = 400  # minified or data-only files
+SKIP_DIR_NAMES = {"__pycache__", "site-packages", "dist-packages", ".git", "node_modules"}
+
+_WORD = re.compile(r"\w+")
+
+
+@dataclass
+class CorpusFile:
+    key: str  # "<root name>/<relative path>": stable across machines
+    path: Path
+    sha256: str
+    n_bytes: int
+
+
+@dataclass
+class CorpusManifest:
+    seed: int
+    max_bytes: int
+    roots: dict[str, str]  # root name -> absolute path on the machine that built it
+    files: list[CorpusFile] = field(default_factory=list)
+    excluded_overlap: list[str] = field(default_factory=list)  # keys dropped for HumanEval text
+    n_tokens: int | None = None  # filled in once a tokenizer exists
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(f.n_bytes for f in self.files)
+
+    @property
+    def list_hash(self) -> str:
+        lines = "\n".join(f"{f.key}\t{f.sha256}" for f in self.files)
+        return hashlib.sha256(lines.encode()).hexdigest()
+
+    def to_json(self) -> dict:
+        return {
+            "seed": self.seed,
+            "max_bytes": self.max_bytes,
+            "roots": self.roots,
+            "n_files": len(self.files),
+            "n_bytes": self.n_bytes,
+            "n_tokens": self.n_tokens,
+            "list_sha256": self.list_hash,
+            "excluded_for_humaneval_overlap": self.excluded_overlap,
+            "files": [[f.key, f.sha256, f.n_bytes] for f in self.files],
+        }
+
+    def save(self, path: Path) -> None:
+        """gzip-compressed JSON: the file list is long and compresses ~10x."""
+        with gzip.open(path, "wt", encoding="utf-8") as fh:
+            json.dump(self.to_json(), fh, indent=0)
+
+    @classmethod
+    def load(cls, path: Path) -> CorpusManifest:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            raw = json.load(fh)
+        manifest = cls(seed=raw["seed"], max_bytes=raw["max_bytes"], roots=raw["roots"])
+        manifest.excluded_overlap = list(raw.get("excluded_for_humaneval_overlap", []))
+        manifest.n_tokens = raw.get("n_tokens")
+        for key, sha, n_bytes in raw["files"]:
+            root_name, _, rel = key.partition("/")
+            base = Path(manifest.roots.get(root_name, ""))
+            manifest.files.append(CorpusFile(key, base / rel, sha, n_bytes))
+        return manifest
+
+
+def default_roots() -> dict[str, Path]:
+    """The standard library and this interpreter's package directory (the project's dependencies)."""
+    roots = {"stdlib": Path(sysconfig.get_paths()["stdlib"])}
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    if purelib.is_dir():
+        roots["site-packages"] = purelib
+    return roots
+
+
+def word_ngrams(text: str, n: int = NGRAM) -> set[int]:
+    """Hashes of the n-grams of word tokens: whitespace, punctuation and formatting are ignored."""
+    words = _WORD.findall(text.lower())
+    grams = (tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    # Runs of numbers ("1 2 3 4 ...", "0 0 0 ...") occur everywhere; require mostly real words.
+    return {hash(g) for g in grams if sum(not w.isdigit() for w in g) >= n // 2 + 1}
+
+
+@dataclass
+class BenchmarkProblem:
+    problem_id: str  # "HumanEval/0"
+    text: str  # prompt + canonical solution + tests, as one program
+    grams: set[int]
+
+
+def humaneval_problems(benchmark_dir: Path = BENCHMARK_DIR) -> list[BenchmarkProblem]:
+    """Whole HumanEval problems, rebuilt from the single-line infilling file (every problem's
+    prompt + middle + suffix is its full reference solution)."""
+    path = benchmark_dir / HUMANEVAL_FILE
+    problems: dict[str, str] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            record = json.loads(line)
+            problem_id = record["task_id"].split("/", 1)[1].rsplit("/", 1)[0]
+            if problem_id not in problems:
+                program = record["prompt"] + record["canonical_solution"] + record["suffix"]
+                problems[problem_id] = program + "\n" + record["test"]
+    return [BenchmarkProblem(pid, text, word_ngrams(text)) for pid, text in problems.items()]
+
+
+def _candidate_files(roots: dict[str, Path], exclude: Iterable[Path]) -> Iterator[tuple[str, Path]]:
+    excluded = [p.resolve() for p in exclude]
+    for name, root in sorted(roots.items()):
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root)
+            if name == "stdlib" and any(part in SKIP_DIR_NAMES for part in rel.parts[:-1]):
+                continue
+            if "__pycache__" in rel.parts:
+                continue
+            resolved = path.resolve()
+            if any(resolved.is_relative_to(e) for e in excluded):
+                continue
+            yield f"{name}/{rel.as_posix()}", path
+
+
+def read_source(path: Path) -> str | None:
+    """File text if it is usable training code, else None (binary, huge, minified, not UTF-8)."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    if not raw or len(raw) > MAX_FILE_BYTES or b"\x00" in raw:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if max((len(line) for line in text.splitlines()), default=0) > MAX_LINE_CHARS:
+        return None
+    return text
+
+
+def select_corpus(
+    *,
+    seed: int = 0,
+    max_bytes: int = 48_000_000,
+    roots: dict[str, Path] | None = None,
+    benchmark_dir: Path = BENCHMARK_DIR,
+    extra_excludes: Iterable[Path] = (),
+) -> tuple[CorpusManifest, list[str]]:
+    """Pick files until `max_bytes`; returns the manifest and the texts in manifest order."""
+    roots = roots or default_roots()
+    project_root = Path(__file__).resolve().parent.parent
+    own_sources = [project_root / name for name in ("engine", "lsp_server", "tests", "editors")]
+    exclude = [benchmark_dir, *own_sources, *extra_excludes]
+    # Roots in the order given (stdlib first: the most idiomatic Python), each shuffled on its own.
+    rng = random.Random(seed)
+    candidates: list[tuple[str, Path]] = []
+    for name, root in roots.items():
+        files = list(_candidate_files({name: root}, exclude))
+        rng.shuffle(files)
+        candidates += files
+
+    benchmark_grams: set[int] = set()
+    if (benchmark_dir / HUMANEVAL_FILE).is_file():
+        for problem in humaneval_problems(benchmark_dir):
+            benchmark_grams |= problem.grams
+    else:
+        print(f"corpus: {benchmark_dir / HUMANEVAL_FILE} not found; overlap filter off",
+              file=sys.stderr)
+
+    manifest = CorpusManifest(seed=seed, max_bytes=max_bytes,
+                              roots={k: str(v) for k, v in roots.items()})
+    chosen: list[tuple[CorpusFile, str]] = []
+    total = 0
+    for key, path in candidates:
+        if total >= max_bytes:
+            break
+        text = read_source(path)
+        if text is None:
+            continue
+        if benchmark_grams and not benchmark_grams.isdisjoint(word_ngrams(text)):
+            manifest.excluded_overlap.append(key)
+            continue
+        raw = text.encode("utf-8")
+        chosen.append((CorpusFile(key, path, hashlib.sha256(raw).hexdigest(), len(raw)), text))
+        total += len(raw)
+    chosen.sort(key=lambda item: item[0].key)  # manifest order is sorted, not shuffled
+    manifest.files = [f for f, _ in chosen]
+    manifest.excluded_overlap.sort()
+    return manifest, [text for _, text in chosen]
+
+
+def load_corpus_texts(manifest: CorpusManifest) -> tuple[list[str], int]:
+    """Texts of the manifest's files that are present and unchanged here; also the count missing."""
+    texts, missing = [], 0
+    for f in manifest.files:
+        text = read_source(f.path)
+        if text is None or hashlib.sha256(text.encode("utf-8")).hexdigest() != f.sha256:
+            missing += 1
+            continue
+        texts.append(text)
+    return texts, missing

@@ -1,0 +1,291 @@
+"""The denoising loop: fill a batch of masked holes, one step at a time.
+
+Reads top to bottom:
+1. `denoise` encodes the whole layout once. The same pass yields the logits for step 1; the head
+   runs only on the rows that predict hole slots (row s-1 for slot s when logits are shifted).
+2. Each step samples every masked slot, a transfer strategy (engine/sampler.py) picks which to
+   commit, and the hole is written in place. Once a row commits an end token, its still-masked
+   slots to the right become EOS (DreamOn's pad_eos_to_right): nothing after an end is kept.
+3. The next logits come from `model.step` over the hole rows only (plus the last lead token for
+   shifted models) against the cached context K/V (Fast-dLLM's dual cache, design/engine.md
+   §2.1), or from a full re-encode every `cache_refresh_every` steps, or from a plain full
+   forward every step when `use_cache` is off (the reference path).
+4. Between steps: stop when no masks remain, when the cancel event is set, or past the deadline.
+
+`denoise_expanding` is DreamOn's variable-length loop (models.md §4): batch 1, one commit per
+step, a full forward each step because expansions and deletions move the suffix.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from engine import sampler
+from engine.api import CompletionRequest
+from engine.config import ModelArgs
+from engine.fim import InfillBatch
+
+DREAM_TOPK_SAMPLERS = ("maskgit_plus", "topk_margin", "entropy")
+
+
+@dataclass
+class StopSignal:
+    """Cancellation and deadline, checked between steps (never inside one)."""
+
+    cancel: threading.Event | None = None
+    deadline: float | None = None  # time.monotonic() seconds
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+@dataclass
+class Denoised:
+    hole: Tensor  # (B, Lmax) final ids of the hole columns (MASK where never committed)
+    confidence: Tensor  # (B, Lmax) p(token) when it was committed, 0 if never sampled
+    forced: Tensor  # (B, Lmax) bool, EOS written by the pad-to-right rule, not by the model
+    commits: list[list[int]] = field(default_factory=list)  # per row: slots filled per step
+    forward_passes: int = 0
+    cancelled: bool = False
+    timed_out: bool = False
+    encode_ms: float = 0.0
+    denoise_ms: float = 0.0
+
+
+class Committer:
+    """One step's sampling + transfer rule for the request's sampler, per row of the batch."""
+
+    def __init__(
+        self,
+        request: CompletionRequest,
+        masked: Tensor,  # (B, Lmax) the initial masks
+        temperatures: Tensor,  # (B,)
+        generator: torch.Generator,
+    ):
+        self.request = request
+        self.name = request.sampler
+        self.temperatures = temperatures
+        self.generator = generator
+        longest = masked.shape[1]
+        self.steps = longest if self.name in ("threshold", "entropy_bounded") else (
+            request.steps or longest
+        )
+        self.schedule = sampler.dream_schedule(self.steps)
+        is_llada = self.name == "low_confidence"
+        self.quota = sampler.llada_quota(masked, self.steps) if is_llada else None
+
+    def __call__(self, logits: Tensor, masked: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """logits (B, Lmax, V), masked (B, Lmax) -> take (B, Lmax) bool, tokens, p(token)."""
+        req = self.request
+        if self.name == "low_confidence":
+            drawn = sampler.llada_sample(
+                logits, temperature=self.temperatures, generator=self.generator
+            )
+        else:
+            drawn = sampler.sample(
+                logits, temperature=self.temperatures, top_p=req.top_p, generator=self.generator
+            )
+        prob = sampler.token_probability(drawn.probs, drawn.tokens)  # (B, Lmax)
+        if self.name == "threshold":
+            take = sampler.transfer_threshold(prob, masked, req.threshold)
+        elif self.name == "entropy_bounded":
+            take = sampler.transfer_entropy_bounded(
+                sampler.neg_entropy(drawn.probs), masked, req.entropy_bound
+            )
+        elif self.name == "origin":
+            fraction = sampler.dream_reveal_fraction(self.schedule, step)
+            take = sampler.transfer_origin(masked, fraction, self.generator)
+        elif self.name in DREAM_TOPK_SAMPLERS:
+            k = sampler.dream_transfer_count(masked, self.schedule, step)
+            take = sampler.transfer_top_k(sampler.confidence(self.name, drawn), masked, k)
+        elif self.name == "low_confidence":
+            take = sampler.transfer_top_k(prob, masked, self.quota[:, min(step, self.steps - 1)])
+        else:
+            raise ValueError(f"unknown sampler {self.name!r}")
+        return take, drawn.tokens, prob
+
+
+def pad_after_end(hole: Tensor, valid: Tensor, end_ids: Tensor, mask_id: int, eos_id: int):
+    """Still-masked slots right of a row's first end token become EOS -> (hole, forced)."""
+    is_end = torch.isin(hole, end_ids) & valid  # (B, Lmax)
+    after_end = (torch.cumsum(is_end.int(), dim=1) - is_end.int()) > 0
+    forced = after_end & valid & (hole == mask_id)
+    return torch.where(forced, torch.full_like(hole, eos_id), hole), forced
+
+
+def sync_interval(device: torch.device) -> int:
+    """Steps between 'all done?' checks: each check is a host sync, cheap on CPU only."""
+    return 1 if device.type == "cpu" else 2
+
+
+def denoise(
+    model,
+    args: ModelArgs,
+    batch: InfillBatch,
+    request: CompletionRequest,
+    *,
+    temperatures: Tensor,  # (B,) per-row sampling temperature
+    end_ids: Tensor,  # (E,) ids that end a completion (EOS, PAD, ...)
+    generator: torch.Generator,
+    stop: StopSignal,
+) -> Denoised:
+    started = time.perf_counter()
+    shift = 1 if args.logit_shift else 0
+    lmax = batch.max_hole
+    hs = batch.hole_start
+    q0 = hs - shift  # first query column: the lead token that predicts hole slot 0
+    n_query = lmax + shift
+    device = batch.ids.device
+    ids = batch.ids.clone()  # (B, T)
+    hole_valid = batch.hole_valid  # (B, Lmax)
+    hole_len = hole_valid.sum(dim=1)  # (B,)
+    query_valid = torch.arange(n_query, device=device)[None, :] < (hole_len + shift)[:, None]
+    query_pos = batch.positions[:, q0:q0 + n_query]  # (B, n)
+    # The query rows' own cached K/V are stale: they are replaced by the rows' fresh ones.
+    query_cols = torch.zeros_like(batch.key_valid)
+    query_cols[:, q0:q0 + n_query] = query_valid
+    ctx_valid = batch.key_valid & ~query_cols  # (B, T)
+
+    def full_pass() -> tuple[Tensor, object]:
+        if request.use_cache:
+            hidden, ctx = model.encode(ids, batch.positions, key_valid=batch.key_valid)
+        else:
+            hidden, ctx = model.forward(ids, batch.positions, key_valid=batch.key_valid), None
+        return model.output(hidden[:, q0:q0 + lmax]), ctx  # (B, Lmax, V)
+
+    def cached_pass(ctx) -> Tensor:
+        hidden = model.step(ids[:, q0:q0 + n_query], query_pos, query_valid, ctx, ctx_valid)
+        return model.output(hidden[:, :lmax])  # (B, Lmax, V)
+
+    logits, ctx = full_pass()
+    encode_ms = (time.perf_counter() - started) * 1000.0
+    out = Denoised(
+        hole=ids[:, hs:hs + lmax],
+        confidence=torch.zeros(ids.shape[0], lmax, device=device),
+        forced=torch.zeros_like(hole_valid),
+        forward_passes=1,
+    )
+    mask_id, eos_id = args.mask_token_id, args.eos_token_id
+    masked = (ids[:, hs:hs + lmax] == mask_id) & hole_valid
+    commit = Committer(request, masked, temperatures, generator)
+    per_step: list[Tensor] = []
+    every = sync_interval(device)
+    step = 0
+    while True:
+        hole = ids[:, hs:hs + lmax]
+        take, tokens, prob = commit(logits, masked, step)
+        hole = torch.where(take, tokens, hole)
+        out.confidence = torch.where(take, prob, out.confidence)
+        hole, forced = pad_after_end(hole, hole_valid, end_ids, mask_id, eos_id)
+        out.forced |= forced
+        ids[:, hs:hs + lmax] = hole
+        per_step.append(take.sum(dim=1) + forced.sum(dim=1))
+        masked = (hole == mask_id) & hole_valid
+        step += 1
+        if step >= commit.steps:
+            break
+        if step % every == 0 and not bool(masked.any()):
+            break
+        if stop.cancelled():
+            out.cancelled = True
+            break
+        if stop.expired():
+            out.timed_out = True
+            break
+        refresh = request.cache_refresh_every > 0 and step % request.cache_refresh_every == 0
+        if request.use_cache and not refresh:
+            logits = cached_pass(ctx)
+        else:
+            logits, ctx = full_pass()
+        out.forward_passes += 1
+
+    out.hole = ids[:, hs:hs + lmax]
+    out.commits = torch.stack(per_step, dim=1).tolist()  # one host transfer for the whole run
+    out.encode_ms = encode_ms
+    out.denoise_ms = (time.perf_counter() - started) * 1000.0 - encode_ms
+    return out
+
+
+def denoise_expanding(
+    model,
+    args: ModelArgs,
+    lead: list[int],
+    tail: list[int],
+    request: CompletionRequest,
+    *,
+    initial_length: int,
+    window: int,
+    temperature: float,
+    generator: torch.Generator,
+    stop: StopSignal,
+    device: torch.device,
+    end_ids: set[int],
+) -> Denoised:
+    """DreamOn (models.md §4): the hole grows where EXPAND is committed and shrinks where an end
+    token fills a slot that was MASK at the step's start. One commit per step, full forward."""
+    started = time.perf_counter()
+    expand_id, mask_id = args.expand_token_id, args.mask_token_id
+    hole = [mask_id] * initial_length
+    budget = max(request.max_tokens - initial_length, 0)  # expansions left
+    cap = min(window, len(lead) + request.max_tokens + len(tail))
+    out = Denoised(hole=torch.empty(0), confidence=torch.empty(0), forced=torch.empty(0))
+    confidences = [0.0] * len(hole)
+    per_step: list[int] = []
+    encode_ms = 0.0
+    for step in range(4 * request.max_tokens + 8):  # safety bound; ~final length + expansions
+        masked_slots = [i for i, tok in enumerate(hole) if tok == mask_id]
+        if not masked_slots:
+            break
+        if stop.cancelled():
+            out.cancelled = True
+            break
+        if stop.expired():
+            out.timed_out = True
+            break
+        seq = torch.tensor([lead + hole + tail], device=device)
+        positions = torch.arange(seq.shape[1], device=device)[None, :]
+        hidden = model.forward(seq, positions)
+        hs = len(lead)
+        logits = model.output(hidden[:, hs - 1:hs - 1 + len(hole)])  # (1, n, V), shifted
+        out.forward_passes += 1
+        if step == 0:
+            encode_ms = (time.perf_counter() - started) * 1000.0
+        if len(lead) + len(hole) + len(tail) >= cap or budget == 0:
+            logits[..., expand_id] = float("-inf")
+        drawn = sampler.sample(
+            logits, temperature=temperature, top_p=request.top_p, generator=generator
+        )
+        masked = (torch.tensor(hole, device=device) == mask_id)[None, :]
+        take = sampler.best_per_row(sampler.neg_entropy(drawn.probs), masked)[0]
+        prob = sampler.token_probability(drawn.probs, drawn.tokens)[0]
+        slot = int(take.to(torch.int64).argmax())  # batch 1, one commit: the host needs it
+        token = int(drawn.tokens[0, slot])
+        hole[slot] = token
+        confidences[slot] = float(prob[slot])
+        if token == expand_id:  # one slot becomes two masks: the hole grows
+            hole[slot:slot + 1] = [mask_id, mask_id]
+            confidences[slot:slot + 1] = [0.0, 0.0]
+            budget -= 1
+        elif token in end_ids:
+            # Delete: the end token and every still-masked slot right of it (pad_eos_to_right,
+            # then removal of EOS in slots that were MASK) disappear; the suffix moves left.
+            keep = [i for i, t in enumerate(hole) if i < slot or (i > slot and t != mask_id)]
+            hole = [hole[i] for i in keep]
+            confidences = [confidences[i] for i in keep]
+        per_step.append(1)
+    out.hole = torch.tensor([hole], dtype=torch.long)
+    out.confidence = torch.tensor([confidences], dtype=torch.float32)
+    out.forced = torch.zeros_like(out.hole, dtype=torch.bool)
+    out.commits = [per_step]
+    out.encode_ms = encode_ms
+    out.denoise_ms = (time.perf_counter() - started) * 1000.0 - encode_ms
+    return out
+

@@ -1,0 +1,292 @@
+"""The Engine facade: load a checkpoint once, then serve fill-in-the-middle completions.
+
+`complete` turns a CompletionRequest into token rows (engine/fim.py), denoises them in one batch
+(engine/denoiser.py) and turns the holes back into ranked text candidates. It may be called from
+a worker thread while another thread sets the cancel event; calls on one Engine are serialised.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import secrets
+import threading
+import time
+
+import torch
+
+from engine import fim
+from engine.api import (
+    Candidate,
+    CompletionRequest,
+    CompletionResult,
+    CompletionStats,
+    EngineError,
+    EngineInfo,
+)
+from engine.denoiser import Denoised, StopSignal, denoise, denoise_expanding
+
+HOLE_BUCKETS = (8, 16, 32, 64)  # unknown span length: rows of these lengths share one batch
+LINE_BUCKETS = (8, 16, 32)  # a single line rarely needs more
+EXTRA_CANDIDATE_TEMPERATURE = 0.8  # extra candidates must differ: sample them when T = 0
+DREAMON_INITIAL_HOLE = 16  # DreamOn's L0 when the request gives none (its eval: 4..64)
+MAX_CANDIDATES = 16
+DIFFUCODER_PAD = "<|dlm_pad|>"  # DiffuCoder ends spans with it (models.md §2.1); by name only
+SAMPLERS = ("threshold", "entropy_bounded", "origin", "maskgit_plus", "topk_margin", "entropy",
+            "low_confidence")
+STOP_MODES = ("line", "block", "free")
+
+
+def validate(request: CompletionRequest, max_context: int) -> None:
+    """Refuse nonsense with one clear line (msgspec Structs do not check types on creation)."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise EngineError(f"bad completion request: {message}")
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_num(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+            value
+        )
+
+    need(isinstance(request.prefix, str) and isinstance(request.suffix, str),
+         "prefix and suffix must be strings")
+    need(is_int(request.max_tokens) and request.max_tokens >= 1,
+         f"max_tokens must be a positive integer, got {request.max_tokens!r}")
+    need(request.max_tokens < max_context,
+         f"max_tokens={request.max_tokens} does not fit the model window of {max_context} tokens")
+    if request.span_lengths is not None:
+        need(len(request.span_lengths) > 0 and all(
+            is_int(n) and 1 <= n <= request.max_tokens for n in request.span_lengths),
+            f"span_lengths must be integers in 1..max_tokens, got {request.span_lengths!r}")
+    need(request.stop in STOP_MODES, f"stop must be one of {STOP_MODES}, got {request.stop!r}")
+    need(request.sampler in SAMPLERS,
+         f"sampler must be one of {SAMPLERS}, got {request.sampler!r}")
+    need(is_num(request.threshold) and 0 < request.threshold <= 1,
+         f"threshold must be in (0, 1], got {request.threshold!r}")
+    need(is_num(request.entropy_bound) and request.entropy_bound > 0,
+         f"entropy_bound must be positive, got {request.entropy_bound!r}")
+    need(request.steps is None or (is_int(request.steps) and request.steps >= 1),
+         f"steps must be a positive integer or None, got {request.steps!r}")
+    need(is_num(request.temperature) and request.temperature >= 0,
+         f"temperature must be >= 0, got {request.temperature!r}")
+    need(is_num(request.top_p) and 0 < request.top_p <= 1,
+         f"top_p must be in (0, 1], got {request.top_p!r}")
+    need(request.seed is None or is_int(request.seed), "seed must be an integer or None")
+    need(is_int(request.num_candidates) and 1 <= request.num_candidates <= MAX_CANDIDATES,
+         f"num_candidates must be in 1..{MAX_CANDIDATES}, got {request.num_candidates!r}")
+    need(is_int(request.cache_refresh_every) and request.cache_refresh_every >= 0,
+         f"cache_refresh_every must be >= 0, got {request.cache_refresh_every!r}")
+    need(request.max_context_tokens is None or (
+        is_int(request.max_context_tokens) and request.max_context_tokens > request.max_tokens),
+        f"max_context_tokens must exceed max_tokens, got {request.max_context_tokens!r}")
+    need(request.timeout_ms is None or (is_num(request.timeout_ms) and request.timeout_ms > 0),
+         f"timeout_ms must be positive or None, got {request.timeout_ms!r}")
+
+
+def hole_lengths(request: CompletionRequest) -> list[int]:
+    """Explicit span lengths, else buckets up to max_tokens (which is always the longest tried)."""
+    if request.span_lengths is not None:
+        return sorted(set(request.span_lengths))
+    buckets = LINE_BUCKETS if request.stop == "line" else HOLE_BUCKETS
+    longest = min(request.max_tokens, buckets[-1]) if request.stop == "line" else request.max_tokens
+    return sorted({b for b in buckets if b < longest} | {longest})
+
+
+class Engine:
+    def __init__(self, loaded, *, model_spec: str, quant: str, load_ms: float):
+        self._loaded = loaded
+        self._spec = model_spec
+        self._quant = quant
+        self._load_ms = load_ms
+        self._lock = threading.Lock()  # one model, one request at a time
+        tok = loaded.tokenizer
+        ends = {loaded.args.eos_token_id, loaded.args.pad_token_id, tok.eos_id, tok.pad_id}
+        dlm_pad = tok.backend.token_to_id(DIFFUCODER_PAD)
+        if dlm_pad is not None:
+            ends.add(dlm_pad)
+        self._end_ids = ends
+
+    @classmethod
+    def load(
+        cls, model: str, *, device: str = "cpu", quant: str = "none", dtype: str | None = None
+    ) -> Engine:
+        from engine.weights import DTYPES, load_model
+
+        if quant not in ("none", "int8", "int4", "fp8"):
+            raise EngineError(f"unknown quant mode {quant!r} (none, int8, int4, fp8)")
+        if dtype is not None and dtype not in DTYPES:
+            raise EngineError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+        started = time.perf_counter()
+        loaded = load_model(model, device=device, dtype=DTYPES.get(dtype), quant=quant)
+        load_ms = (time.perf_counter() - started) * 1000.0
+        return cls(loaded, model_spec=model, quant=quant, load_ms=load_ms)
+
+    @property
+    def tokenizer(self):
+        return self._require().tokenizer
+
+    @property
+    def args(self):
+        return self._require().args
+
+    def info(self) -> EngineInfo:
+        loaded = self._require()
+        model = loaded.model
+        tensors = list(model.parameters()) + list(model.buffers())
+        return EngineInfo(
+            model=self._spec,
+            path=str(loaded.path),
+            family=loaded.args.family,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            quant=self._quant,
+            weight_bytes=sum(t.numel() * t.element_size() for t in tensors),
+            parameters=sum(p.numel() for p in model.parameters()),
+            max_context=loaded.args.max_context,
+            load_ms=self._load_ms,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            loaded, self._loaded = self._loaded, None
+            if loaded is not None and loaded.device.type == "cuda":
+                del loaded
+                gc.collect()
+                torch.cuda.empty_cache()
+
+    def complete(
+        self, request: CompletionRequest, cancel: threading.Event | None = None
+    ) -> CompletionResult:
+        started = time.perf_counter()
+        stop = StopSignal(
+            cancel=cancel,
+            deadline=None if request.timeout_ms is None
+            else time.monotonic() + request.timeout_ms / 1000.0,
+        )
+        with self._lock:
+            loaded = self._require()
+            args, tok = loaded.args, loaded.tokenizer
+            validate(request, args.max_context)
+            stats = CompletionStats()
+            if stop.cancelled():
+                stats.cancelled = True
+                return CompletionResult(text="", candidates=[], stats=stats)
+
+            lengths = hole_lengths(request)
+            expanding = args.variant == "dreamon" and args.expand_token_id is not None
+            if expanding:
+                lengths = [request.span_lengths[0] if request.span_lengths
+                           else min(DREAMON_INITIAL_HOLE, request.max_tokens)]
+            budget = fim.context_budget(args, request.max_tokens if expanding else max(lengths),
+                                        request.max_context_tokens)
+            prefix, suffix = fim.precut_text(request.prefix, request.suffix, budget)
+            prefix_ids, suffix_ids = fim.cut_context(tok.encode(prefix), tok.encode(suffix),
+                                                     budget)
+            stats.prefix_tokens, stats.suffix_tokens = len(prefix_ids), len(suffix_ids)
+            tokenized = time.perf_counter()
+
+            seed = request.seed if request.seed is not None else secrets.randbits(62)
+            generator = torch.Generator(loaded.device).manual_seed(seed)
+            with torch.inference_mode():
+                if expanding:
+                    done, rows = self._denoise_expanding(loaded, request, prefix_ids, suffix_ids,
+                                                         lengths[0], generator, stop)
+                else:
+                    done, rows = self._denoise_buckets(loaded, request, prefix_ids, suffix_ids,
+                                                       lengths, generator, stop)
+            decoded = time.perf_counter()
+            candidates, best_row = self._rank(request, done, rows)
+            finished = time.perf_counter()
+
+        stats.forward_passes = done.forward_passes
+        stats.cancelled, stats.timed_out = done.cancelled, done.timed_out
+        if best_row is not None:
+            stats.tokens_committed_per_step = done.commits[best_row]
+            stats.span_length = rows[best_row]
+        if candidates:
+            stats.mean_confidence = candidates[0].mean_confidence
+        stats.timings_ms = {
+            "tokenize": (tokenized - started) * 1000.0,
+            "encode": done.encode_ms,
+            "denoise": done.denoise_ms,
+            "decode": (finished - decoded) * 1000.0,
+            "total": (finished - started) * 1000.0,
+        }
+        if done.cancelled:  # the caller no longer wants it: nothing partial is returned
+            return CompletionResult(text="", candidates=[], stats=stats)
+        text = candidates[0].text if candidates else ""
+        return CompletionResult(text=text, candidates=candidates, stats=stats)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _require(self):
+        if self._loaded is None:
+            raise EngineError("the engine is closed")
+        return self._loaded
+
+    def _denoise_buckets(self, loaded, request, prefix_ids, suffix_ids, lengths, generator, stop):
+        rows: list[int] = []
+        temperatures: list[float] = []
+        for candidate in range(request.num_candidates):
+            hot = request.temperature if request.temperature > 0 else EXTRA_CANDIDATE_TEMPERATURE
+            for n in lengths:
+                rows.append(n)
+                temperatures.append(request.temperature if candidate == 0 else hot)
+        batch = fim.build_infill_batch(loaded.args, prefix_ids, suffix_ids, rows, loaded.device)
+        end_ids = torch.tensor(sorted(self._end_ids), device=loaded.device)
+        done = denoise(
+            loaded.model, loaded.args, batch, request,
+            temperatures=torch.tensor(temperatures, device=loaded.device),
+            end_ids=end_ids, generator=generator, stop=stop,
+        )
+        return done, rows
+
+    def _denoise_expanding(self, loaded, request, prefix_ids, suffix_ids, initial, generator,
+                           stop):
+        args = loaded.args
+        batch = fim.build_infill_batch(args, prefix_ids, suffix_ids, [1], "cpu")
+        lead = batch.ids[0, : batch.hole_start].tolist()
+        tail = batch.ids[0, batch.hole_start + 1:].tolist()
+        window = args.max_context if request.max_context_tokens is None else min(
+            args.max_context, request.max_context_tokens)
+        done = denoise_expanding(
+            loaded.model, args, lead, tail, request, initial_length=initial, window=window,
+            temperature=request.temperature, generator=generator, stop=stop,
+            device=loaded.device, end_ids=self._end_ids,
+        )
+        return done, [int(done.hole.shape[1])]
+
+    def _rank(self, request: CompletionRequest, done: Denoised, rows: list[int]):
+        """Trim every row at its first end token, apply the stop mode, rank, drop duplicates.
+
+        Rank: rows an end token closed before their last slot first (their length fit), then the
+        mean probability of the tokens the model committed (forced EOS padding excluded)."""
+        tok = self._loaded.tokenizer
+        mask_id = self._loaded.args.mask_token_id
+        holes = done.hole.tolist()
+        confidences = done.confidence.tolist()
+        forced = done.forced.tolist()
+        scored: list[tuple[tuple[bool, float], int, Candidate]] = []
+        for r, length in enumerate(rows):
+            tokens, ended = fim.trim_at_end(holes[r][:length], self._end_ids, mask_id)
+            used = min(len(tokens) + (1 if ended else 0), length)
+            probs = [c for c, f in zip(confidences[r][:used], forced[r][:used], strict=True)
+                     if not f]
+            mean_conf = sum(probs) / len(probs) if probs else 0.0
+            text = fim.apply_stop(tok.decode(tokens), request.stop, request.prefix)
+            cand = Candidate(text=text, mean_confidence=mean_conf, span_length=length,
+                             ended=ended and len(tokens) < length)
+            scored.append(((cand.ended, mean_conf), r, cand))
+        scored.sort(key=lambda item: item[0], reverse=True)
+        seen: set[str] = set()
+        candidates: list[Candidate] = []
+        best_row = scored[0][1] if scored else None
+        for _, _, cand in scored:
+            if cand.text in seen:
+                continue
+            seen.add(cand.text)
+            candidates.append(cand)
+        return candidates[: request.num_candidates], best_row

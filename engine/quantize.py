@@ -1,0 +1,444 @@
+"""Weight-only quantization swapped in at load time: int8 per output channel, int4 per group, fp8.
+
+int8 and int4 are pure PyTorch, so the same modules run on CPU (tests, CI) and CUDA. They keep
+only the packed integers and their scales resident; the forward pass dequantizes in the
+activation dtype, which saves memory but not time without a fused kernel (engine.md §2.5).
+Embeddings are quantized too, because on small models the vocabulary table dominates the bytes;
+a head tied to the embedding reads the same quantized table instead of storing a second copy.
+
+fp8 (W8A8, Hopper/Ada) is delegated to torchao and only runs on CUDA sm89+.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.api import EngineError
+
+QUANT_MODES = ("none", "int8", "int4", "fp8")
+INT4_GROUP_SIZES = (32, 64, 128)
+_INT8_MAX = 127
+_INT4_LEVELS = 15  # unsigned nibble 0..15
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-level quantizers (pure functions, shared by the modules and the tests)
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: weight ≈ q * scale[:, None]. Returns (q int8 (R, C), scale (R,))."""
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)  # (R,)
+    # An all-zero row would give scale 0 and 0/0 below; any positive scale encodes it exactly.
+    scale = torch.where(absmax > 0, absmax / _INT8_MAX, torch.ones_like(absmax))
+    q = torch.clamp(torch.round(w / scale[:, None]), -_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return q, scale.to(weight.dtype)
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+def quantize_int4_groups(
+    weight: torch.Tensor, group_size: int = 64, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """int4 per group of `group_size` columns, two nibbles per byte.
+
+    Columns are zero-padded up to a multiple of the group size. Asymmetric groups store a scale
+    and a float offset (the group minimum): w ≈ q * scale + offset with q in 0..15. Symmetric
+    groups store only a scale: w ≈ (q - 8) * scale with q - 8 in -8..7.
+    Returns (packed uint8 (R, Cp/2), scale (R, G), offset (R, G) or None).
+    """
+    _check_group_size(group_size)
+    rows, cols = weight.shape
+    padded_cols = -(-cols // group_size) * group_size
+    w = weight.detach().float()
+    if padded_cols != cols:
+        w = F.pad(w, (0, padded_cols - cols))
+    groups = w.view(rows, padded_cols // group_size, group_size)  # (R, G, S)
+    if symmetric:
+        absmax = groups.abs().amax(dim=-1)  # (R, G)
+        scale = torch.where(absmax > 0, absmax / 7, torch.ones_like(absmax))
+        q = torch.clamp(torch.round(groups / scale[..., None]), -8, 7) + 8
+        offset = None
+    else:
+        low = groups.amin(dim=-1)
+        high = groups.amax(dim=-1)
+        span = high - low
+        scale = torch.where(span > 0, span / _INT4_LEVELS, torch.ones_like(span))
+        q = torch.clamp(torch.round((groups - low[..., None]) / scale[..., None]), 0, _INT4_LEVELS)
+        offset = low.to(weight.dtype)
+    q = q.to(torch.uint8).view(rows, padded_cols)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)  # (R, Cp/2): even column in the low nibble
+    return packed, scale.to(weight.dtype), offset
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(..., Cp/2) uint8 -> (..., Cp) uint8 nibbles 0..15, in column order."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def dequantize_int4_groups(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    cols: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Inverse of quantize_int4_groups on any leading shape: (..., Cp/2) -> (..., cols)."""
+    q = unpack_int4(packed)  # (..., Cp)
+    lead = q.shape[:-1]
+    groups = scale.shape[-1]
+    q = q.view(*lead, groups, -1).to(dtype)  # (..., G, S)
+    if offset is None:
+        w = (q - 8) * scale.to(dtype)[..., None]
+    else:
+        w = q * scale.to(dtype)[..., None] + offset.to(dtype)[..., None]
+    return w.view(*lead, -1)[..., :cols]
+
+
+def _check_group_size(group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise EngineError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with int8 weights (per output channel scale); math in the activation dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     linear.weight.dtype)
+        q, scale = quantize_int8_rows(linear.weight)
+        module.weight_q.copy_(q)
+        module.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module.to(linear.weight.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized (out, in) weight, built on demand for code that reads `.weight` directly
+        (the model's head does); it costs one transient full-size copy, as forward does."""
+        return dequantize_int8_rows(self.weight_q, self.weight_scale, self.weight_scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Scale after the matmul: one multiply per output instead of per weight.
+        out = F.linear(x, self.weight_q.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(nn.Module):
+    """nn.Linear with int4 weights packed two per byte, one scale (and offset) per group."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        group_size: int = 64,
+        symmetric: bool = False,
+    ):
+        super().__init__()
+        _check_group_size(group_size)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.symmetric = symmetric
+        padded = -(-in_features // group_size) * group_size
+        groups = padded // group_size
+        self.register_buffer("weight_packed",
+                             torch.zeros(out_features, padded // 2, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype))
+        self.register_buffer("weight_offset",
+                             None if symmetric else torch.zeros(out_features, groups, dtype=dtype))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int = 64, symmetric: bool = False
+    ) -> Int4Linear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     linear.weight.dtype, group_size, symmetric)
+        packed, scale, offset = quantize_int4_groups(linear.weight, group_size, symmetric)
+        module.weight_packed.copy_(packed)
+        module.weight_scale.copy_(scale)
+        if offset is not None:
+            module.weight_offset.copy_(offset)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module.to(linear.weight.device)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_int4_groups(self.weight_packed, self.weight_scale, self.weight_offset,
+                                      self.in_features, dtype)  # (out, in)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized (out, in) weight on demand (see Int8Linear.weight)."""
+        return self.dequantized_weight(self.weight_scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype),
+                        None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 group={self.group_size} {kind}")
+
+
+class QuantizedEmbedding(nn.Module):
+    """Embedding table stored as int8 rows or int4 groups; gathers rows, then dequantizes them.
+
+    Output dtype is the scale dtype (the model's dtype), since an embedding has no activation
+    input to take it from. `project(h)` uses the table as a tied output head.
+    """
+
+    def __init__(self, embedding: nn.Embedding, mode: str, group_size: int = 64):
+        super().__init__()
+        if mode not in ("int8", "int4"):
+            raise EngineError(f"embedding quantization supports int8 or int4, got {mode!r}")
+        self.mode = mode
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.padding_idx = embedding.padding_idx
+        weight = embedding.weight
+        if mode == "int8":
+            q, scale = quantize_int8_rows(weight)
+            self.register_buffer("weight_q", q)
+            self.register_buffer("weight_scale", scale)
+            self.register_buffer("weight_offset", None)
+        else:
+            packed, scale, offset = quantize_int4_groups(weight, group_size, symmetric=False)
+            self.register_buffer("weight_q", packed)
+            self.register_buffer("weight_scale", scale)
+            self.register_buffer("weight_offset", offset)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+    def _dequantize(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+        if self.mode == "int8":
+            return q.to(dtype) * scale.to(dtype)[..., None]
+        return dequantize_int4_groups(q, scale, offset, self.embedding_dim, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized (V, D) table on demand, for a head that reads the embedding's `.weight`.
+        Transient: the resident copy stays quantized."""
+        return self._dequantize(self.weight_q, self.weight_scale, self.weight_offset, self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        offset = None if self.weight_offset is None else self.weight_offset[ids]
+        return self._dequantize(self.weight_q[ids], self.weight_scale[ids], offset, self.dtype)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Tied head: h (..., D) -> logits (..., V) against the quantized table."""
+        if self.mode == "int8":
+            # Same trick as Int8Linear: the per-row scale is a per-logit scale.
+            return F.linear(h, self.weight_q.to(h.dtype)) * self.weight_scale.to(h.dtype)
+        table = self._dequantize(self.weight_q, self.weight_scale, self.weight_offset, h.dtype)
+        return F.linear(h, table)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.mode}"
+
+
+class TiedQuantizedHead(nn.Module):
+    """Output head that reads a QuantizedEmbedding's table: the tied weights are stored once.
+
+    The embedding is held outside the module registry (in a tuple) so state_dict, .to() and
+    weight_bytes see the table only under the embedding's own name.
+    """
+
+    def __init__(self, embedding: QuantizedEmbedding, bias: torch.Tensor | None = None):
+        super().__init__()
+        self._table = (embedding,)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self._table[0].project(h)
+        if self.bias is not None:
+            logits = logits + self.bias.to(logits.dtype)
+        return logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_model(
+    model: nn.Module,
+    mode: str,
+    group_size: int = 64,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Swap the model's Linear/Embedding layers for quantized ones, in place; returns the model.
+
+    mode: "none" (no-op), "int8", "int4" (per group of `group_size` in 32/64/128), or "fp8"
+    (CUDA sm89+ with torchao; the model is moved to CUDA first). `device` is the device the
+    caller will run on; it only matters for fp8, which refuses a non-CUDA target.
+    """
+    if mode not in QUANT_MODES:
+        choices = ", ".join(QUANT_MODES)
+        raise EngineError(f"unknown quantization mode {mode!r}; choose one of {choices}")
+    if mode == "none":
+        return model
+    if mode == "fp8":
+        return _quantize_fp8(model, device)
+    if mode == "int4":
+        _check_group_size(group_size)
+
+    tied = _tied_pairs(model)  # id(Linear) -> Embedding sharing its weight
+    quantized_embeddings: dict[int, QuantizedEmbedding] = {}
+    for parent, name, child in list(_named_children_recursive(model)):
+        if isinstance(child, nn.Embedding):
+            quantized = QuantizedEmbedding(child, mode, group_size)
+            quantized_embeddings[id(child)] = quantized
+            setattr(parent, name, quantized)
+    for parent, name, child in list(_named_children_recursive(model)):
+        if not isinstance(child, nn.Linear):
+            continue
+        source = tied.get(id(child))
+        if source is not None:
+            new: nn.Module = TiedQuantizedHead(quantized_embeddings[id(source)], child.bias)
+        elif mode == "int8":
+            new = Int8Linear.from_linear(child)
+        else:
+            new = Int4Linear.from_linear(child, group_size)
+        setattr(parent, name, new)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Resident bytes of the model's parameters and buffers, each distinct tensor counted once.
+
+    torchao tensor subclasses report their own nbytes through their inner tensors, so this walks
+    `__tensor_flatten__` where present instead of trusting the wrapper's element size.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for tensor in _all_tensors(model):
+        for leaf in _leaf_tensors(tensor):
+            key = (leaf.untyped_storage().data_ptr(), leaf.untyped_storage().nbytes())
+            if key in seen:
+                continue
+            seen.add(key)
+            total += leaf.untyped_storage().nbytes()
+    return total
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Logical weight count, as before quantization: packed int8/int4 buffers count as the
+    matrices they encode (plain `parameters()` would miss them, since they are buffers)."""
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            total += module.in_features * module.out_features
+            total += 0 if module.bias is None else module.bias.numel()
+        elif isinstance(module, QuantizedEmbedding):
+            total += module.num_embeddings * module.embedding_dim
+        elif isinstance(module, TiedQuantizedHead) and module.bias is not None:
+            total += module.bias.numel()
+    return total
+
+
+def _all_tensors(model: nn.Module):
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def _leaf_tensors(tensor: torch.Tensor):
+    if hasattr(type(tensor), "__tensor_flatten__") and type(tensor) not in (
+        torch.Tensor,
+        nn.Parameter,
+    ):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from _leaf_tensors(getattr(tensor, name))
+    else:
+        yield tensor.data if isinstance(tensor, nn.Parameter) else tensor
+
+
+def _named_children_recursive(module: nn.Module):
+    """(parent, attribute name, child) for every submodule, parents before children, once each."""
+    seen: set[int] = set()
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if id(child) not in seen:
+                seen.add(id(child))
+                yield parent, name, child
+
+
+def _tied_pairs(model: nn.Module) -> dict[int, nn.Embedding]:
+    by_weight = {
+        id(m.weight): m for m in model.modules() if isinstance(m, nn.Embedding)
+    }
+    return {
+        id(m): by_weight[id(m.weight)]
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and id(m.weight) in by_weight
+    }
+
+
+def _quantize_fp8(model: nn.Module, device: torch.device | str | None) -> nn.Module:
+    if device is not None and torch.device(device).type != "cuda":
+        raise EngineError(f"fp8 quantization needs a CUDA device, but the model runs on {device}")
+    if not torch.cuda.is_available():
+        raise EngineError("fp8 quantization needs a CUDA GPU (sm89+); none is available")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise EngineError(
+            f"fp8 quantization needs an Ada/Hopper GPU (sm89+); this one is sm{major}{minor}"
+        )
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+        from torchao.quantization.granularity import PerRow
+    except ImportError as error:
+        raise EngineError(
+            f"fp8 quantization needs torchao (pip install 'maskfill[gpu]'): {error}"
+        ) from error
+    model.to("cuda")
+    head_ids = {id(m) for m in _tied_pairs(model)} | {id(_output_head(model))}
+
+    def is_body_linear(module: nn.Module, _fqn: str) -> bool:
+        # engine.md §2.5: keep the lm head (and embeddings) in 16-bit first.
+        return isinstance(module, nn.Linear) and id(module) not in head_ids
+
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    quantize_(model, config, filter_fn=is_body_linear)
+    return model
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The last Linear whose out_features is the vocabulary size, if an Embedding shows it."""
+    vocab = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features in vocab]
+    return heads[-1] if heads else None

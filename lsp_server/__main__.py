@@ -1,0 +1,101 @@
+"""`maskfill-lsp`: serve over stdio (default) or a loopback TCP port.
+
+stdout carries the protocol and nothing else: the process's own file descriptor 1 is pointed at
+stderr before anything loads, so a stray print (or a native library's) cannot corrupt it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from typing import get_args
+
+from engine.api import QuantMode
+
+LOOPBACK_NAMES = {"localhost"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="maskfill-lsp", description="maskfill language server (inline code completion)"
+    )
+    transport = parser.add_mutually_exclusive_group()
+    transport.add_argument("--stdio", action="store_true", help="serve over stdin/stdout (default)")
+    transport.add_argument("--tcp", metavar="HOST:PORT", help="serve one client on a loopback port")
+    parser.add_argument("--log-file", help="write logs here instead of stderr")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
+    parser.add_argument(
+        "--model", help="checkpoint folder or HF cache repo id (overrides settings)"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (overrides settings)")
+    parser.add_argument("--quant", choices=get_args(QuantMode), help="weight quantization")
+    parser.add_argument(
+        "--parent-poll-ms",
+        type=float,
+        default=1000.0,
+        help="how often to check that the editor process (LSP processId) is alive",
+    )
+    return parser.parse_args(argv)
+
+
+def loopback_address(value: str) -> tuple[str, int]:
+    """Parse HOST:PORT and refuse anything but a loopback host (the server has no auth)."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"--tcp expects HOST:PORT, got {value!r}")
+    if host not in LOOPBACK_NAMES:
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--tcp host must be a loopback address, got {host!r}") from None
+    return host, int(port_text)
+
+
+def configure_logging(verbosity: int, log_file: str | None) -> None:
+    handler: logging.Handler = (
+        logging.FileHandler(log_file, encoding="utf-8")
+        if log_file
+        else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING - 10 * min(verbosity, 2))
+    # pygls logs every message body at INFO: only at -vv, it costs milliseconds per request.
+    logging.getLogger("pygls").setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.verbose, args.log_file)
+    tcp = None
+    if args.tcp:
+        try:
+            tcp = loopback_address(args.tcp)
+        except ValueError as exc:
+            print(f"maskfill-lsp: {exc}", file=sys.stderr)
+            return 2
+    overrides = {k: getattr(args, k) for k in ("model", "device", "quant") if getattr(args, k)}
+
+    from lsp_server.server import create_server
+
+    server = create_server(overrides=overrides, parent_poll_s=args.parent_poll_ms / 1000)
+    if tcp is not None:
+        server.start_tcp(*tcp)
+    else:
+        protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        sys.stdout = sys.stderr
+        server.start_io(sys.stdin.buffer, protocol_out)
+    server.free()
+    # LSP: exit code 0 only when `shutdown` came before `exit`.
+    return 0 if server.shutdown_requested else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

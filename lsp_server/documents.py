@@ -1,0 +1,193 @@
+"""Document snapshots and the fill-in-the-middle context window around the cursor.
+
+A Snapshot is taken before the first await of a request: pygls applies didChange
+notifications while a handler is suspended, so everything after that must read the snapshot,
+never the live document. Positions are converted only with pygls' position codec (the
+negotiated encoding: UTF-8 for Neovim, UTF-16 for VS Code).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from lsprotocol import types
+from pygls.workspace import TextDocument
+from pygls.workspace.position_codec import PositionCodec
+
+# Without the model's tokenizer in the server process, the token budget is turned into a
+# character budget. Code averages 3-4 characters per token, so 3 keeps the window within
+# the budget; the engine still truncates exactly with request.max_context_tokens.
+CHARS_PER_TOKEN = 3
+PREFIX_SHARE = 0.75  # prefix:suffix about 3:1 (editors.md; Continue/Tabby use similar splits)
+_EOLS = ("\r\n", "\n", "\r")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The document as it was when the request arrived; `text` is never mutated by pygls."""
+
+    uri: str
+    version: int | None
+    language_id: str | None
+    text: str
+    offset: int  # cursor, in code points into `text`
+    position: types.Position  # the cursor as the client sent it (client units)
+    codec: PositionCodec
+
+    @property
+    def line_before(self) -> str:
+        start = max(self.text.rfind("\n", 0, self.offset), self.text.rfind("\r", 0, self.offset))
+        return self.text[start + 1 : self.offset]
+
+    @property
+    def line_after(self) -> str:
+        end = len(self.text)
+        for eol in ("\n", "\r"):
+            found = self.text.find(eol, self.offset)
+            if found != -1:
+                end = min(end, found)
+        return self.text[self.offset : end]
+
+    @property
+    def eol(self) -> str:
+        """The file's line ending, from its first line break (CRLF files stay CRLF)."""
+        first = self.text.find("\n")
+        if first > 0 and self.text[first - 1] == "\r":
+            return "\r\n"
+        return "\n"
+
+
+def take_snapshot(document: TextDocument, position: types.Position) -> Snapshot | None:
+    """Snapshot `document` at `position`; None when the position lies outside the text."""
+    text = document.source
+    lines = document.lines
+    if position.line < 0 or position.character < 0 or position.line > len(lines):
+        return None
+    if position.line == len(lines):
+        # Only the empty position after a final line break (or in an empty file) exists there.
+        if position.character != 0 or (text and not text.endswith(_EOLS)):
+            return None
+        offset = len(text)
+    else:
+        line = lines[position.line]
+        content = line.rstrip("\r\n")
+        if position.character > document.position_codec.client_num_units(content):
+            return None
+        server_position = document.position_codec.position_from_client_units(lines, position)
+        offset = document.offset_at_server_position(server_position)
+    return Snapshot(
+        uri=document.uri,
+        version=document.version,
+        language_id=document.language_id,
+        text=text,
+        offset=offset,
+        position=types.Position(line=position.line, character=position.character),
+        codec=document.position_codec,
+    )
+
+
+@dataclass(frozen=True)
+class ContextWindow:
+    """The text the model sees: `prefix` + hole + `suffix`, with "\\n" line breaks."""
+
+    prefix: str
+    suffix: str
+
+
+def context_window(
+    text: str, offset: int, *, lines_before: int, lines_after: int, budget_tokens: int
+) -> ContextWindow:
+    """Whole lines around the cursor within a token budget split about 3:1 prefix:suffix.
+
+    Budget a side does not need (a cursor near the top or bottom of a file) goes to the other.
+    The cursor's own line is cut by characters only when it alone exceeds its share.
+    """
+    budget = budget_tokens * CHARS_PER_TOKEN
+    prefix = _lines_before(text, offset, lines_before, budget)
+    suffix = _lines_after(text, offset, lines_after, budget)
+    prefix_share = int(budget * PREFIX_SHARE)
+    suffix_share = budget - prefix_share
+    if len(suffix) < suffix_share:
+        prefix_share = budget - len(suffix)
+    elif len(prefix) < prefix_share:
+        suffix_share = budget - len(prefix)
+    prefix = _keep_tail(prefix, prefix_share)
+    suffix = _keep_head(suffix, suffix_share)
+    return ContextWindow(prefix=_normalize_eol(prefix), suffix=_normalize_eol(suffix))
+
+
+def _lines_before(text: str, offset: int, max_lines: int, max_chars: int) -> str:
+    start = text.rfind("\n", 0, offset) + 1  # the cursor line's own beginning
+    for _ in range(max_lines):
+        if start == 0 or offset - start > max_chars:
+            break
+        start = text.rfind("\n", 0, start - 1) + 1
+    return text[start:offset]
+
+
+def _lines_after(text: str, offset: int, max_lines: int, max_chars: int) -> str:
+    found = text.find("\n", offset)
+    end = len(text) if found == -1 else found + 1  # the rest of the cursor line
+    for _ in range(max_lines):
+        if end >= len(text) or end - offset > max_chars:
+            break
+        found = text.find("\n", end)
+        end = len(text) if found == -1 else found + 1
+    return text[offset:end]
+
+
+def _keep_tail(prefix: str, max_chars: int) -> str:
+    """The last `max_chars` of `prefix`, dropping a partial first line when there is one."""
+    if len(prefix) <= max_chars:
+        return prefix
+    cut = prefix[len(prefix) - max_chars :]
+    newline = cut.find("\n")
+    return cut[newline + 1 :] if newline != -1 else cut
+
+
+def _keep_head(suffix: str, max_chars: int) -> str:
+    if len(suffix) <= max_chars:
+        return suffix
+    cut = suffix[:max_chars]
+    newline = cut.rfind("\n")
+    return cut[: newline + 1] if newline != -1 else cut
+
+
+def _normalize_eol(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def detect_indent(sample: str) -> str:
+    """The file's indent unit: "\\t", or N spaces from the most common indent step (default 4)."""
+    tabs = spaces = 0
+    steps: Counter[int] = Counter()
+    previous = 0
+    for line in sample.split("\n"):
+        if not line.strip():
+            continue
+        if line.startswith("\t"):
+            tabs += 1
+            continue
+        width = len(line) - len(line.lstrip(" "))
+        if width:
+            spaces += 1
+        if width > previous:
+            steps[width - previous] += 1
+        previous = width
+    if tabs > spaces:
+        return "\t"
+    for step, _count in steps.most_common():
+        if step in (2, 3, 4, 8):
+            return " " * step
+    return "    "
+
+
+def looks_binary(sample: str) -> bool:
+    """True for text no code model should complete: NUL bytes or many control characters."""
+    if "\x00" in sample:
+        return True
+    if not sample:
+        return False
+    controls = sum(1 for ch in sample if ord(ch) < 32 and ch not in "\t\n\r\f")
+    return controls > max(8, len(sample) // 20)

@@ -1,0 +1,151 @@
+"""Turn raw model text into a suggestion fit to show: one rule per function, each tested.
+
+Order: stop rule (mid-line -> one line, empty line / after an opener -> block to the scope's
+end), trim what duplicates the text after the cursor, match the file's indentation, then drop
+what is not worth showing. Works on "\\n" text; the file's own line ending goes back last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from engine.api import StopMode
+
+CLOSERS = frozenset(")]}\"'`")
+OPENERS = (":", "{", "(", "[")
+# Characters the model may repeat from the text after the cursor without meaning new code.
+_PUNCTUATION = CLOSERS | frozenset(";:,. ")
+
+
+@dataclass(frozen=True)
+class CursorContext:
+    """What the rules need to know about the cursor's surroundings ("\\n" line breaks)."""
+
+    line_before: str  # the cursor line up to the cursor
+    line_after: str = ""  # the cursor line after the cursor, without its line break
+    next_lines: list[str] = field(default_factory=list)  # lines below the cursor line
+    previous_line: str = ""  # the nearest non-blank line above the cursor line
+    indent_unit: str = "    "
+    eol: str = "\n"
+
+
+def choose_stop(context: CursorContext, setting: str) -> StopMode:
+    """`auto`: text after the cursor -> one line; an empty line or after `:`/`{` -> a block."""
+    if setting in ("line", "block", "free"):
+        return setting  # type: ignore[return-value]
+    if context.line_after.strip():
+        return "line"
+    before = context.line_before.rstrip()
+    if not before or before.endswith(OPENERS):
+        return "block"
+    return "line"
+
+
+def postprocess(text: str, context: CursorContext, stop: StopMode) -> str | None:
+    """The suggestion to show, or None when nothing is worth showing."""
+    text = cut_at_stop(text, context, stop)
+    text = trim_duplicate_suffix(text, context)
+    text = match_indentation(text, context.indent_unit)
+    if is_useless(text, context):
+        return None
+    return text.replace("\n", context.eol) if context.eol != "\n" else text
+
+
+def _indent_width(line: str, tab_width: int = 4) -> int:
+    stripped = line[: len(line) - len(line.lstrip(" \t"))]
+    return len(stripped.expandtabs(tab_width))
+
+
+def cut_at_stop(text: str, context: CursorContext, stop: StopMode) -> str:
+    """line: up to the first line break. block: until a line leaves the cursor's scope."""
+    if stop == "free":
+        return text.rstrip() if not context.line_after else text
+    if stop == "line":
+        first = text.split("\n", 1)[0]
+        return first.rstrip() if not context.line_after.strip() else first
+    lines = text.split("\n")
+    base = _indent_width(context.line_before)
+    after_opener = context.line_before.rstrip().endswith(OPENERS)
+    kept = [lines[0]]
+    for line in lines[1:]:
+        if line.strip():
+            width = _indent_width(line)
+            # After an opener the body is deeper than the cursor line; on an empty line the
+            # block continues at the cursor's own depth.
+            if width < base or (after_opener and width <= base):
+                break
+        kept.append(line)
+    return "\n".join(kept).rstrip()
+
+
+def trim_duplicate_suffix(text: str, context: CursorContext) -> str:
+    """Drop what the document already has after the cursor.
+
+    - The rest of the cursor line: a tail of the completion equal to the head of `line_after`
+      (closing brackets and quotes, or the whole rest of the line).
+    - The lines below: cut the completion where one of its lines repeats the next non-blank
+      line of the document (the model ran into the suffix).
+    """
+    next_line = next((line.strip() for line in context.next_lines if line.strip()), None)
+    if next_line is not None and "\n" in text:
+        lines = text.split("\n")
+        for index in range(1, len(lines)):
+            if lines[index].strip() == next_line:
+                text = "\n".join(lines[:index]).rstrip()
+                break
+    after = context.line_after
+    if not after:
+        return text
+    last_line_start = text.rfind("\n") + 1
+    last_line = text[last_line_start:]
+    for size in range(min(len(last_line), len(after)), 0, -1):
+        head = after[:size]
+        if not last_line.endswith(head):
+            continue
+        if set(head) <= _PUNCTUATION or (head == after.rstrip() and len(head.strip()) >= 2):
+            return text[: len(text) - size]
+    return text
+
+
+def match_indentation(text: str, indent_unit: str) -> str:
+    """Re-indent lines after the first with the file's kind of indent (tabs vs spaces).
+
+    The first line continues the cursor line, so its whitespace is kept as is. Space widths
+    are left alone when both sides use spaces: the model sees the file and follows its width.
+    """
+    lines = text.split("\n")
+    if len(lines) == 1:
+        return text
+    rest = [line for line in lines[1:] if line.strip()]
+    file_uses_tabs = indent_unit == "\t"
+    if file_uses_tabs and any(line.startswith(" ") for line in rest):
+        widths = [len(line) - len(line.lstrip(" ")) for line in rest if line.startswith(" ")]
+        step = math.gcd(*widths)
+        step = step if step in (2, 3, 4) else 4
+    elif not file_uses_tabs and any(line.startswith("\t") for line in rest):
+        step = 0
+    else:
+        return text
+    out = [lines[0]]
+    for line in lines[1:]:
+        body = line.lstrip(" \t")
+        lead = line[: len(line) - len(body)]
+        if step:  # spaces -> tabs
+            levels, extra = divmod(len(lead.expandtabs(step)), step)
+            lead = "\t" * levels + " " * extra
+        else:  # tabs -> the file's spaces
+            lead = lead.replace("\t", indent_unit)
+        out.append(lead + body if body else "")
+    return "\n".join(out)
+
+
+def is_useless(text: str, context: CursorContext) -> bool:
+    """Empty or whitespace-only text, a line repeated over and over, or a copy of the line above."""
+    if not text.strip():
+        return True
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    if len(lines) >= 2 and len(set(lines)) == 1:
+        return True
+    first_line = (context.line_before + text.split("\n", 1)[0]).strip()
+    return bool(context.previous_line.strip()) and first_line == context.previous_line.strip()
