@@ -14,7 +14,7 @@ try:  # optional CUDA fast path; its absence is normal on CPU machines
     from engine.xformers_attention import xformers_attend
 
     XFORMERS_AVAILABLE = True
-except ImportError:
+except (ImportError, OSError):  # OSError: xformers present but its CUDA libraries are not
     xformers_attend = None
     XFORMERS_AVAILABLE = False
 

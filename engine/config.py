@@ -127,6 +127,9 @@ def _from_qwen2_keys(cfg: dict, model_type: str) -> ModelArgs:
     _refuse(cfg.get("hidden_act", "silu") != "silu", f"hidden_act={cfg.get('hidden_act')!r}")
     _refuse(bool(cfg.get("use_mrope", False)), "use_mrope=true")
     _refuse(cfg.get("is_causal") is True, "is_causal=true (an autoregressive model)")
+    layer_types = cfg.get("layer_types") or []
+    _refuse(any(t != "full_attention" for t in layer_types),
+            f"layer_types={sorted(set(layer_types))}")
 
     dim = _require(cfg, "hidden_size")
     n_heads = _require(cfg, "num_attention_heads")
@@ -169,7 +172,8 @@ def _from_qwen2_keys(cfg: dict, model_type: str) -> ModelArgs:
         head_dim=head_dim,
         ffn_dim=_require(cfg, "intermediate_size"),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta") or (rope_params or {}).get("rope_theta") or 1e6),
+        # Absent theta means transformers' Qwen2Config default, 10000.
+        rope_theta=float(cfg.get("rope_theta") or (rope_params or {}).get("rope_theta") or 1e4),
         qkv_bias=True,  # Qwen2 always carries q/k/v biases
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         logit_shift=True,

@@ -1,10 +1,10 @@
 """Deterministic training-corpus selection for the embedded model.
 
 Sources are Python files that exist wherever maskfill is installed: the standard library and the
-sources of the packages installed next to maskfill. Selection is reproducible: candidate files are
-listed in sorted order, shuffled with a seeded RNG, and taken until a byte budget is met. Two kinds of
-files are never taken: anything under the FIM benchmark folder, and any file that shares a word
-n-gram with a HumanEval problem (prompt, canonical solution, tests), so the eval cannot be
+sources of the packages installed next to maskfill. Selection is reproducible: candidate files
+are listed in sorted order, shuffled with a seeded RNG, and taken until a byte budget is met. Two
+kinds of files are never taken: anything under the FIM benchmark folder, and any file that shares
+a word n-gram with a HumanEval problem (prompt, canonical solution, tests), so the eval cannot be
 contaminated through a package that happens to vendor HumanEval text.
 
 The selection is recorded as a manifest (file keys with content hashes, a hash of the whole list,
@@ -95,7 +95,7 @@ class CorpusManifest:
 
 
 def default_roots() -> dict[str, Path]:
-    """The standard library and this interpreter's package directory (the project's dependencies)."""
+    """The standard library, then this interpreter's packages (the project's dependencies)."""
     roots = {"stdlib": Path(sysconfig.get_paths()["stdlib"])}
     purelib = Path(sysconfig.get_paths()["purelib"])
     if purelib.is_dir():

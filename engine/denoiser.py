@@ -67,12 +67,16 @@ class Committer:
         self,
         request: CompletionRequest,
         masked: Tensor,  # (B, Lmax) the initial masks
-        temperatures: Tensor,  # (B,)
+        temperatures: list[float],  # per row
         generator: torch.Generator,
     ):
         self.request = request
         self.name = request.sampler
-        self.temperatures = temperatures
+        # All greedy: a plain 0.0 lets the sampler skip the draw (known on the host, no sync).
+        hot = any(t > 0 for t in temperatures)
+        self.temperatures = (
+            torch.tensor(temperatures, device=masked.device) if hot else 0.0
+        )
         self.generator = generator
         longest = masked.shape[1]
         self.steps = longest if self.name in ("threshold", "entropy_bounded") else (
@@ -84,33 +88,45 @@ class Committer:
 
     def __call__(self, logits: Tensor, masked: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
         """logits (B, Lmax, V), masked (B, Lmax) -> take (B, Lmax) bool, tokens, p(token)."""
-        req = self.request
-        if self.name == "low_confidence":
-            drawn = sampler.llada_sample(
-                logits, temperature=self.temperatures, generator=self.generator
-            )
-        else:
-            drawn = sampler.sample(
-                logits, temperature=self.temperatures, top_p=req.top_p, generator=self.generator
-            )
+        draw = sampler.llada_sample if self.name == "low_confidence" else sampler.sample
+        extra = {} if self.name == "low_confidence" else {"top_p": self.request.top_p}
+        drawn = draw(logits, temperature=self.temperatures, generator=self.generator, **extra)
         prob = sampler.token_probability(drawn.probs, drawn.tokens)  # (B, Lmax)
-        if self.name == "threshold":
-            take = sampler.transfer_threshold(prob, masked, req.threshold)
-        elif self.name == "entropy_bounded":
-            take = sampler.transfer_entropy_bounded(
-                sampler.neg_entropy(drawn.probs), masked, req.entropy_bound
-            )
-        elif self.name == "origin":
-            fraction = sampler.dream_reveal_fraction(self.schedule, step)
-            take = sampler.transfer_origin(masked, fraction, self.generator)
-        elif self.name in DREAM_TOPK_SAMPLERS:
-            k = sampler.dream_transfer_count(masked, self.schedule, step)
-            take = sampler.transfer_top_k(sampler.confidence(self.name, drawn), masked, k)
-        elif self.name == "low_confidence":
-            take = sampler.transfer_top_k(prob, masked, self.quota[:, min(step, self.steps - 1)])
-        else:
-            raise ValueError(f"unknown sampler {self.name!r}")
+        take = TRANSFER[self.name](self, drawn, prob, masked, step)
         return take, drawn.tokens, prob
+
+
+# One transfer rule per sampler name: (committer, drawn, p(token), masked, step) -> take.
+def _threshold(c: Committer, drawn, prob, masked, step):
+    return sampler.transfer_threshold(prob, masked, c.request.threshold)
+
+
+def _entropy_bounded(c: Committer, drawn, prob, masked, step):
+    return sampler.transfer_entropy_bounded(
+        sampler.neg_entropy(drawn.probs), masked, c.request.entropy_bound)
+
+
+def _origin(c: Committer, drawn, prob, masked, step):
+    return sampler.transfer_origin(masked, sampler.dream_reveal_fraction(c.schedule, step),
+                                   c.generator)
+
+
+def _dream_top_k(c: Committer, drawn, prob, masked, step):
+    k = sampler.dream_transfer_count(masked, c.schedule, step)  # (B,) per row
+    return sampler.transfer_top_k(sampler.confidence(c.name, drawn), masked, k)
+
+
+def _llada_low_confidence(c: Committer, drawn, prob, masked, step):
+    return sampler.transfer_top_k(prob, masked, c.quota[:, min(step, c.steps - 1)])
+
+
+TRANSFER = {
+    "threshold": _threshold,
+    "entropy_bounded": _entropy_bounded,
+    "origin": _origin,
+    **dict.fromkeys(DREAM_TOPK_SAMPLERS, _dream_top_k),
+    "low_confidence": _llada_low_confidence,
+}
 
 
 def pad_after_end(hole: Tensor, valid: Tensor, end_ids: Tensor, mask_id: int, eos_id: int):
@@ -132,8 +148,9 @@ def denoise(
     batch: InfillBatch,
     request: CompletionRequest,
     *,
-    temperatures: Tensor,  # (B,) per-row sampling temperature
+    temperatures: list[float],  # per-row sampling temperature
     end_ids: Tensor,  # (E,) ids that end a completion (EOS, PAD, ...)
+    banned_ids: Tensor,  # ids never written into a hole (MASK itself, untrained padded rows)
     generator: torch.Generator,
     stop: StopSignal,
 ) -> Denoised:
@@ -159,13 +176,18 @@ def denoise(
             hidden, ctx = model.encode(ids, batch.positions, key_valid=batch.key_valid)
         else:
             hidden, ctx = model.forward(ids, batch.positions, key_valid=batch.key_valid), None
-        return model.output(hidden[:, q0:q0 + lmax]), ctx  # (B, Lmax, V)
+        return head(hidden[:, q0:q0 + lmax]), ctx  # (B, Lmax, V)
 
     def cached_pass(ctx) -> Tensor:
         hidden = model.step(ids[:, q0:q0 + n_query], query_pos, query_valid, ctx, ctx_valid)
-        return model.output(hidden[:, :lmax])  # (B, Lmax, V)
+        return head(hidden[:, :lmax])  # (B, Lmax, V)
+
+    def head(hidden: Tensor) -> Tensor:
+        return model.output(hidden).index_fill_(-1, banned_ids, float("-inf"))
 
     logits, ctx = full_pass()
+    if device.type == "cuda":  # one sync per request, so that encode_ms is the real cost
+        torch.cuda.synchronize(device)
     encode_ms = (time.perf_counter() - started) * 1000.0
     out = Denoised(
         hole=ids[:, hs:hs + lmax],
@@ -228,13 +250,14 @@ def denoise_expanding(
     stop: StopSignal,
     device: torch.device,
     end_ids: set[int],
+    banned_ids: Tensor,
 ) -> Denoised:
     """DreamOn (models.md §4): the hole grows where EXPAND is committed and shrinks where an end
     token fills a slot that was MASK at the step's start. One commit per step, full forward."""
     started = time.perf_counter()
     expand_id, mask_id = args.expand_token_id, args.mask_token_id
     hole = [mask_id] * initial_length
-    budget = max(request.max_tokens - initial_length, 0)  # expansions left
+    budget = request.max_tokens  # expansions left (DreamOn: Lmax); cap bounds the hole anyway
     cap = min(window, len(lead) + request.max_tokens + len(tail))
     out = Denoised(hole=torch.empty(0), confidence=torch.empty(0), forced=torch.empty(0))
     confidences = [0.0] * len(hole)
@@ -255,11 +278,13 @@ def denoise_expanding(
         hidden = model.forward(seq, positions)
         hs = len(lead)
         logits = model.output(hidden[:, hs - 1:hs - 1 + len(hole)])  # (1, n, V), shifted
+        logits.index_fill_(-1, banned_ids, float("-inf"))
         out.forward_passes += 1
         if step == 0:
             encode_ms = (time.perf_counter() - started) * 1000.0
         if len(lead) + len(hole) + len(tail) >= cap or budget == 0:
             logits[..., expand_id] = float("-inf")
+        # DreamOn scores slots by negative entropy and commits the single surest one.
         drawn = sampler.sample(
             logits, temperature=temperature, top_p=request.top_p, generator=generator
         )

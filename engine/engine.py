@@ -95,6 +95,13 @@ def hole_lengths(request: CompletionRequest) -> list[int]:
     return sorted({b for b in buckets if b < longest} | {longest})
 
 
+def _encode(tokenizer, text: str, what: str) -> list[int]:
+    try:
+        return tokenizer.encode(text)
+    except (TypeError, ValueError, UnicodeError) as exc:  # e.g. lone surrogates from a client
+        raise EngineError(f"bad completion request: {what} cannot be tokenized ({exc})") from None
+
+
 class Engine:
     def __init__(self, loaded, *, model_spec: str, quant: str, load_ms: float):
         self._loaded = loaded
@@ -108,6 +115,15 @@ class Engine:
         if dlm_pad is not None:
             ends.add(dlm_pad)
         self._end_ids = ends
+        # Never written into a hole: MASK itself (a tied head happily predicts its input) and
+        # embedding rows past the tokenizer (padding in published checkpoints, never trained).
+        # EXPAND only means something to DreamOn's own loop.
+        args = loaded.args
+        banned = {args.mask_token_id, *range(tok.vocab_size, args.vocab_size)}
+        self._banned_fixed = torch.tensor(sorted(banned), device=loaded.device)
+        expand = args.expand_token_id if args.expand_token_id is not None else tok.expand_id
+        banned_all = banned | ({expand} if expand is not None else set())
+        self._banned_all = torch.tensor(sorted(banned_all), device=loaded.device)
 
     @classmethod
     def load(
@@ -160,16 +176,22 @@ class Engine:
     def complete(
         self, request: CompletionRequest, cancel: threading.Event | None = None
     ) -> CompletionResult:
+        """Fill the hole between request.prefix and request.suffix.
+
+        Cancelled (the event is set, checked between steps): returns within one step with
+        stats.cancelled, text "" and no candidates. Timed out (request.timeout_ms): returns the
+        best so far with stats.timed_out, each row cut at its first still-masked slot, so the
+        text holds only tokens the model actually committed (possibly "")."""
         started = time.perf_counter()
         stop = StopSignal(
             cancel=cancel,
             deadline=None if request.timeout_ms is None
             else time.monotonic() + request.timeout_ms / 1000.0,
         )
+        validate(request, self._require().args.max_context)  # before queueing on the lock
         with self._lock:
             loaded = self._require()
             args, tok = loaded.args, loaded.tokenizer
-            validate(request, args.max_context)
             stats = CompletionStats()
             if stop.cancelled():
                 stats.cancelled = True
@@ -182,22 +204,36 @@ class Engine:
                            else min(DREAMON_INITIAL_HOLE, request.max_tokens)]
             budget = fim.context_budget(args, request.max_tokens if expanding else max(lengths),
                                         request.max_context_tokens)
+            if budget < 0:
+                raise EngineError(
+                    f"bad completion request: a {max(lengths)}-token hole and the special tokens "
+                    f"do not fit a {request.max_context_tokens or args.max_context}-token window"
+                )
             prefix, suffix = fim.precut_text(request.prefix, request.suffix, budget)
-            prefix_ids, suffix_ids = fim.cut_context(tok.encode(prefix), tok.encode(suffix),
-                                                     budget)
+            prefix_ids, suffix_ids = fim.cut_context(_encode(tok, prefix, "prefix"),
+                                                     _encode(tok, suffix, "suffix"), budget)
             stats.prefix_tokens, stats.suffix_tokens = len(prefix_ids), len(suffix_ids)
             tokenized = time.perf_counter()
 
             seed = request.seed if request.seed is not None else secrets.randbits(62)
             generator = torch.Generator(loaded.device).manual_seed(seed)
-            with torch.inference_mode():
-                if expanding:
-                    done, rows = self._denoise_expanding(loaded, request, prefix_ids, suffix_ids,
-                                                         lengths[0], generator, stop)
-                else:
-                    done, rows = self._denoise_buckets(loaded, request, prefix_ids, suffix_ids,
-                                                       lengths, generator, stop)
-            decoded = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    if expanding:
+                        done, rows = self._denoise_expanding(
+                            loaded, request, prefix_ids, suffix_ids, lengths[0], generator, stop)
+                    else:
+                        done, rows = self._denoise_buckets(
+                            loaded, request, prefix_ids, suffix_ids, lengths, generator, stop)
+            except torch.OutOfMemoryError:
+                if loaded.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise EngineError(
+                    f"out of memory on {loaded.device} for {len(lengths)} hole row(s) and "
+                    f"{len(prefix_ids) + len(suffix_ids)} context tokens; lower max_tokens, "
+                    "num_candidates or max_context_tokens"
+                ) from None
+            denoised = time.perf_counter()
             candidates, best_row = self._rank(request, done, rows)
             finished = time.perf_counter()
 
@@ -212,7 +248,7 @@ class Engine:
             "tokenize": (tokenized - started) * 1000.0,
             "encode": done.encode_ms,
             "denoise": done.denoise_ms,
-            "decode": (finished - decoded) * 1000.0,
+            "decode": (finished - denoised) * 1000.0,
             "total": (finished - started) * 1000.0,
         }
         if done.cancelled:  # the caller no longer wants it: nothing partial is returned
@@ -239,8 +275,8 @@ class Engine:
         end_ids = torch.tensor(sorted(self._end_ids), device=loaded.device)
         done = denoise(
             loaded.model, loaded.args, batch, request,
-            temperatures=torch.tensor(temperatures, device=loaded.device),
-            end_ids=end_ids, generator=generator, stop=stop,
+            temperatures=temperatures,
+            end_ids=end_ids, banned_ids=self._banned_all, generator=generator, stop=stop,
         )
         return done, rows
 
@@ -255,7 +291,7 @@ class Engine:
         done = denoise_expanding(
             loaded.model, args, lead, tail, request, initial_length=initial, window=window,
             temperature=request.temperature, generator=generator, stop=stop,
-            device=loaded.device, end_ids=self._end_ids,
+            device=loaded.device, end_ids=self._end_ids, banned_ids=self._banned_fixed,
         )
         return done, [int(done.hole.shape[1])]
 

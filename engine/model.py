@@ -162,8 +162,13 @@ class Transformer(nn.Module):
 
     def output(self, hidden: Tensor) -> Tensor:
         """LM head: hidden (..., dim) -> float32 logits (..., vocab)."""
-        weight = self.tok_embeddings.weight if self.output_proj is None else self.output_proj.weight
-        return F.linear(hidden, weight).float()
+        if self.output_proj is not None:
+            return self.output_proj(hidden).float()
+        # Tied head: a quantized table projects without materialising a full-precision copy.
+        project = getattr(self.tok_embeddings, "project", None)
+        if project is not None:
+            return project(hidden).float()
+        return F.linear(hidden, self.tok_embeddings.weight).float()
 
     def _run(
         self,

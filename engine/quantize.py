@@ -28,9 +28,24 @@ _INT4_LEVELS = 15  # unsigned nibble 0..15
 # ---------------------------------------------------------------------------------------------
 
 
+# Quantize this many elements at a time: the fp32 temporaries of a whole 152k-row embedding
+# would be several GB on top of the model being loaded.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(weight: torch.Tensor):
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    return weight.detach().split(rows_per_chunk, dim=0)
+
+
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: weight ≈ q * scale[:, None]. Returns (q int8 (R, C), scale (R,))."""
-    w = weight.detach().float()
+    parts = [_quantize_int8_chunk(chunk) for chunk in _row_chunks(weight)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def _quantize_int8_chunk(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = weight.float()
     absmax = w.abs().amax(dim=1)  # (R,)
     # An all-zero row would give scale 0 and 0/0 below; any positive scale encodes it exactly.
     scale = torch.where(absmax > 0, absmax / _INT8_MAX, torch.ones_like(absmax))
@@ -53,9 +68,19 @@ def quantize_int4_groups(
     Returns (packed uint8 (R, Cp/2), scale (R, G), offset (R, G) or None).
     """
     _check_group_size(group_size)
+    parts = [_quantize_int4_chunk(chunk, group_size, symmetric) for chunk in _row_chunks(weight)]
+    packed = torch.cat([p for p, _, _ in parts])
+    scale = torch.cat([s for _, s, _ in parts])
+    offset = None if symmetric else torch.cat([o for _, _, o in parts])
+    return packed, scale, offset
+
+
+def _quantize_int4_chunk(
+    weight: torch.Tensor, group_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     rows, cols = weight.shape
     padded_cols = -(-cols // group_size) * group_size
-    w = weight.detach().float()
+    w = weight.float()
     if padded_cols != cols:
         w = F.pad(w, (0, padded_cols - cols))
     groups = w.view(rows, padded_cols // group_size, group_size)  # (R, G, S)
@@ -125,8 +150,9 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     linear.weight.dtype)
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype
+        )
         q, scale = quantize_int8_rows(linear.weight)
         module.weight_q.copy_(q)
         module.weight_scale.copy_(scale)
@@ -171,19 +197,27 @@ class Int4Linear(nn.Module):
         self.symmetric = symmetric
         padded = -(-in_features // group_size) * group_size
         groups = padded // group_size
-        self.register_buffer("weight_packed",
-                             torch.zeros(out_features, padded // 2, dtype=torch.uint8))
+        self.register_buffer(
+            "weight_packed", torch.zeros(out_features, padded // 2, dtype=torch.uint8)
+        )
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype))
-        self.register_buffer("weight_offset",
-                             None if symmetric else torch.zeros(out_features, groups, dtype=dtype))
+        self.register_buffer(
+            "weight_offset", None if symmetric else torch.zeros(out_features, groups, dtype=dtype)
+        )
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, group_size: int = 64, symmetric: bool = False
     ) -> Int4Linear:
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     linear.weight.dtype, group_size, symmetric)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            linear.weight.dtype,
+            group_size,
+            symmetric,
+        )
         packed, scale, offset = quantize_int4_groups(linear.weight, group_size, symmetric)
         module.weight_packed.copy_(packed)
         module.weight_scale.copy_(scale)
@@ -194,8 +228,9 @@ class Int4Linear(nn.Module):
         return module.to(linear.weight.device)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_int4_groups(self.weight_packed, self.weight_scale, self.weight_offset,
-                                      self.in_features, dtype)  # (out, in)
+        return dequantize_int4_groups(
+            self.weight_packed, self.weight_scale, self.weight_offset, self.in_features, dtype
+        )  # (out, in)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -203,13 +238,18 @@ class Int4Linear(nn.Module):
         return self.dequantized_weight(self.weight_scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype),
-                        None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(
+            x,
+            self.dequantized_weight(x.dtype),
+            None if self.bias is None else self.bias.to(x.dtype),
+        )
 
     def extra_repr(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 group={self.group_size} {kind}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"int4 group={self.group_size} {kind}"
+        )
 
 
 class QuantizedEmbedding(nn.Module):
@@ -242,8 +282,9 @@ class QuantizedEmbedding(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.weight_scale.dtype
 
-    def _dequantize(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                    dtype: torch.dtype) -> torch.Tensor:
+    def _dequantize(
+        self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
         if self.mode == "int8":
             return q.to(dtype) * scale.to(dtype)[..., None]
         return dequantize_int4_groups(q, scale, offset, self.embedding_dim, dtype)
@@ -398,9 +439,7 @@ def _named_children_recursive(module: nn.Module):
 
 
 def _tied_pairs(model: nn.Module) -> dict[int, nn.Embedding]:
-    by_weight = {
-        id(m.weight): m for m in model.modules() if isinstance(m, nn.Embedding)
-    }
+    by_weight = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Embedding)}
     return {
         id(m): by_weight[id(m.weight)]
         for m in model.modules()
@@ -419,12 +458,16 @@ def _quantize_fp8(model: nn.Module, device: torch.device | str | None) -> nn.Mod
             f"fp8 quantization needs an Ada/Hopper GPU (sm89+); this one is sm{major}{minor}"
         )
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
-        from torchao.quantization.granularity import PerRow
-    except ImportError as error:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
+    except Exception as error:  # ImportError, or a torchao built against another torch
         raise EngineError(
-            f"fp8 quantization needs torchao (pip install 'maskfill[gpu]'): {error}"
-        ) from error
+            f"fp8 quantization needs a working torchao (pip install 'maskfill[gpu]'): "
+            f"{_one_line(error)}"
+        ) from None
     model.to("cuda")
     head_ids = {id(m) for m in _tied_pairs(model)} | {id(_output_head(model))}
 
@@ -433,8 +476,15 @@ def _quantize_fp8(model: nn.Module, device: torch.device | str | None) -> nn.Mod
         return isinstance(module, nn.Linear) and id(module) not in head_ids
 
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    quantize_(model, config, filter_fn=is_body_linear)
+    try:
+        quantize_(model, config, filter_fn=is_body_linear)
+    except (RuntimeError, ValueError, AssertionError, NotImplementedError) as error:
+        raise EngineError(f"fp8 quantization failed in torchao: {_one_line(error)}") from None
     return model
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:

@@ -60,6 +60,7 @@ def sample(
     """Dream's `sample_tokens`: /T, top-p, top-k, softmax, draw (T > 0) or argmax (T = 0).
 
     temperature may be a float or a (B,) tensor (one per row: greedy rows beside sampled ones).
+    A plain 0.0 skips the draw altogether.
     """
     batch, n, vocab = logits.shape
     temp = _as_row_tensor(temperature, batch, logits.device)  # (B,)
@@ -68,26 +69,32 @@ def sample(
     scaled = filter_top_k(filter_top_p(scaled, top_p), top_k)
     probs = torch.softmax(scaled, dim=-1)  # (B, n, V)
     greedy = probs.argmax(dim=-1)  # (B, n)
+    if not isinstance(temperature, Tensor) and temperature <= 0:
+        return Sampled(greedy, probs)
     drawn = torch.multinomial(probs.reshape(-1, vocab), 1, generator=generator).reshape(batch, n)
     tokens = torch.where(hot[:, None], drawn, greedy)
     return Sampled(tokens, probs)
 
 
 def llada_sample(
-    logits: Tensor, *, temperature: float = 0.0, generator: torch.Generator | None = None
+    logits: Tensor,
+    *,
+    temperature: float | Tensor = 0.0,
+    generator: torch.Generator | None = None,
 ) -> Sampled:
     """LLaDA's `add_gumbel_noise`: argmax(exp(l) / (-log U)^T) with U ~ U(0, 1) in float64.
 
     float64 because low-precision Gumbel noise visibly hurts generation quality (LLaDA README).
-    probs is softmax(logits) in float64 cast back; LLaDA's confidence is p(token) under it.
+    Done in log space (l - T log(-log U)): the same argmax without overflowing exp. T = 0 rows
+    get no noise, i.e. argmax. probs = softmax(logits); LLaDA's confidence is p(token) under it.
+    temperature may be a float or a (B,) tensor.
     """
     lg = logits.double()
-    if temperature > 0:
-        u = torch.rand(lg.shape, generator=generator, device=lg.device, dtype=torch.float64)
-        gumbel = (-torch.log(u.clamp_min(1e-300))) ** temperature
-        tokens = (lg.exp() / gumbel).argmax(dim=-1)
-    else:
-        tokens = lg.argmax(dim=-1)
+    batch = lg.shape[0]
+    temp = _as_row_tensor(temperature, batch, lg.device).double()[:, None, None]  # (B, 1, 1)
+    u = torch.rand(lg.shape, generator=generator, device=lg.device, dtype=torch.float64)
+    noise = torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
+    tokens = (lg - temp * noise).argmax(dim=-1)
     probs = torch.softmax(lg, dim=-1).float()
     return Sampled(tokens, probs)
 

@@ -220,13 +220,15 @@ def _reconcile_with_config(
                 f"config {role}_token_id={cfg_id} is not a token of {tok_file} "
                 f"({n_tokens} tokens)"
             )
-        # Published Dream configs disagree on BOS (151665 vs 151643, models.md §2.4): accept the
-        # config's choice as long as it is a special token; the other roles must match exactly.
-        if role == "bos" and tok_id is not None and tok_id != cfg_id:
+        # The mask id must match exactly. For the others published checkpoints legitimately
+        # differ (Dream configs say BOS 151665 or 151643, models.md §2.4; instruct tokenizers
+        # name the chat end token as eos): the config's id wins if it is a special token.
+        if role != "mask" and tok_id is not None and tok_id != cfg_id:
             if not _is_special(backend, cfg_id):
                 raise EngineError(
-                    f"config bos_token_id={cfg_id} ({backend.id_to_token(cfg_id)!r}) is not a "
-                    f"special token; tokenizer names bos {backend.id_to_token(tok_id)!r}={tok_id}"
+                    f"tokenizer and config disagree on the {role} token: config "
+                    f"{role}_token_id={cfg_id} ({backend.id_to_token(cfg_id)!r}) is not a special "
+                    f"token; tokenizer names {backend.id_to_token(tok_id)!r}={tok_id}"
                 )
         elif tok_id is not None and tok_id != cfg_id:
             raise EngineError(

@@ -108,6 +108,8 @@ def weight_name_map(args: ModelArgs) -> dict[str, str]:
 
 # Tied checkpoints sometimes still carry a copy of the head; it is redundant, not a mismatch.
 REDUNDANT_TIED_HEADS = {"lm_head.weight", "model.transformer.ff_out.weight"}
+# Older Qwen2 saves include RoPE's inverse frequencies: derived from the config, not weights.
+DERIVED_BUFFER_SUFFIX = "rotary_emb.inv_freq"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +296,7 @@ def check_fits(needed: int, device: torch.device, what: str) -> None:
 def load_model(
     spec: str,
     device: str = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     quant: str = "none",
     quantize_fn: Callable[[Transformer, str], object] | None = None,
 ) -> LoadedModel:
@@ -307,10 +309,11 @@ def load_model(
     if tokenizer.expand_id is not None and args.family == "dream" and args.expand_token_id is None:
         # DreamOn is recognised by its tokenizer's <|expand|> when the config does not name it.
         args = replace(args, variant="dreamon", expand_token_id=tokenizer.expand_id)
-    load_dtype = dtype if dtype is not None else _published_dtype(args)
+    load_dtype = _parse_dtype(dtype) if dtype is not None else _published_dtype(args)
 
     tensors = checkpoint_tensors(path)
     expected = weight_name_map(args)
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(DERIVED_BUFFER_SUFFIX)}
     if args.tie_embeddings:
         tensors = {k: v for k, v in tensors.items()
                    if k not in REDUNDANT_TIED_HEADS or k in expected}
@@ -386,6 +389,18 @@ def _published_dtype(args: ModelArgs) -> torch.dtype:
     if dtype is None:
         raise EngineError(f"unsupported torch_dtype {args.torch_dtype!r} in config.json")
     return dtype
+
+
+def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch floating dtype, or its name as a CLI would spell it ("bf16", "float32")."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise EngineError(f"unsupported dtype {dtype} (use float32, bfloat16 or float16)")
+        return dtype
+    parsed = DTYPES.get(str(dtype).lower().removeprefix("torch."))
+    if parsed is None:
+        raise EngineError(f"unsupported dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return parsed
 
 
 def _parse_device(device: str) -> torch.device:

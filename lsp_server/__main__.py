@@ -16,6 +16,7 @@ from typing import get_args
 from engine.api import QuantMode
 
 LOOPBACK_NAMES = {"localhost"}
+SWITCH_INTERVAL_S = 0.0005
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"maskfill-lsp: {exc}", file=sys.stderr)
             return 2
     overrides = {k: getattr(args, k) for k in ("model", "device", "quant") if getattr(args, k)}
+    # Idle OpenMP threads of a CPU torch build spin for milliseconds after each kernel; on a
+    # busy machine they starve both the event loop and the engine itself. Set before the
+    # worker thread imports torch; an explicit user setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The engine thread runs Python between kernels; with the default 5 ms GIL switch interval
+    # the event loop can wait that long to answer or read the next message.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     from lsp_server.server import create_server
 

@@ -37,7 +37,7 @@ class Selection:
     start: int
     end: int
     text: str
-    client_start: object  # types.Position; kept opaque here
+    client_start: types.Position
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class CompletionService:
             out.append(
                 Suggestion(
                     text=insert,
-                    start=start,  # type: ignore[arg-type]
+                    start=start,
                     end=shift(snap.position, replaced, snap.codec),
                 )
             )

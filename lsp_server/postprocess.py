@@ -46,7 +46,7 @@ def postprocess(text: str, context: CursorContext, stop: StopMode) -> str | None
     """The suggestion to show, or None when nothing is worth showing."""
     text = cut_at_stop(text, context, stop)
     text = trim_duplicate_suffix(text, context)
-    text = match_indentation(text, context.indent_unit)
+    text = match_indentation(text, context.indent_unit, not context.line_before.strip())
     if is_useless(text, context):
         return None
     return text.replace("\n", context.eol) if context.eol != "\n" else text
@@ -108,16 +108,18 @@ def trim_duplicate_suffix(text: str, context: CursorContext) -> str:
     return text
 
 
-def match_indentation(text: str, indent_unit: str) -> str:
-    """Re-indent lines after the first with the file's kind of indent (tabs vs spaces).
+def match_indentation(text: str, indent_unit: str, at_line_start: bool = False) -> str:
+    """Re-indent the completion with the file's kind of indent (tabs vs spaces).
 
-    The first line continues the cursor line, so its whitespace is kept as is. Space widths
-    are left alone when both sides use spaces: the model sees the file and follows its width.
+    The first line continues the cursor line, so its whitespace is indentation only when the
+    cursor line holds nothing but whitespace (`at_line_start`). Space widths are left alone
+    when both sides use spaces: the model sees the file and follows its width.
     """
     lines = text.split("\n")
-    if len(lines) == 1:
+    first = 0 if at_line_start else 1
+    rest = [line for line in lines[first:] if line.strip()]
+    if not rest:
         return text
-    rest = [line for line in lines[1:] if line.strip()]
     file_uses_tabs = indent_unit == "\t"
     if file_uses_tabs and any(line.startswith(" ") for line in rest):
         widths = [len(line) - len(line.lstrip(" ")) for line in rest if line.startswith(" ")]
@@ -127,8 +129,8 @@ def match_indentation(text: str, indent_unit: str) -> str:
         step = 0
     else:
         return text
-    out = [lines[0]]
-    for line in lines[1:]:
+    out = lines[:first]
+    for line in lines[first:]:
         body = line.lstrip(" \t")
         lead = line[: len(line) - len(body)]
         if step:  # spaces -> tabs

@@ -57,6 +57,7 @@ class MaskfillServer(LanguageServer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._progress_ids = itertools.count(1)
         self._progress_token: str | None = None
+        self._progress_begun = False
         self._background: set[asyncio.Task] = set()
 
     # -- settings -----------------------------------------------------------------------
@@ -138,17 +139,24 @@ class MaskfillServer(LanguageServer):
             return
         token = f"maskfill-load-{next(self._progress_ids)}"
         self._progress_token = token
-        self.work_done_progress.create(token)  # the client's reply is not awaited
-        self.work_done_progress.begin(
-            token, types.WorkDoneProgressBegin(title="maskfill", message=title, cancellable=False)
-        )
+
+        def created(_result: Any) -> None:  # a token may be used only once the client has it
+            if self._progress_token == token:
+                self._progress_begun = True
+                self.work_done_progress.begin(
+                    token,
+                    types.WorkDoneProgressBegin(title="maskfill", message=title, cancellable=False),
+                )
+
+        self.work_done_progress.create(token, callback=created)
 
     def _progress_end(self, message: str) -> None:
-        if self._progress_token is not None:
+        if self._progress_token is not None and self._progress_begun:
             self.work_done_progress.end(
                 self._progress_token, types.WorkDoneProgressEnd(message=message)
             )
-            self._progress_token = None
+        self._progress_token = None
+        self._progress_begun = False
 
     # -- lifecycle ------------------------------------------------------------------------
 

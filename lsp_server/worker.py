@@ -8,6 +8,7 @@ engine between denoising steps), so a burst of keystrokes costs at most a couple
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import statistics
@@ -15,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,11 +55,10 @@ EventSink = Callable[[str, dict[str, Any]], None]
 def default_model_path() -> str | None:
     """The embedded model that ships in engine/embedded/, when this build has one."""
     try:
-        from engine import embedded  # lazy: keeps torch out of the server's start-up
+        from engine.embedded_model import default_model_path as embedded_path
     except ImportError:
         return None
-    finder = getattr(embedded, "default_model_path", None)
-    path = finder() if finder is not None else None
+    path = embedded_path()
     return str(path) if path else None
 
 
@@ -192,8 +192,7 @@ class EngineWorker:
 
     def _drop(self, job: Job) -> None:
         job.cancel.set()
-        if not job.future.done():
-            job.future.set_result(None)
+        _resolve(job, None)
         self.stats.dropped += 1
 
     def _next_task(self) -> LoadSpec | Job | None:
@@ -212,14 +211,18 @@ class EngineWorker:
     def _run(self) -> None:
         try:
             while (task := self._next_task()) is not None:
-                if isinstance(task, LoadSpec):
-                    self._load(task)
-                else:
-                    try:
+                try:
+                    if isinstance(task, LoadSpec):
+                        self._load(task)
+                    else:
                         self._complete(task)
-                    finally:
-                        with self._lock:
-                            self._running = None
+                except Exception:  # a bug in one task must not take the model thread down
+                    log.exception("engine worker task failed")
+                    if isinstance(task, Job):
+                        self._drop(task)
+                finally:
+                    with self._lock:
+                        self._running = None
         finally:
             self._free()
             self.state = "closed"
@@ -231,6 +234,7 @@ class EngineWorker:
             except Exception:  # freeing must never raise into shutdown
                 log.exception("engine.close() failed")
             self._engine = None
+            log.info("model freed")
 
     def _load(self, spec: LoadSpec) -> None:
         self._free()
@@ -288,7 +292,7 @@ class EngineWorker:
                 if request is None or job.cancel.is_set():
                     break
                 continue
-            job.future.set_result(result)
+            _resolve(job, result)
             return
         self._drop(job)
 
@@ -319,6 +323,13 @@ class EngineWorker:
             self._load(dataclasses.replace(spec, device=spec.fallback_device))
             return request if self._engine is not None else None
         return None
+
+
+def _resolve(job: Job, value: CompletionResult | None) -> None:
+    """Set the job's result unless its waiter already gave up (asyncio cancels the future)."""
+    with contextlib.suppress(InvalidStateError):
+        if not job.future.done():
+            job.future.set_result(value)
 
 
 def _one_line(exc: BaseException) -> str:

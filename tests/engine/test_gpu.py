@@ -131,8 +131,9 @@ def test_tiny_checkpoint_loads_and_runs_on_cuda_like_on_cpu(tmp_path, variant, m
     on_cpu = load_model(path, "cpu", torch.float32, mode)
     on_gpu = load_model(path, "cuda", torch.float32, mode)
     assert all(t.is_cuda for t in on_gpu.model.state_dict().values())
-    ids = torch.randint(0, on_cpu.args.vocab_size, (2, 40),
-                        generator=torch.Generator().manual_seed(10))
+    ids = torch.randint(
+        0, on_cpu.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(10)
+    )
     assert_same_logits(logits_of(on_gpu.model, ids.cuda()), logits_of(on_cpu.model, ids))
 
 
@@ -176,8 +177,9 @@ def test_fp8_through_the_loader_on_sm89(tmp_path):
     path = str(make_tiny_checkpoint(tmp_path / "dream", "dream"))
     full = load_model(path, "cuda", torch.bfloat16, "none")
     fp8 = load_model(path, "cuda", torch.bfloat16, "fp8")
-    ids = torch.randint(0, full.args.vocab_size, (2, 40),
-                        generator=torch.Generator().manual_seed(11)).cuda()
+    ids = torch.randint(
+        0, full.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(11)
+    ).cuda()
     assert cosine(logits_of(fp8.model, ids), logits_of(full.model, ids)) >= 0.98
     assert weight_bytes(fp8.model) < weight_bytes(full.model)
 
@@ -202,8 +204,9 @@ def emulated_memory_efficient_attention(q, k, v, attn_bias=None):
 @pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (8, 2), (14, 2)])
 @pytest.mark.parametrize("q_len,k_len", [(37, 37), (16, 83)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_xformers_layout_matches_sdpa_on_an_emulated_kernel(q_heads, kv_heads, q_len, k_len,
-                                                             masked):
+def test_xformers_layout_matches_sdpa_on_an_emulated_kernel(
+    q_heads, kv_heads, q_len, k_len, masked
+):
     torch.manual_seed(9)
     xops = types.SimpleNamespace(memory_efficient_attention=emulated_memory_efficient_attention)
     q = torch.randn(3, q_heads, q_len, 64)
@@ -219,5 +222,6 @@ def test_without_cuda_xformers_is_unavailable_and_attend_falls_back_to_sdpa():
     assert not xformers_attention.available()
     q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
     key_mask = padding_mask([6], 7, "cpu")
-    assert torch.equal(xformers_attention.xformers_attend(q, k, v, key_mask),
-                       sdpa_attend(q, k, v, key_mask))
+    assert torch.equal(
+        xformers_attention.xformers_attend(q, k, v, key_mask), sdpa_attend(q, k, v, key_mask)
+    )

@@ -245,3 +245,67 @@ def test_step_sees_fresh_query_tokens(checkpoints):
         stale = model.step(ids[:, slots], positions[:, slots], valid[:, slots], ctx, ctx_valid)
         fresh = model.step(new_ids[:, slots], positions[:, slots], valid[:, slots], ctx, ctx_valid)
     assert (stale - fresh).abs().max() > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["dream", "llada-gqa"])
+def test_cuda_path_matches_cpu_reference(checkpoints, name):
+    """The CUDA attention path (xformers when importable, SDPA otherwise) against the CPU
+    transformers reference, fp32, including padded rows and a cached step."""
+    path = checkpoints[name]
+    loaded = load_model(str(path), device="cuda", dtype=torch.float32)
+    ref = qwen2_reference(path, "eager") if loaded.args.family == "dream" else llama_reference(
+        path, "eager")
+    ids, positions, valid = padded_batch(loaded.tokenizer.vocab_size)
+    with torch.no_grad():
+        hidden = loaded.model(ids.cuda(), positions.cuda(), valid.cuda()).cpu()
+        _, ctx = loaded.model.encode(ids.cuda(), positions.cuda(), valid.cuda())
+        slots = torch.tensor([3, 4, 5])
+        ctx_valid = valid.clone()
+        ctx_valid[:, slots] = False
+        stepped = loaded.model.step(ids[:, slots].cuda(), positions[:, slots].cuda(),
+                                    valid[:, slots].cuda(), ctx, ctx_valid.cuda()).cpu()
+        ref_hidden = ref.model(input_ids=ids, position_ids=positions,
+                               attention_mask=additive_mask(valid)).last_hidden_state
+    assert (hidden - ref_hidden)[valid].abs().max() <= 1e-3
+    assert (stepped - ref_hidden[:, slots])[valid[:, slots]].abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_checkpoint_written_by_transformers_loads_and_matches(tmp_path, tied):
+    """A checkpoint serialised by transformers' own save_pretrained (5.x config spelling:
+    `dtype`, `rope_parameters`, `layer_types`), relabelled as Dream, loads and matches."""
+    donor = make_tiny_checkpoint(tmp_path / "donor", "dream")  # only its tokenizer is reused
+    donor_cfg = json.loads((donor / "config.json").read_text())
+    config = Qwen2Config(
+        vocab_size=donor_cfg["vocab_size"], hidden_size=48, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
+        rope_theta=123456.0, tie_word_embeddings=tied, attn_implementation="eager",
+    )
+    torch.manual_seed(21)
+    ref = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # HF initialises biases and norms trivially; make them count
+        for name, param in ref.named_parameters():
+            if name.endswith(("bias", "norm.weight")):
+                param.add_(0.3 * torch.randn_like(param))
+    out = tmp_path / "hf"
+    ref.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "rope_parameters" in cfg
+    cfg.update(model_type="Dream", architectures=["DreamModel"],
+               **{k: donor_cfg[k] for k in ("mask_token_id", "eos_token_id", "pad_token_id",
+                                            "bos_token_id")})
+    (out / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / name).write_bytes((donor / name).read_bytes())
+
+    loaded = load_model(str(out), dtype=torch.float32)
+    assert loaded.args.rope_theta == 123456.0 and loaded.args.tie_embeddings == tied
+    _force_non_causal(ref)
+    ids, positions, valid = padded_batch(loaded.tokenizer.vocab_size, seed=3)
+    with torch.no_grad():
+        ours = loaded.model.output(loaded.model(ids, positions, valid))
+        theirs = ref(input_ids=ids, position_ids=positions,
+                     attention_mask=additive_mask(valid)).logits.float()
+    assert (ours - theirs)[valid].abs().max() <= TOL

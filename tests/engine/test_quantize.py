@@ -36,10 +36,26 @@ INT4_LOGIT_COSINE = 0.95
 
 def tiny_args(**overrides) -> ModelArgs:
     values = dict(
-        family="dream", variant="dream", vocab_size=1024, dim=256, n_layers=2, n_heads=4,
-        n_kv_heads=2, head_dim=64, ffn_dim=512, norm_eps=1e-6, rope_theta=10000.0,
-        qkv_bias=True, tie_embeddings=False, logit_shift=True, max_context=256,
-        infill_bos=False, infill_eos=False, mask_token_id=3, eos_token_id=2, pad_token_id=1,
+        family="dream",
+        variant="dream",
+        vocab_size=1024,
+        dim=256,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=64,
+        ffn_dim=512,
+        norm_eps=1e-6,
+        rope_theta=10000.0,
+        qkv_bias=True,
+        tie_embeddings=False,
+        logit_shift=True,
+        max_context=256,
+        infill_bos=False,
+        infill_eos=False,
+        mask_token_id=3,
+        eos_token_id=2,
+        pad_token_id=1,
     )
     values.update(overrides)
     return ModelArgs(**values)
@@ -105,6 +121,20 @@ def test_int4_round_trip_error_is_at_most_half_a_step_per_group(symmetric, group
     assert torch.all((restored - weight).abs() <= step / 2 * (1 + 1e-5))
 
 
+def test_row_chunking_gives_the_same_result_as_one_pass(monkeypatch):
+    import engine.quantize as quantize
+
+    torch.manual_seed(14)
+    weight = torch.randn(77, 200)
+    whole_int8 = quantize_int8_rows(weight)
+    whole_int4 = quantize_int4_groups(weight, 64)
+    monkeypatch.setattr(quantize, "_CHUNK_ELEMENTS", 1000)  # 5 rows per chunk
+    for got, expected in zip(quantize_int8_rows(weight), whole_int8, strict=True):
+        assert torch.equal(got, expected)
+    for got, expected in zip(quantize_int4_groups(weight, 64), whole_int4, strict=True):
+        assert torch.equal(got, expected)
+
+
 def test_int4_packing_puts_two_nibbles_per_byte_in_column_order():
     nibbles = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
     packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
@@ -141,8 +171,9 @@ def test_int8_linear_matches_fp32_linear(bias):
     x = torch.randn(3, 7, 200)
     quantized = Int8Linear.from_linear(linear)
     assert quantized.weight_q.dtype == torch.int8
-    assert not any(t.is_floating_point() and t.numel() == linear.weight.numel()
-                   for t in quantized.buffers())  # no full-precision copy kept
+    assert not any(
+        t.is_floating_point() and t.numel() == linear.weight.numel() for t in quantized.buffers()
+    )  # no full-precision copy kept
     with torch.no_grad():
         assert relative_error(quantized(x), linear(x)) < 0.01
 
@@ -322,15 +353,51 @@ def test_load_model_quantizes_and_keeps_logits_close(checkpoints, variant):
 
     path = str(checkpoints[variant])
     full = load_model(path, "cpu", torch.float32, "none")
-    ids = torch.randint(0, full.args.vocab_size, (2, 20),
-                        generator=torch.Generator().manual_seed(13))
+    ids = torch.randint(
+        0, full.args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(13)
+    )
     reference = loaded_logits(full, ids)
     bf16_bytes = weight_bytes(load_model(path, "cpu", torch.bfloat16, "none").model)
-    for mode, bar, linear_type in (("int8", INT8_LOGIT_COSINE, Int8Linear),
-                                   ("int4", INT4_LOGIT_COSINE, Int4Linear)):
+    for mode, bar, linear_type in (
+        ("int8", INT8_LOGIT_COSINE, Int8Linear),
+        ("int4", INT4_LOGIT_COSINE, Int4Linear),
+    ):
         loaded = load_model(path, "cpu", torch.float32, mode)
         assert isinstance(loaded.model.layers[0].attention.wq, linear_type)
         assert isinstance(loaded.model.tok_embeddings, QuantizedEmbedding)
         assert cosine(loaded_logits(loaded, ids), reference) >= bar
         ratio = weight_bytes(load_model(path, "cpu", torch.bfloat16, mode).model) / bf16_bytes
         assert ratio <= (0.55 if mode == "int8" else 0.35)
+
+
+# --- the memorized model, decoded through the engine -------------------------------------------
+
+
+@pytest.mark.slow
+def test_quantized_engines_reproduce_the_memorized_snippets(memorized_model):
+    from engine.api import CompletionRequest
+    from engine.engine import Engine
+    from tests.fixtures.memorized import SNIPPETS, split_middle
+
+    engines = {
+        mode: Engine.load(str(memorized_model), quant=mode) for mode in ("none", "int8", "int4")
+    }
+    tokenizer = engines["none"].tokenizer
+    for snippet in SNIPPETS:
+        count = len(tokenizer.encode(snippet))
+        for start, end in ((count // 3, 2 * count // 3), (count // 4, count // 2)):
+            prefix, middle, suffix = split_middle(tokenizer, snippet, start, end)
+            # A hole of exactly the middle's length: what is tested is the quantized weights,
+            # not the model's handling of surplus slots.
+            request = CompletionRequest(
+                prefix=prefix,
+                suffix=suffix,
+                max_tokens=end - start,
+                span_lengths=(end - start,),
+                stop="free",
+            )
+            for mode, engine in engines.items():
+                assert engine.complete(request).text == middle, (mode, snippet, start, end)
+    full_bytes = engines["none"].info().weight_bytes
+    assert engines["int8"].info().quant == "int8"
+    assert engines["int4"].info().weight_bytes < engines["int8"].info().weight_bytes < full_bytes

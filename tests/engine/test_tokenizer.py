@@ -118,26 +118,35 @@ def test_agreeing_config_is_accepted(dream_dir):
         args.mask_token_id, args.eos_token_id, args.pad_token_id, args.bos_token_id)
 
 
-@pytest.mark.parametrize("role", ["mask", "eos", "pad"])
-def test_config_id_disagreeing_with_tokenizer_is_refused(dream_dir, role):
+def test_mask_id_disagreeing_with_tokenizer_is_refused(dream_dir):
     args = _args(dream_dir)
     tok = Tokenizer.from_dir(dream_dir)
-    other = tok.bos_id  # a real special token, but the wrong one for this role
-    bad = dataclasses.replace(args, **{f"{role}_token_id": other})
-    with pytest.raises(EngineError, match=f"disagree on the {role} token"):
+    bad = dataclasses.replace(args, mask_token_id=tok.bos_id)  # special, but not the mask
+    with pytest.raises(EngineError, match="disagree on the mask token"):
         Tokenizer.from_dir(dream_dir, bad)
 
 
-def test_config_bos_may_name_another_special_token(dream_dir):
-    """Published Dream configs differ on BOS (beginoftext vs endoftext): both are accepted,
-    the config's choice wins; a non-special BOS is refused."""
+@pytest.mark.parametrize("role", ["eos", "pad", "bos"])
+def test_other_roles_refuse_an_ordinary_token(dream_dir, role):
+    args = _args(dream_dir)
+    ordinary = Tokenizer.from_dir(dream_dir).encode("x")[0]
+    bad = dataclasses.replace(args, **{f"{role}_token_id": ordinary})
+    with pytest.raises(EngineError, match=f"disagree on the {role} token.*not a special token"):
+        Tokenizer.from_dir(dream_dir, bad)
+
+
+@pytest.mark.parametrize(("role", "other"), [("bos", "eos_id"), ("eos", "bos_id")])
+def test_config_may_pick_another_special_token(dream_dir, role, other):
+    """Published configs differ from their tokenizers on BOS (Dream: beginoftext vs endoftext)
+    and on EOS (instruct tokenizers name the chat end token): the config's special id wins."""
     args = _args(dream_dir)
     tok = Tokenizer.from_dir(dream_dir)
-    eos_as_bos = dataclasses.replace(args, bos_token_id=tok.eos_id)
-    assert Tokenizer.from_dir(dream_dir, eos_as_bos).bos_id == tok.eos_id
-    ordinary = tok.encode("x")[0]
-    with pytest.raises(EngineError, match="not a special token"):
-        Tokenizer.from_dir(dream_dir, dataclasses.replace(args, bos_token_id=ordinary))
+    chosen = getattr(tok, other)
+    changes = {f"{role}_token_id": chosen}
+    if role == "eos":
+        changes["pad_token_id"] = chosen
+    merged = Tokenizer.from_dir(dream_dir, dataclasses.replace(args, **changes))
+    assert getattr(merged, f"{role}_id") == chosen
 
 
 def test_tokenizer_larger_than_embedding_is_refused(dream_dir):

@@ -10,10 +10,11 @@ import {
 import { inlineMiddleware } from "./middleware";
 import { isExecutableFile, resolveServer } from "./serverPath";
 import { type ClientSettings, needsRestart, readSettings, serverSettings } from "./settings";
-import { phaseFromServerStatus, StatusTracker } from "./status";
+import { describeModel, phaseFromServerStatus, type ServerStatus, StatusTracker } from "./status";
 
 const SECTION = "maskfill";
-const LOAD_POLL_MS = 1000;
+const STATUS_NOTIFICATION = "maskfill/didChangeStatus"; // lsp_server/server.py
+const INLINE_OFF = "maskfill: editor.inlineSuggest.enabled is off, so no suggestion will show.";
 let stopClient: (() => Promise<void>) | undefined; // awaited by deactivate()
 
 function currentSettings(): ClientSettings {
@@ -27,7 +28,6 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   const status = new StatusTracker();
   let settings = currentSettings();
   let client: LanguageClient | undefined;
-  let pollTimer: ReturnType<typeof setTimeout> | undefined;
 
   const render = (): void => {
     const view = status.view();
@@ -46,21 +46,21 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   };
   const queryServerStatus = async (): Promise<unknown> =>
     client?.sendRequest(ExecuteCommandRequest.type, { command: "maskfill.status", arguments: [] });
-
-  // The model loads in the background after `initialize`; ask the server until it says how it went.
-  const pollLoad = async (): Promise<void> => {
-    pollTimer = undefined;
-    if (client?.state !== State.Running) return;
-    try {
-      const reply = await queryServerStatus();
-      const { phase, detail } = phaseFromServerStatus(reply);
-      if (phase === "error") fail(detail);
-      else status.setPhase(phase, detail);
-    } catch (err) {
-      status.setPhase("loading", `status not available yet: ${String(err)}`);
-    }
+  const onServerStatus = (params: ServerStatus): void => {
+    const { phase, detail } = phaseFromServerStatus(params);
+    if (typeof params.enabled === "boolean") status.enabled = params.enabled;
+    if (phase !== "error") status.setPhase(phase, detail);
+    else if (status.phase !== "error") fail(detail); // say it once, not on every repeat
     render();
-    if (status.phase === "loading") pollTimer = setTimeout(() => void pollLoad(), LOAD_POLL_MS);
+    if (phase === "ready") {
+      queryServerStatus().then(
+        (reply) => {
+          status.detail = describeModel(reply);
+          render();
+        },
+        () => undefined, // the tooltip just goes without the model's name
+      );
+    }
   };
 
   const start = async (): Promise<void> => {
@@ -73,7 +73,9 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       isExecutable: isExecutableFile,
     });
     if (!found.ok) return fail(found.message);
-    log.info(`starting ${found.server.command} ${found.server.args.join(" ")} (found via ${found.server.source})`);
+    log.info(
+      `starting ${found.server.command} ${found.server.args.join(" ")} (found via ${found.server.source})`,
+    );
     status.setPhase("starting");
     render();
     client = new LanguageClient(
@@ -93,6 +95,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
         ),
       },
     );
+    client.onNotification(STATUS_NOTIFICATION, onServerStatus);
     client.onDidChangeState(({ newState }) => {
       if (newState === State.Stopped && status.phase !== "error") status.setPhase("stopped");
       render();
@@ -102,14 +105,11 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     } catch (err) {
       return fail(`the server did not start: ${err instanceof Error ? err.message : String(err)}`);
     }
-    status.setPhase("loading");
+    if (status.phase === "starting") status.setPhase("loading"); // until the server says ready
     render();
-    await pollLoad();
   };
 
   const stop = async (): Promise<void> => {
-    if (pollTimer !== undefined) clearTimeout(pollTimer);
-    pollTimer = undefined;
     const running = client;
     client = undefined;
     if (running?.needsStop()) await running.stop();
@@ -125,10 +125,14 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand("maskfill.restartServer", restart),
     vscode.commands.registerCommand("maskfill.showLog", () => log.show()),
     vscode.commands.registerCommand("maskfill.toggleCompletions", () =>
-      vscode.workspace.getConfiguration(SECTION).update("enabled", !settings.enabled, vscode.ConfigurationTarget.Global),
+      vscode.workspace
+        .getConfiguration(SECTION)
+        .update("enabled", !settings.enabled, vscode.ConfigurationTarget.Global),
     ),
     vscode.commands.registerCommand("maskfill.showServerStatus", async () => {
-      const reply = await queryServerStatus().catch((err: unknown) => `unavailable: ${String(err)}`);
+      const reply = client
+        ? await queryServerStatus().catch((err: unknown) => `unavailable: ${String(err)}`)
+        : "the server is not running";
       log.info(`server status: ${JSON.stringify(reply, null, 2)}`);
       log.show();
     }),
@@ -139,14 +143,16 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       status.enabled = settings.enabled;
       render();
       if (needsRestart(before, settings) || client === undefined) return restart();
-      await client.sendNotification(DidChangeConfigurationNotification.type, { settings: serverSettings(settings) });
-      if (status.phase === "ready") {
-        status.setPhase("loading"); // a new model/device/quant reloads; the poll says when it is back
-        await pollLoad();
-      }
+      // A new model, device or quant makes the server reload; its status notifications follow.
+      await client.sendNotification(DidChangeConfigurationNotification.type, {
+        settings: serverSettings(settings),
+      });
     }),
   );
   stopClient = stop;
+  if (vscode.workspace.getConfiguration("editor").get("inlineSuggest.enabled") === false) {
+    void vscode.window.showWarningMessage(INLINE_OFF);
+  }
   await start();
 }
 

@@ -28,38 +28,75 @@ export class StatusTracker {
     const detail = this.detail ? `\n${this.detail}` : "";
     switch (this.phase) {
       case "starting":
-        return { text: "$(loading~spin) maskfill", tooltip: `maskfill: starting the server${detail}`, isError: false };
+        return {
+          text: "$(loading~spin) maskfill",
+          tooltip: `maskfill: starting the server${detail}`,
+          isError: false,
+        };
       case "loading":
-        return { text: "$(loading~spin) maskfill", tooltip: `maskfill: loading the model${detail}`, isError: false };
+        return {
+          text: "$(loading~spin) maskfill",
+          tooltip: `maskfill: loading the model${detail}`,
+          isError: false,
+        };
       case "error":
-        return { text: "$(error) maskfill", tooltip: `maskfill: ${this.detail || "error"} (click for the log)`, isError: true };
+        return {
+          text: "$(error) maskfill",
+          tooltip: `maskfill: ${this.detail || "error"} (click for the log)`,
+          isError: true,
+        };
       case "stopped":
-        return { text: "$(debug-stop) maskfill", tooltip: `maskfill: server stopped${detail}`, isError: false };
+        return {
+          text: "$(debug-stop) maskfill",
+          tooltip: `maskfill: server stopped${detail}`,
+          isError: false,
+        };
       case "ready": {
         if (!this.enabled) {
-          return { text: "$(circle-slash) maskfill off", tooltip: `maskfill: completions turned off${detail}`, isError: false };
+          return {
+            text: "$(circle-slash) maskfill off",
+            tooltip: `maskfill: completions turned off${detail}`,
+            isError: false,
+          };
         }
         const latency = this.lastLatencyMs === undefined ? "" : ` ${Math.round(this.lastLatencyMs)} ms`;
         const last = this.lastLatencyMs === undefined ? "no completion yet" : `last completion${latency}`;
-        return { text: `$(sparkle) maskfill${latency}`, tooltip: `maskfill: ready, ${last}${detail}`, isError: false };
+        return {
+          text: `$(sparkle) maskfill${latency}`,
+          tooltip: `maskfill: ready, ${last}${detail}`,
+          isError: false,
+        };
       }
     }
   }
 }
 
-// Reads the `maskfill.status` command's reply (lsp_server/server.py) into a phase for the status
-// bar. The server's load states: unloaded | loading | ready | failed | closed.
-export function phaseFromServerStatus(reply: unknown): { phase: Phase; detail: string } {
-  const r = typeof reply === "object" && reply !== null ? (reply as Record<string, unknown>) : {};
-  const where = typeof r.model === "string" ? `${r.model} on ${String(r.device ?? "?")}` : "";
-  switch (r.loadState) {
+// The server's `maskfill/didChangeStatus` notification (lsp_server/server.py); `state` is the
+// engine's load state: unloaded | loading | ready | failed | closed.
+export interface ServerStatus {
+  state?: string;
+  enabled?: boolean;
+  error?: string | null;
+}
+
+export function phaseFromServerStatus(status: ServerStatus): { phase: Phase; detail: string } {
+  switch (status.state) {
     case "ready":
-      return { phase: "ready", detail: where };
+      return { phase: "ready", detail: "" };
     case "failed":
-      return { phase: "error", detail: String(r.error ?? "the model failed to load") };
+      return { phase: "error", detail: status.error || "the model failed to load" };
     case "closed":
       return { phase: "stopped", detail: "" };
     default:
-      return { phase: "loading", detail: where };
+      return { phase: "loading", detail: "" };
   }
+}
+
+// One line for the tooltip from the `maskfill.status` command's reply.
+export function describeModel(reply: unknown): string {
+  if (typeof reply !== "object" || reply === null) return "";
+  const r = reply as Record<string, unknown>;
+  if (typeof r.model !== "string") return "";
+  const quant = r.quant && r.quant !== "none" ? `, ${String(r.quant)}` : "";
+  return `${r.model} on ${String(r.device)}${quant}`;
 }

@@ -8,12 +8,14 @@ import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 const h = vi.hoisted(() => {
   const state = {
     config: {} as Record<string, unknown>,
+    editorConfig: {} as Record<string, unknown>,
     commands: new Map<string, (...args: unknown[]) => unknown>(),
     configListeners: [] as ((e: { affectsConfiguration: (s: string) => boolean }) => unknown)[],
     errors: [] as string[],
+    warnings: [] as string[],
     updates: [] as [string, unknown, unknown][],
     clients: [] as FakeClient[],
-    statusReply: { loadState: "ready", model: "tiny", device: "cpu" } as unknown,
+    statusReply: { loadState: "ready", model: "/m/tiny", device: "cpu", quant: "none" } as unknown,
     startError: undefined as Error | undefined,
     item: { text: "", tooltip: "", backgroundColor: undefined as unknown, show() {}, dispose() {} },
     log: { info: vi.fn(), error: vi.fn(), show: vi.fn(), dispose() {} },
@@ -23,6 +25,7 @@ const h = vi.hoisted(() => {
     requests: unknown[] = [];
     notifications: unknown[] = [];
     stopped = false;
+    handlers = new Map<string, (params: unknown) => void>();
     constructor(
       public id: string,
       public name: string,
@@ -40,6 +43,13 @@ const h = vi.hoisted(() => {
     async stop() {
       this.stopped = true;
       this.state = 1;
+    }
+    onNotification(method: string, handler: (params: unknown) => void) {
+      this.handlers.set(method, handler);
+      return { dispose() {} };
+    }
+    notifyFromServer(method: string, params: unknown) {
+      this.handlers.get(method)!(params);
     }
     onDidChangeState() {
       return { dispose() {} };
@@ -68,6 +78,10 @@ vi.mock("vscode", () => ({
       h.state.errors.push(message);
       return undefined;
     },
+    showWarningMessage: async (message: string) => {
+      h.state.warnings.push(message);
+      return undefined;
+    },
   },
   commands: {
     registerCommand: (name: string, fn: (...args: unknown[]) => unknown) => {
@@ -77,8 +91,8 @@ vi.mock("vscode", () => ({
   },
   workspace: {
     workspaceFolders: undefined,
-    getConfiguration: () => ({
-      get: (key: string) => h.state.config[key],
+    getConfiguration: (section: string) => ({
+      get: (key: string) => (section === "editor" ? h.state.editorConfig[key] : h.state.config[key]),
       update: async (key: string, value: unknown, target: unknown) => {
         h.state.updates.push([key, value, target]);
       },
@@ -99,6 +113,7 @@ vi.mock("vscode-languageclient/node", () => ({
 
 import { activate, deactivate } from "../src/extension";
 
+const STATUS = "maskfill/didChangeStatus";
 let dir: string;
 let server: string;
 const context = () => ({ subscriptions: [] as unknown[] }) as never;
@@ -111,12 +126,14 @@ beforeEach(() => {
   server = path.join(dir, "maskfill-lsp");
   fs.writeFileSync(server, "#!/bin/sh\n", { mode: 0o755 });
   Object.assign(h.state, {
+    editorConfig: {},
     config: { serverPath: server, model: "/models/tiny", device: "cuda", quant: "int8", enabled: true },
     errors: [],
+    warnings: [],
     updates: [],
     clients: [],
     configListeners: [],
-    statusReply: { loadState: "ready", model: "tiny", device: "cpu" },
+    statusReply: { loadState: "ready", model: "/m/tiny", device: "cpu", quant: "none" },
     startError: undefined,
   });
   h.state.commands.clear();
@@ -140,9 +157,23 @@ describe("activate", () => {
       enabled: true,
     });
     expect(client.clientOptions.initializationOptions).not.toHaveProperty("serverPath");
-    expect(client.requests).toContainEqual(["workspace/executeCommand", { command: "maskfill.status", arguments: [] }]);
+  });
+
+  it("follows the server's status notifications: loading, then ready with the model", async () => {
+    await activate(context());
+    const client = h.state.clients[0];
+    expect(h.state.item.text).toBe("$(loading~spin) maskfill");
+    client.notifyFromServer(STATUS, { state: "loading", enabled: true, error: null });
+    expect(h.state.item.tooltip).toContain("loading the model");
+    client.notifyFromServer(STATUS, { state: "ready", enabled: true, error: null });
     expect(h.state.item.text).toBe("$(sparkle) maskfill");
-    expect(h.state.item.tooltip).toContain("tiny on cpu");
+    await vi.waitFor(() => expect(h.state.item.tooltip).toContain("/m/tiny on cpu"));
+    expect(client.requests).toContainEqual([
+      "workspace/executeCommand",
+      { command: "maskfill.status", arguments: [] },
+    ]);
+    client.notifyFromServer(STATUS, { state: "ready", enabled: false, error: null });
+    expect(h.state.item.text).toBe("$(circle-slash) maskfill off");
   });
 
   it("registers restart, toggle, show log and server status commands", async () => {
@@ -166,6 +197,13 @@ describe("activate", () => {
     expect(h.state.item.text).toBe("$(error) maskfill");
   });
 
+  it("warns when VS Code's inline suggestions are turned off", async () => {
+    h.state.editorConfig["inlineSuggest.enabled"] = false;
+    await activate(context());
+    expect(h.state.warnings[0]).toContain("editor.inlineSuggest.enabled is off");
+    expect(h.state.clients).toHaveLength(1);
+  });
+
   it("shows a server that fails to start as an error", async () => {
     h.state.startError = new Error("spawn EACCES");
     await activate(context());
@@ -173,16 +211,20 @@ describe("activate", () => {
     expect(h.state.item.text).toBe("$(error) maskfill");
   });
 
-  it("shows a model that failed to load as an error", async () => {
-    h.state.statusReply = { loadState: "failed", error: "CUDA out of memory" };
+  it("shows a model that failed to load as an error, once", async () => {
     await activate(context());
-    expect(h.state.errors[0]).toContain("CUDA out of memory");
+    const failed = { state: "failed", enabled: true, error: "cuda: CUDA out of memory" };
+    h.state.clients[0].notifyFromServer(STATUS, failed);
+    h.state.clients[0].notifyFromServer(STATUS, failed);
+    expect(h.state.errors).toEqual(["maskfill: cuda: CUDA out of memory"]);
+    expect(h.state.item.text).toBe("$(error) maskfill");
   });
 });
 
 describe("commands and settings", () => {
   it("toggle flips maskfill.enabled, and the change reaches the server and the status bar", async () => {
     await activate(context());
+    h.state.clients[0].notifyFromServer(STATUS, { state: "ready", enabled: true, error: null });
     await h.state.commands.get("maskfill.toggleCompletions")!();
     expect(h.state.updates).toEqual([["enabled", false, 1]]);
     h.state.config.enabled = false;

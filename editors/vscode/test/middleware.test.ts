@@ -16,7 +16,13 @@ function call(settings: Record<string, unknown>, triggerKind: number, result: un
     (ms) => latencies.push(ms),
     () => (clock += 40), // each reading advances 40 ms
   );
-  const run = mw.provideInlineCompletionItems!({} as never, {} as never, { triggerKind } as never, {} as never, next);
+  const run = mw.provideInlineCompletionItems!(
+    {} as never,
+    {} as never,
+    { triggerKind } as never,
+    {} as never,
+    next,
+  );
   return { run: Promise.resolve(run), next, latencies };
 }
 

@@ -32,7 +32,9 @@ describe("resolveServer", () => {
   });
 
   it("reports a configured path that is not executable instead of falling back", () => {
-    const r = resolveServer(lookup({ configuredPath: "/nope/maskfill-lsp", pathEnv: "/usr/bin" }, ["/usr/bin/maskfill-lsp"]));
+    const r = resolveServer(
+      lookup({ configuredPath: "/nope/maskfill-lsp", pathEnv: "/usr/bin" }, ["/usr/bin/maskfill-lsp"]),
+    );
     expect(r.ok).toBe(false);
     if (!r.ok) expect(r.message).toContain('"/nope/maskfill-lsp", which is not an executable file');
   });
@@ -44,9 +46,16 @@ describe("resolveServer", () => {
 
   it("finds the workspace venv before PATH", () => {
     const r = resolveServer(
-      lookup({ workspaceFolders: ["/w1", "/w2"], pathEnv: "/usr/bin" }, ["/w2/.venv/bin/maskfill-lsp", "/usr/bin/maskfill-lsp"]),
+      lookup({ workspaceFolders: ["/w1", "/w2"], pathEnv: "/usr/bin" }, [
+        "/w2/.venv/bin/maskfill-lsp",
+        "/usr/bin/maskfill-lsp",
+      ]),
     );
-    expect(r.ok && r.server).toEqual({ command: "/w2/.venv/bin/maskfill-lsp", args: ["--stdio"], source: "venv" });
+    expect(r.ok && r.server).toEqual({
+      command: "/w2/.venv/bin/maskfill-lsp",
+      args: ["--stdio"],
+      source: "venv",
+    });
   });
 
   it("uses Scripts\\maskfill-lsp.exe on Windows", () => {

@@ -33,9 +33,17 @@ describe("readSettings / serverSettings", () => {
 
   it("passes the user's values through and maps empty strings to null", () => {
     const sent = serverSettings(
-      readSettings(defaults({ model: "", fallbackDevice: "", device: "cuda:1", quant: "int8", languages: ["python"] })),
+      readSettings(
+        defaults({ model: "", fallbackDevice: "", device: "cuda:1", quant: "int8", languages: ["python"] }),
+      ),
     );
-    expect(sent).toMatchObject({ model: null, fallbackDevice: null, device: "cuda:1", quant: "int8", languages: ["python"] });
+    expect(sent).toMatchObject({
+      model: null,
+      fallbackDevice: null,
+      device: "cuda:1",
+      quant: "int8",
+      languages: ["python"],
+    });
   });
 
   it("keeps client-only settings on the client", () => {

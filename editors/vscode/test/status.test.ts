@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { phaseFromServerStatus, StatusTracker } from "../src/status";
+import { describeModel, phaseFromServerStatus, StatusTracker } from "../src/status";
 
 describe("StatusTracker", () => {
   it("shows loading, then ready with the last latency", () => {
@@ -29,22 +29,29 @@ describe("StatusTracker", () => {
 });
 
 describe("phaseFromServerStatus", () => {
-  it("maps the server's load states", () => {
-    expect(phaseFromServerStatus({ loadState: "ready", model: "tiny", device: "cuda" })).toEqual({
+  it("maps the server's load states from maskfill/didChangeStatus", () => {
+    expect(phaseFromServerStatus({ state: "ready", enabled: true, error: null })).toEqual({
       phase: "ready",
-      detail: "tiny on cuda",
+      detail: "",
     });
-    expect(phaseFromServerStatus({ loadState: "loading", model: "tiny", device: "cpu" }).phase).toBe("loading");
-    expect(phaseFromServerStatus({ loadState: "unloaded" }).phase).toBe("loading");
-    expect(phaseFromServerStatus({ loadState: "closed" }).phase).toBe("stopped");
-    expect(phaseFromServerStatus({ loadState: "failed", error: "cuda: out of memory" })).toEqual({
+    expect(phaseFromServerStatus({ state: "loading" }).phase).toBe("loading");
+    expect(phaseFromServerStatus({ state: "unloaded" }).phase).toBe("loading");
+    expect(phaseFromServerStatus({ state: "closed" }).phase).toBe("stopped");
+    expect(phaseFromServerStatus({ state: "failed", error: "cuda: out of memory" })).toEqual({
       phase: "error",
       detail: "cuda: out of memory",
     });
+    expect(phaseFromServerStatus({ state: "failed", error: null }).detail).toBe("the model failed to load");
   });
+});
 
-  it("treats an unreadable reply as still loading", () => {
-    expect(phaseFromServerStatus(null).phase).toBe("loading");
-    expect(phaseFromServerStatus("busy").phase).toBe("loading");
+describe("describeModel", () => {
+  it("names the model, device and quantization from maskfill.status", () => {
+    expect(describeModel({ model: "/m/dream", device: "cuda", quant: "int8" })).toBe(
+      "/m/dream on cuda, int8",
+    );
+    expect(describeModel({ model: "/m/tiny", device: "cpu", quant: "none" })).toBe("/m/tiny on cpu");
+    expect(describeModel(null)).toBe("");
+    expect(describeModel({ model: null })).toBe("");
   });
 });

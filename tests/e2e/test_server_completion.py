@@ -1,0 +1,243 @@
+"""End to end over stdio: `python -m lsp_server --model <memorized checkpoint>` driven by
+pytest-lsp as a Neovim-0.12 client (UTF-8 positions) and a VS Code-like client (UTF-16).
+
+The model is real (tests/fixtures/memorized.py): every completion asserted here is the text
+the tiny model memorized, reached through the whole server (snapshot, window, engine, post-
+processing, ranges). One server per client kind serves all tests in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+from lsprotocol import types
+from pygls.exceptions import JsonRpcRequestCancelled
+
+from tests.e2e.server_session import (
+    NEOVIM,
+    VSCODE,
+    inline,
+    inline_params,
+    open_document,
+    replace,
+    start,
+    status,
+    stop,
+    wait_ready,
+)
+from tests.fixtures.memorized import SNIPPETS
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ENCODINGS = {NEOVIM: "utf-8", VSCODE: "utf-16"}
+
+
+def snippet(head: str) -> str:
+    return next(s for s in SNIPPETS if s.startswith(head))
+
+
+def apply(text: str, item: types.InlineCompletionItem, encoding: str) -> str:
+    """Apply an inline item the way an editor does: replace its range (client units)."""
+    lines = text.split("\n")
+
+    def offset(position: types.Position) -> int:
+        line = lines[position.line]
+        units = 0
+        for index, ch in enumerate(line):
+            if units >= position.character:
+                return sum(len(x) + 1 for x in lines[: position.line]) + index
+            units += (
+                len(ch.encode("utf-16-le")) // 2
+                if encoding == "utf-16"
+                else len(ch.encode("utf-8"))
+            )
+        return sum(len(x) + 1 for x in lines[: position.line]) + len(line)
+
+    start, end = offset(item.range.start), offset(item.range.end)
+    return text[:start] + item.insert_text + text[end:]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=[NEOVIM, VSCODE])
+async def server(request, memorized_model):
+    client, result = await start(memorized_model, request.param)
+    ready = await wait_ready(client)
+    assert ready["loadState"] == "ready", ready
+    yield client, result, request.param
+    await stop(client)
+
+
+async def test_inline_completion_is_advertised_with_the_clients_encoding(server):
+    _, result, name = server
+    capabilities = result.capabilities
+    assert capabilities.inline_completion_provider is not None
+    assert capabilities.position_encoding == ENCODINGS[name]
+    assert capabilities.text_document_sync.change == types.TextDocumentSyncKind.Incremental
+    assert {"maskfill.status", "maskfill.toggle"} <= set(
+        capabilities.execute_command_provider.commands
+    )
+
+
+async def test_completes_a_memorized_function_body(server):
+    client, _, name = server
+    uri = f"file:///{name}/even.py"
+    prefix = "def is_even(n):\n"
+    open_document(client, uri, prefix)
+    items = await inline(client, uri, 1, 0, invoked=True)  # manual: up to 3 distinct candidates
+    assert 1 <= len(items) <= 3
+    assert len({item.insert_text for item in items}) == len(items)
+    assert all(item.range.start == types.Position(line=1, character=0) for item in items)
+    applied = [apply(prefix, item, ENCODINGS[name]) for item in items]
+    assert snippet(prefix).rstrip("\n") in applied, "the memorized body is among the candidates"
+
+
+async def test_multibyte_characters_before_the_cursor_give_a_correct_range(server):
+    client, _, name = server
+    multibyte = [s for s in SNIPPETS if not s.split("\n", 1)[0].isascii()]
+    if not multibyte:
+        pytest.skip("needs a SNIPPETS entry with é/emoji on its first line (tests/fixtures)")
+    text = multibyte[0]
+    first_line = text.split("\n", 1)[0]
+    encoding = ENCODINGS[name]
+    column = units(first_line, encoding)
+    assert column != len(first_line)  # the client units really differ from code points
+    uri = f"file:///{name}/multibyte.py"
+    open_document(client, uri, first_line)
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"stopMode": "block"})
+    )
+    items = await inline(client, uri, 0, column, invoked=False)
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"stopMode": "auto"})
+    )
+    assert items
+    cursor = types.Position(line=0, character=column)
+    assert items[0].range.start == cursor and items[0].range.end == cursor
+    assert apply(first_line, items[0], encoding) == text.rstrip("\n")
+
+
+def units(text: str, encoding: str) -> int:
+    return len(text.encode("utf-16-le")) // 2 if encoding == "utf-16" else len(text.encode())
+
+
+async def test_multibyte_word_under_a_popup_selection_gets_a_correct_range(server):
+    """`ré😀` typed, the completion popup selects `return` for that word: the server must
+    find the word's offsets through the client's units and answer over the same range."""
+    client, _, name = server
+    encoding = ENCODINGS[name]
+    uri = f"file:///{name}/selection.py"
+    text = "def is_even(n):\n    ré😀"
+    open_document(client, uri, text)
+    word_start = types.Position(line=1, character=4)
+    cursor = types.Position(line=1, character=4 + units("ré😀", encoding))
+    params = inline_params(uri, 1, cursor.character, invoked=False)
+    params.context.selected_completion_info = types.SelectedCompletionInfo(
+        range=types.Range(start=word_start, end=cursor), text="return"
+    )
+    result = await client.text_document_inline_completion_async(params)
+    assert result.items
+    item = result.items[0]
+    assert item.range == types.Range(start=word_start, end=cursor)
+    assert item.insert_text.startswith("return")  # extends the selected item's text
+    assert apply(text, item, encoding) == snippet("def is_even(n):\n").rstrip("\n")
+
+
+async def test_crlf_file_gets_crlf_completion(server):
+    client, _, name = server
+    uri = f"file:///{name}/total.py"
+    prefix = "def total(items):\r\n"
+    open_document(client, uri, prefix)
+    items = await inline(client, uri, 1, 0, invoked=False)
+    assert items
+    expected = snippet("def total(items):\n").rstrip("\n").replace("\n", "\r\n")
+    assert prefix + items[0].insert_text == expected
+
+
+async def test_typed_through_reuses_the_suggestion_without_the_model(server):
+    client, _, name = server
+    uri = f"file:///{name}/typed.py"
+    prefix = "def is_even(n):\n"
+    open_document(client, uri, prefix)
+    first = await inline(client, uri, 1, 0, invoked=False)
+    assert first and first[0].insert_text == snippet(prefix).split("\n")[1]
+    before = await status(client)
+    replace(client, uri, 2, (1, 0), (1, 0), "    ret")
+    items = await inline(client, uri, 1, 7, invoked=False)
+    after = await status(client)
+    assert items[0].insert_text == first[0].insert_text[len("    ret") :]
+    assert items[0].range.start == types.Position(line=1, character=7)
+    assert after["modelRuns"] == before["modelRuns"]
+    assert after["typedThroughHits"] == before["typedThroughHits"] + 1
+
+
+async def test_burst_of_50_edits_answers_only_the_last_state(server):
+    client, _, name = server
+    uri = f"file:///{name}/burst.py"
+    prefix = "def add(a, b):\n"
+    open_document(client, uri, prefix + "x" * 50)
+    before = await status(client)
+    futures = []
+    for i in range(50):  # delete one character at a time, asking after each (like Neovim)
+        length = 49 - i
+        replace(client, uri, 2 + i, (1, length), (1, length + 1), "")
+        params = inline_params(uri, 1, length, invoked=False)
+        futures.append(
+            asyncio.wrap_future(
+                client.protocol.send_request(types.TEXT_DOCUMENT_INLINE_COMPLETION, params)
+            )
+        )
+    answers = [(await f).items for f in futures]
+    after = await status(client)
+
+    last = answers[-1]
+    assert last and apply(prefix, last[0], ENCODINGS[name]) == snippet(prefix).rstrip("\n")
+    for items in answers[:-1]:  # superseded answers are empty or valid for the last state
+        for item in items:
+            assert item.range.start == types.Position(line=1, character=0)
+            assert item.insert_text == last[0].insert_text
+    runs = after["modelRuns"] - before["modelRuns"]
+    assert 1 <= runs <= 5, runs
+
+
+async def test_cancel_request_stops_the_job_and_the_server_keeps_serving(server):
+    client, _, name = server
+    uri = f"file:///{name}/cancel.py"
+    open_document(client, uri, "def clamp(x, lo, hi):\n")
+    before = await status(client)
+    future = client.protocol.send_request(
+        types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(uri, 1, 0), msg_id=f"c-{name}"
+    )
+    await asyncio.sleep(0.05)
+    client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=f"c-{name}"))
+    with pytest.raises(JsonRpcRequestCancelled):
+        await asyncio.wrap_future(future)
+    uri2 = f"file:///{name}/after_cancel.py"
+    open_document(client, uri2, "def is_even(n):\n")
+    assert await inline(client, uri2, 1, 0)  # still serving
+
+    def stopped(s):
+        return s["cancelledRuns"] + s["droppedJobs"]
+
+    for _ in range(600):  # the worker notices the flag at the next denoising step
+        if stopped(await status(client)) > stopped(before):
+            break
+        await asyncio.sleep(0.05)
+    assert stopped(await status(client)) > stopped(before)
+
+
+async def test_bad_input_gets_empty_answers_and_the_server_keeps_serving(server):
+    client, _, name = server
+    uri = f"file:///{name}/bad.py"
+    open_document(client, uri, "def is_even(n):\n")
+    assert await inline(client, uri, 7, 0) == []  # line past the end
+    assert await inline(client, uri, 0, 400) == []  # column past the end of the line
+    assert await inline(client, f"file:///{name}/never-opened.py", 0, 0) == []
+    binary = f"file:///{name}/blob.bin"
+    open_document(client, binary, "\x00\x01\x02ELF\x00" * 200)
+    assert await inline(client, binary, 0, 10) == []
+    huge = f"file:///{name}/huge.py"
+    open_document(client, huge, ("x = 1\n" * 900_000))  # ~5.4 MB
+    items = await inline(client, huge, 450_000, 0, invoked=False)
+    assert isinstance(items, list)
+    assert await inline(client, uri, 1, 0)  # and the normal document still completes

@@ -1,0 +1,125 @@
+"""The VS Code extension as `make test` sees it: its vitest suite, tsc, the .vsix, and the
+manifest's agreement with the server's settings.
+
+The TypeScript tests run offline against a mocked `vscode` module (editors/vscode/test/). They need
+node and npm; `npm ci` runs only when node_modules is missing or older than package-lock.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from lsp_server.settings import Settings
+
+EXTENSION = Path(__file__).resolve().parents[2] / "editors" / "vscode"
+CLIENT_ONLY_KEYS = {"serverPath", "trigger"}  # read by the extension, never sent to the server
+NPM_TIMEOUT_S = 600
+
+needs_node = pytest.mark.skipif(
+    shutil.which("node") is None or shutil.which("npm") is None,
+    reason="node and npm are not on PATH; the VS Code extension's TypeScript tests need them",
+)
+
+
+def manifest() -> dict:
+    return json.loads((EXTENSION / "package.json").read_text(encoding="utf-8"))
+
+
+def run(*cmd: str, timeout: float = NPM_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        cmd,
+        cwd=EXTENSION,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> Path:
+    installed = EXTENSION / "node_modules" / ".package-lock.json"  # npm writes it on install
+    lock = EXTENSION / "package-lock.json"
+    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
+        run("npm", "ci", "--no-audit", "--no-fund")
+    return installed.parent
+
+
+@needs_node
+def test_vitest_suite_passes(node_modules: Path) -> None:
+    proc = run("npx", "vitest", "run", "--reporter=verbose")
+    # A suite that found no tests also exits 0 under some configs: insist the files ran.
+    for name in ("extension", "middleware", "serverPath", "settings", "status"):
+        assert f"test/{name}.test.ts" in proc.stdout, proc.stdout
+
+
+@needs_node
+def test_typescript_typechecks(node_modules: Path) -> None:
+    run("npx", "tsc", "--noEmit")
+
+
+@needs_node
+def test_packages_to_a_vsix_with_only_the_bundle(node_modules: Path, tmp_path: Path) -> None:
+    vsix = tmp_path / "maskfill.vsix"
+    run(
+        "npx",
+        "vsce",
+        "package",
+        "--no-dependencies",
+        "--allow-missing-repository",
+        "--skip-license",
+        "--out",
+        str(vsix),
+    )
+    names = set(zipfile.ZipFile(vsix).namelist())
+    assert {"extension/package.json", "extension/out/extension.js"} <= names
+    assert not any(n.startswith(("extension/node_modules/", "extension/src/")) for n in names)
+    bundle = zipfile.ZipFile(vsix).read("extension/out/extension.js").decode()
+    assert 'require("vscode")' in bundle  # vscode stays external; the language client is inlined
+
+
+def test_manifest_pins_what_vsce_and_inline_completion_need() -> None:
+    pkg = manifest()
+    engine = pkg["engines"]["vscode"].lstrip("^~")
+    types = pkg["devDependencies"]["@types/vscode"]
+    # vsce refuses an @types/vscode newer than engines.vscode.
+    assert tuple(map(int, types.split("."))) <= tuple(map(int, engine.split(".")))
+    client = tuple(map(int, pkg["dependencies"]["vscode-languageclient"].split(".")))
+    assert client >= (10, 0, 1)  # inline completion built in from 10.0.1
+    for spec in [*pkg["dependencies"].values(), *pkg["devDependencies"].values()]:
+        assert spec[0].isdigit(), f"unpinned npm dependency {spec!r}"
+    assert pkg["scripts"]["package"].startswith("vsce package --no-dependencies")
+    assert "--external:vscode" in pkg["scripts"]["build"]
+
+
+def test_contributed_settings_match_the_server() -> None:
+    properties = manifest()["contributes"]["configuration"]["properties"]
+    contributed = {key.removeprefix("maskfill."): spec for key, spec in properties.items()}
+    server_defaults = msgspec.to_builtins(Settings())  # camelCase keys, as on the wire
+    assert set(contributed) - CLIENT_ONLY_KEYS == set(server_defaults)
+    for key, default in server_defaults.items():
+        assert contributed[key]["default"] == default, key
+
+
+def test_settings_sent_by_the_extension_parse_without_warnings() -> None:
+    """What the extension sends when the user changed nothing is a valid server configuration."""
+    from lsp_server.settings import parse_settings
+
+    properties = manifest()["contributes"]["configuration"]["properties"]
+    sent = {
+        key.removeprefix("maskfill."): spec["default"]
+        for key, spec in properties.items()
+        if key.removeprefix("maskfill.") not in CLIENT_ONLY_KEYS
+    }
+    settings, warnings = parse_settings(sent)
+    assert warnings == []
+    assert settings == Settings()

@@ -1,0 +1,201 @@
+"""The denoising loop and the Engine facade on tiny random checkpoints (structure, not quality)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from engine.api import CompletionRequest, EngineError
+from engine.denoiser import pad_after_end
+from engine.engine import Engine, hole_lengths
+from tests.fixtures.checkpoints import make_tiny_checkpoint
+
+ALL_SAMPLERS = ("threshold", "entropy_bounded", "origin", "maskgit_plus", "topk_margin",
+                "entropy", "low_confidence")
+PREFIX = "def add(a, b):\n    return "
+SUFFIX = "\n\nprint(add(1, 2))\n"
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """One random engine per layout, loaded through the normal path."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("random")
+    made = {
+        variant: Engine.load(str(make_tiny_checkpoint(root / variant, variant)))
+        for variant in ("dream", "open-dcoder", "llada", "dreamon")
+    }
+    # One layer: the context K/V depend only on the context's own embeddings, so the dual cache
+    # is exact there and cached decoding must match the full forward step for step.
+    made["one-layer"] = Engine.load(str(make_tiny_checkpoint(root / "one", "dream", n_layers=1)))
+    yield made
+    for engine in made.values():
+        engine.close()
+
+
+def test_pad_after_end_fills_masks_right_of_the_first_end_token_only():
+    mask, eos = 9, 8
+    hole = torch.tensor([[1, eos, mask, 3, mask], [mask, 2, mask, mask, mask]])
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    out, forced = pad_after_end(hole, valid, torch.tensor([eos]), mask, eos)
+    assert out.tolist() == [[1, eos, eos, 3, eos], [mask, 2, mask, mask, mask]]
+    assert forced.tolist() == [[False, False, True, False, True], [False] * 5]
+
+
+@pytest.mark.parametrize("variant", ["dream", "open-dcoder", "llada"])
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS)
+def test_every_sampler_fills_every_slot_on_every_layout(engines, variant, sampler):
+    engine = engines[variant]
+    request = CompletionRequest(prefix=PREFIX, suffix=SUFFIX, span_lengths=(5, 12), max_tokens=12,
+                                sampler=sampler, stop="free", seed=0)
+    result = engine.complete(request)
+    stats = result.stats
+    assert not stats.cancelled and not stats.timed_out
+    # The chosen row resolved each of its slots exactly once, over at most one step per pass.
+    assert stats.committed_tokens == stats.span_length
+    assert len(stats.tokens_committed_per_step) == stats.forward_passes
+    assert stats.forward_passes <= 12
+    assert result.candidates and result.text == result.candidates[0].text
+    assert set(stats.timings_ms) >= {"tokenize", "encode", "denoise", "decode", "total"}
+
+
+def test_threshold_one_commits_one_per_step_and_low_threshold_commits_all_at_once(engines):
+    engine = engines["dream"]
+    base = dict(prefix=PREFIX, suffix=SUFFIX, span_lengths=(8,), max_tokens=8, stop="free")
+    slow = engine.complete(CompletionRequest(**base, threshold=1.0))
+    assert slow.stats.tokens_committed_per_step[0] == 1
+    fast = engine.complete(CompletionRequest(**base, threshold=1e-9))
+    assert fast.stats.forward_passes == 1 and fast.stats.tokens_committed_per_step == [8]
+
+
+def test_reference_samplers_follow_the_step_budget(engines):
+    engine = engines["dream"]
+    for sampler in ("maskgit_plus", "low_confidence", "origin"):
+        result = engine.complete(CompletionRequest(
+            prefix=PREFIX, suffix=SUFFIX, span_lengths=(8,), max_tokens=8, sampler=sampler,
+            steps=2, stop="free", seed=1))
+        assert result.stats.forward_passes <= 2
+        assert result.stats.committed_tokens == 8
+
+
+def test_cached_and_uncached_decoding_agree_where_the_cache_is_exact(engines):
+    engine = engines["one-layer"]
+    for sampler in ("threshold", "maskgit_plus"):
+        base = dict(prefix=PREFIX, suffix=SUFFIX, span_lengths=(6, 10), max_tokens=10,
+                    sampler=sampler, threshold=0.05, stop="free")
+        cached = engine.complete(CompletionRequest(**base))
+        full = engine.complete(CompletionRequest(**base, use_cache=False))
+        assert [c.text for c in cached.candidates] == [c.text for c in full.candidates]
+        assert cached.stats.tokens_committed_per_step == full.stats.tokens_committed_per_step
+
+
+def test_refreshing_every_step_is_the_uncached_path(engines):
+    engine = engines["dream"]
+    base = dict(prefix=PREFIX, suffix=SUFFIX, span_lengths=(7,), max_tokens=7, threshold=0.3,
+                stop="free")
+    refreshed = engine.complete(CompletionRequest(**base, cache_refresh_every=1))
+    full = engine.complete(CompletionRequest(**base, use_cache=False))
+    assert refreshed.text == full.text
+    assert refreshed.stats.tokens_committed_per_step == full.stats.tokens_committed_per_step
+
+
+def test_seeded_sampling_repeats_and_candidates_are_distinct(engines):
+    engine = engines["dream"]
+    base = dict(prefix=PREFIX, suffix=SUFFIX, span_lengths=(8,), max_tokens=8, temperature=1.0,
+                stop="free")
+    a = engine.complete(CompletionRequest(**base, seed=11))
+    b = engine.complete(CompletionRequest(**base, seed=11))
+    assert a.text == b.text
+    assert a.stats.tokens_committed_per_step == b.stats.tokens_committed_per_step
+    many = engine.complete(CompletionRequest(**base, seed=3, num_candidates=4))
+    texts = [c.text for c in many.candidates]
+    assert len(texts) == len(set(texts)) and 1 <= len(texts) <= 4
+    confidences = [(c.ended, c.mean_confidence) for c in many.candidates]
+    assert confidences == sorted(confidences, reverse=True)  # best first
+
+
+def test_unknown_length_uses_buckets_in_one_batch(engines):
+    engine = engines["dream"]
+    result = engine.complete(CompletionRequest(prefix=PREFIX, suffix=SUFFIX, max_tokens=40))
+    assert result.stats.span_length in hole_lengths(CompletionRequest(prefix="", suffix="",
+                                                                      max_tokens=40))
+    assert hole_lengths(CompletionRequest(prefix="", suffix="", max_tokens=40)) == [8, 16, 32, 40]
+    assert hole_lengths(CompletionRequest(prefix="", suffix="", max_tokens=64, stop="line")) == [
+        8, 16, 32]
+    assert hole_lengths(CompletionRequest(prefix="", suffix="", max_tokens=5)) == [5]
+
+
+def test_dreamon_expands_and_deletes_within_its_budget(engines):
+    engine = engines["dreamon"]
+    assert engine.args.variant == "dreamon" and engine.args.expand_token_id is not None
+    result = engine.complete(CompletionRequest(
+        prefix=PREFIX, suffix=SUFFIX, span_lengths=(4,), max_tokens=12, temperature=0.5, seed=2,
+        stop="free"))
+    stats = result.stats
+    assert 0 <= stats.span_length <= 12  # the hole never outgrows max_tokens
+    assert stats.forward_passes == len(stats.tokens_committed_per_step)
+    assert not stats.cancelled
+
+
+def test_empty_context_and_a_context_longer_than_the_window(engines):
+    engine = engines["dream"]
+    empty = engine.complete(CompletionRequest(prefix="", suffix="", span_lengths=(4,),
+                                              max_tokens=4, stop="free"))
+    assert empty.stats.prefix_tokens == 0 and empty.stats.suffix_tokens == 0
+    huge = engine.complete(CompletionRequest(prefix="x = 1\n" * 5000, suffix="y = 2\n" * 5000,
+                                             span_lengths=(4,), max_tokens=4,
+                                             max_context_tokens=200))
+    assert huge.stats.prefix_tokens + huge.stats.suffix_tokens <= 200 - 2 - 4
+    assert huge.stats.prefix_tokens > huge.stats.suffix_tokens  # about 3:1
+
+
+def test_cancel_before_start_and_a_deadline_already_passed(engines):
+    engine = engines["dream"]
+    event = threading.Event()
+    event.set()
+    base = dict(prefix=PREFIX, suffix=SUFFIX, span_lengths=(16,), max_tokens=16, threshold=1.0)
+    cancelled = engine.complete(CompletionRequest(**base), cancel=event)
+    assert cancelled.stats.cancelled and cancelled.text == "" and cancelled.candidates == []
+    assert cancelled.stats.forward_passes == 0
+    timed = engine.complete(CompletionRequest(**base, timeout_ms=1e-6))
+    assert timed.stats.timed_out and timed.stats.forward_passes == 1
+
+
+@pytest.mark.parametrize("bad", [
+    dict(max_tokens=-1), dict(max_tokens=0), dict(max_tokens=10**6), dict(span_lengths=()),
+    dict(span_lengths=(0,)), dict(span_lengths=(99,), max_tokens=8), dict(stop="word"),
+    dict(sampler="beam"), dict(threshold=0.0), dict(threshold=1.5), dict(temperature=-1.0),
+    dict(top_p=0.0), dict(num_candidates=0), dict(steps=0), dict(cache_refresh_every=-1),
+    dict(timeout_ms=0), dict(max_context_tokens=4, max_tokens=8), dict(temperature=float("nan")),
+    dict(prefix=None), dict(seed="x"), dict(max_context_tokens=9, max_tokens=8),
+])
+def test_nonsense_requests_get_one_line_engine_errors(engines, bad):
+    fields = dict(prefix="a", suffix="b") | bad
+    with pytest.raises(EngineError) as err:
+        engines["dream"].complete(CompletionRequest(**fields))
+    assert "\n" not in str(err.value) and str(err.value).startswith("bad completion request")
+
+
+def test_closed_engine_refuses_work_and_info_reports_the_model(tmp_path):
+    engine = Engine.load(str(make_tiny_checkpoint(tmp_path / "m", "dream")))
+    info = engine.info()
+    assert info.family == "dream" and info.parameters > 0 and info.weight_bytes >= info.parameters
+    assert info.max_context == engine.args.max_context and info.quant == "none"
+    engine.close()
+    with pytest.raises(EngineError):
+        engine.complete(CompletionRequest(prefix="", suffix=""))
+
+
+def test_bad_load_options_are_engine_errors(tmp_path):
+    path = str(make_tiny_checkpoint(tmp_path / "m", "dream"))
+    with pytest.raises(EngineError):
+        Engine.load(path, quant="int3")
+    with pytest.raises(EngineError):
+        Engine.load(path, dtype="float8")
+
+
+def test_text_that_cannot_be_tokenized_is_an_engine_error(engines):
+    with pytest.raises(EngineError, match="cannot be tokenized"):
+        engines["dream"].complete(CompletionRequest(prefix="a\ud800", suffix=""))

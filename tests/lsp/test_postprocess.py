@@ -1,0 +1,125 @@
+"""Each post-processing rule on its own, then the pipeline order."""
+
+from lsp_server.postprocess import (
+    CursorContext,
+    choose_stop,
+    cut_at_stop,
+    is_useless,
+    match_indentation,
+    postprocess,
+    trim_duplicate_suffix,
+)
+
+
+def ctx(before: str, after: str = "", **kwargs) -> CursorContext:
+    return CursorContext(line_before=before, line_after=after, **kwargs)
+
+
+# -- stop rule: mid-line -> single line; empty line / after an opener -> block ----------------
+
+
+def test_auto_stop_mid_line_is_single_line():
+    assert choose_stop(ctx("x = foo(", ")"), "auto") == "line"
+    assert choose_stop(ctx("total = "), "auto") == "line"
+
+
+def test_auto_stop_on_empty_line_or_after_opener_is_block():
+    assert choose_stop(ctx("    "), "auto") == "block"
+    assert choose_stop(ctx("def f(x):"), "auto") == "block"
+    assert choose_stop(ctx("if (x) {"), "auto") == "block"
+
+
+def test_explicit_stop_setting_wins():
+    assert choose_stop(ctx("x = foo(", ")"), "block") == "block"
+
+
+def test_line_mode_keeps_the_first_line_only():
+    assert cut_at_stop("a + b\nprint(x)\n", ctx("return "), "line") == "a + b"
+
+
+def test_block_mode_on_empty_line_stops_when_the_scope_ends():
+    text = "x = 1\n    y = 2\nz = 3\ndef other():"
+    # cursor at depth 4 on an empty line: "z = 3" (depth 0) leaves the block
+    assert cut_at_stop(text, ctx("    "), "block") == "x = 1\n    y = 2"
+
+
+def test_block_mode_after_opener_keeps_the_body_only():
+    text = "\n    if x:\n        return 1\n    return 2\ndef g():\n    pass"
+    assert cut_at_stop(text, ctx("def f(x):"), "block") == (
+        "\n    if x:\n        return 1\n    return 2"
+    )
+
+
+# -- trim what duplicates the text after the cursor ------------------------------------------
+
+
+def test_trims_duplicated_closing_brackets_and_quotes():
+    assert trim_duplicate_suffix("a, b)", ctx("foo(", ")")) == "a, b"
+    assert trim_duplicate_suffix("hello')", ctx("print('", "')")) == "hello"
+
+
+def test_trims_a_rewritten_rest_of_line():
+    assert trim_duplicate_suffix("x + y", ctx("return ", "y")) == "x + y"  # single letter kept
+    assert trim_duplicate_suffix("a + b * c", ctx("return ", "b * c")) == "a + "
+
+
+def test_does_not_trim_a_coincidental_identifier_overlap():
+    assert trim_duplicate_suffix("foo", ctx("x = ", "o + 1")) == "foo"
+
+
+def test_cuts_where_the_completion_runs_into_the_next_lines():
+    context = ctx("    ", "", next_lines=["", "    return result"])
+    text = "result += 1\n    return result\n"
+    assert trim_duplicate_suffix(text, context) == "result += 1"
+
+
+# -- indentation: the file's tabs or spaces ---------------------------------------------------
+
+
+def test_spaces_become_tabs_in_a_tab_indented_file():
+    text = "if x:\n    y = 1\n        z = 2"
+    assert match_indentation(text, "\t") == "if x:\n\ty = 1\n\t\tz = 2"
+
+
+def test_tabs_become_the_files_spaces():
+    assert match_indentation("if x:\n\ty = 1", "  ") == "if x:\n  y = 1"
+
+
+def test_first_line_is_reindented_only_when_the_cursor_line_is_blank():
+    assert match_indentation("    return 1", "\t", at_line_start=True) == "\treturn 1"
+    assert match_indentation("    return 1", "\t", at_line_start=False) == "    return 1"
+
+
+def test_matching_indentation_is_left_alone():
+    text = "if x:\n    y = 1"
+    assert match_indentation(text, "    ") == text
+
+
+# -- drop what is not worth showing ------------------------------------------------------------
+
+
+def test_empty_and_whitespace_only_are_dropped():
+    assert is_useless("", ctx("x = "))
+    assert is_useless("  \n\t\n", ctx("x = "))
+
+
+def test_repeated_lines_are_dropped():
+    assert is_useless("x += 1\nx += 1\nx += 1", ctx("    "))
+
+
+def test_a_copy_of_the_line_above_is_dropped():
+    assert is_useless("x = compute(a)", ctx("    ", previous_line="    x = compute(a)"))
+    assert not is_useless("y = compute(a)", ctx("    ", previous_line="    x = compute(a)"))
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+
+
+def test_pipeline_applies_the_files_crlf_line_endings():
+    context = ctx("def f(x):", "", indent_unit="    ", eol="\r\n")
+    assert postprocess("\n    return x\n", context, "block") == "\r\n    return x"
+
+
+def test_pipeline_returns_none_when_nothing_is_left():
+    context = ctx("foo(", ")")
+    assert postprocess(")", context, "line") is None
