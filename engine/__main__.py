@@ -1,12 +1,13 @@
 """Command line: `python -m engine complete ...` and `python -m engine bench ...`.
 
-Every failure a user can cause (missing or corrupt checkpoint, bad position, unreadable file, a model that
-does not fit) ends in one line on stderr and a non-zero exit, never a traceback.
+Every failure a user can cause (missing or corrupt checkpoint, bad position, unreadable
+file, a model that does not fit) ends in one line on stderr and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def read_source(path: Path) -> str:
 
 
 def split_at(text: str, line: int, col: int) -> tuple[str, str]:
-    """Split text at an editor position: 1-based line, 0-based character (code point) in that line."""
+    """Split text at an editor position: 1-based line, 0-based character (code point)."""
     lines = text.splitlines(keepends=True) or [""]
     if text.endswith(("\n", "\r")):
         lines.append("")  # a cursor may sit on the empty last line
@@ -130,6 +131,9 @@ def run_complete(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Idle OpenMP workers of a CPU torch build spin between kernels; on a small machine that
+    # starves everything else (measured ~30x slower steps beside another busy process).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         if args.command == "complete":
             return run_complete(args)

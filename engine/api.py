@@ -56,7 +56,8 @@ class Candidate(msgspec.Struct, kw_only=True, frozen=True):
 class CompletionStats(msgspec.Struct, kw_only=True):
     forward_passes: int = 0
     tokens_committed_per_step: list[int] = msgspec.field(default_factory=list)
-    timings_ms: dict[str, float] = msgspec.field(default_factory=dict)  # tokenize/encode/denoise/...
+    # milliseconds per phase: tokenize, encode, denoise, decode, total
+    timings_ms: dict[str, float] = msgspec.field(default_factory=dict)
     mean_confidence: float = 0.0
     prefix_tokens: int = 0
     suffix_tokens: int = 0

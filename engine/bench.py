@@ -1,4 +1,4 @@
-"""`python -m engine bench`: speed and memory of the engine (and the server), as one table and one JSON line.
+"""`python -m engine bench`: engine (and server) speed and memory: a table, then one JSON line.
 
 Figures are measured in one run and compared as ratios, so a slower or busier machine shifts them
 together. Nothing here asserts: tests check behaviour, this file only measures.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,39 +52,45 @@ def _time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float
 
 
 @torch.inference_mode()
+def _bench_context(
+    model: Transformer, ctx: int, device: torch.device, reps: int
+) -> dict[str, float]:
+    """Encode, uncached step and cached step for one context length and a SPAN-token hole."""
+    args = model.args
+    n = ctx + SPAN
+    ids = torch.randint(0, args.vocab_size - 3, (1, n), device=device)
+    start = ctx // 2
+    ids[0, start : start + SPAN] = args.mask_token_id
+    pos = torch.arange(n, device=device)[None]
+    valid = torch.ones(1, n, dtype=torch.bool, device=device)
+    # Shifted model: the last prefix token is a query too, and predicts the first hole slot.
+    rows = torch.arange(start - 1, start + SPAN, device=device)
+    _, cache = model.encode(ids, pos, valid)
+    ctx_valid = valid.clone()
+    ctx_valid[0, rows] = False  # query rows bring their own fresh K/V
+    q_valid = torch.ones(1, rows.numel(), dtype=torch.bool, device=device)
+
+    def uncached() -> torch.Tensor:  # the reference path: a full forward every step
+        return model.output(model(ids, pos, valid)[:, rows[:-1]])
+
+    def cached() -> torch.Tensor:
+        hidden = model.step(ids[:, rows], pos[:, rows], q_valid, cache, ctx_valid)
+        return model.output(hidden[:, :-1])
+
+    return {
+        f"encode_ms_{ctx}": _time_ms(lambda: model.encode(ids, pos, valid), device, reps),
+        f"step_ms_uncached_{ctx}": _time_ms(uncached, device, reps),
+        f"step_ms_cached_{ctx}": _time_ms(cached, device, reps),
+    }
+
+
 def bench_steps(device: torch.device, reps: int) -> dict[str, float]:
     """Encode time and per-step time with and without the context cache, per context length."""
-    args = small_random_args()
     torch.manual_seed(0)
-    model = Transformer(args).to(device).eval()
+    model = Transformer(small_random_args()).to(device).eval()
     out: dict[str, float] = {}
     for ctx in CONTEXTS:
-        n = ctx + SPAN
-        ids = torch.randint(0, args.vocab_size - 3, (1, n), device=device)
-        hole = torch.arange(ctx // 2, ctx // 2 + SPAN, device=device)
-        ids[0, hole] = args.mask_token_id
-        pos = torch.arange(n, device=device)[None]
-        valid = torch.ones(1, n, dtype=torch.bool, device=device)
-        # Shifted model: the rows that predict the hole are the slot before each hole slot.
-        rows = torch.arange(ctx // 2 - 1, ctx // 2 + SPAN, device=device)
-        head_rows = rows[:-1]
-
-        def uncached() -> torch.Tensor:
-            hidden = model(ids, pos, valid)
-            return model.output(hidden[:, head_rows])
-
-        _, cache = model.encode(ids, pos, valid)
-        ctx_valid = valid.clone()
-        ctx_valid[0, rows] = False  # query rows bring their own fresh K/V
-        q_valid = torch.ones(1, rows.numel(), dtype=torch.bool, device=device)
-
-        def cached() -> torch.Tensor:
-            hidden = model.step(ids[:, rows], pos[:, rows], q_valid, cache, ctx_valid)
-            return model.output(hidden[:, :-1])
-
-        out[f"encode_ms_{ctx}"] = _time_ms(lambda: model.encode(ids, pos, valid), device, reps)
-        out[f"step_ms_uncached_{ctx}"] = _time_ms(uncached, device, reps)
-        out[f"step_ms_cached_{ctx}"] = _time_ms(cached, device, reps)
+        out.update(_bench_context(model, ctx, device, reps))
     return out
 
 
@@ -102,38 +109,46 @@ def bench_weight_bytes(device: torch.device) -> dict[str, float]:
     return out
 
 
-def bench_memorized(device: torch.device) -> dict[str, float]:
-    """Forward passes per committed token at tau = 0.9 on the memorized test model."""
+def bench_memorized(device: torch.device, path: Path) -> dict[str, float]:
+    """Forward passes per committed token at tau = 0.9 on the memorized test model.
+
+    Each snippet's middle third is hidden and the hole is given its true length, so the figure
+    measures parallel unmasking alone, not the length heuristic."""
     from engine.api import CompletionRequest
     from engine.engine import Engine
-    from tests.fixtures.memorized import SNIPPETS, train_memorized_checkpoint
+    from tests.fixtures.memorized import SNIPPETS, split_middle
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = train_memorized_checkpoint(Path(tmp) / "memorized")
-        engine = Engine.load(str(path), device=str(device))
-        passes = tokens = 0
+    engine = Engine.load(str(path), device=str(device))
+    passes = tokens = exact = 0
+    try:
         for snippet in SNIPPETS:
-            lines = snippet.splitlines(keepends=True)
-            cut = len(lines) // 2  # hide the body's middle line onwards to the end of the function
-            prefix, suffix = "".join(lines[:cut]), ""
-            middle = "".join(lines[cut:])
-            n_tokens = len(engine.tokenizer.encode(middle))
+            n = len(engine.tokenizer.encode(snippet))
+            prefix, middle, suffix = split_middle(engine.tokenizer, snippet, n // 3, 2 * n // 3)
+            span = len(engine.tokenizer.encode(middle))
             result = engine.complete(CompletionRequest(
-                prefix=prefix, suffix=suffix, span_lengths=(n_tokens,), max_tokens=n_tokens,
+                prefix=prefix, suffix=suffix, span_lengths=(span,), max_tokens=span,
                 stop="free", threshold=0.9))
             passes += result.stats.forward_passes
             tokens += result.stats.committed_tokens
+            exact += result.text == middle
+    finally:
         engine.close()
-    return {"passes_per_token": passes / max(tokens, 1), "memorized_tokens": tokens}
+    return {"passes_per_token": passes / max(tokens, 1), "memorized_tokens": tokens,
+            "memorized_exact": exact / len(SNIPPETS)}
 
 
-def bench_server() -> dict[str, float]:
-    try:
-        from lsp_server.bench import run_server_bench
-    except ImportError as exc:
-        print(f"(server bench unavailable: {exc})", file=sys.stderr)
+def bench_server(device: torch.device, path: Path) -> dict[str, float]:
+    """The LSP server's own figures, from its benchmark run as a separate process."""
+    cmd = [sys.executable, "-m", "lsp_server.bench", "--model", str(path), "--device", str(device)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        print(f"(server bench failed: {proc.stderr.strip()[-300:]})", file=sys.stderr)
         return {}
-    return run_server_bench()
+    figures = json.loads(lines[-1])
+    keys = ("server_overhead_ms_p50", "server_overhead_ms_p95", "round_trip_ms_p50",
+            "engine_ms_p50", "model_runs_per_100_rapid_requests")
+    return {k: figures[k] for k in keys if k in figures}
 
 
 def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True) -> int:
@@ -148,9 +163,13 @@ def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True
             results[f"step_ms_uncached_{ctx}"] / results[f"step_ms_cached_{ctx}"])
     results["cached_step_speedup"] = results[f"cached_step_speedup_{CONTEXTS[-1]}"]
     results.update(bench_weight_bytes(dev))
-    results.update(bench_memorized(dev))
-    if with_server:
-        results.update(bench_server())
+    from tests.fixtures.memorized import train_memorized_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        memorized = train_memorized_checkpoint(Path(tmp) / "memorized")
+        results.update(bench_memorized(dev, memorized))
+        if with_server:
+            results.update(bench_server(dev, memorized))
 
     width = max(len(k) for k in results)
     print(f"{'metric':<{width}}  value")

@@ -26,8 +26,9 @@ PREFIX_SHARE = 0.75  # when both sides are too long, keep about 3:1 prefix:suffi
 
 
 def lead_specials(args: ModelArgs) -> list[int]:
-    """Tokens before the prefix. Shifted models predict hole slot 0 from the token before it, so
-    an empty prefix without BOS still needs one token there: a document boundary (BOS, else EOS)."""
+    """Tokens before the prefix: [BOS] where the family's layout has one. (Shifted models
+    predict hole slot 0 from the token before it; build_infill_batch adds an EOS as a document
+    boundary when there is no token at all before the hole.)"""
     if args.infill_bos and args.bos_token_id is not None:
         return [args.bos_token_id]
     return []

@@ -95,3 +95,16 @@ class TypedThrough:
 
     def forget(self, uri: str) -> None:
         self._shown.pop(uri, None)
+
+
+def inserted_at(before: str, after: str, offset: int, context: int = 256) -> str | None:
+    """The text typed at `offset` if that insertion is the only change from `before` to
+    `after` (checked over `context` characters each side), else None."""
+    length = len(after) - len(before)
+    if length <= 0:
+        return None
+    unchanged = (
+        after[max(0, offset - context) : offset] == before[max(0, offset - context) : offset]
+        and after[offset + length : offset + length + context] == before[offset : offset + context]
+    )
+    return after[offset : offset + length] if unchanged else None

@@ -15,18 +15,19 @@ from dataclasses import dataclass
 from lsprotocol import types
 from pygls.workspace import TextDocument
 
-from engine.api import CompletionRequest, CompletionResult
-from lsp_server.cache import ExactCache, TypedThrough
+from engine.api import CompletionRequest, CompletionResult, StopMode
+from lsp_server.cache import ExactCache, TypedThrough, inserted_at
 from lsp_server.documents import Snapshot, context_window, detect_indent, looks_binary
 from lsp_server.postprocess import CursorContext, choose_stop, postprocess
 from lsp_server.protocol import Suggestion, cover_auto_closed, shift
-from lsp_server.scheduler import AdaptiveDebounce, LatestPerDocument
+from lsp_server.scheduler import AdaptiveDebounce, LatestPerDocument, Ticket
 from lsp_server.settings import Settings
 from lsp_server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
 NEXT_LINES = 5  # lines below the cursor the suffix-duplicate rule looks at
+INDENT_SAMPLE_CHARS = 8000  # each side of the cursor
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Prepared:
     prefix: str
     suffix: str
     cursor: CursorContext
-    stop: str
+    stop: StopMode
     candidates: int
 
     @property
@@ -96,7 +97,9 @@ class CompletionService:
         )
         if looks_binary(window.prefix[-2000:] + window.suffix[:2000]):
             return None
-        cursor = _cursor_context(window.prefix, window.suffix, snap.eol)
+        # Indent style is a property of the file: learn it from more than the model sees.
+        indent_sample = text[max(0, offset - INDENT_SAMPLE_CHARS) : offset + INDENT_SAMPLE_CHARS]
+        cursor = _cursor_context(window.prefix, window.suffix, snap.eol, indent_sample)
         return Prepared(
             prefix=window.prefix,
             suffix=window.suffix,
@@ -115,6 +118,24 @@ class CompletionService:
     ) -> list[Suggestion]:
         """Suggestions for `snap`; [] when superseded, cancelled, loading or nothing fits."""
         self.requests += 1
+        # Every request supersedes the previous one for its document, even one answered from
+        # a cache: the older one must not keep the model busy for a state that is gone.
+        ticket = self.latest.begin(snap.uri)
+        try:
+            delay_ms = 0.0 if invoked else self.debounce.delay_ms(snap.uri)
+            return await self._suggest(snap, document, ticket, delay_ms, invoked, selection)
+        finally:
+            self.latest.end(ticket)
+
+    async def _suggest(
+        self,
+        snap: Snapshot,
+        document: TextDocument,
+        ticket: Ticket,
+        delay_ms: float,
+        invoked: bool,
+        selection: Selection | None,
+    ) -> list[Suggestion]:
         prepared = self.prepare(snap, invoked=invoked, selection=selection)
         if prepared is None:
             return []
@@ -128,27 +149,22 @@ class CompletionService:
             return self._suggestions(cached, snap, prepared, selection)
         if not self.worker.ready:
             return []  # loading (or failed): answer at once, never queue behind a load
-
-        ticket = self.latest.begin(snap.uri)
+        if await ticket.wait_superseded(delay_ms / 1000):
+            return []
+        ticket.job = self.worker.submit(snap.uri, self._request(prepared))
         try:
-            if not invoked and await ticket.wait_superseded(
-                self.debounce.delay_ms(snap.uri) / 1000
-            ):
-                return []
-            ticket.job = self.worker.submit(snap.uri, self._request(prepared))
-            try:
-                result = await asyncio.wrap_future(ticket.job.future)
-            except asyncio.CancelledError:  # $/cancelRequest: stop the model between steps
-                ticket.job.cancel.set()
-                raise
-        finally:
-            self.latest.end(ticket)
-        if result is None or result.stats.cancelled or ticket.superseded.is_set():
+            result = await asyncio.wrap_future(ticket.job.future)
+        except asyncio.CancelledError:  # $/cancelRequest: stop the model between steps
+            ticket.job.cancel.set()
+            raise
+        if result is None or result.stats.cancelled:
             return []
         self.model_answers += 1
         texts = self._finish(result, prepared)
-        if not result.stats.timed_out:
+        if not result.stats.timed_out:  # a finished answer is worth keeping even if superseded
             self.cache.put(prepared.cache_key, texts)
+        if ticket.superseded.is_set():
+            return []
         self._remember(snap, selection, texts)
         if document.version != snap.version or document.source is not snap.text:
             return self._late(texts, snap, document, prepared, selection)
@@ -160,9 +176,9 @@ class CompletionService:
             prefix=prepared.prefix,
             suffix=prepared.suffix,
             max_tokens=s.max_tokens,
-            stop=prepared.stop,  # type: ignore[arg-type]
+            stop=prepared.stop,
             num_candidates=prepared.candidates,
-            temperature=0.0 if prepared.candidates == 1 else 0.8,
+            temperature=0.0,  # candidate 0 greedy; the engine samples the extra ones hot
             max_context_tokens=s.context_tokens,
             timeout_ms=s.timeout_ms,
         )
@@ -172,7 +188,7 @@ class CompletionService:
         raw = [c.text for c in result.candidates] or [result.text]
         texts: list[str] = []
         for candidate in raw:
-            text = postprocess(candidate, prepared.cursor, prepared.stop)  # type: ignore[arg-type]
+            text = postprocess(candidate, prepared.cursor, prepared.stop)
             if text is not None and text not in texts:
                 texts.append(text)
         return tuple(texts[: prepared.candidates])
@@ -219,19 +235,10 @@ class CompletionService:
         the document as it is now); otherwise answer nothing rather than a stale suggestion."""
         if selection is not None:
             return []
-        text, offset = document.source, snap.offset
-        typed_length = len(text) - len(snap.text)
-        if not 0 < typed_length <= TypedThrough.MAX_TYPED:
+        typed = inserted_at(snap.text, document.source, snap.offset)
+        if typed is None or len(typed) > TypedThrough.MAX_TYPED or "\n" in typed or "\r" in typed:
             return []
-        typed = text[offset : offset + typed_length]
-        context = TypedThrough.CONTEXT_CHARS
-        unchanged = (
-            text[max(0, offset - context) : offset] == snap.text[max(0, offset - context) : offset]
-            and text[offset + typed_length : offset + typed_length + context]
-            == snap.text[offset : offset + context]
-        )
-        if not unchanged or "\n" in typed or "\r" in typed:
-            return []
+        typed_length = len(typed)
         out = []
         for suggestion in self._suggestions(texts, snap, prepared, None):
             if suggestion.text.startswith(typed) and len(suggestion.text) > typed_length:
@@ -245,16 +252,15 @@ class CompletionService:
         return out
 
 
-def _cursor_context(prefix: str, suffix: str, eol: str) -> CursorContext:
+def _cursor_context(prefix: str, suffix: str, eol: str, indent_sample: str) -> CursorContext:
     before_lines = prefix.split("\n")
     after_lines = suffix.split("\n")
     previous = next((line for line in reversed(before_lines[:-1]) if line.strip()), "")
-    sample = prefix[-4000:] + suffix[:2000]
     return CursorContext(
         line_before=before_lines[-1],
         line_after=after_lines[0],
         next_lines=after_lines[1 : 1 + NEXT_LINES],
         previous_line=previous,
-        indent_unit=detect_indent(sample),
+        indent_unit=detect_indent(indent_sample.replace("\r\n", "\n")),
         eol=eol,
     )

@@ -103,7 +103,9 @@ def trim_duplicate_suffix(text: str, context: CursorContext) -> str:
         head = after[:size]
         if not last_line.endswith(head):
             continue
-        if set(head) <= _PUNCTUATION or (head == after.rstrip() and len(head.strip()) >= 2):
+        # A partial identifier overlap ("foo" before "o + 1") is a coincidence; punctuation,
+        # or the whole rest of the line written again, is a duplicate.
+        if set(head) <= _PUNCTUATION or head == after.rstrip():
             return text[: len(text) - size]
     return text
 

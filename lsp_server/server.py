@@ -15,6 +15,7 @@ import os
 from typing import Any
 from urllib.parse import unquote
 
+import msgspec
 from lsprotocol import types
 from pygls.exceptions import JsonRpcServerNotInitialized
 from pygls.lsp.server import LanguageServer
@@ -65,8 +66,6 @@ class MaskfillServer(LanguageServer):
     def _with_overrides(self, settings: Settings) -> Settings:
         if not self.overrides:
             return settings
-        import msgspec
-
         return msgspec.structs.replace(settings, **self.overrides)
 
     def apply_settings(self, raw: Any) -> None:
@@ -293,8 +292,6 @@ def create_server(
 
     @server.command(TOGGLE_COMMAND)
     def toggle(ls: MaskfillServer, *args: Any) -> dict[str, Any]:
-        import msgspec
-
         ls.settings = msgspec.structs.replace(ls.settings, enabled=not ls.settings.enabled)
         ls.notify_status()
         return {"enabled": ls.settings.enabled}

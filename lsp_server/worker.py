@@ -52,6 +52,10 @@ Loader = Callable[[LoadSpec], EngineLike]
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
+class NoModelConfigured(EngineError):
+    """Neither a `model` setting nor an embedded model: no device would help."""
+
+
 def default_model_path() -> str | None:
     """The embedded model that ships in engine/embedded/, when this build has one."""
     try:
@@ -66,8 +70,9 @@ def load_engine(spec: LoadSpec) -> EngineLike:
     """The real loader: imports the engine (and torch) lazily, on the worker thread."""
     model = spec.model or default_model_path()
     if model is None:
-        raise EngineError(
-            "no model configured: set the `model` setting to a checkpoint folder or repo id"
+        raise NoModelConfigured(
+            "no model configured: this install has no embedded model; set the `model` setting "
+            "to a checkpoint folder or repo id"
         )
     from engine.engine import Engine
 
@@ -249,6 +254,9 @@ class EngineWorker:
             started = time.perf_counter()
             try:
                 engine = self._loader(attempt)
+            except NoModelConfigured as exc:
+                errors = [str(exc)]
+                break
             except Exception as exc:  # EngineError, OOM, a broken checkpoint: report, keep serving
                 errors.append(f"{device}: {_one_line(exc)}")
                 log.warning("loading %s on %s failed: %s", spec.model, device, exc)

@@ -88,8 +88,13 @@ class Nvim:
     def send(self, keys: str) -> None:
         self._client("--remote-send", keys)
 
-    def probe(self, name: str) -> Any:
-        return json.loads(self._client("--remote-expr", f"luaeval('maskfill_test.{name}()')"))
+    def probe(self, name: str, arg: str | None = None) -> Any:
+        call = (
+            f"luaeval('maskfill_test.{name}(_A)', {json.dumps(arg)})"
+            if arg
+            else (f"luaeval('maskfill_test.{name}()')")
+        )
+        return json.loads(self._client("--remote-expr", call))
 
     def diagnostics(self) -> str:
         """What to show when a wait fails: nvim's output and the LSP log (server stderr)."""
@@ -165,7 +170,7 @@ def start_nvim(tmp_path: Path, memorized_model: Path) -> Iterator[Callable[..., 
 
 def wait_until_ready(nvim: Nvim) -> None:
     def ready() -> bool:
-        reply = nvim.probe("status")
+        reply = nvim.probe("exec", "maskfill.status")
         state = (reply["result"] or {}).get("loadState")
         assert state != "failed", f"the server could not load the model: {reply}"
         return state == "ready"
@@ -180,7 +185,9 @@ def cursor_keys(prefix: str) -> str:
     return f"<Esc>:call cursor({row}, {col + 1})<CR>"
 
 
-def test_setup_registers_the_server_and_its_commands(start_nvim: Callable[..., Nvim]) -> None:
+def test_setup_registers_the_server_toggle_and_tab_fallback(
+    start_nvim: Callable[..., Nvim],
+) -> None:
     nvim = start_nvim("x = 1\n", inline=True)
     config = nvim.probe("config")
     assert config["cmd"][0] == str(SERVER)
@@ -188,6 +195,19 @@ def test_setup_registers_the_server_and_its_commands(start_nvim: Callable[..., N
     assert config["inline_api"] is True
     assert config["has_before_init"] is False  # inline completion stays announced on 0.12
     assert config["commands"] == {"status": True, "toggle": True}
+    wait_for(lambda: nvim.probe("attached")["mode"] == "inline", 60, "LspAttach", nvim.diagnostics)
+
+    # :MaskfillToggle's command turns the server's completions off ...
+    assert nvim.probe("exec", "maskfill.toggle") == {"result": {"enabled": False}, "err": None}
+    # ... so with nothing to accept, <Tab> is an ordinary Tab (Python's ftplugin: expandtab,
+    # softtabstop 4, so spaces up to column 8).
+    nvim.send("A<Tab>")
+    wait_for(
+        lambda: nvim.probe("buffer") == {"lines": ["x = 1   "], "mode": "i"},
+        10,
+        "<Tab> to insert a tab",
+        lambda: f"buffer: {nvim.probe('buffer')}",
+    )
 
 
 def test_inline_suggestion_is_shown_and_accepted(
@@ -200,6 +220,8 @@ def test_inline_suggestion_is_shown_and_accepted(
     assert attached["mode"] == "inline", attached
     assert attached["keymaps"]["<Tab>"] == "maskfill: accept the suggestion"
     assert attached["keymaps"]["<M-]>"] == "maskfill: next suggestion"
+    # The server's maskfill/didChangeStatus notification reached the plugin.
+    wait_for(lambda: nvim.probe("attached")["statusline"] == "maskfill: ready", 10, "statusline")
 
     # Enter insert mode in the hole: InsertEnter makes Neovim ask for an inline completion.
     nvim.send(cursor_keys(prefix) + "i")

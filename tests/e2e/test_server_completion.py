@@ -143,6 +143,36 @@ async def test_multibyte_word_under_a_popup_selection_gets_a_correct_range(serve
     assert apply(text, item, encoding) == snippet("def is_even(n):\n").rstrip("\n")
 
 
+async def test_post_processing_on_the_models_own_output(server):
+    """Real model output through two rules: a mid-line cursor gets one line with the part
+    that repeats the rest of the line trimmed; an indented body follows the file's tabs."""
+    client, _, name = server
+    encoding = ENCODINGS[name]
+    mid_line = f"file:///{name}/mid_line.py"
+    text = "def is_even(n):\n    return n % 0\n"
+    open_document(client, mid_line, text)
+    items = await inline(client, mid_line, 1, len("    return n % "), invoked=False)
+    assert items and "\n" not in items[0].insert_text
+    assert apply(text, items[0], encoding) == snippet("def is_even(n):\n")
+
+    tabs = f"file:///{name}/tabs.py"
+    # Tab-indented code the model does not see (no lines after the cursor in its window)
+    # still decides how its body is indented.
+    text = "def is_even(n):\n\n\n\nclass Box:\n\tdef get(self):\n\t\treturn self.value\n"
+    open_document(client, tabs, text)
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"contextLinesAfter": 0})
+    )
+    try:
+        items = await inline(client, tabs, 1, 0, invoked=False)
+    finally:
+        client.workspace_did_change_configuration(
+            types.DidChangeConfigurationParams(settings={"contextLinesAfter": 60})
+        )
+    memorized_body = snippet("def is_even(n):\n").split("\n")[1]  # indented with spaces
+    assert items and items[0].insert_text == "\t" + memorized_body.lstrip(" ")
+
+
 async def test_crlf_file_gets_crlf_completion(server):
     client, _, name = server
     uri = f"file:///{name}/total.py"
@@ -154,7 +184,7 @@ async def test_crlf_file_gets_crlf_completion(server):
     assert prefix + items[0].insert_text == expected
 
 
-async def test_typed_through_reuses_the_suggestion_without_the_model(server):
+async def test_cache_and_typed_through_answer_without_the_model(server):
     client, _, name = server
     uri = f"file:///{name}/typed.py"
     prefix = "def is_even(n):\n"
@@ -162,6 +192,10 @@ async def test_typed_through_reuses_the_suggestion_without_the_model(server):
     first = await inline(client, uri, 1, 0, invoked=False)
     assert first and first[0].insert_text == snippet(prefix).split("\n")[1]
     before = await status(client)
+    assert await inline(client, uri, 1, 0, invoked=False) == first  # exact-context cache
+    cached = await status(client)
+    assert cached["cacheHits"] == before["cacheHits"] + 1
+    assert cached["modelRuns"] == before["modelRuns"]
     replace(client, uri, 2, (1, 0), (1, 0), "    ret")
     items = await inline(client, uri, 1, 7, invoked=False)
     after = await status(client)
@@ -202,28 +236,32 @@ async def test_burst_of_50_edits_answers_only_the_last_state(server):
 
 async def test_cancel_request_stops_the_job_and_the_server_keeps_serving(server):
     client, _, name = server
-    uri = f"file:///{name}/cancel.py"
-    open_document(client, uri, "def clamp(x, lo, hi):\n")
+    busy, target = f"file:///{name}/busy.py", f"file:///{name}/cancel.py"
+    open_document(client, busy, "def greet(name):\n")
+    open_document(client, target, "def clamp(x, lo, hi):\n")
     before = await status(client)
-    future = client.protocol.send_request(
-        types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(uri, 1, 0), msg_id=f"c-{name}"
+    # Back to back, as an editor does: the target queues behind (or starts right after) the
+    # busy document's run, and its $/cancelRequest arrives while it waits or denoises.
+    blocker = client.protocol.send_request(
+        types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(busy, 1, 0)
     )
-    await asyncio.sleep(0.05)
+    cancelled = client.protocol.send_request(
+        types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(target, 1, 0), msg_id=f"c-{name}"
+    )
     client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id=f"c-{name}"))
     with pytest.raises(JsonRpcRequestCancelled):
-        await asyncio.wrap_future(future)
-    uri2 = f"file:///{name}/after_cancel.py"
-    open_document(client, uri2, "def is_even(n):\n")
-    assert await inline(client, uri2, 1, 0)  # still serving
+        await asyncio.wrap_future(cancelled)
+    await asyncio.wrap_future(blocker)
 
     def stopped(s):
         return s["cancelledRuns"] + s["droppedJobs"]
 
-    for _ in range(600):  # the worker notices the flag at the next denoising step
+    for _ in range(600):  # a running job stops at its next denoising step
         if stopped(await status(client)) > stopped(before):
             break
         await asyncio.sleep(0.05)
-    assert stopped(await status(client)) > stopped(before)
+    assert stopped(await status(client)) == stopped(before) + 1
+    assert await inline(client, target, 1, 0, invoked=False)  # still serving, same document
 
 
 async def test_bad_input_gets_empty_answers_and_the_server_keeps_serving(server):

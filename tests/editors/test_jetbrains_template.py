@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 import sys
 from importlib.metadata import distribution
 from pathlib import Path
@@ -69,8 +70,16 @@ def test_command_is_the_installed_console_script() -> None:
         assert argv[0] in scripts, f"{os_key}: {argv[0]!r} is not a console script of maskfill"
         assert scripts[argv[0]] == "lsp_server.__main__:main"
         assert argv[1:] == ["--stdio"]
-    # The launcher exists where `pip install` put it (the venv running these tests).
-    assert (Path(sys.executable).parent / "maskfill-lsp").exists()
+    # The launcher exists where `pip install` put it (the venv running these tests) and runs.
+    launcher = Path(sys.executable).parent / "maskfill-lsp"
+    proc = subprocess.run(
+        [str(launcher), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0 and "--stdio" in proc.stdout, proc.stderr
 
 
 def test_command_line_is_accepted_by_the_server() -> None:

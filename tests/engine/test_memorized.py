@@ -154,3 +154,19 @@ def test_multiple_candidates_are_distinct_and_best_first(engine):
     assert result.text == texts[0]
     keys = [(c.ended, c.mean_confidence) for c in result.candidates]
     assert keys == sorted(keys, reverse=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decoding_matches_the_cpu_reference(engine, memorized_model):
+    on_gpu = Engine.load(str(memorized_model), device="cuda")
+    try:
+        for snippet in SNIPPETS:
+            prefix, middle, suffix, n = middle_of(engine, snippet)
+            base = dict(prefix=prefix, suffix=suffix, span_lengths=(n,), max_tokens=n,
+                        stop="free")
+            cpu = engine.complete(CompletionRequest(**base, use_cache=False))
+            fast = on_gpu.complete(CompletionRequest(**base))
+            assert fast.text == cpu.text == middle
+    finally:
+        on_gpu.close()

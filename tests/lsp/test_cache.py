@@ -1,6 +1,6 @@
 """Exact-context LRU and typed-through reuse."""
 
-from lsp_server.cache import ExactCache, TypedThrough
+from lsp_server.cache import ExactCache, TypedThrough, inserted_at
 
 
 def test_lru_hit_miss_and_eviction():
@@ -47,3 +47,13 @@ def test_typed_through_forgets_on_empty_answer():
     typed.remember("u", "ab", 1, ("x",))
     typed.remember("u", "ab", 1, ())
     assert typed.reuse("u", "axb", 2) is None
+
+
+def test_inserted_at_finds_only_a_pure_insertion_at_the_cursor():
+    before = "def f():\n    \nx = 1\n"
+    cursor = before.index("    \n") + 4
+    after = before[:cursor] + "ret" + before[cursor:]
+    assert inserted_at(before, after, cursor) == "ret"
+    assert inserted_at(before, before, cursor) is None  # nothing typed
+    assert inserted_at(before, "# " + after, cursor) is None  # an edit elsewhere
+    assert inserted_at(after, before, cursor) is None  # deletion

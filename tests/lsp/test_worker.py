@@ -209,3 +209,18 @@ def test_a_waiter_giving_up_does_not_break_the_worker(probe_worker):
     later = worker.submit("v", request("b"))
     assert later.future.result(5) is not None
     assert worker.state == "ready"
+
+
+def test_no_model_configured_fails_once_with_a_clear_message(monkeypatch):
+    import lsp_server.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "default_model_path", lambda: None)
+    events = []
+    worker = EngineWorker(
+        worker_module.load_engine, on_event=lambda kind, payload: events.append(kind)
+    )
+    worker.load(LoadSpec(model=None, device="cuda", fallback_device="cpu"))
+    wait_until(lambda: worker.state == "failed")
+    assert worker.error.startswith("no model configured")
+    assert events.count("load-begin") == 1  # another device would not help
+    worker.close()

@@ -36,10 +36,11 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     item.backgroundColor = view.isError ? new vscode.ThemeColor("statusBarItem.errorBackground") : undefined;
     item.show();
   };
-  const fail = (message: string): void => {
+  const fail = (message: string, notify = true): void => {
     status.setPhase("error", message);
     render();
     log.error(message);
+    if (!notify) return;
     void vscode.window.showErrorMessage(`maskfill: ${message}`, "Show Log").then((choice) => {
       if (choice) log.show();
     });
@@ -49,18 +50,14 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   const onServerStatus = (params: ServerStatus): void => {
     const { phase, detail } = phaseFromServerStatus(params);
     if (typeof params.enabled === "boolean") status.enabled = params.enabled;
-    if (phase !== "error") status.setPhase(phase, detail);
-    else if (status.phase !== "error") fail(detail); // say it once, not on every repeat
+    status.setPhase(phase, detail); // a failed load also comes as the server's own showMessage
     render();
-    if (phase === "ready") {
-      queryServerStatus().then(
-        (reply) => {
-          status.detail = describeModel(reply);
-          render();
-        },
-        () => undefined, // the tooltip just goes without the model's name
-      );
-    }
+    if (phase !== "ready") return;
+    const named = (reply: unknown): void => {
+      status.detail = describeModel(reply);
+      render();
+    };
+    queryServerStatus().then(named, () => undefined); // without it the tooltip names no model
   };
 
   const start = async (): Promise<void> => {
@@ -103,7 +100,8 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     try {
       await client.start();
     } catch (err) {
-      return fail(`the server did not start: ${err instanceof Error ? err.message : String(err)}`);
+      const reason = err instanceof Error ? err.message : String(err);
+      return fail(`the server did not start: ${reason}`, false); // the client already said so
     }
     if (status.phase === "starting") status.setPhase("loading"); // until the server says ready
     render();

@@ -122,6 +122,7 @@ const changeConfig = async () => {
 };
 
 beforeEach(() => {
+  vi.clearAllMocks(); // the log's spies are shared by every test
   dir = fs.mkdtempSync(path.join(os.tmpdir(), "maskfill-ext-"));
   server = path.join(dir, "maskfill-lsp");
   fs.writeFileSync(server, "#!/bin/sh\n", { mode: 0o755 });
@@ -186,6 +187,17 @@ describe("activate", () => {
     ]);
     h.state.commands.get("maskfill.showLog")!();
     expect(h.state.log.show).toHaveBeenCalled();
+    // The command palette lists exactly these (package.json contributes.commands).
+    const manifest = JSON.parse(fs.readFileSync(path.join(__dirname, "..", "package.json"), "utf8"));
+    const contributed = manifest.contributes.commands.map((c: { command: string }) => c.command);
+    expect(contributed.sort()).toEqual([...h.state.commands.keys()].sort());
+  });
+
+  it("shows the server's status in the log", async () => {
+    await activate(context());
+    await h.state.commands.get("maskfill.showServerStatus")!();
+    expect(h.state.log.info).toHaveBeenCalledWith(expect.stringContaining('"loadState": "ready"'));
+    expect(h.state.log.show).toHaveBeenCalled();
   });
 
   it("says plainly when the server cannot be found", async () => {
@@ -207,17 +219,18 @@ describe("activate", () => {
   it("shows a server that fails to start as an error", async () => {
     h.state.startError = new Error("spawn EACCES");
     await activate(context());
-    expect(h.state.errors[0]).toContain("spawn EACCES");
     expect(h.state.item.text).toBe("$(error) maskfill");
+    expect(h.state.item.tooltip).toContain("spawn EACCES");
+    expect(h.state.log.error).toHaveBeenCalledWith("the server did not start: spawn EACCES");
   });
 
-  it("shows a model that failed to load as an error, once", async () => {
+  it("shows a model that failed to load as an error in the status bar", async () => {
     await activate(context());
     const failed = { state: "failed", enabled: true, error: "cuda: CUDA out of memory" };
     h.state.clients[0].notifyFromServer(STATUS, failed);
-    h.state.clients[0].notifyFromServer(STATUS, failed);
-    expect(h.state.errors).toEqual(["maskfill: cuda: CUDA out of memory"]);
     expect(h.state.item.text).toBe("$(error) maskfill");
+    expect(h.state.item.tooltip).toContain("cuda: CUDA out of memory");
+    expect(h.state.errors).toEqual([]); // the server's showMessage already said it
   });
 });
 

@@ -31,9 +31,9 @@ local function ghost_texts()
 end
 
 _G.maskfill_test = {
-  -- The server's maskfill.status reply, or the error that prevented it.
-  status = function()
-    local result, err = require('maskfill').exec('maskfill.status')
+  -- A server command's reply (maskfill.status, maskfill.toggle), or the error that prevented it.
+  exec = function(command)
+    local result, err = require('maskfill').exec(command)
     return vim.json.encode({ result = result or vim.NIL, err = err or vim.NIL })
   end,
   -- How the plugin attached: 'inline', 'menu', or '' before LspAttach.
@@ -44,7 +44,8 @@ _G.maskfill_test = {
       keymaps[lhs] = vim.fn.maparg(lhs, 'i', false, true).desc or vim.NIL
     end
     return vim.json.encode({
-      mode = require('maskfill').mode or '',
+      mode = vim.b.maskfill_mode or '',
+      statusline = require('maskfill').statusline(),
       clients = #clients,
       keymaps = keymaps,
     })

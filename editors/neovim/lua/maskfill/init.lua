@@ -25,8 +25,11 @@ local function has_inline_api()
   return vim.lsp.inline_completion ~= nil and vim.lsp.inline_completion.enable ~= nil
 end
 
+-- Client methods are called with `:` from 0.11 on; 0.10 has plain functions.
+local HAS_0_11 = vim.fn.has('nvim-0.11') == 1
+
 local function supports(client, method, bufnr)
-  if vim.fn.has('nvim-0.11') == 1 then
+  if HAS_0_11 then
     return client:supports_method(method, bufnr)
   end
   return client.supports_method(method, { bufnr = bufnr })
@@ -46,6 +49,28 @@ local function merge_options(opts)
   return merged
 end
 
+-- The server's last `maskfill/didChangeStatus`: { state = loading|ready|failed|..., enabled,
+-- error }.
+M.server_status = nil
+
+-- For a statusline: "maskfill: ready", "maskfill: loading", "maskfill: off", or "" before start.
+function M.statusline()
+  local status = M.server_status
+  if not status then
+    return ''
+  end
+  if status.state == 'ready' and status.enabled == false then
+    return 'maskfill: off'
+  end
+  return 'maskfill: ' .. tostring(status.state)
+end
+
+-- (A failed load also arrives as window/showMessage, which Neovim shows; no second message.)
+local function on_server_status(_, params)
+  M.server_status = params
+  vim.api.nvim_exec_autocmds('User', { pattern = 'MaskfillStatus', modeline = false })
+end
+
 -- The vim.lsp config this plugin registers (exposed for tests and for vim.lsp.start users).
 function M.lsp_config(opts)
   local config = {
@@ -54,6 +79,7 @@ function M.lsp_config(opts)
     filetypes = opts.filetypes,
     -- An empty Lua table would be sent as a JSON list; the server wants an object.
     init_options = next(opts.settings) and opts.settings or vim.empty_dict(),
+    handlers = { ['maskfill/didChangeStatus'] = on_server_status },
   }
   if not (opts.inline and has_inline_api()) then
     -- The server answers textDocument/completion only for clients without inline completion
@@ -125,25 +151,26 @@ end
 function M.attach(client, bufnr, opts)
   if opts.inline and has_inline_api() and supports(client, INLINE, bufnr) then
     attach_inline(bufnr, opts.keymaps)
-    M.mode = 'inline'
+    vim.b[bufnr].maskfill_mode = 'inline'
   elseif supports(client, COMPLETION, bufnr) then
     attach_menu(client, bufnr, opts.keymaps)
-    M.mode = 'menu'
+    vim.b[bufnr].maskfill_mode = 'menu'
   end
-end
-
-local function client_for(bufnr)
-  return vim.lsp.get_clients({ name = NAME, bufnr = bufnr })[1] or vim.lsp.get_clients({ name = NAME })[1]
 end
 
 -- Runs a server command (maskfill.status, maskfill.toggle); returns its result or nil, error.
 function M.exec(command, timeout_ms)
-  local client = client_for(vim.api.nvim_get_current_buf())
+  local client = vim.lsp.get_clients({ name = NAME, bufnr = 0 })[1]
+    or vim.lsp.get_clients({ name = NAME })[1]
   if not client then
     return nil, 'maskfill-lsp is not running'
   end
   local params = { command = command, arguments = {} }
-  local reply, err = client:request_sync('workspace/executeCommand', params, timeout_ms or 2000)
+  local method, timeout = 'workspace/executeCommand', timeout_ms or 2000
+  local request_sync = HAS_0_11 and client.request_sync or function(_, ...)
+    return client.request_sync(...)
+  end
+  local reply, err = request_sync(client, method, params, timeout, vim.api.nvim_get_current_buf())
   if not reply then
     return nil, err or 'no reply'
   end
@@ -164,7 +191,6 @@ end
 
 function M.setup(opts)
   opts = merge_options(opts)
-  M.options = opts
   local config = M.lsp_config(opts)
   local group = vim.api.nvim_create_augroup('maskfill', { clear = true })
 
@@ -185,7 +211,8 @@ function M.setup(opts)
     vim.api.nvim_create_autocmd('FileType', {
       group = group,
       callback = function(args)
-        local ft_ok = not opts.filetypes or vim.tbl_contains(opts.filetypes, vim.bo[args.buf].filetype)
+        local filetype = vim.bo[args.buf].filetype
+        local ft_ok = not opts.filetypes or vim.tbl_contains(opts.filetypes, filetype)
         if ft_ok and vim.bo[args.buf].buftype == '' then
           local root = vim.fs.root(args.buf, opts.root_markers)
           vim.lsp.start(vim.tbl_extend('force', config, { name = NAME, root_dir = root }))
