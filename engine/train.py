@@ -43,7 +43,11 @@ from engine.model import Transformer
 from engine.objective import masked_diffusion_loss
 from engine.tokenizer import Tokenizer, train_bpe
 
-HOLE_BUCKETS = (8, 16, 32, 64)  # the engine's span buckets (engine/denoiser.py)
+HOLE_BUCKETS = (8, 16, 32, 64)  # the engine's span buckets (engine/engine.py)
+# How a FIM row's hole length is drawn among the buckets that fit its middle. "uniform" pads
+# holes with ~75% EOS on average, and a small model then learns "EOS" as the safe answer for every
+# masked slot and floods holes with it; "small-first" favours the tightest bucket.
+HOLE_POLICIES = {"uniform": (1.0, 1.0, 1.0, 1.0), "small-first": (0.55, 0.25, 0.12, 0.08)}
 TOKENIZER_SAMPLE_BYTES = 12_000_000
 _NEWLINE = re.compile("\n")  # BPE merges stabilise long before the whole corpus
 
@@ -109,7 +113,8 @@ class Batch:
 class RowSampler:
     """Builds training rows from corpus text, in the engine's Dream infill layout."""
 
-    def __init__(self, texts: list[str], tokenizer: Tokenizer, seq_len: int):
+    def __init__(self, texts: list[str], tokenizer: Tokenizer, seq_len: int,
+                 hole_policy: str = "small-first"):
         self.texts = [t for t in texts if t.strip()]
         sizes = np.array([len(t) for t in self.texts], dtype=np.float64)
         self.weights = sizes / sizes.sum()  # files drawn by size: every byte equally likely
@@ -117,6 +122,7 @@ class RowSampler:
         self.seq_len = seq_len
         self.chars = seq_len * 6  # generous: code runs ~3-4 chars per token
         self._line_starts: dict[int, list[int]] = {}
+        self.hole_weights = HOLE_POLICIES[hole_policy]
 
     def batch(self, rng: np.random.Generator, n_plain: int, n_fim: int) -> tuple[Batch, Batch]:
         plain = [self._plain_row(rng) for _ in range(n_plain)]
@@ -154,8 +160,9 @@ class RowSampler:
                 break
         else:  # pathological corpus (tests): fall back to a plain row
             return self._plain_row(rng)
-        fitting = [b for b in HOLE_BUCKETS if b >= len(middle)]
-        hole = int(rng.choice(fitting))
+        fitting = [i for i, b in enumerate(HOLE_BUCKETS) if b >= len(middle)]
+        weights = np.array([self.hole_weights[i] for i in fitting])
+        hole = HOLE_BUCKETS[fitting[int(rng.choice(len(fitting), p=weights / weights.sum()))]]
         budget = self.seq_len - 2 - hole
         prefix = self.tok.encode(text[max(0, lo - self.chars) : lo])
         suffix = self.tok.encode(text[hi : hi + self.chars])
@@ -218,6 +225,8 @@ class TrainState:
     tokens_budget: int | None = None
     corpus: dict = dataclasses.field(default_factory=dict)  # manifest summary
     curve: list = dataclasses.field(default_factory=list)  # [step, tokens, minutes, loss, fim]
+    hole_policy: str = "uniform"  # runs saved before the policy existed used uniform
+    notes: list = dataclasses.field(default_factory=list)  # changes made when resuming
 
     def progress(self) -> float:
         parts = [self.seconds / 60.0 / self.minutes_budget] if self.minutes_budget else []
@@ -334,7 +343,8 @@ Python sources from the standard library, then the packages installed next to ma
 ## Training
 Masked diffusion (t ~ U(1e-3, 1), loss weighted by 1/t): half of each batch plain text (half of
 those with a contiguous masked span), half infill rows `[BOS] prefix middle EOS*pad suffix [EOS]`
-with only the hole maskable (hole of 8/16/32/64 slots). AdamW, cosine schedule, fp32 on CPU.
+with only the hole maskable (hole of 8/16/32/64 slots, drawn {state.hole_policy!r}). AdamW,
+cosine schedule, fp32 on CPU.{''.join(chr(10) + '- ' + n for n in state.notes)}
 - steps: {state.step}, tokens seen: {state.tokens} ({state.tokens / 1e6:.2f}M),
   wall time: {state.seconds / 60:.1f} min
 - final loss (nats/token, 1/t-weighted): {state.curve[-1][3] if state.curve else float('nan'):.3f}
@@ -429,6 +439,10 @@ def train(argv: list[str] | None = None) -> Path:
         model.to(device)
     else:
         state = TrainState(preset=ns.preset, seed=ns.seed, corpus=summary)
+    if resuming and state.hole_policy != ns.hole_policy:
+        state.notes.append(f"from step {state.step}: hole lengths drawn {ns.hole_policy!r} "
+                           f"(before: {state.hole_policy!r})")
+    state.hole_policy = ns.hole_policy
     state.minutes_budget = ns.minutes
     state.steps_budget = ns.steps
     state.tokens_budget = ns.tokens
@@ -436,7 +450,7 @@ def train(argv: list[str] | None = None) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     start = f"resuming at step {state.step}" if resuming else "fresh"
     log(f"model: {n_params / 1e6:.2f}M parameters; {start}")
-    sampler = RowSampler(texts, tokenizer, preset.seq_len)
+    sampler = RowSampler(texts, tokenizer, preset.seq_len, ns.hole_policy)
     n_fim = int(round(preset.batch_size * ns.fim_fraction))
     n_plain = preset.batch_size - n_fim
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -532,6 +546,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="save and stop at this step, budget unchanged (continue with --resume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus-bytes", type=int, default=None, help="override the preset's")
+    p.add_argument("--hole-policy", choices=sorted(HOLE_POLICIES), default="small-first",
+                   help="how infill rows pick their hole length among the buckets that fit")
     p.add_argument("--fim-fraction", type=float, default=0.5, help="share of infill rows")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
