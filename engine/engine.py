@@ -25,6 +25,7 @@ from engine.api import (
     EngineInfo,
 )
 from engine.denoiser import Denoised, StopSignal, denoise, denoise_expanding
+from engine.quantize import parameter_count, weight_bytes
 
 HOLE_BUCKETS = (8, 16, 32, 64)  # unknown span length: rows of these lengths share one batch
 LINE_BUCKETS = (8, 16, 32)  # a single line rarely needs more
@@ -151,7 +152,6 @@ class Engine:
     def info(self) -> EngineInfo:
         loaded = self._require()
         model = loaded.model
-        tensors = list(model.parameters()) + list(model.buffers())
         return EngineInfo(
             model=self._spec,
             path=str(loaded.path),
@@ -159,8 +159,8 @@ class Engine:
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
             quant=self._quant,
-            weight_bytes=sum(t.numel() * t.element_size() for t in tensors),
-            parameters=sum(p.numel() for p in model.parameters()),
+            weight_bytes=weight_bytes(model),  # quantized tensors are buffers: count those too
+            parameters=parameter_count(model),
             max_context=loaded.args.max_context,
             load_ms=self._load_ms,
         )

@@ -18,9 +18,10 @@ prompt + completion + suffix + "\\n" + test + "\\n" + f"check({entry_point})".
 
 Output: a table, then ONE JSON line (last line on stdout) with pass_at_1 (fraction or null),
 tasks, passes_per_token, ms_p50, model. `--dump` writes {task_id, completion} lines;
-`--completions` scores such a file instead of running a model. When the model folder carries the
-training-corpus manifest (our embedded model), the word-10-gram overlap between the benchmark's
-reference programs and that corpus is measured and printed.
+`--completions` scores such a file instead of running a model (with the stats a dump carries,
+so `--shard` runs can be merged: cat their dumps and score the result). When the model folder
+carries the training-corpus manifest (our embedded model), the word-10-gram overlap between the
+benchmark's reference programs and that corpus is measured and printed.
 """
 
 from __future__ import annotations
@@ -387,6 +388,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ns
 
 
+def _from_dump(task: Task, line: dict, spec: SuiteSpec) -> Scored:
+    """A dumped completion; the generation stats come along when the dump has them (a merged
+    set of --shard dumps then reports the same latency and passes as one run would)."""
+    if not isinstance(line.get("completion"), str):
+        raise EngineError(f"completion for task {task.task_id!r} is not a string")
+    return Scored(task, postprocess(line["completion"], spec, task), ms=line.get("ms"),
+                  forward_passes=int(line.get("forward_passes") or 0),
+                  committed=int(line.get("committed_tokens") or 0),
+                  context_tokens=int(line.get("context_tokens") or 0))
+
+
 def resolve_model(spec: str | None) -> str:
     if spec is not None:
         return spec
@@ -419,13 +431,18 @@ def run(ns: argparse.Namespace) -> dict:
         tasks = tasks[ns.shard[0] :: ns.shard[1]]
 
     if ns.completions is not None:
-        given = {str(r["task_id"]): r["completion"] for r in read_jsonl(ns.completions)}
+        given = {str(r["task_id"]): r for r in read_jsonl(ns.completions)}
         missing = [t.task_id for t in tasks if t.task_id not in given]
         if missing:
             raise EngineError(f"{ns.completions}: no completion for task {missing[0]!r} "
                               f"({len(missing)} missing)")
-        results = [Scored(t, postprocess(given[t.task_id], spec, t)) for t in tasks]
-        model_label = f"completions:{ns.completions}"
+        results = [_from_dump(t, given[t.task_id], spec) for t in tasks]
+        models = {given[t.task_id].get("model") for t in tasks}
+        source = models.pop() if len(models) == 1 and None not in models else None
+        model_label = (f"{source} (from {ns.completions})" if source
+                       else f"completions:{ns.completions}")
+        if source and Path(source).is_dir():
+            model_dir = Path(source)  # for the overlap check
     else:
         results = generate(engine, tasks, spec, ns)
         engine.close()
@@ -433,7 +450,11 @@ def run(ns: argparse.Namespace) -> dict:
     if ns.dump is not None:
         with ns.dump.open("w", encoding="utf-8") as fh:
             for r in results:
-                fh.write(json.dumps({"task_id": r.task.task_id, "completion": r.completion}) + "\n")
+                fh.write(json.dumps({"task_id": r.task.task_id, "completion": r.completion,
+                                     "model": model_label, "ms": r.ms,
+                                     "forward_passes": r.forward_passes,
+                                     "committed_tokens": r.committed,
+                                     "context_tokens": r.context_tokens}) + "\n")
 
     score(results, spec, ns.timeout, ns.workers)
     summary = summarize(results, spec)

@@ -343,10 +343,14 @@ def load_model(
             )
     state = _read_tensors(tensors, expected, load_dtype, load_device)
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model holds the tensors now; drop the dict before quantizing copies them
 
     if quant != "none":
         if quantize_fn is None:
-            from engine.quantize import quantize_model as quantize_fn
+            from engine.quantize import quantize_model
+
+            def quantize_fn(m, mode):  # fp8 needs the target device to refuse a CPU target
+                return quantize_model(m, mode, device=target)
         quantize_fn(model, quant)
     model = model.to(target).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, path=path, device=target,
