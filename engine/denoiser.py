@@ -46,6 +46,12 @@ class StopSignal:
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
+    def halts(self, out: Denoised) -> bool:
+        """True when the loop must stop now; records why on `out`."""
+        out.cancelled = self.cancelled()
+        out.timed_out = not out.cancelled and self.expired()
+        return out.cancelled or out.timed_out
+
 
 @dataclass
 class Denoised:
@@ -216,11 +222,7 @@ def denoise(
             break
         if step % every == 0 and not bool(masked.any()):
             break
-        if stop.cancelled():
-            out.cancelled = True
-            break
-        if stop.expired():
-            out.timed_out = True
+        if stop.halts(out):
             break
         refresh = request.cache_refresh_every > 0 and step % request.cache_refresh_every == 0
         if request.use_cache and not refresh:
@@ -267,11 +269,7 @@ def denoise_expanding(
         masked_slots = [i for i, tok in enumerate(hole) if tok == mask_id]
         if not masked_slots:
             break
-        if stop.cancelled():
-            out.cancelled = True
-            break
-        if stop.expired():
-            out.timed_out = True
+        if stop.halts(out):
             break
         seq = torch.tensor([lead + hole + tail], device=device)
         positions = torch.arange(seq.shape[1], device=device)[None, :]
