@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -33,7 +34,10 @@ def read_source(path: Path) -> str:
         raise EngineError(f"cannot read {path}: {exc.strerror}") from None
     if size > MAX_FILE_BYTES:
         raise EngineError(f"{path} is {size} bytes; files over {MAX_FILE_BYTES} bytes are refused")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # a directory, a permission problem, a vanished file
+        raise EngineError(f"cannot read {path}: {exc.strerror}") from None
     if b"\x00" in data:
         raise EngineError(f"{path} looks binary (contains NUL bytes)")
     try:
@@ -44,9 +48,8 @@ def read_source(path: Path) -> str:
 
 def split_at(text: str, line: int, col: int) -> tuple[str, str]:
     """Split text at an editor position: 1-based line, 0-based character (code point)."""
-    lines = text.splitlines(keepends=True) or [""]
-    if text.endswith(("\n", "\r")):
-        lines.append("")  # a cursor may sit on the empty last line
+    # Editors break lines at \n, \r\n and \r only (str.splitlines also breaks at \f, \x85, ...).
+    lines = re.split(r"(?<=\r\n)|(?<=\n)|(?<=\r)(?!\n)", text)
     if not 1 <= line <= len(lines):
         raise EngineError(f"line {line} is outside the file (1..{len(lines)})")
     body = lines[line - 1].rstrip("\r\n")
@@ -89,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-cache", action="store_true", help="full forward every step (reference)")
     c.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
-    b = sub.add_parser("bench", help="speed and memory benchmarks: a table, then one JSON line")
-    _add_model_args(b)
+    b = sub.add_parser("bench", help="speed and memory benchmarks: a table, then one JSON line "
+                       "(run from a source checkout: it trains the memorized test model)")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     b.add_argument("--skip-server", action="store_true", help="engine figures only")
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     return parser

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from engine.api import EngineError
 from engine.config import ModelArgs
 from engine.model import Transformer
 
@@ -152,7 +153,17 @@ def bench_server(device: torch.device, path: Path) -> dict[str, float]:
 
 
 def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True) -> int:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EngineError(f"unknown device {device!r} (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda asked for, but torch sees no CUDA device")
+    try:
+        from tests.fixtures.memorized import train_memorized_checkpoint
+    except ImportError:
+        raise EngineError("the bench trains the memorized test model from tests/: run it from "
+                          "the repository root of a source checkout (make bench)") from None
     reps = 3 if quick else 10
     results: dict[str, float | str] = {"device": str(dev)}
     if dev.type == "cuda":
@@ -163,8 +174,6 @@ def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True
             results[f"step_ms_uncached_{ctx}"] / results[f"step_ms_cached_{ctx}"])
     results["cached_step_speedup"] = results[f"cached_step_speedup_{CONTEXTS[-1]}"]
     results.update(bench_weight_bytes(dev))
-    from tests.fixtures.memorized import train_memorized_checkpoint
-
     with tempfile.TemporaryDirectory() as tmp:
         memorized = train_memorized_checkpoint(Path(tmp) / "memorized")
         results.update(bench_memorized(dev, memorized))

@@ -298,14 +298,15 @@ class Engine:
     def _rank(self, request: CompletionRequest, done: Denoised, rows: list[int]):
         """Trim every row at its first end token, apply the stop mode, rank, drop duplicates.
 
-        Rank: rows an end token closed before their last slot first (their length fit), then the
-        mean probability of the tokens the model committed (forced EOS padding excluded)."""
+        Rank by the mean probability of the tokens the model committed (forced EOS padding
+        excluded); among equals, a row an end token closed before its last slot wins. On the
+        memorized model, confidence first picked the exact middle more often than ended-first."""
         tok = self._loaded.tokenizer
         mask_id = self._loaded.args.mask_token_id
         holes = done.hole.tolist()
         confidences = done.confidence.tolist()
         forced = done.forced.tolist()
-        scored: list[tuple[tuple[bool, float], int, Candidate]] = []
+        scored: list[tuple[tuple[float, bool], int, Candidate]] = []
         for r, length in enumerate(rows):
             tokens, ended = fim.trim_at_end(holes[r][:length], self._end_ids, mask_id)
             used = min(len(tokens) + (1 if ended else 0), length)
@@ -315,7 +316,7 @@ class Engine:
             text = fim.apply_stop(tok.decode(tokens), request.stop, request.prefix)
             cand = Candidate(text=text, mean_confidence=mean_conf, span_length=length,
                              ended=ended and len(tokens) < length)
-            scored.append(((cand.ended, mean_conf), r, cand))
+            scored.append(((mean_conf, cand.ended), r, cand))
         scored.sort(key=lambda item: item[0], reverse=True)
         seen: set[str] = set()
         candidates: list[Candidate] = []

@@ -110,3 +110,23 @@ def test_split_at_uses_editor_positions():
         split_at(text, 2, 9)
     with pytest.raises(EngineError, match="line 0"):
         split_at(text, 0, 0)
+
+
+def test_a_directory_or_form_feed_file_is_handled(tmp_path, source_file):
+    model = make_tiny_checkpoint(tmp_path / "m", "dream")
+    proc = run_cli("--model", str(model), "--file", str(tmp_path), "--line", "1", "--col", "0")
+    assert_one_clean_line(proc, "cannot read")
+    # A form feed is not a line break for an editor: line 2 starts after the "\n".
+    assert split_at("a\x0cb\nc\n", 2, 0) == ("a\x0cb\n", "c\n")
+    assert split_at("a\rb", 2, 1) == ("a\rb", "")
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda"])
+def test_bench_refuses_an_unusable_device_with_one_line(device):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run([sys.executable, "-m", "engine", "bench", "--device", device],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert_one_clean_line(proc, "device")

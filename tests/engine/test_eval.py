@@ -107,6 +107,7 @@ def _snippet_task(tokenizer, index: int, test: str, entry_point: str) -> tuple[d
             "suffix": suffix, "test": test, "entry_point": entry_point}, end - start
 
 
+@pytest.mark.slow
 def test_a_real_model_fills_holes_that_pass_their_tests(memorized_model, tmp_path):
     tokenizer = Tokenizer.from_dir(memorized_model)
     made = [
@@ -204,3 +205,17 @@ def test_cli_help_lists_the_suites(capsys):
         fim_eval.parse_args(["--help"])
     out = capsys.readouterr().out
     assert "humaneval-single" in out and "jsonl:PATH" in out
+
+
+def test_shard_dumps_merge_into_one_scored_run_with_their_stats(tmp_path):
+    suite = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
+    lines = [{"task_id": t["task_id"], "completion": t["canonical_solution"], "model": "m",
+              "ms": 10.0 * (i + 1), "forward_passes": 2, "committed_tokens": 4,
+              "context_tokens": 20} for i, t in enumerate(TASKS)]
+    merged = write_jsonl(tmp_path / "merged.jsonl", lines[2:] + lines[:2])  # any order
+    record = run_eval("--suite", f"jsonl:{suite}", "--completions", str(merged))
+    assert record["tasks"] == 3 and record["pass_at_1"] == 1.0
+    assert record["ms_p50"] == 20.0 and record["passes_per_token"] == 0.5
+    assert record["model"].startswith("m (from ")
+    shard = run_eval("--suite", f"jsonl:{suite}", "--completions", str(merged), "--shard", "1/2")
+    assert shard["tasks"] == 1 and shard["shard"] == "1/2"

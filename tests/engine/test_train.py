@@ -103,6 +103,7 @@ def test_training_steps_decrease_the_loss(tokenizer):
     assert after < 0.7 * before
 
 
+@pytest.mark.slow
 def test_run_writes_a_published_checkpoint_that_loads_and_completes(paused_run):
     ckpt = paused_run / "checkpoint"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "TRAINING.md",
@@ -130,6 +131,7 @@ def test_run_writes_a_published_checkpoint_that_loads_and_completes(paused_run):
     assert manifest.list_hash in report and "steps: 3" in report
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_like_an_uninterrupted_run(paused_run, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(paused_run, resumed)
@@ -148,6 +150,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(paused_run, tmp_path
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run_or_resume_nothing(paused_run, tmp_path):
     with pytest.raises(SystemExit, match="--resume"):
         train.train([*TINY, "--steps", "6", "--out", str(paused_run)])
