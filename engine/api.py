@@ -55,7 +55,9 @@ class Candidate(msgspec.Struct, kw_only=True, frozen=True):
 
 class CompletionStats(msgspec.Struct, kw_only=True):
     forward_passes: int = 0
+    # slots filled per step, including EOS written by the pad-to-the-right rule (padded_tokens)
     tokens_committed_per_step: list[int] = msgspec.field(default_factory=list)
+    padded_tokens: int = 0  # of those, end tokens the rule wrote rather than the model
     # milliseconds per phase: tokenize, encode, denoise, decode, total
     timings_ms: dict[str, float] = msgspec.field(default_factory=dict)
     mean_confidence: float = 0.0
@@ -68,6 +70,11 @@ class CompletionStats(msgspec.Struct, kw_only=True):
     @property
     def committed_tokens(self) -> int:
         return sum(self.tokens_committed_per_step)
+
+    @property
+    def model_tokens(self) -> int:
+        """Tokens the model itself chose: the honest denominator of passes per token."""
+        return self.committed_tokens - self.padded_tokens
 
 
 class CompletionResult(msgspec.Struct, kw_only=True):

@@ -241,6 +241,7 @@ class Engine:
         stats.cancelled, stats.timed_out = done.cancelled, done.timed_out
         if best_row is not None:
             stats.tokens_committed_per_step = done.commits[best_row]
+            stats.padded_tokens = int(done.forced[best_row].sum())
             stats.span_length = rows[best_row]
         if candidates:
             stats.mean_confidence = candidates[0].mean_confidence
@@ -298,15 +299,16 @@ class Engine:
     def _rank(self, request: CompletionRequest, done: Denoised, rows: list[int]):
         """Trim every row at its first end token, apply the stop mode, rank, drop duplicates.
 
-        Rank by the mean probability of the tokens the model committed (forced EOS padding
-        excluded); among equals, a row an end token closed before its last slot wins. On the
-        memorized model, confidence first picked the exact middle more often than ended-first."""
+        Rank: rows an end token closed before their last slot first (a row that used every slot
+        was probably cut short), then the mean probability of the tokens the model committed
+        (forced EOS padding excluded). Confidence alone picked truncated short rows for whole
+        bodies on the memorized model (docs/LOG.md)."""
         tok = self._loaded.tokenizer
         mask_id = self._loaded.args.mask_token_id
         holes = done.hole.tolist()
         confidences = done.confidence.tolist()
         forced = done.forced.tolist()
-        scored: list[tuple[tuple[float, bool], int, Candidate]] = []
+        scored: list[tuple[tuple[bool, float], int, Candidate]] = []
         for r, length in enumerate(rows):
             tokens, ended = fim.trim_at_end(holes[r][:length], self._end_ids, mask_id)
             used = min(len(tokens) + (1 if ended else 0), length)
@@ -316,7 +318,7 @@ class Engine:
             text = fim.apply_stop(tok.decode(tokens), request.stop, request.prefix)
             cand = Candidate(text=text, mean_confidence=mean_conf, span_length=length,
                              ended=ended and len(tokens) < length)
-            scored.append(((mean_conf, cand.ended), r, cand))
+            scored.append(((cand.ended, mean_conf), r, cand))
         scored.sort(key=lambda item: item[0], reverse=True)
         seen: set[str] = set()
         candidates: list[Candidate] = []

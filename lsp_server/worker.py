@@ -315,7 +315,7 @@ class EngineWorker:
         else:
             self.stats.engine_ms.append(elapsed_ms)
             self.stats.forward_passes += result.stats.forward_passes
-            self.stats.committed_tokens += result.stats.committed_tokens
+            self.stats.committed_tokens += result.stats.model_tokens
         return result
 
     def _smaller_or_fallback(

@@ -199,3 +199,67 @@ def test_bad_load_options_are_engine_errors(tmp_path):
 def test_text_that_cannot_be_tokenized_is_an_engine_error(engines):
     with pytest.raises(EngineError, match="cannot be tokenized"):
         engines["dream"].complete(CompletionRequest(prefix="a\ud800", suffix=""))
+
+
+class ScriptedLogits:
+    """A stand-in model for the DreamOn loop's bookkeeping: each forward pass returns logits
+    that make one chosen slot certain (and every other slot uniform, i.e. maximal entropy), so
+    the test controls which slot is committed with which token, step by step."""
+
+    def __init__(self, vocab: int, script: list[tuple[int, int]]):
+        self.vocab, self.script, self.calls, self.lengths = vocab, script, 0, []
+
+    def forward(self, seq, positions):
+        return torch.zeros(seq.shape[0], seq.shape[1], 1)
+
+    def output(self, hidden):
+        n = hidden.shape[1]
+        self.lengths.append(n)
+        slot, token = self.script[self.calls]
+        self.calls += 1
+        logits = torch.zeros(1, n, self.vocab)
+        logits[0, slot, token] = 50.0
+        return logits
+
+
+def test_dreamon_loop_expands_commits_and_deletes_as_scripted():
+    from types import SimpleNamespace
+
+    from engine.denoiser import StopSignal, denoise_expanding
+
+    eos, mask, expand = 5, 6, 7
+    args = SimpleNamespace(expand_token_id=expand, mask_token_id=mask)
+    # EXPAND at slot 0 (2 -> 3 slots), token 1 at slot 0, token 2 at slot 1, EOS at slot 2
+    # (deleted: it filled a slot that was MASK, so the hole shrinks back to 2).
+    model = ScriptedLogits(8, [(0, expand), (0, 1), (1, 2), (2, eos)])
+    done = denoise_expanding(
+        model, args, [0, 3], [4], CompletionRequest(prefix="", suffix="", max_tokens=8),
+        initial_length=2, window=64, temperature=0.0, generator=torch.Generator(),
+        stop=StopSignal(), device=torch.device("cpu"), end_ids={eos},
+        banned_ids=torch.empty(0, dtype=torch.long),
+    )
+    assert done.hole.tolist() == [[1, 2]]
+    assert model.lengths == [2, 3, 3, 3]  # the hole grew after the first step
+    assert done.forward_passes == 4 and done.commits == [[1, 1, 1, 1]]
+    assert not done.forced.any()
+
+
+def test_dreamon_loop_refuses_expansion_once_the_budget_is_spent():
+    from types import SimpleNamespace
+
+    from engine.denoiser import StopSignal, denoise_expanding
+
+    eos, mask, expand = 5, 6, 7
+    args = SimpleNamespace(expand_token_id=expand, mask_token_id=mask)
+    # The script keeps asking for EXPAND at slot 0. The canvas may hold lead + max_tokens + tail
+    # = 5 tokens, so one expansion fits; after it EXPAND is forbidden and the slot's next best
+    # token (uniform -> id 0) is taken.
+    model = ScriptedLogits(8, [(0, expand)] * 4)
+    done = denoise_expanding(
+        model, args, [0, 3], [4], CompletionRequest(prefix="", suffix="", max_tokens=2),
+        initial_length=1, window=64, temperature=0.0, generator=torch.Generator(),
+        stop=StopSignal(), device=torch.device("cpu"), end_ids={eos},
+        banned_ids=torch.empty(0, dtype=torch.long),
+    )
+    assert model.lengths == [1, 2, 2]
+    assert done.hole.tolist() == [[0, 0]]
