@@ -146,7 +146,11 @@ def apply_stop(text: str, mode: str, prefix: str) -> str:
     if mode == "free":
         return text
     if mode == "line":
-        return text.split("\n", 1)[0]
+        head, newline, rest = text.partition("\n")
+        if newline and not head.strip():
+            # Cursor at a line's end: the one line worth offering is the next one.
+            return head + newline + rest.split("\n", 1)[0]
+        return head
     if mode != "block":
         raise ValueError(f"unknown stop mode {mode!r}")
     lines = text.split("\n")

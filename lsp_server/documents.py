@@ -8,11 +8,12 @@ negotiated encoding: UTF-8 for Neovim, UTF-16 for VS Code).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 
 from lsprotocol import types
-from pygls.workspace import TextDocument
+from pygls.workspace import TextDocument, Workspace
 from pygls.workspace.position_codec import PositionCodec
 
 # Without the model's tokenizer in the server process, the token budget is turned into a
@@ -20,7 +21,6 @@ from pygls.workspace.position_codec import PositionCodec
 # the budget; the engine still truncates exactly with request.max_context_tokens.
 CHARS_PER_TOKEN = 3
 PREFIX_SHARE = 0.75  # prefix:suffix about 3:1 (editors.md; Continue/Tabby use similar splits)
-_EOLS = ("\r\n", "\n", "\r")
 
 
 @dataclass(frozen=True)
@@ -58,24 +58,21 @@ class Snapshot:
         return "\n"
 
 
-def take_snapshot(document: TextDocument, position: types.Position) -> Snapshot | None:
-    """Snapshot `document` at `position`; None when the position lies outside the text."""
+def take_snapshot(
+    document: TextDocument, position: types.Position, max_bytes: int | None = None
+) -> Snapshot | None:
+    """Snapshot `document` at `position`; None when the position lies outside the text or the
+    document is over `max_bytes` (UTF-8).
+
+    Only the cursor's line is looked at (found with C-speed string scans): a request on a
+    large file must not walk every line before its first await.
+    """
     text = document.source
-    lines = document.lines
-    if position.line < 0 or position.character < 0 or position.line > len(lines):
+    if max_bytes is not None and utf8_size_over(text, max_bytes):
         return None
-    if position.line == len(lines):
-        # Only the empty position after a final line break (or in an empty file) exists there.
-        if position.character != 0 or (text and not text.endswith(_EOLS)):
-            return None
-        offset = len(text)
-    else:
-        line = lines[position.line]
-        content = line.rstrip("\r\n")
-        if position.character > document.position_codec.client_num_units(content):
-            return None
-        server_position = document.position_codec.position_from_client_units(lines, position)
-        offset = document.offset_at_server_position(server_position)
+    offset = offset_at(text, position, document.position_codec)
+    if offset is None:
+        return None
     return Snapshot(
         uri=document.uri,
         version=document.version,
@@ -85,6 +82,119 @@ def take_snapshot(document: TextDocument, position: types.Position) -> Snapshot 
         position=types.Position(line=position.line, character=position.character),
         codec=document.position_codec,
     )
+
+
+def utf8_size_over(text: str, max_bytes: int) -> bool:
+    """len(text.encode()) > max_bytes, without encoding when the length alone decides."""
+    if len(text) > max_bytes:  # every code point is at least one byte
+        return True
+    if len(text) * 4 <= max_bytes or text.isascii():  # at most four bytes each
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > max_bytes
+
+
+# LSP ends a line only at \r\n, \n or \r; str.splitlines also breaks at \f, \v, \x1c-\x1e,
+# \x85, U+2028 and U+2029, which would shift every position after such a character.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_LINES_WITH_ENDS = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+def split_lines(text: str) -> list[str]:
+    """The LSP lines of `text`, each with its line break (like splitlines(True), LSP breaks)."""
+    return _LINES_WITH_ENDS.findall(text)
+
+
+def line_start(text: str, line: int) -> int | None:
+    """Offset where LSP line `line` begins; None when the text has fewer lines."""
+    if line == 0:
+        return 0
+    # split with maxsplit runs in C and stops after `line` breaks: the rest of the text is the
+    # last piece, so the line starts where that piece does.
+    pieces = text.split("\n", line) if "\r" not in text else _LINE_BREAK.split(text, line)
+    if len(pieces) <= line:
+        return None
+    return len(text) - len(pieces[-1])
+
+
+def line_end(text: str, start: int) -> int:
+    """Offset of the line break that ends the line beginning at `start` (or the text's end)."""
+    found = _LINE_BREAK.search(text, start)
+    return found.start() if found else len(text)
+
+
+def column_to_code_points(line: str, character: int, codec: PositionCodec) -> int | None:
+    """The client's `character` (codec units) on `line` as a code-point column; None past
+    the end of the line."""
+    if line.isascii():  # one unit per character in every encoding
+        return character if character <= len(line) else None
+    if character > codec.client_num_units(line):
+        return None
+    position = types.Position(line=0, character=character)
+    return codec.position_from_client_units([line], position).character
+
+
+def offset_at(text: str, position: types.Position, codec: PositionCodec) -> int | None:
+    """`position` (client units, LSP lines) as an offset into `text`; None when outside it."""
+    if position.line < 0 or position.character < 0:
+        return None
+    start = line_start(text, position.line)
+    if start is None:
+        return None
+    column = column_to_code_points(text[start : line_end(text, start)], position.character, codec)
+    return None if column is None else start + column
+
+
+def clamped_offset(text: str, position: types.Position, codec: PositionCodec) -> int:
+    """Like offset_at, but a position past a line's end or the text's end is moved back onto
+    it (what editors expect from an edit range that overshoots)."""
+    start = line_start(text, max(0, position.line))
+    if start is None:
+        return len(text)
+    line = text[start : line_end(text, start)]
+    character = max(0, position.character)
+    column = column_to_code_points(line, character, codec)
+    return start + (len(line) if column is None else column)
+
+
+class LspTextDocument(TextDocument):
+    """pygls' TextDocument with LSP line breaks and without per-edit line lists.
+
+    pygls splits the whole source with str.splitlines on every incremental change: O(file) of
+    Python work per keystroke and the wrong lines after a form feed or U+2028.
+    """
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return tuple(split_lines(self.source))
+
+    def _apply_incremental_change(self, change: types.TextDocumentContentChangePartial) -> None:
+        text = self.source
+        start = clamped_offset(text, change.range.start, self.position_codec)
+        end = max(start, clamped_offset(text, change.range.end, self.position_codec))
+        self._source = text[:start] + change.text + text[end:]
+
+    def offset_at_position(self, client_position: types.Position) -> int:
+        return clamped_offset(self.source, client_position, self.position_codec)
+
+
+class LspWorkspace(Workspace):
+    """A pygls Workspace whose documents are LspTextDocuments."""
+
+    def _create_text_document(
+        self,
+        doc_uri: str,
+        source: str | None = None,
+        version: int | None = None,
+        language_id: str | None = None,
+    ) -> TextDocument:
+        return LspTextDocument(
+            doc_uri,
+            source=source,
+            version=version,
+            language_id=language_id,
+            sync_kind=self._sync_kind,
+            position_codec=self.position_codec,
+        )
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     num_candidates: Annotated[int, msgspec.Meta(ge=1, le=8)] = 3  # for manual (Invoked) triggers
     languages: list[str] = msgspec.field(default_factory=list)  # languageIds served; []: all
     cache_size: Annotated[int, msgspec.Meta(ge=0)] = 256  # exact-context LRU entries
+    # Larger documents get an empty answer at once: no scan of a huge file on the request path.
+    max_document_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1_000_000
 
     def serves(self, language_id: str | None) -> bool:
         return not self.languages or (language_id or "") in self.languages

@@ -99,6 +99,8 @@ def test_trim_at_first_end_token_or_remaining_mask():
 def test_line_stop_keeps_the_first_line():
     assert apply_stop("x + 1)\n    y = 2\n", "line", "    print(") == "x + 1)"
     assert apply_stop("abc", "line", "") == "abc"
+    # At the end of a line the completion starts with a newline: offer the next line, not "".
+    assert apply_stop("\n    return x\n    y = 1\n", "line", "def f(x):") == "\n    return x"
 
 
 def test_free_stop_keeps_everything():
