@@ -299,10 +299,10 @@ class Engine:
     def _rank(self, request: CompletionRequest, done: Denoised, rows: list[int]):
         """Trim every row at its first end token, apply the stop mode, rank, drop duplicates.
 
-        Rank: rows an end token closed before their last slot first (a row that used every slot
-        was probably cut short), then the mean probability of the tokens the model committed
-        (forced EOS padding excluded). Confidence alone picked truncated short rows for whole
-        bodies on the memorized model (docs/LOG.md)."""
+        After the lead row (below), rows an end token closed before their last slot rank first
+        (a row that used every slot was probably cut short), then the mean probability of the
+        tokens the model committed (forced EOS padding excluded). Confidence alone picked
+        truncated short rows for whole bodies on the memorized model (docs/LOG.md)."""
         tok = self._loaded.tokenizer
         mask_id = self._loaded.args.mask_token_id
         holes = done.hole.tolist()
@@ -319,7 +319,14 @@ class Engine:
             cand = Candidate(text=text, mean_confidence=mean_conf, span_length=length,
                              ended=ended and len(tokens) < length)
             scored.append(((cand.ended, mean_conf), r, cand))
-        scored.sort(key=lambda item: item[0], reverse=True)
+        # At T = 0 only the first len(rows) / num_candidates rows are greedy (the extras are
+        # sampled hot): the best greedy row leads, so a manual request's top pick is the
+        # automatic answer, and the sampled candidates follow in rank order.
+        lead = None
+        if request.temperature == 0:
+            primary = max(1, len(rows) // request.num_candidates)
+            lead = max((item for item in scored if item[1] < primary), key=lambda item: item[0])
+        scored.sort(key=lambda item: (item is lead, item[0]), reverse=True)
         seen: set[str] = set()
         candidates: list[Candidate] = []
         best_row = scored[0][1] if scored else None

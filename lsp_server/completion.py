@@ -50,10 +50,11 @@ class Prepared:
     cursor: CursorContext
     stop: StopMode
     candidates: int
+    knobs: tuple  # every other setting that changes the model's answer
 
     @property
     def cache_key(self) -> tuple:
-        return (self.prefix, self.suffix, self.stop, self.candidates)
+        return (self.prefix, self.suffix, self.stop, self.candidates, self.knobs)
 
 
 class CompletionService:
@@ -69,8 +70,11 @@ class CompletionService:
         self.debounce = AdaptiveDebounce(s.debounce_min_ms, s.debounce_max_ms)
         self.requests = 0
         self.model_answers = 0
+        # Bumped on every settings change: an answer computed under older settings is dropped.
+        self.generation = 0
 
     def settings_changed(self, reloaded: bool) -> None:
+        self.generation += 1
         s = self._settings()
         self.debounce = AdaptiveDebounce(s.debounce_min_ms, s.debounce_max_ms)
         self.cache = ExactCache(s.cache_size)  # knobs or the model changed: old answers are stale
@@ -106,6 +110,7 @@ class CompletionService:
             cursor=cursor,
             stop=choose_stop(cursor, s.stop_mode),
             candidates=s.num_candidates if invoked else 1,
+            knobs=(s.model, s.device, s.quant, s.max_tokens, s.timeout_ms, s.context_tokens),
         )
 
     async def suggest(
@@ -141,8 +146,8 @@ class CompletionService:
             return []
         if selection is None:
             reused = self.typed.reuse(snap.uri, snap.text, snap.offset)
-            if reused is not None:
-                return self._suggestions(reused, snap, prepared, selection)
+            if reused is not None:  # an automatic request shows one, a manual one all
+                return self._suggestions(reused[: prepared.candidates], snap, prepared, None)
         cached = self.cache.get(prepared.cache_key)
         if cached is not None:
             self._remember(snap, selection, cached)
@@ -151,14 +156,15 @@ class CompletionService:
             return []  # loading (or failed): answer at once, never queue behind a load
         if await ticket.wait_superseded(delay_ms / 1000):
             return []
+        generation = self.generation
         ticket.job = self.worker.submit(snap.uri, self._request(prepared))
         try:
             result = await asyncio.wrap_future(ticket.job.future)
         except asyncio.CancelledError:  # $/cancelRequest: stop the model between steps
             ticket.job.cancel.set()
             raise
-        if result is None or result.stats.cancelled:
-            return []
+        if result is None or result.stats.cancelled or generation != self.generation:
+            return []  # stopped, or made under settings (or a model) that no longer hold
         self.model_answers += 1
         texts = self._finish(result, prepared)
         if not result.stats.timed_out:  # a finished answer is worth keeping even if superseded
@@ -255,12 +261,18 @@ class CompletionService:
 def _cursor_context(prefix: str, suffix: str, eol: str, indent_sample: str) -> CursorContext:
     before_lines = prefix.split("\n")
     after_lines = suffix.split("\n")
-    previous = next((line for line in reversed(before_lines[:-1]) if line.strip()), "")
+    above: list[str] = []  # the nearest non-blank lines above the cursor line
+    for line in reversed(before_lines[:-1]):
+        if line.strip():
+            above.insert(0, line)
+            if len(above) == NEXT_LINES:
+                break
     return CursorContext(
         line_before=before_lines[-1],
         line_after=after_lines[0],
         next_lines=after_lines[1 : 1 + NEXT_LINES],
-        previous_line=previous,
+        previous_line=above[-1] if above else "",
+        previous_lines=above,
         indent_unit=detect_indent(indent_sample.replace("\r\n", "\n")),
         eol=eol,
     )

@@ -58,18 +58,13 @@ class Snapshot:
         return "\n"
 
 
-def take_snapshot(
-    document: TextDocument, position: types.Position, max_bytes: int | None = None
-) -> Snapshot | None:
-    """Snapshot `document` at `position`; None when the position lies outside the text or the
-    document is over `max_bytes` (UTF-8).
+def take_snapshot(document: TextDocument, position: types.Position) -> Snapshot | None:
+    """Snapshot `document` at `position`; None when the position lies outside the text.
 
     Only the cursor's line is looked at (found with C-speed string scans): a request on a
     large file must not walk every line before its first await.
     """
     text = document.source
-    if max_bytes is not None and utf8_size_over(text, max_bytes):
-        return None
     offset = offset_at(text, position, document.position_codec)
     if offset is None:
         return None
@@ -104,16 +99,33 @@ def split_lines(text: str) -> list[str]:
     return _LINES_WITH_ENDS.findall(text)
 
 
+_CHUNK = 1 << 16  # characters counted per step when looking for a line
+
+
 def line_start(text: str, line: int) -> int | None:
-    """Offset where LSP line `line` begins; None when the text has fewer lines."""
+    """Offset where LSP line `line` begins; None when the text has fewer lines.
+
+    Line breaks are counted a chunk at a time with str.count (C speed, no objects made); only
+    the chunk holding the line is split.
+    """
     if line == 0:
         return 0
-    # split with maxsplit runs in C and stops after `line` breaks: the rest of the text is the
-    # last piece, so the line starts where that piece does.
-    pieces = text.split("\n", line) if "\r" not in text else _LINE_BREAK.split(text, line)
-    if len(pieces) <= line:
-        return None
-    return len(text) - len(pieces[-1])
+    has_cr = "\r" in text
+    position, remaining = 0, line
+    while position < len(text):
+        end = min(position + _CHUNK, len(text))
+        if has_cr and text[end - 1] == "\r" and text[end : end + 1] == "\n":
+            end += 1  # never split a \r\n pair between two chunks
+        breaks = text.count("\n", position, end)
+        if has_cr:
+            breaks += text.count("\r", position, end) - text.count("\r\n", position, end)
+        if breaks >= remaining:
+            chunk = text[position:end]
+            pieces = _LINE_BREAK.split(chunk, remaining) if has_cr else chunk.split("\n", remaining)
+            return end - len(pieces[-1])
+        remaining -= breaks
+        position = end
+    return None
 
 
 def line_end(text: str, start: int) -> int:

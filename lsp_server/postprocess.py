@@ -26,6 +26,8 @@ class CursorContext:
     line_after: str = ""  # the cursor line after the cursor, without its line break
     next_lines: list[str] = field(default_factory=list)  # lines below the cursor line
     previous_line: str = ""  # the nearest non-blank line above the cursor line
+    # non-blank lines above the cursor line, nearest last (previous_line is the last one)
+    previous_lines: list[str] = field(default_factory=list)
     indent_unit: str = "    "
     eol: str = "\n"
 
@@ -46,6 +48,7 @@ def postprocess(text: str, context: CursorContext, stop: StopMode) -> str | None
     """The suggestion to show, or None when nothing is worth showing."""
     text = cut_at_stop(text, context, stop)
     text = trim_duplicate_suffix(text, context)
+    text = trim_repetition(text)
     text = match_indentation(text, context.indent_unit, not context.line_before.strip())
     if is_useless(text, context):
         return None
@@ -144,12 +147,36 @@ def match_indentation(text: str, indent_unit: str, at_line_start: bool = False) 
     return "\n".join(out)
 
 
+REPEAT_LIMIT = 3  # the same line this many times in a row is a model stuck in a loop
+
+
+def trim_repetition(text: str) -> str:
+    """Cut a completion where one line starts repeating REPEAT_LIMIT+ times in a row, keeping
+    the first copy: `a\nb\nb\nb\nb` -> `a\nb`."""
+    lines = text.split("\n")
+    run_start = 0
+    for index in range(1, len(lines) + 1):
+        same = index < len(lines) and lines[index].strip() and (
+            lines[index].strip() == lines[run_start].strip()
+        )
+        if same:
+            continue
+        if index - run_start >= REPEAT_LIMIT:
+            return "\n".join(lines[: run_start + 1]).rstrip()
+        run_start = index
+    return text
+
+
 def is_useless(text: str, context: CursorContext) -> bool:
-    """Empty or whitespace-only text, a line repeated over and over, or a copy of the line above."""
+    """Empty or whitespace-only text, a line repeated over and over, or a copy of the line(s)
+    just above the cursor."""
     if not text.strip():
         return True
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     if len(lines) >= 2 and len(set(lines)) == 1:
         return True
-    first_line = (context.line_before + text.split("\n", 1)[0]).strip()
-    return bool(context.previous_line.strip()) and first_line == context.previous_line.strip()
+    first, *rest = text.split("\n")
+    written = [line.strip() for line in [context.line_before + first, *rest] if line.strip()]
+    above = [line.strip() for line in context.previous_lines or [context.previous_line]]
+    above = [line for line in above if line]
+    return bool(written) and len(written) <= len(above) and above[-len(written) :] == written

@@ -12,6 +12,9 @@ import contextlib
 import itertools
 import logging
 import os
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -22,7 +25,13 @@ from pygls.lsp.server import LanguageServer
 from pygls.workspace import TextDocument
 
 from lsp_server.completion import CompletionService, Selection
-from lsp_server.documents import take_snapshot
+from lsp_server.documents import (
+    LspWorkspace,
+    Snapshot,
+    offset_at,
+    take_snapshot,
+    utf8_size_over,
+)
 from lsp_server.protocol import client_has_inline_completion, completion_list, inline_items
 from lsp_server.settings import SETTINGS_SECTION, Settings, parse_settings
 from lsp_server.worker import EngineWorker, Loader, LoadSpec, load_engine
@@ -35,6 +44,28 @@ STATUS_COMMAND = "maskfill.status"
 TOGGLE_COMMAND = "maskfill.toggle"
 STATUS_NOTIFICATION = "maskfill/didChangeStatus"  # busy/ready state, like Copilot's
 _ENGINE_KEYS = ("model", "device", "quant", "fallback_device")
+# Characters after which clients using textDocument/completion ask us again; newest-wins and
+# the debounce keep these from flooding the model.
+TRIGGER_CHARACTERS = [".", "(", " ", ":", "=", ","]
+ENGINE_ERROR_REPEAT_S = 60.0  # the same engine error is shown at most once per this long
+
+
+class MessageLimiter:
+    """Lets one message through at most once per `interval_s` (per distinct text): a failing
+    GPU must not bury the editor in one popup per keystroke."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last_shown: dict[str, float] = {}
+
+    def allow(self, message: str) -> bool:
+        now = self._clock()
+        last = self._last_shown.get(message)
+        if last is not None and now - last < self.interval_s:
+            return False
+        self._last_shown[message] = now
+        return True
 
 
 class MaskfillServer(LanguageServer):
@@ -53,7 +84,10 @@ class MaskfillServer(LanguageServer):
         self.parent_poll_s = parent_poll_s
         self.worker = EngineWorker(loader, on_event=self._engine_event)
         self.service = CompletionService(self.worker, lambda: self.settings)
-        self.initialized = False
+        self.initialized = False  # set once `initialize` is answered
+        self.load_started = False  # set by the `initialized` notification
+        self.engine_errors = MessageLimiter(ENGINE_ERROR_REPEAT_S)
+        self._logged_large: set[str] = set()
         self.shutdown_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._progress_ids = itertools.count(1)
@@ -78,11 +112,13 @@ class MaskfillServer(LanguageServer):
         engine_changed = any(
             getattr(before, key) != getattr(self.settings, key) for key in _ENGINE_KEYS
         )
-        self.service.settings_changed(reloaded=engine_changed)
-        if engine_changed and self.initialized:
+        if self.settings != before:
+            self.service.settings_changed(reloaded=engine_changed)
+        if engine_changed and self.load_started:
             self.start_loading()
 
     def start_loading(self) -> None:
+        self.load_started = True
         s = self.settings
         self.worker.load(
             LoadSpec(
@@ -129,7 +165,10 @@ class MaskfillServer(LanguageServer):
             self._progress_end("model not loaded")
             self.show(payload["message"], types.MessageType.Error)
         elif kind == "engine-error":
-            self.show(payload["message"], types.MessageType.Warning)
+            if self.engine_errors.allow(payload["message"]):
+                self.show(payload["message"], types.MessageType.Warning)
+            else:
+                log.info("engine error (not shown again yet): %s", payload["message"])
         self.notify_status()
 
     def _progress_begin(self, title: str) -> None:
@@ -162,17 +201,47 @@ class MaskfillServer(LanguageServer):
     def spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
     async def watch_parent(self, pid: int) -> None:
-        """Exit when the editor's process dies (the LSP `processId`), freeing the model first."""
+        """Exit when the editor's process dies (the LSP `processId`), freeing the model first.
+
+        A failing check is logged and tried again: the watch must not end silently."""
         while True:
             await asyncio.sleep(self.parent_poll_s)
-            if not pid_alive(pid):
+            try:
+                alive = pid_alive(pid)
+            except Exception:
+                log.exception("checking the editor process %d failed; will retry", pid)
+                continue
+            if not alive:
                 log.warning("editor process %d is gone; exiting", pid)
-                self.free()
-                logging.shutdown()
-                os._exit(0)  # stdin may never close when the editor was killed
+                self.parent_gone()
+                return
+
+    def parent_gone(self) -> None:
+        self.free()
+        logging.shutdown()
+        os._exit(0)  # stdin may never close when the editor was killed
+
+    def snapshot(self, uri: str, position: types.Position) -> Snapshot | None:
+        """The open document at `position`, or None (unknown, outside, over the size cap)."""
+        if not self.initialized:
+            raise JsonRpcServerNotInitialized("maskfill: the server is not initialized yet")
+        document = find_document(self, uri)
+        if document is None:
+            return None
+        if utf8_size_over(document.source, self.settings.max_document_bytes):
+            if uri not in self._logged_large:  # once per document, not per keystroke
+                self._logged_large.add(uri)
+                log.info("%s is over maxDocumentBytes: no completions for it", uri)
+            return None
+        return take_snapshot(document, position)
 
     def free(self) -> None:
         """Free the model (engine.close on the worker thread)."""
@@ -200,13 +269,37 @@ class MaskfillServer(LanguageServer):
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs. On Windows os.kill(pid, 0) would send CTRL_C_EVENT,
+    so the process is queried there instead."""
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":
+        return _windows_pid_alive(pid)
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: existence check only
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    import ctypes
+    from ctypes import wintypes
+
+    query_limited_information, still_active, access_denied = 0x1000, 259, 5
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(query_limited_information, False, pid)
+    if not handle:  # no such process, or one we may not open (then it exists)
+        return ctypes.get_last_error() == access_denied  # type: ignore[attr-defined]
+    try:
+        code = wintypes.DWORD()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True  # cannot tell: keep serving rather than quit
+        return code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def find_document(ls: MaskfillServer, uri: str) -> TextDocument | None:
@@ -215,17 +308,24 @@ def find_document(ls: MaskfillServer, uri: str) -> TextDocument | None:
     return documents.get(uri) or documents.get(unquote(uri))
 
 
-def _selection(
-    document: TextDocument, context: types.InlineCompletionContext | None
+def selection_at(
+    snapshot: Snapshot, context: types.InlineCompletionContext | None
 ) -> Selection | None:
+    """The popup selection, when its range is a word ending at the cursor on the cursor's
+    line (start <= cursor == end); anything else is ignored, as if no popup were open."""
     info = context.selected_completion_info if context else None
-    if info is None or info.range.start.line != info.range.end.line:
+    if info is None:
+        return None
+    start, end, cursor = info.range.start, info.range.end, snapshot.position
+    if not (start.line == end.line == cursor.line and start.character <= end.character):
+        return None
+    if end.character != cursor.character:
+        return None
+    start_offset = offset_at(snapshot.text, start, snapshot.codec)
+    if start_offset is None:
         return None
     return Selection(
-        start=document.offset_at_position(info.range.start),
-        end=document.offset_at_position(info.range.end),
-        text=info.text,
-        client_start=info.range.start,
+        start=start_offset, end=snapshot.offset, text=info.text, client_start=start
     )
 
 
@@ -240,13 +340,23 @@ def create_server(
     @server.feature(types.INITIALIZE)
     def initialize(ls: MaskfillServer, params: types.InitializeParams) -> None:
         ls._loop = asyncio.get_running_loop()
+        # pygls' documents split lines with str.splitlines; ours use LSP's line breaks.
+        workspace = ls.workspace
+        ls.protocol._workspace = LspWorkspace(
+            workspace.root_uri,
+            server._text_document_sync_kind,
+            params.workspace_folders or [],
+            workspace.position_encoding,
+        )
         ls.apply_settings(params.initialization_options)
         if params.process_id is not None and params.process_id != os.getpid():
             ls.spawn(ls.watch_parent(params.process_id))
+        # pygls sends the reply as soon as this handler returns: requests that follow it are
+        # allowed (the model itself starts loading on `initialized`).
+        ls.initialized = True
 
     @server.feature(types.INITIALIZED)
     def initialized(ls: MaskfillServer, params: types.InitializedParams) -> None:
-        ls.initialized = True
         ls.start_loading()
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
@@ -262,28 +372,33 @@ def create_server(
     async def inline_completion(
         ls: MaskfillServer, params: types.InlineCompletionParams
     ) -> types.InlineCompletionList:
-        document = _document_or_raise(ls, params.text_document.uri)
-        snapshot = take_snapshot(document, params.position) if document else None
-        if document is None or snapshot is None:
+        snapshot = ls.snapshot(params.text_document.uri, params.position)
+        if snapshot is None:
             return types.InlineCompletionList(items=[])
-        selection = _selection(document, params.context)
+        document = find_document(ls, params.text_document.uri)
+        selection = selection_at(snapshot, params.context)
         invoked = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
         suggestions = await ls.service.suggest(
             snapshot, document, invoked=invoked, selection=selection
         )
         return types.InlineCompletionList(items=inline_items(suggestions))
 
-    @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions())
+    @server.feature(
+        types.TEXT_DOCUMENT_COMPLETION,
+        types.CompletionOptions(trigger_characters=TRIGGER_CHARACTERS),
+    )
     async def completion(
         ls: MaskfillServer, params: types.CompletionParams
     ) -> types.CompletionList | None:
         if client_has_inline_completion(ls.client_capabilities):
             return None  # the client shows our inline items; no double suggestions
-        document = _document_or_raise(ls, params.text_document.uri)
-        snapshot = take_snapshot(document, params.position) if document else None
-        if document is None or snapshot is None:
+        snapshot = ls.snapshot(params.text_document.uri, params.position)
+        if snapshot is None:
             return None
-        suggestions = await ls.service.suggest(snapshot, document, invoked=False)
+        document = find_document(ls, params.text_document.uri)
+        trigger = params.context.trigger_kind if params.context else None
+        invoked = trigger == types.CompletionTriggerKind.Invoked  # manual: all candidates
+        suggestions = await ls.service.suggest(snapshot, document, invoked=invoked)
         return completion_list(suggestions, snapshot.line_before, snapshot.codec)
 
     @server.command(STATUS_COMMAND)
@@ -306,12 +421,6 @@ def create_server(
         ls.free()
 
     return server
-
-
-def _document_or_raise(ls: MaskfillServer, uri: str) -> TextDocument | None:
-    if not ls.initialized:
-        raise JsonRpcServerNotInitialized("maskfill: the server is not initialized yet")
-    return find_document(ls, uri)
 
 
 async def _pull_configuration(ls: MaskfillServer) -> None:

@@ -4,6 +4,11 @@ Keeping the engine off the asyncio loop lets the server answer `initialize`, `di
 cancellations while a model loads or denoises. Newest wins per document: submitting a job for a
 document drops the pending one and flags the running one (its cancel Event is checked by the
 engine between denoising steps), so a burst of keystrokes costs at most a couple of model runs.
+
+When a run fails (out of memory, say) the job is retried once with half the span budget; if
+that fails too, the job answers nothing. A transient failure never moves the model: only a load
+failure, or FALLBACK_AFTER_FAILURES failed runs in a row with no success between them, moves
+it to the configured fallback device (until the next load, e.g. a settings change).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import msgspec
 from engine.api import CompletionRequest, CompletionResult, EngineError, EngineInfo, QuantMode
 
 log = logging.getLogger(__name__)
+
+FALLBACK_AFTER_FAILURES = 4  # consecutive failed runs before moving to the fallback device
 
 
 class EngineLike(Protocol):
@@ -140,6 +147,7 @@ class EngineWorker:
         self.info: EngineInfo | None = None
         self.error: str | None = None
         self.stats = WorkerStats()
+        self._failures_in_a_row = 0
         self._thread = threading.Thread(target=self._run, name="maskfill-engine", daemon=True)
         self._thread.start()
 
@@ -264,6 +272,7 @@ class EngineWorker:
             with self._lock:
                 superseded = self._load_request is not None or self._closing
             self._engine, self._spec = engine, attempt
+            self._failures_in_a_row = 0
             self.info = engine.info()
             self.error = None
             self.state = "ready" if not superseded else self.state
@@ -293,6 +302,7 @@ class EngineWorker:
                 result = self._timed_run(job, request)
             except Exception as exc:  # any engine failure must leave the server serving
                 self.stats.failures += 1
+                self._failures_in_a_row += 1
                 message = _one_line(exc)
                 log.warning("completion failed (attempt %d): %s", attempt + 1, message)
                 self._on_event("engine-error", {"message": f"maskfill: {message}"})
@@ -300,6 +310,7 @@ class EngineWorker:
                 if request is None or job.cancel.is_set():
                     break
                 continue
+            self._failures_in_a_row = 0
             _resolve(job, result)
             return
         self._drop(job)
@@ -321,13 +332,15 @@ class EngineWorker:
     def _smaller_or_fallback(
         self, request: CompletionRequest, attempt: int
     ) -> CompletionRequest | None:
-        """First retry: half the span budget. Second: reload on the fallback device."""
+        """First retry: half the span budget. Second: reload on the fallback device, but only
+        after repeated failures (see the module docstring); otherwise give up on this job."""
         if attempt == 0 and request.max_tokens > 1:
             return msgspec.structs.replace(
                 request, max_tokens=max(1, request.max_tokens // 2), span_lengths=None
             )
         spec = self._spec
-        if attempt == 1 and spec and spec.fallback_device and spec.fallback_device != spec.device:
+        repeated = self._failures_in_a_row >= FALLBACK_AFTER_FAILURES
+        if attempt >= 1 and repeated and spec and spec.fallback_device not in (None, spec.device):
             self._load(dataclasses.replace(spec, device=spec.fallback_device))
             return request if self._engine is not None else None
         return None

@@ -19,6 +19,21 @@ NEOVIM = "neovim_v0.12.0-dev"  # a real dump: positionEncodings utf-8 first, inl
 VSCODE = "vscode_like_utf16"  # VS Code 1.65 dump + inlineCompletion, UTF-16 only
 # Generous: the shared CI CPU may be slow, and a deadline would make answers depend on load.
 TEST_SETTINGS = {"timeoutMs": 120000}
+# The real server, except that its model load waits until the file named by the first
+# argument exists: a test can look at the server while it is loading, deterministically.
+GATED_SERVER = """
+import functools, pathlib, sys, time
+import lsp_server.server as server
+from lsp_server import worker
+from lsp_server.__main__ import main
+gate = pathlib.Path(sys.argv.pop(1))
+def gated_load(spec):
+    while not gate.exists():
+        time.sleep(0.02)
+    return worker.load_engine(spec)
+server.create_server = functools.partial(server.create_server, loader=gated_load)
+sys.exit(main())
+"""
 
 
 def capabilities(name: str) -> types.ClientCapabilities:
@@ -34,9 +49,12 @@ async def start(
     process_id: int | None = None,
     initialize: bool = True,
     extra_args: tuple[str, ...] = (),
+    load_gate: Path | None = None,
 ) -> tuple[LanguageClient, types.InitializeResult | None]:
+    """Start the server; with `load_gate`, its model load waits until that file exists."""
     client = make_test_lsp_client()
-    args = ["-m", "lsp_server", *extra_args]
+    launcher = ["-m", "lsp_server"] if load_gate is None else ["-c", GATED_SERVER, str(load_gate)]
+    args = [*launcher, *extra_args]
     if model is not None:
         args += ["--model", str(model)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

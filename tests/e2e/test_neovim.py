@@ -29,6 +29,7 @@ SERVER = VENV_BIN / "maskfill-lsp"
 READY_TIMEOUT_S = 180.0  # the server imports torch and loads the model on a shared CPU
 SUGGESTION_TIMEOUT_S = 60.0
 HOLE = ("def is_even(n):", "2 == ")  # (snippet's first line, the middle to remove)
+HINT = re.compile(r" \((\d+)/(\d+)\)")  # Neovim's "(i/N)" after one of several candidates
 
 
 def nvim_version() -> tuple[int, int] | None:
@@ -246,10 +247,63 @@ def test_inline_suggestion_is_shown_and_accepted(
     assert nvim.probe("buffer")["mode"] == "i"  # <Tab> accepted; it did not insert a tab
 
 
+def test_trigger_key_asks_for_candidates_to_cycle(
+    start_nvim: Callable[..., Nvim], memorized_model: Path
+) -> None:
+    """Neovim's own requests are Automatic, answered with one item: nothing to cycle. <C-Space>
+    sends an Invoked request; its candidates are shown numbered, <M-]> / <M-[> move through
+    them, and <Tab> accepts the one shown."""
+    prefix, _, suffix = snippet_with_hole(memorized_model)
+    nvim = start_nvim(prefix + suffix, inline=True)
+    wait_until_ready(nvim)
+    assert nvim.probe("attached")["keymaps"]["<C-Space>"] == "maskfill: suggest several now"
+
+    nvim.send(cursor_keys(prefix) + "i")
+    automatic = wait_for(
+        lambda: nvim.probe("ghost"), SUGGESTION_TIMEOUT_S, "the automatic suggestion"
+    )
+    assert nvim.probe("hint") == "", "an Automatic answer has one item, shown unnumbered"
+
+    nvim.send("<C-Space>")
+    hint = wait_for(
+        lambda: HINT.fullmatch(nvim.probe("hint")),
+        SUGGESTION_TIMEOUT_S,
+        f"numbered candidates (the automatic suggestion was {automatic!r})",
+        nvim.diagnostics,
+    )
+    index, total = int(hint[1]), int(hint[2])
+    assert index == 1 and total >= 1
+    # Walk once around: every candidate is shown in turn, each a different text (the server
+    # drops duplicates). With a single candidate, <M-]> asks again and shows "(1/1)" again.
+    shown = [nvim.probe("ghost")]
+    for step in range(1, total + 1):
+        nvim.send("<M-]>")
+        at = step % total + 1
+        wait_for(lambda at=at: nvim.probe("hint") == f" ({at}/{total})", 10, f"candidate {at}")
+        shown.append(nvim.probe("ghost"))
+    assert shown[-1] == shown[0]  # back at the first
+    assert len({tuple(texts) for texts in shown[:total]}) == total, shown
+    nvim.send("<M-[>")
+    wait_for(lambda: nvim.probe("hint") == f" ({total}/{total})", 10, "the last one, backwards")
+    assert nvim.probe("ghost") == shown[total - 1]
+
+    nvim.send("<Tab>")
+    (accepted,) = shown[total - 1]
+    expected = (prefix + accepted + suffix).split("\n")[:-1]
+    wait_for(
+        lambda: nvim.probe("buffer")["lines"] == expected,
+        10,
+        f"the accepted candidate {accepted!r} (all: {shown})",
+        lambda: f"buffer: {nvim.probe('buffer')}",
+    )
+
+
 def test_completion_menu_fallback(start_nvim: Callable[..., Nvim], memorized_model: Path) -> None:
     """inline = false: the client does not announce inline completion, so the server answers
-    textDocument/completion, which Neovim's completion menu inserts."""
-    prefix, middle, suffix = snippet_with_hole(memorized_model)
+    textDocument/completion, which Neovim's completion menu inserts. <C-Space> is a manual
+    request, for which the server may offer several candidates: the selected one's whole text
+    is inserted (Neovim alone would insert its first word)."""
+    prefix, _, suffix = snippet_with_hole(memorized_model)
     nvim = start_nvim(prefix + suffix, inline=False)
     assert nvim.probe("config")["has_before_init"] is True
     wait_until_ready(nvim)
@@ -261,7 +315,38 @@ def test_completion_menu_fallback(start_nvim: Callable[..., Nvim], memorized_mod
     menu = wait_for(
         lambda: nvim.probe("menu"), SUGGESTION_TIMEOUT_S, "the completion menu", nvim.diagnostics
     )
+    selected = nvim.probe("selected_edit")
+    assert selected, f"no item is selected in {menu!r}"
     nvim.send("<C-y>")  # confirm the selected item
+    # The cursor is after a space: no typed word for the edit to replace.
+    expected = (prefix + selected + suffix).split("\n")[:-1]
+    wait_for(
+        lambda: nvim.probe("buffer")["lines"] == expected,
+        10,
+        f"the completed line (menu was {menu!r})",
+        lambda: f"buffer: {nvim.probe('buffer')}",
+    )
+
+
+def test_completion_menu_opens_on_a_trigger_character(
+    start_nvim: Callable[..., Nvim], memorized_model: Path
+) -> None:
+    """Menu mode asks by itself only after one of the server's triggerCharacters (no request
+    per keystroke): typing the space before the hole opens the menu with the completion."""
+    prefix, middle, suffix = snippet_with_hole(memorized_model)
+    assert prefix.endswith(" "), prefix
+    nvim = start_nvim(prefix[:-1] + suffix, inline=False)
+    wait_until_ready(nvim)
+    attached = nvim.probe("attached")
+    assert attached["mode"] == "menu", attached
+    if " " not in attached["trigger_characters"]:
+        pytest.skip(f"the server announces no ' ' trigger: {attached['trigger_characters']}")
+
+    nvim.send(cursor_keys(prefix[:-1]) + "i ")
+    menu = wait_for(
+        lambda: nvim.probe("menu"), SUGGESTION_TIMEOUT_S, "the completion menu", nvim.diagnostics
+    )
+    nvim.send("<C-y>")
     expected = (prefix + middle + suffix).split("\n")[:-1]
     wait_for(
         lambda: nvim.probe("buffer")["lines"] == expected,

@@ -2,12 +2,15 @@
 manifest's agreement with the server's settings.
 
 The TypeScript tests run offline against a mocked `vscode` module (editors/vscode/test/). They need
-node and npm; `npm ci` runs only when node_modules is missing or older than package-lock.json.
+node and npm; `npm ci` runs only when node_modules is missing or older than package-lock.json. When
+that `npm ci` cannot reach the registry (no network), they are skipped, naming npm's error; any
+other failure fails.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import zipfile
@@ -45,13 +48,84 @@ def run(*cmd: str, timeout: float = NPM_TIMEOUT_S) -> subprocess.CompletedProces
     return proc
 
 
+# npm's error codes for a registry it cannot reach (DNS, refused, reset, timed out, no route).
+NETWORK_ERROR_CODES = frozenset(
+    {
+        "ENOTFOUND",
+        "EAI_AGAIN",
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ETIMEDOUT",
+        "ESOCKETTIMEDOUT",
+        "ERR_SOCKET_TIMEOUT",
+        "ENETUNREACH",
+        "EHOSTUNREACH",
+    }
+)
+NPM_ERROR_CODE = re.compile(r"^npm (?:error|ERR!) code (\S+)", re.MULTILINE)
+NPM_FETCH_ERROR = re.compile(r"^npm (?:error|ERR!) (?:FetchError|network) .*$", re.MULTILINE)
+
+
+def npm_network_failure(output: str) -> str | None:
+    """npm's own words when `output` (a failed npm's stdout + stderr) says it could not reach
+    the registry; None for every other failure (bad lock file, a package's build, ...)."""
+    code = NPM_ERROR_CODE.search(output)
+    if code is None or code.group(1) not in NETWORK_ERROR_CODES:
+        return None
+    detail = NPM_FETCH_ERROR.search(output)
+    return detail.group(0) if detail else code.group(0)
+
+
+def npm_ci(cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", *extra],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=NPM_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 @pytest.fixture(scope="module")
 def node_modules() -> Path:
     installed = EXTENSION / "node_modules" / ".package-lock.json"  # npm writes it on install
     lock = EXTENSION / "package-lock.json"
     if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        run("npm", "ci", "--no-audit", "--no-fund")
+        proc = npm_ci(EXTENSION)
+        if proc.returncode != 0:
+            offline = npm_network_failure(proc.stdout + proc.stderr)
+            if offline:
+                pytest.skip(f"npm ci could not reach the npm registry: {offline}")
+            pytest.fail(f"npm ci failed:\n{proc.stdout}\n{proc.stderr}")
     return installed.parent
+
+
+@needs_node
+def test_npm_network_failure_is_told_from_other_npm_failures(tmp_path: Path) -> None:
+    """Real npm runs: an unreachable registry (and an empty cache, so nothing is served from it)
+    is a network failure; a missing lock file is not."""
+    unreachable = tmp_path / "unreachable"
+    unreachable.mkdir()
+    for name in ("package.json", "package-lock.json"):
+        shutil.copy(EXTENSION / name, unreachable / name)
+    proc = npm_ci(
+        unreachable,
+        "--ignore-scripts",
+        "--registry=http://127.0.0.1:9/",  # the discard port: connection refused
+        f"--cache={tmp_path / 'empty-cache'}",
+        "--fetch-retries=0",
+    )
+    assert proc.returncode != 0
+    reason = npm_network_failure(proc.stdout + proc.stderr)
+    assert reason is not None and "ECONNREFUSED" in reason, proc.stderr
+
+    no_lock = tmp_path / "no-lock"
+    no_lock.mkdir()
+    shutil.copy(EXTENSION / "package.json", no_lock / "package.json")
+    proc = npm_ci(no_lock, "--ignore-scripts", f"--cache={tmp_path / 'empty-cache'}")
+    assert proc.returncode != 0
+    assert npm_network_failure(proc.stdout + proc.stderr) is None, proc.stderr
 
 
 @needs_node

@@ -152,7 +152,11 @@ def test_multiple_candidates_are_distinct_and_best_first(engine):
     texts = [c.text for c in result.candidates]
     assert len(texts) == len(set(texts)) and 1 <= len(texts) <= 3
     assert result.text == texts[0]
-    keys = [(c.ended, c.mean_confidence) for c in result.candidates]
+    # The lead is the request's own (greedy) answer; sampled extras follow in rank order.
+    greedy = engine.complete(CompletionRequest(
+        prefix=prefix, suffix=suffix, span_lengths=(n, n + 8), max_tokens=n + 8, stop="free"))
+    assert result.text == greedy.text
+    keys = [(c.ended, c.mean_confidence) for c in result.candidates[1:]]
     assert keys == sorted(keys, reverse=True)
 
 

@@ -2,13 +2,17 @@
 for an older document state is turned into a range valid now (_late). No model runs here;
 the suggestion strings are inputs to the range conversion, not model output under test."""
 
+import asyncio
+
 from lsprotocol import types
 from pygls.workspace import TextDocument
 from pygls.workspace.position_codec import PositionCodec
 
+from engine.api import Candidate, CompletionResult, CompletionStats
 from lsp_server.completion import CompletionService, Selection
 from lsp_server.documents import take_snapshot
 from lsp_server.settings import Settings
+from lsp_server.worker import Job
 
 UTF16 = PositionCodec(types.PositionEncodingKind.Utf16)
 
@@ -35,6 +39,7 @@ def test_prepare_splits_at_the_cursor_and_picks_the_stop_mode():
     assert prepared.prefix == "def f(x):\n    return x + "
     assert prepared.suffix == "\n\nprint(f(1))\n"
     assert prepared.stop == "line" and prepared.candidates == 1
+    assert prepared.cursor.previous_lines == ["def f(x):"]  # for the copy-of-above rule
     assert service().prepare(snap, invoked=True, selection=None).candidates == 3
 
 
@@ -79,3 +84,69 @@ def test_late_answer_is_dropped_after_an_unrelated_edit():
         )
     )
     assert pipeline._late(("return x",), snap, document, prepared, None) == []
+
+
+async def test_typed_through_gives_automatic_requests_one_suggestion_and_manual_ones_all():
+    pipeline = service()
+    before = "def add(a, b):\n    return "
+    remembered = ("a + b", "a - b", "b + a")
+    document, snap = snapshot(before + "\n", 1, 11)
+    pipeline.typed.remember(snap.uri, snap.text, snap.offset, remembered)
+    _, typed = snapshot(before + "a \n", 1, 13)
+    automatic = await pipeline.suggest(typed, document, invoked=False)
+    assert [s.text for s in automatic] == ["+ b"]
+    manual = await pipeline.suggest(typed, document, invoked=True)
+    assert [s.text for s in manual] == ["+ b", "- b"]
+
+
+class OneJobWorker:
+    """Hands out one job and lets the test decide when (and with what) it finishes; the
+    result is a fixed string because only its fate (kept or dropped) is under test."""
+
+    ready = True
+
+    def __init__(self):
+        self.job = None
+
+    def submit(self, key, request):
+        self.job = Job(key=key, request=request)
+        return self.job
+
+
+def finished(text: str) -> CompletionResult:
+    return CompletionResult(
+        text=text,
+        candidates=[Candidate(text=text, mean_confidence=1.0, span_length=4, ended=True)],
+        stats=CompletionStats(),
+    )
+
+
+async def test_an_answer_made_under_old_settings_is_dropped_and_not_cached():
+    worker = OneJobWorker()
+    current = [Settings(debounce_min_ms=0, debounce_max_ms=0)]
+    pipeline = CompletionService(worker, lambda: current[0])  # type: ignore[arg-type]
+    document, snap = snapshot("def f(x):\n    \n", 1, 4)
+    pending = asyncio.ensure_future(pipeline.suggest(snap, document, invoked=True))
+    while worker.job is None:
+        await asyncio.sleep(0)
+    current[0] = Settings(max_tokens=8, debounce_min_ms=0, debounce_max_ms=0)
+    pipeline.settings_changed(reloaded=False)
+    worker.job.future.set_result(finished("return x"))
+    assert await pending == []
+    assert len(pipeline.cache) == 0
+
+
+def test_the_cache_key_holds_every_setting_that_changes_the_answer():
+    _, snap = snapshot("def f(x):\n    \n", 1, 4)
+    keys = {
+        service(**knob).prepare(snap, invoked=False, selection=None).cache_key
+        for knob in (
+            {},
+            {"max_tokens": 8},
+            {"timeout_ms": 50.0},
+            {"model": "/other"},
+            {"quant": "int8"},
+            {"device": "cuda"},
+        )
+    }
+    assert len(keys) == 6

@@ -7,10 +7,15 @@ from pygls.workspace.position_codec import PositionCodec
 
 from lsp_server.documents import (
     CHARS_PER_TOKEN,
+    LspTextDocument,
     context_window,
     detect_indent,
+    line_start,
     looks_binary,
+    offset_at,
+    split_lines,
     take_snapshot,
+    utf8_size_over,
 )
 
 UTF8 = PositionCodec(types.PositionEncodingKind.Utf8)
@@ -19,6 +24,10 @@ UTF16 = PositionCodec(types.PositionEncodingKind.Utf16)
 
 def doc(text: str, codec: PositionCodec = UTF16) -> TextDocument:
     return TextDocument("file:///t.py", text, version=1, position_codec=codec)
+
+
+def lsp_doc(text: str, codec: PositionCodec) -> LspTextDocument:
+    return LspTextDocument("file:///t.py", text, version=1, position_codec=codec)
 
 
 def at(line: int, character: int) -> types.Position:
@@ -116,3 +125,88 @@ def test_looks_binary():
     assert looks_binary("abc\x00def")
     assert looks_binary("".join(chr(i % 32) for i in range(400)))
     assert not looks_binary("def f():\n\treturn 'é😀'\n")
+
+
+# -- LSP line breaks: only \n, \r\n and \r end a line ----------------------------------------
+
+ODD_BREAKS = "a = '\x0c\x0b\x1c\x85\u2028\u2029'  # form feed, U+2028: not line breaks in LSP\n"
+
+
+@pytest.mark.parametrize("codec", [UTF8, UTF16])
+def test_form_feed_and_u2028_before_the_cursor_do_not_shift_lines(codec):
+    text = ODD_BREAKS + "def f():\n    return 1\n"
+    assert len(text.splitlines()) > 3  # what pygls' default lines would count
+    snapshot = take_snapshot(lsp_doc(text, codec), at(2, 4))
+    assert snapshot is not None
+    assert snapshot.line_before == "    " and snapshot.line_after == "return 1"
+    column = codec.client_num_units("a = '\x0c\x0b\x1c\x85\u2028")
+    on_first_line = take_snapshot(lsp_doc(text, codec), at(0, column))
+    assert text[: on_first_line.offset] == "a = '\x0c\x0b\x1c\x85\u2028"
+
+
+def test_split_lines_uses_lsp_breaks_only():
+    assert split_lines("a\x0cb\u2028c\r\nd\re\nf") == ["a\x0cb\u2028c\r\n", "d\r", "e\n", "f"]
+    assert split_lines("") == [] and split_lines("x\n") == ["x\n"]
+    assert LspTextDocument("file:///t.py", "a\u2028b\nc").lines == ("a\u2028b\n", "c")
+
+
+def test_incremental_edits_after_odd_breaks_land_on_the_right_line():
+    document = lsp_doc(ODD_BREAKS + "x = 1\r\ny = 2\n", UTF16)
+    document.apply_change(
+        types.TextDocumentContentChangePartial(
+            range=types.Range(start=at(1, 4), end=at(1, 5)), text="42"
+        )
+    )
+    document.apply_change(  # an insertion at the very end, and an overshooting range
+        types.TextDocumentContentChangePartial(
+            range=types.Range(start=at(3, 0), end=at(9, 9)), text="z = 3\n"
+        )
+    )
+    assert document.source == ODD_BREAKS + "x = 42\r\ny = 2\nz = 3\n"
+
+
+def test_lone_cr_lines_and_multibyte_edit_columns():
+    document = lsp_doc("a\rbé😀c\rd", UTF16)
+    assert take_snapshot(document, at(1, 4)).line_before == "bé😀"  # emoji: 2 UTF-16 units
+    document.apply_change(
+        types.TextDocumentContentChangePartial(
+            range=types.Range(start=at(1, 2), end=at(1, 4)), text="!"
+        )
+    )
+    assert document.source == "a\rbé!c\rd"
+
+
+# -- large documents -------------------------------------------------------------------------
+
+
+def test_line_start_and_offsets_on_a_large_file():
+    text = "x = 1\n" * 200_000 + "tail = 'é'\n"
+    assert line_start(text, 200_000) == 6 * 200_000
+    assert line_start(text, 200_002) is None
+    assert offset_at(text, at(200_000, 10), UTF8) == 6 * 200_000 + 9  # é: two UTF-8 units
+    assert offset_at(text, at(200_000, 12), UTF8) is None  # past the end of that line
+
+
+def test_utf8_size_over_counts_bytes():
+    assert utf8_size_over("x" * 11, 10) and not utf8_size_over("x" * 10, 10)
+    assert utf8_size_over("é" * 6, 10)  # 12 bytes in 6 code points
+    assert not utf8_size_over("é" * 5, 10)
+
+
+def test_line_start_agrees_with_lsp_lines_across_chunk_boundaries(monkeypatch):
+    import random
+
+    import lsp_server.documents as documents
+
+    monkeypatch.setattr(documents, "_CHUNK", 5)  # tiny chunks: \r\n pairs fall on the edges
+    pieces = ["a", "é", "\n", "\r", "\r\n", "\u2028", "\x0c"]
+    rng = random.Random(7)
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        lines = split_lines(text)
+        starts = [sum(len(line) for line in lines[:index]) for index in range(len(lines) + 1)]
+        # A last line exists after a final break (or in an empty text), empty.
+        count = len(lines) + (not text or text.endswith(("\n", "\r")))
+        for line in range(count + 2):
+            expected = starts[line] if line < count else None
+            assert line_start(text, line) == expected, (text, line)

@@ -8,6 +8,7 @@ from lsp_server.postprocess import (
     match_indentation,
     postprocess,
     trim_duplicate_suffix,
+    trim_repetition,
 )
 
 
@@ -123,3 +124,24 @@ def test_pipeline_applies_the_files_crlf_line_endings():
 def test_pipeline_returns_none_when_nothing_is_left():
     context = ctx("foo(", ")")
     assert postprocess(")", context, "line") is None
+
+
+def test_a_line_repeated_three_times_in_a_row_is_cut_to_one_copy():
+    assert trim_repetition("total = 0\nx += 1\nx += 1\n    x += 1\nreturn x") == "total = 0\nx += 1"
+    assert trim_repetition("a\nb\nb\nc") == "a\nb\nb\nc"  # twice is not a loop
+    assert trim_repetition("a\n\n\n\nb") == "a\n\n\n\nb"  # blank lines are not a loop
+
+
+def test_a_copy_of_the_lines_just_above_is_dropped():
+    above = ["def f():", "    x = compute(a)", "    y = compute(b)"]
+    context = ctx("    ", previous_line=above[-1], previous_lines=above)
+    assert is_useless("x = compute(a)\n    y = compute(b)", context)
+    assert is_useless("y = compute(b)", context)
+    assert not is_useless("z = compute(c)", context)
+    assert not is_useless("x = compute(a)\n    z = 1", context)  # new code after the copy
+
+
+def test_pipeline_trims_a_looping_block():
+    context = ctx("    ", indent_unit="    ")
+    text = "items.append(1)\n    log(x)\n    log(x)\n    log(x)\n    log(x)"
+    assert postprocess(text, context, "block") == "items.append(1)\n    log(x)"

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from engine.api import CompletionRequest, CompletionResult, CompletionStats, EngineError, EngineInfo
-from lsp_server.worker import EngineWorker, LoadSpec
+from lsp_server.worker import FALLBACK_AFTER_FAILURES, EngineWorker, LoadSpec
 
 
 class SchedulingProbe:
@@ -128,11 +128,11 @@ def test_engine_failure_retries_with_a_smaller_span(probe_worker):
     assert worker.state == "ready"
 
 
-def test_repeated_failure_moves_to_the_fallback_device():
+def failing_on_cuda_worker(failures: int):
     probes = []
 
     def loader(spec):
-        probe = SchedulingProbe(spec.device, fail_first=5 if spec.device == "cuda" else 0)
+        probe = SchedulingProbe(spec.device, fail_first=failures if spec.device == "cuda" else 0)
         probe.release.set()
         probes.append(probe)
         return probe
@@ -140,7 +140,21 @@ def test_repeated_failure_moves_to_the_fallback_device():
     worker = EngineWorker(loader)
     worker.load(LoadSpec(model="probe", device="cuda", fallback_device="cpu"))
     wait_until(lambda: worker.ready)
-    job = worker.submit("u", request("x"))
+    return worker, probes
+
+
+def test_a_transient_failure_does_not_move_the_model():
+    worker, probes = failing_on_cuda_worker(failures=2)
+    assert worker.submit("u", request("x")).future.result(5) is None  # both tries failed
+    assert worker.submit("u", request("y")).future.result(5) is not None  # cuda works again
+    assert [p.device for p in probes] == ["cuda"] and worker.device == "cuda"
+    worker.close()
+
+
+def test_repeated_failure_moves_to_the_fallback_device():
+    worker, probes = failing_on_cuda_worker(failures=FALLBACK_AFTER_FAILURES + 1)
+    assert worker.submit("u", request("x")).future.result(5) is None  # failures 1 and 2
+    job = worker.submit("u", request("x"))  # failures 3 and 4: repeated, so move and retry
     assert job.future.result(5) is not None
     assert [p.device for p in probes] == ["cuda", "cpu"]
     assert probes[0].closed  # the failing engine was freed before the reload

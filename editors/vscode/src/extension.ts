@@ -9,11 +9,18 @@ import {
 } from "vscode-languageclient/node";
 import { inlineMiddleware } from "./middleware";
 import { isExecutableFile, resolveServer } from "./serverPath";
-import { type ClientSettings, needsRestart, readSettings, serverSettings } from "./settings";
+import {
+  type ClientSettings,
+  needsRestart,
+  readSettings,
+  serverSettings,
+  toggledEnabled,
+} from "./settings";
 import { describeModel, phaseFromServerStatus, type ServerStatus, StatusTracker } from "./status";
 
 const SECTION = "maskfill";
 const STATUS_NOTIFICATION = "maskfill/didChangeStatus"; // lsp_server/server.py
+const SHOW_LOG = "maskfill.showLog";
 const INLINE_OFF = "maskfill: editor.inlineSuggest.enabled is off, so no suggestion will show.";
 let stopClient: (() => Promise<void>) | undefined; // awaited by deactivate()
 
@@ -25,6 +32,7 @@ function currentSettings(): ClientSettings {
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
   const log = vscode.window.createOutputChannel("maskfill", { log: true });
   const item = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+  item.command = SHOW_LOG; // the error tooltip says "click for the log"
   const status = new StatusTracker();
   let settings = currentSettings();
   let client: LanguageClient | undefined;
@@ -121,12 +129,16 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     log,
     item,
     vscode.commands.registerCommand("maskfill.restartServer", restart),
-    vscode.commands.registerCommand("maskfill.showLog", () => log.show()),
-    vscode.commands.registerCommand("maskfill.toggleCompletions", () =>
-      vscode.workspace
-        .getConfiguration(SECTION)
-        .update("enabled", !settings.enabled, vscode.ConfigurationTarget.Global),
-    ),
+    vscode.commands.registerCommand(SHOW_LOG, () => log.show()),
+    vscode.commands.registerCommand("maskfill.toggleCompletions", () => {
+      // Flip the value where the effective one comes from: a workspace value would hide a new
+      // user-level one.
+      const config = vscode.workspace.getConfiguration(SECTION);
+      const { scope, value } = toggledEnabled(config.inspect<boolean>("enabled"));
+      const target =
+        scope === "workspace" ? vscode.ConfigurationTarget.Workspace : vscode.ConfigurationTarget.Global;
+      return config.update("enabled", value, target);
+    }),
     vscode.commands.registerCommand("maskfill.showServerStatus", async () => {
       const reply = client
         ? await queryServerStatus().catch((err: unknown) => `unavailable: ${String(err)}`)

@@ -22,6 +22,7 @@ export const SERVER_SETTING_KEYS = [
   "numCandidates",
   "languages",
   "cacheSize",
+  "maxDocumentBytes",
 ] as const;
 
 export type ServerSettingKey = (typeof SERVER_SETTING_KEYS)[number];
@@ -73,4 +74,21 @@ export function needsRestart(before: ClientSettings, after: ClientSettings): boo
 export function allowsInlineRequest(settings: ClientSettings, triggerKind: number): boolean {
   if (!settings.enabled) return false;
   return settings.trigger === "automatic" || triggerKind === 0;
+}
+
+// The layers of `maskfill.enabled` that WorkspaceConfiguration.inspect reports. The setting is
+// window-scoped (package.json gives no scope), so it has no folder or language values.
+export interface EnabledLayers {
+  defaultValue?: boolean;
+  globalValue?: boolean;
+  workspaceValue?: boolean;
+}
+export type ToggleScope = "global" | "workspace";
+
+// Where the toggle writes and what: the negation of the effective value, in the most specific
+// layer that sets it (writing a user value under a workspace value would change nothing).
+export function toggledEnabled(layers: EnabledLayers | undefined): { scope: ToggleScope; value: boolean } {
+  if (layers?.workspaceValue !== undefined) return { scope: "workspace", value: !layers.workspaceValue };
+  const effective = layers?.globalValue ?? layers?.defaultValue ?? true;
+  return { scope: "global", value: !effective };
 }

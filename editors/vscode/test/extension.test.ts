@@ -8,6 +8,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 const h = vi.hoisted(() => {
   const state = {
     config: {} as Record<string, unknown>,
+    workspaceConfig: {} as Record<string, unknown>, // the workspace layer of `config`, for inspect()
     editorConfig: {} as Record<string, unknown>,
     commands: new Map<string, (...args: unknown[]) => unknown>(),
     configListeners: [] as ((e: { affectsConfiguration: (s: string) => boolean }) => unknown)[],
@@ -17,7 +18,14 @@ const h = vi.hoisted(() => {
     clients: [] as FakeClient[],
     statusReply: { loadState: "ready", model: "/m/tiny", device: "cpu", quant: "none" } as unknown,
     startError: undefined as Error | undefined,
-    item: { text: "", tooltip: "", backgroundColor: undefined as unknown, show() {}, dispose() {} },
+    item: {
+      text: "",
+      tooltip: "",
+      command: undefined as unknown,
+      backgroundColor: undefined as unknown,
+      show() {},
+      dispose() {},
+    },
     log: { info: vi.fn(), error: vi.fn(), show: vi.fn(), dispose() {} },
   };
   class FakeClient {
@@ -93,6 +101,12 @@ vi.mock("vscode", () => ({
     workspaceFolders: undefined,
     getConfiguration: (section: string) => ({
       get: (key: string) => (section === "editor" ? h.state.editorConfig[key] : h.state.config[key]),
+      inspect: (key: string) => ({
+        key: `${section}.${key}`,
+        defaultValue: key === "enabled" ? true : undefined,
+        globalValue: h.state.config[key],
+        workspaceValue: h.state.workspaceConfig[key],
+      }),
       update: async (key: string, value: unknown, target: unknown) => {
         h.state.updates.push([key, value, target]);
       },
@@ -128,6 +142,7 @@ beforeEach(() => {
   fs.writeFileSync(server, "#!/bin/sh\n", { mode: 0o755 });
   Object.assign(h.state, {
     editorConfig: {},
+    workspaceConfig: {},
     config: { serverPath: server, model: "/models/tiny", device: "cuda", quant: "int8", enabled: true },
     errors: [],
     warnings: [],
@@ -207,6 +222,11 @@ describe("activate", () => {
     expect(h.state.errors[0]).toContain("missing-lsp");
     expect(h.state.errors[0]).toContain("not an executable file");
     expect(h.state.item.text).toBe("$(error) maskfill");
+    // The tooltip says "click for the log": the click runs the show-log command.
+    expect(h.state.item.tooltip).toContain("click for the log");
+    expect(h.state.item.command).toBe("maskfill.showLog");
+    h.state.commands.get(h.state.item.command as string)!();
+    expect(h.state.log.show).toHaveBeenCalled();
   });
 
   it("warns when VS Code's inline suggestions are turned off", async () => {
@@ -248,6 +268,15 @@ describe("commands and settings", () => {
     expect(type).toBe("workspace/didChangeConfiguration");
     expect(params.settings).toMatchObject({ enabled: false, model: "/models/tiny" });
     expect(h.state.item.text).toBe("$(circle-slash) maskfill off");
+  });
+
+  it("toggle writes to the workspace when the workspace sets maskfill.enabled", async () => {
+    // User: on; workspace: off (effective: off). A user-level write would change nothing.
+    h.state.workspaceConfig.enabled = false;
+    h.state.config.enabled = false;
+    await activate(context());
+    await h.state.commands.get("maskfill.toggleCompletions")!();
+    expect(h.state.updates).toEqual([["enabled", true, 2]]); // ConfigurationTarget.Workspace
   });
 
   it("restart stops the running client and starts a new one", async () => {

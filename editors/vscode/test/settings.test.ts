@@ -7,6 +7,7 @@ import {
   readSettings,
   SERVER_SETTING_KEYS,
   serverSettings,
+  toggledEnabled,
 } from "../src/settings";
 
 const manifest = JSON.parse(fs.readFileSync(path.join(__dirname, "..", "package.json"), "utf8"));
@@ -27,8 +28,10 @@ describe("readSettings / serverSettings", () => {
     expect(sent.maxTokens).toBe(properties["maskfill.maxTokens"].default);
   });
 
-  it("declares every server key in package.json", () => {
-    for (const key of SERVER_SETTING_KEYS) expect(properties).toHaveProperty([`maskfill.${key}`]);
+  it("declares exactly the server keys and the client-only keys in package.json", () => {
+    // A setting in package.json but not in SERVER_SETTING_KEYS would never reach the server.
+    const declared = Object.keys(properties).map((key) => key.replace(/^maskfill\./, ""));
+    expect(declared.sort()).toEqual([...SERVER_SETTING_KEYS, "serverPath", "trigger"].sort());
   });
 
   it("passes the user's values through and maps empty strings to null", () => {
@@ -76,5 +79,23 @@ describe("allowsInlineRequest", () => {
   it("blocks everything when disabled", () => {
     const s = readSettings(defaults({ enabled: false }));
     expect(allowsInlineRequest(s, INVOKE)).toBe(false);
+  });
+});
+
+describe("toggledEnabled", () => {
+  it("flips a workspace value in the workspace, whatever the user value", () => {
+    const layers = { defaultValue: true, globalValue: true, workspaceValue: false };
+    expect(toggledEnabled(layers)).toEqual({ scope: "workspace", value: true });
+    expect(toggledEnabled({ ...layers, workspaceValue: true })).toEqual({ scope: "workspace", value: false });
+  });
+  it("flips the user value when no workspace sets one", () => {
+    expect(toggledEnabled({ defaultValue: true, globalValue: false })).toEqual({ scope: "global", value: true });
+  });
+  it("starts from the default when nothing is set", () => {
+    expect(toggledEnabled({ defaultValue: true })).toEqual({ scope: "global", value: false });
+    expect(toggledEnabled(undefined)).toEqual({ scope: "global", value: false });
+  });
+  it("matches the manifest: maskfill.enabled is window-scoped, so it has no folder layer", () => {
+    expect(properties["maskfill.enabled"]).not.toHaveProperty("scope");
   });
 });

@@ -14,20 +14,39 @@ require('maskfill').setup({
   settings = { timeoutMs = 600000 },
 })
 
-local function ghost_texts()
+local function ghost_marks()
   local ns = vim.api.nvim_get_namespaces()['nvim.lsp.inline_completion']
-  if not ns then
-    return {}
-  end
+  return ns and vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, { details = true }) or {}
+end
+
+-- The ghost text's first lines (the suggestion shown at the cursor), without the hint.
+local function ghost_texts()
   local texts = {}
-  for _, mark in ipairs(vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, { details = true })) do
+  for _, mark in ipairs(ghost_marks()) do
     local parts = {}
     for _, chunk in ipairs(mark[4].virt_text or {}) do
-      table.insert(parts, chunk[1])
+      if chunk[2] == 'ComplHint' then
+        table.insert(parts, chunk[1])
+      end
     end
     table.insert(texts, table.concat(parts))
   end
   return texts
+end
+
+-- Neovim's " (i/N)" after a candidate chosen among several (ComplHintMore), or "".
+local function ghost_hint()
+  for _, mark in ipairs(ghost_marks()) do
+    local lines = { mark[4].virt_text or {}, unpack(mark[4].virt_lines or {}) }
+    for _, line in ipairs(lines) do
+      for _, chunk in ipairs(line) do
+        if chunk[2] == 'ComplHintMore' then
+          return chunk[1]
+        end
+      end
+    end
+  end
+  return ''
 end
 
 _G.maskfill_test = {
@@ -43,15 +62,20 @@ _G.maskfill_test = {
     for _, lhs in ipairs({ '<Tab>', '<M-]>', '<M-[>', '<C-Space>' }) do
       keymaps[lhs] = vim.fn.maparg(lhs, 'i', false, true).desc or vim.NIL
     end
+    local provider = clients[1] and clients[1].server_capabilities.completionProvider
     return vim.json.encode({
       mode = vim.b.maskfill_mode or '',
       statusline = require('maskfill').statusline(),
       clients = #clients,
       keymaps = keymaps,
+      trigger_characters = provider and provider.triggerCharacters or {},
     })
   end,
   ghost = function()
     return vim.json.encode(ghost_texts())
+  end,
+  hint = function()
+    return vim.json.encode(ghost_hint())
   end,
   -- Labels of the items in the active completion menu (insert-completion mode).
   menu = function()
@@ -60,6 +84,14 @@ _G.maskfill_test = {
       table.insert(labels, item.abbr ~= '' and item.abbr or item.word)
     end
     return vim.json.encode(labels)
+  end,
+  -- The whole text (textEdit.newText) of the selected menu item, or null.
+  selected_edit = function()
+    local info = vim.fn.complete_info({ 'items', 'selected' })
+    local item = info.items and info.items[info.selected + 1]
+    local lsp_item = item and vim.tbl_get(item, 'user_data', 'nvim', 'lsp', 'completion_item')
+    local edit = lsp_item and lsp_item.textEdit
+    return vim.json.encode(edit and edit.newText or vim.NIL)
   end,
   buffer = function()
     return vim.json.encode({

@@ -15,9 +15,9 @@ M.defaults = {
   inline = true, -- false: use the completion menu even where inline completion exists
   keymaps = { -- insert mode; false (or a false entry) leaves keys alone
     accept = '<Tab>', -- accept the inline suggestion, else insert the key itself
-    next = '<M-]>', -- next / previous candidate (manual triggers return several)
+    next = '<M-]>', -- next / previous candidate; with none to cycle, ask for several first
     prev = '<M-[>',
-    trigger = '<C-Space>', -- completion-menu path: ask for a completion now
+    trigger = '<C-Space>', -- ask now: several inline candidates, or the completion menu
   },
 }
 
@@ -97,7 +97,77 @@ local function map(bufnr, lhs, rhs, desc, expr)
   end
 end
 
-local function attach_inline(bufnr, keymaps)
+-- Neovim 0.12 asks for inline completions only with triggerKind Automatic, which the server
+-- answers with one item; candidates to cycle come only from an Invoked request. The public
+-- vim.lsp.inline_completion API cannot send one or show an answer it did not ask for, so this
+-- reaches the buffer's inline-completion state (vim.lsp._capability, internal in 0.12) and hands
+-- our answer to its own handler, which stores and shows it as it does its own.
+local function inline_state(bufnr)
+  local ok, capability = pcall(require, 'vim.lsp._capability')
+  local state = ok and vim.tbl_get(capability, 'all', 'inline_completion', 'active', bufnr)
+  if state and type(state.handler) == 'function' and type(state.count_items) == 'function' then
+    return state
+  end
+end
+
+local UNSUPPORTED = 'maskfill: this Neovim has no inline-completion state to show requested '
+  .. 'candidates in; only the automatic suggestion is available'
+
+-- Sends an Invoked inline request (several candidates) and shows the answer, numbered.
+local function request_candidates(client, bufnr)
+  if not vim.lsp.inline_completion.is_enabled({ bufnr = bufnr }) then
+    return -- the user turned inline completion off here
+  end
+  local state = inline_state(bufnr)
+  if not (state and state.client_state[client.id]) then
+    vim.notify_once(UNSUPPORTED, vim.log.levels.WARN)
+    return
+  end
+  -- Neovim's own Automatic request, pending or in flight, would replace (or, superseded by
+  -- ours on the server, hide) our answer: drop it.
+  if type(state.reset_timer) == 'function' then
+    state:reset_timer()
+  end
+  for id, request in pairs(client.requests) do
+    if request.bufnr == bufnr and request.method == INLINE and request.type == 'pending' then
+      client:cancel_request(id)
+    end
+  end
+  local params = vim.lsp.util.make_position_params(0, client.offset_encoding)
+  params.context = { triggerKind = vim.lsp.protocol.InlineCompletionTriggerKind.Invoked }
+  local tick = vim.api.nvim_buf_get_changedtick(bufnr)
+  local cursor = vim.api.nvim_win_get_cursor(0)
+  client:request(INLINE, params, function(err, result, ctx)
+    local current = vim.api.nvim_get_current_buf() == bufnr
+      and vim.api.nvim_buf_get_changedtick(bufnr) == tick
+      and vim.deep_equal(vim.api.nvim_win_get_cursor(0), cursor)
+      and vim.api.nvim_get_mode().mode:sub(1, 1) == 'i'
+    -- An error here is a superseded or cancelled request: the user moved on.
+    if err or not result or not current or inline_state(bufnr) ~= state then
+      return
+    end
+    if not state.client_state[client.id] then
+      return -- detached meanwhile
+    end
+    state:handler(nil, result, ctx)
+    if state.current then
+      vim.lsp.inline_completion.select({ bufnr = bufnr, count = 0 }) -- adds "(1/N)"
+    end
+  end, bufnr)
+end
+
+-- Cycles the candidates; with nothing to cycle (only the automatic suggestion, or none), asks
+-- for several instead.
+local function cycle_or_request(client, bufnr, count)
+  local state = inline_state(bufnr)
+  if state and state.current and state:count_items() > 1 then
+    vim.lsp.inline_completion.select({ bufnr = bufnr, count = count })
+  else
+    request_candidates(client, bufnr)
+  end
+end
+
+local function attach_inline(client, bufnr, keymaps)
   vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
   map(bufnr, keymaps.accept, function()
     if not vim.lsp.inline_completion.get() then
@@ -105,11 +175,14 @@ local function attach_inline(bufnr, keymaps)
     end
   end, 'maskfill: accept the suggestion', true)
   map(bufnr, keymaps.next, function()
-    vim.lsp.inline_completion.select({ count = 1 })
+    cycle_or_request(client, bufnr, 1)
   end, 'maskfill: next suggestion')
   map(bufnr, keymaps.prev, function()
-    vim.lsp.inline_completion.select({ count = -1 })
+    cycle_or_request(client, bufnr, -1)
   end, 'maskfill: previous suggestion')
+  map(bufnr, keymaps.trigger, function()
+    request_candidates(client, bufnr)
+  end, 'maskfill: suggest several now')
 end
 
 -- Neovim's completion menu inserts only the first word of a plain-text item's textEdit
@@ -134,6 +207,9 @@ local function attach_menu(client, bufnr, keymaps)
   if not vim.lsp.completion then
     return -- Neovim 0.10: vim.lsp.omnifunc (<C-x><C-o>) is set on attach
   end
+  -- autotrigger asks when a typed character is one of the server's triggerCharacters; a server
+  -- that announces none leaves the menu to <C-Space> (keymaps.trigger). No request per keystroke:
+  -- a model answer costs far more than a word-list lookup.
   vim.lsp.completion.enable(true, client.id, bufnr, { autotrigger = true })
   vim.api.nvim_create_autocmd('CompleteDone', {
     group = vim.api.nvim_create_augroup('maskfill.complete.' .. bufnr, { clear = true }),
@@ -150,7 +226,7 @@ end
 -- Called on LspAttach for our client: picks inline completion or the completion menu.
 function M.attach(client, bufnr, opts)
   if opts.inline and has_inline_api() and supports(client, INLINE, bufnr) then
-    attach_inline(bufnr, opts.keymaps)
+    attach_inline(client, bufnr, opts.keymaps)
     vim.b[bufnr].maskfill_mode = 'inline'
   elseif supports(client, COMPLETION, bufnr) then
     attach_menu(client, bufnr, opts.keymaps)
