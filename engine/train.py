@@ -354,9 +354,10 @@ cosine schedule, fp32 on CPU.{''.join(chr(10) + '- ' + n for n in state.notes)}
 {curve}
 
 ## What it is not
-A few million parameters trained for about an hour on two CPU cores: it completes common Python
-idioms and closes holes, it does not solve programming problems. Point maskfill at Dream-Coder,
-DreamOn or Open-dCoder for real use.
+A few million parameters trained for about an hour on two shared CPU cores. It exercises the whole
+pipeline (Dream-layout loader, samplers, LSP server) on any machine, offline; it is not a useful
+code model, and it does not solve programming problems. Point maskfill at Dream-Coder, DreamOn or
+Open-dCoder for real use.
 """
 
 
