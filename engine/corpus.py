@@ -21,7 +21,7 @@ import random
 import re
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,9 @@ NGRAM = 10  # words; ten identical words in a row are not a coincidence in code 
 MAX_FILE_BYTES = 200_000  # generated tables and vendored blobs teach little
 MAX_LINE_CHARS = 400  # minified or data-only files
 SKIP_DIR_NAMES = {"__pycache__", "site-packages", "dist-packages", ".git", "node_modules"}
+# Test suites were 40% of the first corpus's bytes and taught the model to answer every hole with
+# `self.assertEqual(...)`; completions are asked for in application code.
+_TEST_FILE = re.compile(r"(^|/)(tests?|idle_test|testing)/|(^|/)test_[^/]*\.py$|_tests?\.py$")
 
 _WORD = re.compile(r"\w+")
 
@@ -148,6 +151,11 @@ def _candidate_files(roots: dict[str, Path], exclude: Iterable[Path]) -> Iterato
             yield f"{name}/{rel.as_posix()}", path
 
 
+def is_test_file(key: str) -> bool:
+    """True for files of a test suite (a `test`/`tests` folder, `test_*.py`, `*_test.py`)."""
+    return _TEST_FILE.search(key) is not None
+
+
 def read_source(path: Path) -> str | None:
     """File text if it is usable training code, else None (binary, huge, minified, not UTF-8)."""
     try:
@@ -172,6 +180,7 @@ def select_corpus(
     roots: dict[str, Path] | None = None,
     benchmark_dir: Path = BENCHMARK_DIR,
     extra_excludes: Iterable[Path] = (),
+    skip_tests: bool = True,
 ) -> tuple[CorpusManifest, list[str]]:
     """Pick files until `max_bytes`; returns the manifest and the texts in manifest order."""
     roots = roots or default_roots()
@@ -182,7 +191,8 @@ def select_corpus(
     rng = random.Random(seed)
     candidates: list[tuple[str, Path]] = []
     for name, root in roots.items():
-        files = list(_candidate_files({name: root}, exclude))
+        files = [(key, path) for key, path in _candidate_files({name: root}, exclude)
+                 if not (skip_tests and is_test_file(key))]
         rng.shuffle(files)
         candidates += files
 
@@ -216,10 +226,14 @@ def select_corpus(
     return manifest, [text for _, text in chosen]
 
 
-def load_corpus_texts(manifest: CorpusManifest) -> tuple[list[str], int]:
-    """Texts of the manifest's files that are present and unchanged here; also the count missing."""
+def load_corpus_texts(manifest: CorpusManifest, keep: Callable[[str], bool] | None = None
+                      ) -> tuple[list[str], int]:
+    """Texts of the manifest's files that are present and unchanged here (and pass `keep`, a
+    predicate on the file key); also the count missing."""
     texts, missing = [], 0
     for f in manifest.files:
+        if keep is not None and not keep(f.key):
+            continue
         text = read_source(f.path)
         if text is None or hashlib.sha256(text.encode("utf-8")).hexdigest() != f.sha256:
             missing += 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,7 @@ from engine import sampler
 from engine.api import CompletionRequest
 from engine.config import ModelArgs
 from engine.fim import InfillBatch
+from engine.model import ContextKV, apply_rope, rope_tables
 
 DREAM_TOPK_SAMPLERS = ("maskgit_plus", "topk_margin", "entropy")
 
@@ -173,7 +175,14 @@ def denoise(
     banned_ids: Tensor,  # ids never written into a hole (MASK itself, untrained padded rows)
     generator: torch.Generator,
     stop: StopSignal,
+    decided: Callable[[list[int]], bool] | None = None,
 ) -> Denoised:
+    """Denoise every row of `batch` (dual cache unless request.use_cache is off).
+
+    `decided(tokens)` says whether a row's committed run from its first slot already fixes the
+    text the caller will keep (a stop mode cut inside it): such a row stops there, its other
+    masked slots become forced EOS. Rows with nothing left to fill leave the batch, so a
+    finished short bucket no longer costs a forward share while a long one is still going."""
     started = time.perf_counter()
     shift = 1 if args.logit_shift else 0
     lmax = batch.max_hole
@@ -189,7 +198,8 @@ def denoise(
     # The query rows' own cached K/V are stale: they are replaced by the rows' fresh ones.
     query_cols = torch.zeros_like(batch.key_valid)
     query_cols[:, q0:q0 + n_query] = query_valid
-    ctx_valid = batch.key_valid & ~query_cols  # (B, T)
+    own_ctx_valid = batch.key_valid & ~query_cols  # (B, T) for K/V encoded row by row
+    ctx_valid = own_ctx_valid
 
     def full_pass() -> tuple[Tensor, object]:
         if request.use_cache:
@@ -198,14 +208,27 @@ def denoise(
             hidden, ctx = model.forward(ids, batch.positions, key_valid=batch.key_valid), None
         return head(hidden[:, q0:q0 + lmax]), ctx  # (B, Lmax, V)
 
-    def cached_pass(ctx) -> Tensor:
-        hidden = model.step(ids[:, q0:q0 + n_query], query_pos, query_valid, ctx, ctx_valid)
-        return head(hidden[:, :lmax])  # (B, Lmax, V)
+    def cached_pass(ctx, rows: Tensor | None) -> Tensor:
+        """The hole rows against cached context K/V (all rows, or the `rows` still open)."""
+        if rows is None:
+            hidden = model.step(ids[:, q0:q0 + n_query], query_pos, query_valid, ctx, ctx_valid)
+            return head(hidden[:, :lmax])  # (B, Lmax, V)
+        hidden = model.step(ids[rows, q0:q0 + n_query], query_pos[rows], query_valid[rows],
+                            ctx, ctx_valid[rows])
+        # Finished rows get zero logits: nothing of theirs is masked, so nothing is drawn.
+        sub = head(hidden[:, :lmax])
+        full = torch.zeros(ids.shape[0], lmax, sub.shape[-1], device=device)
+        full[rows] = sub
+        return full
 
     def head(hidden: Tensor) -> Tensor:
         return model.output(hidden).index_fill_(-1, banned_ids, float("-inf"))
 
-    logits, ctx = full_pass()
+    if request.use_cache and ids.shape[0] > 1:
+        ctx, ctx_valid = shared_context(model, args, batch, q0, n_query)
+        logits = cached_pass(ctx, None)
+    else:
+        logits, ctx = full_pass()
     if device.type == "cuda":  # one sync per request, so that encode_ms is the real cost
         torch.cuda.synchronize(device)
     encode_ms = (time.perf_counter() - started) * 1000.0
@@ -221,6 +244,8 @@ def denoise(
     per_step: list[Tensor] = []
     every = sync_interval(device)
     step = 0
+    rows: Tensor | None = None  # indices of the rows still denoised; None: all of them
+    row_ctx = ctx
     while True:
         hole = ids[:, hs:hs + lmax]
         take, tokens, prob = commit(logits, masked, step)
@@ -229,20 +254,37 @@ def denoise(
         hole, forced = pad_after_end(hole, hole_valid, end_ids, mask_id, eos_id)
         out.forced |= forced
         ids[:, hs:hs + lmax] = hole
-        per_step.append(take.sum(dim=1) + forced.sum(dim=1))
         masked = (hole == mask_id) & hole_valid
         step += 1
+        if step % every == 0:  # host work: only where the loop syncs anyway
+            if decided is not None:
+                closed = _close_decided(hole, masked, decided)  # (B, Lmax) slots to pad
+                if closed is not None:
+                    hole = torch.where(closed, torch.full_like(hole, eos_id), hole)
+                    ids[:, hs:hs + lmax] = hole
+                    out.forced |= closed
+                    forced = forced | closed
+                    masked &= ~closed
+            live = masked.any(dim=1)
+            if not bool(live.any()):
+                per_step.append(take.sum(dim=1) + forced.sum(dim=1))
+                break
+            if request.use_cache and ctx is not None:
+                still = live.nonzero().flatten()
+                if still.numel() < ids.shape[0] and (rows is None or still.numel() < rows.numel()):
+                    rows = still
+                    row_ctx = ContextKV(k=[k[rows] for k in ctx.k], v=[v[rows] for v in ctx.v])
+        per_step.append(take.sum(dim=1) + forced.sum(dim=1))
         if step >= commit.steps:
-            break
-        if step % every == 0 and not bool(masked.any()):
             break
         if stop.halts(out):
             break
         refresh = request.cache_refresh_every > 0 and step % request.cache_refresh_every == 0
         if request.use_cache and not refresh:
-            logits = cached_pass(ctx)
+            logits = cached_pass(row_ctx, rows)
         else:
             logits, ctx = full_pass()
+            rows, row_ctx, ctx_valid = None, ctx, own_ctx_valid
         out.forward_passes += 1
 
     out.hole = ids[:, hs:hs + lmax]
@@ -250,6 +292,48 @@ def denoise(
     out.encode_ms = encode_ms
     out.denoise_ms = (time.perf_counter() - started) * 1000.0 - encode_ms
     return out
+
+
+def shared_context(model, args: ModelArgs, batch: InfillBatch, q0: int, n_query: int
+                   ) -> tuple[ContextKV, Tensor]:
+    """Context K/V for every row from ONE encode of the longest row -> (ctx, ctx_valid (B, T)).
+
+    Rows differ only in hole length, so their contexts match token for token; a shorter row's
+    suffix sits `lmax - n` positions further left, which for RoPE keys is an exact rotation.
+    The context states are those computed beside the longest hole's masks: the same staleness
+    the dual cache accepts across steps. Encoding 1 row instead of B cuts the encode B-fold."""
+    lengths = torch.tensor(batch.hole_lengths)
+    longest = int(lengths.argmax())
+    one = slice(longest, longest + 1)
+    _, ctx1 = model.encode(batch.ids[one], batch.positions[one], key_valid=batch.key_valid[one])
+    after = batch.hole_start + batch.max_hole  # first column right of the longest hole
+    shifts = (lengths - batch.max_hole).to(batch.ids.device)[:, None]  # (B, 1), <= 0
+    cos, sin = rope_tables(shifts, args.head_dim, args.rope_theta)  # (B, 1, 1, D)
+    n_rows = lengths.numel()
+    keys, values = [], []
+    for k, v in zip(ctx1.k, ctx1.v, strict=True):  # each (1, Hkv, T, D)
+        k_rows = k.expand(n_rows, -1, -1, -1).clone()
+        k_rows[:, :, after:] = apply_rope(k[:, :, after:], cos, sin)
+        keys.append(k_rows)
+        values.append(v.expand(n_rows, -1, -1, -1))
+    valid = batch.key_valid[one].clone()
+    valid[:, q0:q0 + n_query] = False  # the hole columns: every row brings its own
+    return ContextKV(k=keys, v=values), valid.expand(n_rows, -1)
+
+
+def _close_decided(hole: Tensor, masked: Tensor, decided: Callable[[list[int]], bool]
+                   ) -> Tensor | None:
+    """Masked slots of rows whose committed run from slot 0 is `decided`, or None if none."""
+    closed = None
+    for r, (tokens, open_slots) in enumerate(zip(hole.tolist(), masked.tolist(), strict=True)):
+        if not any(open_slots):
+            continue
+        run = tokens[: open_slots.index(True)]
+        if run and decided(run):
+            if closed is None:
+                closed = torch.zeros_like(masked)
+            closed[r] = masked[r]
+    return closed
 
 
 def denoise_expanding(

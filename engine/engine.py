@@ -26,9 +26,10 @@ from engine.api import (
 )
 from engine.denoiser import Denoised, StopSignal, denoise, denoise_expanding
 from engine.quantize import parameter_count, weight_bytes
+from engine.stop_modes import apply_stop
 
 HOLE_BUCKETS = (8, 16, 32, 64)  # unknown span length: rows of these lengths share one batch
-LINE_BUCKETS = (8, 16, 32)  # a single line rarely needs more
+LINE_BUCKETS = (8, 16, 24)  # 24 tokens: ~80+ characters, a long line; passes grow with it
 EXTRA_CANDIDATE_TEMPERATURE = 0.8  # extra candidates must differ: sample them when T = 0
 DREAMON_INITIAL_HOLE = 16  # DreamOn's L0 when the request gives none (its eval: 4..64)
 MAX_CANDIDATES = 16
@@ -278,8 +279,21 @@ class Engine:
             loaded.model, loaded.args, batch, request,
             temperatures=temperatures,
             end_ids=end_ids, banned_ids=self._banned_all, generator=generator, stop=stop,
+            decided=None if request.stop == "free" else self._stop_decides(request),
         )
         return done, rows
+
+    def _stop_decides(self, request: CompletionRequest):
+        """A row whose committed run from its first slot is already cut by the stop mode needs
+        no more passes: whatever fills its later slots, apply_stop drops it."""
+        tok, mask_id = self._loaded.tokenizer, self._loaded.args.mask_token_id
+
+        def decided(run: list[int]) -> bool:
+            tokens, _ = fim.trim_at_end(run, self._end_ids, mask_id)
+            text = tok.decode(tokens)
+            return len(apply_stop(text, request.stop, request.prefix)) < len(text)
+
+        return decided
 
     def _denoise_expanding(self, loaded, request, prefix_ids, suffix_ids, initial, generator,
                            stop):
@@ -315,7 +329,7 @@ class Engine:
             probs = [c for c, f in zip(confidences[r][:used], forced[r][:used], strict=True)
                      if not f]
             mean_conf = sum(probs) / len(probs) if probs else 0.0
-            text = fim.apply_stop(tok.decode(tokens), request.stop, request.prefix)
+            text = apply_stop(tok.decode(tokens), request.stop, request.prefix)
             cand = Candidate(text=text, mean_confidence=mean_conf, span_length=length,
                              ended=ended and len(tokens) < length)
             scored.append(((cand.ended, mean_conf), r, cand))

@@ -41,6 +41,7 @@ from pathlib import Path
 from engine.api import CompletionRequest, EngineError
 from engine.corpus import BENCHMARK_DIR, CorpusManifest, load_corpus_texts, word_ngrams
 from engine.sandbox import network_isolation, run_program
+from engine.stop_modes import stop_for_cursor
 
 HUMANEVAL_SINGLE = "human-eval-infilling/HumanEval-SingleLineInfilling.jsonl.gz"
 HUMANEVAL_MULTI = "human-eval-infilling/HumanEval-MultiLineInfilling.jsonl.gz"
@@ -74,7 +75,8 @@ SUITE_SPECS = {
     # SantaCoder prompts stop at the end of the line above the hole: the answer is the next line.
     "santacoder-py": SuiteSpec("free", 32, True, "exact_match"),
     "demo-holes": SuiteSpec("block", 64, False, "parses"),
-    "latency-1k": SuiteSpec("block", 32, False, "latency"),
+    # Each cursor gets the stop mode the editor's `auto` setting picks there (engine.fim).
+    "latency-1k": SuiteSpec("auto", 32, False, "latency"),
     "jsonl": SuiteSpec("free", 64, False, "pass@1"),
 }
 
@@ -244,7 +246,8 @@ def latency_tasks(engine, n: int = 20, context_tokens: int = 1000) -> list[Task]
         cut = n_prefix + i * (len(ids) - context_tokens) // n
         prefix = engine.tokenizer.decode(ids[cut - n_prefix : cut])
         suffix = engine.tokenizer.decode(ids[cut : cut - n_prefix + context_tokens])
-        tasks.append(Task(f"latency/{i}", prefix, suffix))
+        stop = stop_for_cursor(prefix.rsplit("\n", 1)[-1], suffix.split("\n", 1)[0])
+        tasks.append(Task(f"latency/{i}", prefix, suffix, stop=stop))
     return tasks
 
 

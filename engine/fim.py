@@ -135,36 +135,3 @@ def trim_at_end(tokens: list[int], end_ids: set[int], mask_id: int) -> tuple[lis
         if tok == mask_id:
             return tokens[:i], False
     return tokens, False
-
-
-def _indent(line: str) -> int:
-    return len(line.expandtabs(4)) - len(line.expandtabs(4).lstrip())
-
-
-def apply_stop(text: str, mode: str, prefix: str) -> str:
-    """Cut a completion per stop mode. `prefix` is the text before the cursor (for "block")."""
-    if mode == "free":
-        return text
-    if mode == "line":
-        head, newline, rest = text.partition("\n")
-        if newline and not head.strip():
-            # Cursor at a line's end: the one line worth offering is the next one.
-            return head + newline + rest.split("\n", 1)[0]
-        return head
-    if mode != "block":
-        raise ValueError(f"unknown stop mode {mode!r}")
-    lines = text.split("\n")
-    lines_with_cursor = [prefix.rsplit("\n", 1)[-1] + lines[0], *lines[1:]]
-    # The block is set by the cursor's line; if that is blank, by the first line written.
-    anchor = next((i for i, ln in enumerate(lines_with_cursor) if ln.strip()), None)
-    if anchor is None:
-        return text
-    base = _indent(lines_with_cursor[anchor])
-    opens_block = lines_with_cursor[anchor].rstrip().endswith((":", "{"))
-    for i in range(anchor + 1, len(lines)):
-        if not lines[i].strip():
-            continue
-        depth = _indent(lines[i])
-        if depth < base or (opens_block and depth <= base):
-            return "\n".join(lines[:i]).rstrip(" \t\n")
-    return text

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from engine.config import ModelArgs
-from engine.corpus import CorpusManifest, load_corpus_texts, select_corpus
+from engine.corpus import CorpusManifest, is_test_file, load_corpus_texts, select_corpus
 from engine.model import Transformer
 from engine.objective import masked_diffusion_loss
 from engine.tokenizer import Tokenizer, train_bpe
@@ -114,12 +114,13 @@ class RowSampler:
     """Builds training rows from corpus text, in the engine's Dream infill layout."""
 
     def __init__(self, texts: list[str], tokenizer: Tokenizer, seq_len: int,
-                 hole_policy: str = "small-first"):
+                 hole_policy: str = "small-first", fim_seq_len: int | None = None):
         self.texts = [t for t in texts if t.strip()]
         sizes = np.array([len(t) for t in self.texts], dtype=np.float64)
         self.weights = sizes / sizes.sum()  # files drawn by size: every byte equally likely
         self.tok = tokenizer
         self.seq_len = seq_len
+        self.fim_seq_len = fim_seq_len or seq_len
         self.chars = seq_len * 6  # generous: code runs ~3-4 chars per token
         self._line_starts: dict[int, list[int]] = {}
         self.hole_weights = HOLE_POLICIES[hole_policy]
@@ -127,7 +128,7 @@ class RowSampler:
     def batch(self, rng: np.random.Generator, n_plain: int, n_fim: int) -> tuple[Batch, Batch]:
         plain = [self._plain_row(rng) for _ in range(n_plain)]
         fim = [self._fim_row(rng) for _ in range(n_fim)]
-        return self._collate(plain), self._collate(fim)
+        return self._collate(plain, self.seq_len), self._collate(fim, self.fim_seq_len)
 
     def _pick(self, rng: np.random.Generator) -> int:
         return int(rng.choice(len(self.texts), p=self.weights))
@@ -163,7 +164,7 @@ class RowSampler:
         fitting = [i for i, b in enumerate(HOLE_BUCKETS) if b >= len(middle)]
         weights = np.array([self.hole_weights[i] for i in fitting])
         hole = HOLE_BUCKETS[fitting[int(rng.choice(len(fitting), p=weights / weights.sum()))]]
-        budget = self.seq_len - 2 - hole
+        budget = self.fim_seq_len - 2 - hole
         prefix = self.tok.encode(text[max(0, lo - self.chars) : lo])
         suffix = self.tok.encode(text[hi : hi + self.chars])
         # The engine's 3:1 prefix:suffix split; whatever one side leaves goes to the other.
@@ -176,8 +177,8 @@ class RowSampler:
         protect = [True] * (1 + n_prefix) + [False] * hole + [True] * (n_suffix + 1)
         return ids, protect
 
-    def _collate(self, rows: list[tuple[list[int], list[bool]]]) -> Batch:
-        n, length = len(rows), self.seq_len
+    def _collate(self, rows: list[tuple[list[int], list[bool]]], length: int) -> Batch:
+        n = len(rows)
         ids = torch.full((n, length), self.tok.eos_id, dtype=torch.long)
         valid = torch.zeros((n, length), dtype=torch.bool)
         protect = torch.ones((n, length), dtype=torch.bool)
@@ -227,6 +228,8 @@ class TrainState:
     curve: list = dataclasses.field(default_factory=list)  # [step, tokens, minutes, loss, fim]
     hole_policy: str = "uniform"  # runs saved before the policy existed used uniform
     notes: list = dataclasses.field(default_factory=list)  # changes made when resuming
+    skip_tests: bool = False  # runs saved before the option existed sampled test files too
+    fim_seq_len: int | None = None  # None: infill rows as long as plain rows
 
     def progress(self) -> float:
         parts = [self.seconds / 60.0 / self.minutes_budget] if self.minutes_budget else []
@@ -321,6 +324,8 @@ def training_report(model: Transformer, state: TrainState, dtype: torch.dtype) -
     rows = _thin(state.curve, 25)
     curve = "\n".join(f"| {s} | {t / 1e6:.2f} | {m:.1f} | {lo:.3f} | {f:.3f} |"
                       for s, t, m, lo, f in rows)
+    tests = "skipped" if state.skip_tests else "sampled"
+    notes = "".join("\n- " + n for n in state.notes)
     return f"""# maskfill embedded model: how it was trained
 
 Written by `python -m engine.train` (preset `{state.preset}`, seed {state.seed}).
@@ -341,10 +346,11 @@ Python sources from the standard library, then the packages installed next to ma
 - dropped for HumanEval overlap: {c.get('n_excluded_overlap')}
 
 ## Training
-Masked diffusion (t ~ U(1e-3, 1), loss weighted by 1/t): half of each batch plain text (half of
-those with a contiguous masked span), half infill rows `[BOS] prefix middle EOS*pad suffix [EOS]`
-with only the hole maskable (hole of 8/16/32/64 slots, drawn {state.hole_policy!r}). AdamW,
-cosine schedule, fp32 on CPU.{''.join(chr(10) + '- ' + n for n in state.notes)}
+Masked diffusion (t ~ U(1e-3, 1), loss weighted by 1/t): half of each batch's tokens plain text
+({a.max_context}-token rows, half of them with a contiguous masked span), half infill rows
+`[BOS] prefix middle EOS*pad suffix [EOS]` ({state.fim_seq_len or a.max_context} tokens) with only
+the hole maskable (hole of 8/16/32/64 slots, drawn {state.hole_policy!r}). Test-suite files
+{tests}. AdamW, cosine schedule, fp32 on CPU.{notes}
 - steps: {state.step}, tokens seen: {state.tokens} ({state.tokens / 1e6:.2f}M),
   wall time: {state.seconds / 60:.1f} min
 - final loss (nats/token, 1/t-weighted): {state.curve[-1][3] if state.curve else float('nan'):.3f}
@@ -371,13 +377,14 @@ def _thin(rows: list, n: int) -> list:
 # ----------------------------------------------------------------------------- main loop
 
 
-def prepare_run(run: Path, preset: Preset, seed: int, corpus_bytes: int | None,
+def prepare_run(run: Path, preset: Preset, seed: int, corpus_bytes: int | None, skip_tests: bool,
                 log) -> tuple[Tokenizer, list[str], dict]:
     """Corpus + tokenizer for a fresh run, written under run/state."""
     folder = run / "state"
     folder.mkdir(parents=True, exist_ok=True)
     log(f"selecting corpus (seed {seed}, {corpus_bytes or preset.corpus_bytes} bytes)")
-    manifest, texts = select_corpus(seed=seed, max_bytes=corpus_bytes or preset.corpus_bytes)
+    manifest, texts = select_corpus(seed=seed, max_bytes=corpus_bytes or preset.corpus_bytes,
+                                    skip_tests=skip_tests)
     log(f"corpus: {len(texts)} files, {manifest.n_bytes} bytes, "
         f"{len(manifest.excluded_overlap)} dropped for HumanEval overlap")
     sample, size = [], 0
@@ -423,7 +430,8 @@ def train(argv: list[str] | None = None) -> Path:
             log(f"warning: {missing} corpus files are missing or changed on this machine")
         summary = _corpus_summary(manifest)
     else:
-        tokenizer, texts, summary = prepare_run(run, preset, ns.seed, ns.corpus_bytes, log)
+        tokenizer, texts, summary = prepare_run(run, preset, ns.seed, ns.corpus_bytes,
+                                                 ns.skip_tests, log)
 
     torch.manual_seed(ns.seed)
     model = Transformer(model_args(preset, tokenizer))
@@ -440,10 +448,17 @@ def train(argv: list[str] | None = None) -> Path:
         model.to(device)
     else:
         state = TrainState(preset=ns.preset, seed=ns.seed, corpus=summary)
-    if resuming and state.hole_policy != ns.hole_policy:
-        state.notes.append(f"from step {state.step}: hole lengths drawn {ns.hole_policy!r} "
-                           f"(before: {state.hole_policy!r})")
+    fim_seq_len = ns.fim_seq_len or default_fim_seq_len(preset)
+    if resuming:
+        for change in _changes(state, ns, fim_seq_len, preset):
+            state.notes.append(f"from step {state.step}: {change}")
+        if ns.skip_tests and not state.skip_tests:
+            kept, _ = load_corpus_texts(manifest, keep=lambda key: not is_test_file(key))
+            log(f"test files no longer sampled: {len(texts)} -> {len(kept)} files")
+            texts = kept
     state.hole_policy = ns.hole_policy
+    state.skip_tests = ns.skip_tests
+    state.fim_seq_len = fim_seq_len
     state.minutes_budget = ns.minutes
     state.steps_budget = ns.steps
     state.tokens_budget = ns.tokens
@@ -451,9 +466,11 @@ def train(argv: list[str] | None = None) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     start = f"resuming at step {state.step}" if resuming else "fresh"
     log(f"model: {n_params / 1e6:.2f}M parameters; {start}")
-    sampler = RowSampler(texts, tokenizer, preset.seq_len, ns.hole_policy)
-    n_fim = int(round(preset.batch_size * ns.fim_fraction))
-    n_plain = preset.batch_size - n_fim
+    sampler = RowSampler(texts, tokenizer, preset.seq_len, ns.hole_policy, fim_seq_len)
+    # Only an infill row's hole is a target, so short infill rows buy more targets per FLOP:
+    # the batch keeps its token count, with shorter infill rows taking more of its rows.
+    n_plain = preset.batch_size - int(round(preset.batch_size * ns.fim_fraction))
+    n_fim = int(round((preset.batch_size - n_plain) * preset.seq_len / fim_seq_len))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     export_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -482,7 +499,7 @@ def train(argv: list[str] | None = None) -> Path:
                     model, part.ids.to(device), part.key_valid.to(device),
                     mask_id=tokenizer.mask_id, logit_shift=True, generator=gen,
                     span_prob=span_prob, protect=part.protect.to(device)))
-        loss = (losses[0] * n_plain + losses[1] * n_fim) / preset.batch_size
+        loss = (losses[0] * n_plain + losses[1] * n_fim) / (n_plain + n_fim)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -514,6 +531,26 @@ def train(argv: list[str] | None = None) -> Path:
     verb = "paused" if state.step == ns.pause_at and state.progress() < 1.0 else "done"
     log(f"{verb}: {state.step} steps, {state.tokens} tokens; checkpoint at {out}")
     return out
+
+
+def default_fim_seq_len(preset: Preset) -> int:
+    """Half the window, but room for the longest hole with context on both sides."""
+    return min(preset.seq_len, max(preset.seq_len // 2, 2 * HOLE_BUCKETS[-1]))
+
+
+def _changes(state: TrainState, ns: argparse.Namespace, fim_seq_len: int, preset: Preset
+             ) -> list[str]:
+    """What a resumed run does differently from the run it continues, for TRAINING.md."""
+    changes = []
+    if state.hole_policy != ns.hole_policy:
+        changes.append(f"hole lengths drawn {ns.hole_policy!r} (before: {state.hole_policy!r})")
+    if ns.skip_tests and not state.skip_tests:
+        changes.append("files of test suites no longer sampled")
+    before = state.fim_seq_len or preset.seq_len
+    if fim_seq_len != before:
+        changes.append(f"infill rows {fim_seq_len} tokens long (before: {before}), "
+                       "more of them per batch")
+    return changes
 
 
 def _save_all(run, model, opt, tokenizer, state, dtype, log) -> Path:
@@ -549,7 +586,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus-bytes", type=int, default=None, help="override the preset's")
     p.add_argument("--hole-policy", choices=sorted(HOLE_POLICIES), default="small-first",
                    help="how infill rows pick their hole length among the buckets that fit")
-    p.add_argument("--fim-fraction", type=float, default=0.5, help="share of infill rows")
+    p.add_argument("--fim-fraction", type=float, default=0.5,
+                   help="share of the batch's tokens in infill rows")
+    p.add_argument("--fim-seq-len", type=int, default=None,
+                   help="infill row length (default: half the window, at least 128)")
+    p.add_argument("--keep-tests", dest="skip_tests", action="store_false",
+                   help="also sample the corpus's test-suite files (skipped by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--save-every", type=float, default=5.0, help="minutes between checkpoints")

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, field
 
 from engine.api import StopMode
+from engine.stop_modes import BLOCK_OPENERS, stop_for_cursor
 
 CLOSERS = frozenset(")]}\"'`")
-OPENERS = (":", "{", "(", "[")
 # Characters the model may repeat from the text after the cursor without meaning new code.
 _PUNCTUATION = CLOSERS | frozenset(";:,. ")
 
@@ -36,12 +36,7 @@ def choose_stop(context: CursorContext, setting: str) -> StopMode:
     """`auto`: text after the cursor -> one line; an empty line or after `:`/`{` -> a block."""
     if setting in ("line", "block", "free"):
         return setting  # type: ignore[return-value]
-    if context.line_after.strip():
-        return "line"
-    before = context.line_before.rstrip()
-    if not before or before.endswith(OPENERS):
-        return "block"
-    return "line"
+    return stop_for_cursor(context.line_before, context.line_after)  # type: ignore[return-value]
 
 
 def postprocess(text: str, context: CursorContext, stop: StopMode) -> str | None:
@@ -69,7 +64,7 @@ def cut_at_stop(text: str, context: CursorContext, stop: StopMode) -> str:
         return first.rstrip() if not context.line_after.strip() else first
     lines = text.split("\n")
     base = _indent_width(context.line_before)
-    after_opener = context.line_before.rstrip().endswith(OPENERS)
+    after_opener = context.line_before.rstrip().endswith(BLOCK_OPENERS)
     kept = [lines[0]]
     for line in lines[1:]:
         if line.strip():

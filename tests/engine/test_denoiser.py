@@ -91,6 +91,42 @@ def test_cached_and_uncached_decoding_agree_where_the_cache_is_exact(engines):
         assert cached.stats.tokens_committed_per_step == full.stats.tokens_committed_per_step
 
 
+def test_one_encode_gives_every_bucket_row_its_own_context_keys(engines, monkeypatch):
+    """On one layer a context key depends only on its token and position, so the keys shared
+    from the longest row (suffix re-rotated by the length difference) must equal each row's
+    own encode exactly, and the batch encodes once."""
+    from engine import fim
+    from engine.denoiser import shared_context
+
+    engine = engines["one-layer"]
+    loaded = engine._loaded
+    model, args = loaded.model, loaded.args
+    prefix_ids = engine.tokenizer.encode(PREFIX)
+    suffix_ids = engine.tokenizer.encode(SUFFIX)
+    lengths = [4, 9, 16]
+    batch = fim.build_infill_batch(args, prefix_ids, suffix_ids, lengths)
+    q0, n_query = batch.hole_start - 1, max(lengths) + 1
+    calls = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    with torch.inference_mode():
+        ctx, ctx_valid = shared_context(model, args, batch, q0, n_query)
+        assert len(calls) == 1
+        after_shared = batch.hole_start + max(lengths)
+        for r, n in enumerate(lengths):
+            one = slice(r, r + 1)
+            _, own = encode(batch.ids[one], batch.positions[one], key_valid=batch.key_valid[one])
+            width = int(batch.key_valid[r].sum())
+            tail = width - (batch.hole_start + n)  # suffix + trailing specials
+            for k_shared, k_own in ((ctx.k[0][r], own.k[0][0]), (ctx.v[0][r], own.v[0][0])):
+                torch.testing.assert_close(k_shared[:, :q0], k_own[:, :q0])
+                torch.testing.assert_close(k_shared[:, after_shared:after_shared + tail],
+                                           k_own[:, batch.hole_start + n:width])
+    # Hole columns never come from the cache; lead and suffix columns do.
+    assert not ctx_valid[:, q0:q0 + n_query].any()
+    assert ctx_valid[:, :q0].all() and ctx_valid[:, after_shared:].sum(dim=1).gt(0).all()
+
+
 def test_refreshing_every_step_is_the_uncached_path(engines):
     engine = engines["dream"]
     base = dict(prefix=PREFIX, suffix=SUFFIX, span_lengths=(7,), max_tokens=7, threshold=0.3,
@@ -123,7 +159,7 @@ def test_unknown_length_uses_buckets_in_one_batch(engines):
                                                                       max_tokens=40))
     assert hole_lengths(CompletionRequest(prefix="", suffix="", max_tokens=40)) == [8, 16, 32, 40]
     assert hole_lengths(CompletionRequest(prefix="", suffix="", max_tokens=64, stop="line")) == [
-        8, 16, 32]
+        8, 16, 24]
     assert hole_lengths(CompletionRequest(prefix="", suffix="", max_tokens=5)) == [5]
 
 

@@ -7,13 +7,13 @@ import torch
 
 from engine.config import ModelArgs
 from engine.fim import (
-    apply_stop,
     build_infill_batch,
     context_budget,
     cut_context,
     precut_text,
     trim_at_end,
 )
+from engine.stop_modes import apply_stop, stop_for_cursor
 
 MASK, EOS, BOS = 90, 91, 92
 
@@ -143,3 +143,10 @@ def test_unknown_stop_mode_is_refused():
 def test_hole_valid_is_a_bool_tensor_on_the_requested_device():
     batch = build_infill_batch(_args("dream"), [1], [2], [3], device="cpu")
     assert batch.hole_valid.dtype == torch.bool and batch.ids.device.type == "cpu"
+
+
+def test_auto_stop_mode_follows_the_cursor():
+    assert stop_for_cursor("    x = foo(", "bar)") == "line"  # text after the cursor
+    assert stop_for_cursor("def f(x):", "") == "block"  # a line that opens a block
+    assert stop_for_cursor("    ", "") == "block"  # an empty line
+    assert stop_for_cursor("    y = 2", "") == "line"  # end of a written line: the next line

@@ -79,6 +79,20 @@ def test_line_stop_returns_the_first_line_of_the_middle(engine):
     assert result.text == "    message = 'Hello, ' + name"
 
 
+def test_a_row_the_line_stop_has_decided_takes_no_more_passes(engine):
+    snippet = SNIPPETS[2]  # greet: a two-line middle; the line stop keeps the first
+    prefix, middle, suffix, n = cut_after(
+        engine, snippet, "def greet(name):\n", "    message = 'Hello, ' + name\n    return message")
+    base = dict(prefix=prefix, suffix=suffix, span_lengths=(n,), max_tokens=n)
+    free = engine.complete(CompletionRequest(**base, stop="free"))
+    line = engine.complete(CompletionRequest(**base, stop="line"))
+    assert free.text == middle
+    assert line.text == middle.split("\n")[0]
+    # Once its first line and newline were committed the row stopped: the rest is padding.
+    assert line.stats.forward_passes < free.stats.forward_passes
+    assert line.stats.padded_tokens > 0
+
+
 def test_block_stop_ends_where_the_completion_dedents_out_of_the_cursor_block(engine):
     snippet = SNIPPETS[3]  # clamp
     prefix, middle, suffix, n = cut_after(
