@@ -65,6 +65,29 @@ def test_fim_rows_follow_the_engine_infill_layout(tokenizer):
         assert any(text in source for source in SOURCES)
 
 
+def test_infill_rows_can_be_shorter_than_plain_rows(tokenizer):
+    sampler = train.RowSampler(SOURCES, tokenizer, seq_len=96, fim_seq_len=72)
+    plain, fim = sampler.batch(np.random.default_rng(2), n_plain=2, n_fim=6)
+    assert plain.ids.shape == (2, 96) and fim.ids.shape == (6, 72)
+    for protect, valid in zip(fim.protect, fim.key_valid, strict=True):
+        assert int((~protect[valid]).sum()) in train.HOLE_BUCKETS
+
+
+def test_test_suites_stay_out_of_the_corpus(tmp_path):
+    from engine.corpus import is_test_file, select_corpus
+
+    (tmp_path / "pkg" / "tests").mkdir(parents=True)
+    (tmp_path / "pkg" / "core.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "pkg" / "tests" / "test_core.py").write_text("assert f() == 1\n")
+    (tmp_path / "pkg" / "util_test.py").write_text("assert True\n")
+    kwargs = dict(roots={"lib": tmp_path}, benchmark_dir=tmp_path / "none")
+    kept, _ = select_corpus(**kwargs)
+    assert [f.key for f in kept.files] == ["lib/pkg/core.py"]
+    everything, _ = select_corpus(**kwargs, skip_tests=False)
+    assert len(everything.files) == 3
+    assert is_test_file("stdlib/test/test_os.py") and not is_test_file("stdlib/unittest/case.py")
+
+
 def test_plain_rows_protect_only_bos_and_eos(tokenizer):
     sampler = train.RowSampler(SOURCES, tokenizer, seq_len=64)
     plain, _ = sampler.batch(np.random.default_rng(1), n_plain=4, n_fim=0)
