@@ -452,9 +452,9 @@ def train(argv: list[str] | None = None) -> Path:
     if resuming:
         for change in _changes(state, ns, fim_seq_len, preset):
             state.notes.append(f"from step {state.step}: {change}")
-        if ns.skip_tests and not state.skip_tests:
+        if ns.skip_tests:  # the manifest of an older run may list test files: skip them here
             kept, _ = load_corpus_texts(manifest, keep=lambda key: not is_test_file(key))
-            log(f"test files no longer sampled: {len(texts)} -> {len(kept)} files")
+            log(f"test-suite files not sampled: {len(texts)} -> {len(kept)} files")
             texts = kept
     state.hole_policy = ns.hole_policy
     state.skip_tests = ns.skip_tests
