@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from engine.stop_modes import stop_for_cursor
+
 _HOLE = re.compile(r"⟦(.*?)⟧", re.DOTALL)
 
 
@@ -23,7 +25,7 @@ class DemoHole:
     prompt: str  # text before the hole
     suffix: str  # text after the hole
     reference: str  # what the author wrote in the hole
-    stop: str  # the stop mode an editor would ask for: mid-line -> "line", else "block"
+    stop: str  # the stop mode the editor's `auto` setting asks for at the hole
 
 
 DEMO_FILES: dict[str, str] = {
@@ -263,9 +265,9 @@ def demo_holes() -> list[DemoHole]:
             prompt = _fill(source[: target.start()])
             suffix = _fill(source[target.end() :])
             reference = target.group(1)
-            mid_line = not prompt.endswith("\n") or not reference.endswith("\n")
+            stop = stop_for_cursor(prompt.rsplit("\n", 1)[-1], suffix.split("\n", 1)[0])
             holes.append(DemoHole(task_id=f"demo/{name}/{i}", prompt=prompt, suffix=suffix,
-                                  reference=reference, stop="line" if mid_line else "block"))
+                                  reference=reference, stop=stop))
     return holes
 
 
