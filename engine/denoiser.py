@@ -95,15 +95,29 @@ class Committer:
         self.schedule = sampler.dream_schedule(self.steps)
         is_llada = self.name == "low_confidence"
         self.quota = sampler.llada_quota(masked, self.steps) if is_llada else None
+        self.rows: Tensor | None = None  # the rows of the current call (None: all)
 
-    def __call__(self, logits: Tensor, masked: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        """logits (B, Lmax, V), masked (B, Lmax) -> take (B, Lmax) bool, tokens, p(token)."""
+    def __call__(self, logits: Tensor, masked: Tensor, step: int, rows: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """logits (b, Lmax, V) of the batch's `rows` (all B when None), masked (B, Lmax)
+        -> take (B, Lmax) bool, tokens, p(token); rows not given take nothing."""
+        self.rows = rows
+        open_slots = masked if rows is None else masked[rows]
+        temperatures = self.temperatures
+        if rows is not None and isinstance(temperatures, Tensor):
+            temperatures = temperatures[rows]
         draw = sampler.llada_sample if self.name == "low_confidence" else sampler.sample
         extra = {} if self.name == "low_confidence" else {"top_p": self.request.top_p}
-        drawn = draw(logits, temperature=self.temperatures, generator=self.generator, **extra)
-        prob = sampler.token_probability(drawn.probs, drawn.tokens)  # (B, Lmax)
-        take = TRANSFER[self.name](self, drawn, prob, masked, step)
-        return take, drawn.tokens, prob
+        drawn = draw(logits, temperature=temperatures, generator=self.generator, **extra)
+        prob = sampler.token_probability(drawn.probs, drawn.tokens)  # (b, Lmax)
+        take = TRANSFER[self.name](self, drawn, prob, open_slots, step)
+        if rows is None:
+            return take, drawn.tokens, prob
+        full_take = torch.zeros_like(masked)
+        full_tokens = torch.zeros(masked.shape, dtype=drawn.tokens.dtype, device=masked.device)
+        full_prob = torch.zeros(masked.shape, dtype=prob.dtype, device=masked.device)
+        full_take[rows], full_tokens[rows], full_prob[rows] = take, drawn.tokens, prob
+        return full_take, full_tokens, full_prob
 
 
 def _content_first(c: Committer, drawn, masked: Tensor) -> Tensor:
@@ -139,7 +153,8 @@ def _dream_top_k(c: Committer, drawn, prob, masked, step):
 
 
 def _llada_low_confidence(c: Committer, drawn, prob, masked, step):
-    return sampler.transfer_top_k(prob, masked, c.quota[:, min(step, c.steps - 1)])
+    quota = c.quota if c.rows is None else c.quota[c.rows]
+    return sampler.transfer_top_k(prob, masked, quota[:, min(step, c.steps - 1)])
 
 
 TRANSFER = {
@@ -209,17 +224,13 @@ def denoise(
         return head(hidden[:, q0:q0 + lmax]), ctx  # (B, Lmax, V)
 
     def cached_pass(ctx, rows: Tensor | None) -> Tensor:
-        """The hole rows against cached context K/V (all rows, or the `rows` still open)."""
+        """The hole rows against cached context K/V: (B, Lmax, V), or (b, Lmax, V) for `rows`."""
         if rows is None:
             hidden = model.step(ids[:, q0:q0 + n_query], query_pos, query_valid, ctx, ctx_valid)
-            return head(hidden[:, :lmax])  # (B, Lmax, V)
-        hidden = model.step(ids[rows, q0:q0 + n_query], query_pos[rows], query_valid[rows],
-                            ctx, ctx_valid[rows])
-        # Finished rows get zero logits: nothing of theirs is masked, so nothing is drawn.
-        sub = head(hidden[:, :lmax])
-        full = torch.zeros(ids.shape[0], lmax, sub.shape[-1], device=device)
-        full[rows] = sub
-        return full
+        else:
+            hidden = model.step(ids[rows, q0:q0 + n_query], query_pos[rows], query_valid[rows],
+                                ctx, ctx_valid[rows])
+        return head(hidden[:, :lmax])
 
     def head(hidden: Tensor) -> Tensor:
         return model.output(hidden).index_fill_(-1, banned_ids, float("-inf"))
@@ -248,7 +259,7 @@ def denoise(
     row_ctx = ctx
     while True:
         hole = ids[:, hs:hs + lmax]
-        take, tokens, prob = commit(logits, masked, step)
+        take, tokens, prob = commit(logits, masked, step, rows)
         hole = torch.where(take, tokens, hole)
         out.confidence = torch.where(take, prob, out.confidence)
         hole, forced = pad_after_end(hole, hole_valid, end_ids, mask_id, eos_id)
