@@ -31,6 +31,7 @@ from engine.api import CompletionRequest
 from engine.config import ModelArgs
 from engine.fim import InfillBatch
 from engine.model import ContextKV, apply_rope, rope_tables
+from engine.step_cache import StepCache, plan_queries
 
 DREAM_TOPK_SAMPLERS = ("maskgit_plus", "topk_margin", "entropy")
 
@@ -203,43 +204,48 @@ def denoise(
     lmax = batch.max_hole
     hs = batch.hole_start
     q0 = hs - shift  # first query column: the lead token that predicts hole slot 0
-    n_query = lmax + shift
     device = batch.ids.device
     ids = batch.ids.clone()  # (B, T)
     hole_valid = batch.hole_valid  # (B, Lmax)
-    hole_len = hole_valid.sum(dim=1)  # (B,)
-    query_valid = torch.arange(n_query, device=device)[None, :] < (hole_len + shift)[:, None]
-    query_pos = batch.positions[:, q0:q0 + n_query]  # (B, n)
-    # The query rows' own cached K/V are stale: they are replaced by the rows' fresh ones.
-    query_cols = torch.zeros_like(batch.key_valid)
-    query_cols[:, q0:q0 + n_query] = query_valid
-    own_ctx_valid = batch.key_valid & ~query_cols  # (B, T) for K/V encoded row by row
-    ctx_valid = own_ctx_valid
-
-    def full_pass() -> tuple[Tensor, object]:
-        if request.use_cache:
-            hidden, ctx = model.encode(ids, batch.positions, key_valid=batch.key_valid)
-        else:
-            hidden, ctx = model.forward(ids, batch.positions, key_valid=batch.key_valid), None
-        return head(hidden[:, q0:q0 + lmax]), ctx  # (B, Lmax, V)
-
-    def cached_pass(ctx, rows: Tensor | None) -> Tensor:
-        """The hole rows against cached context K/V: (B, Lmax, V), or (b, Lmax, V) for `rows`."""
-        if rows is None:
-            hidden = model.step(ids[:, q0:q0 + n_query], query_pos, query_valid, ctx, ctx_valid)
-        else:
-            hidden = model.step(ids[rows, q0:q0 + n_query], query_pos[rows], query_valid[rows],
-                                ctx, ctx_valid[rows])
-        return head(hidden[:, :lmax])
+    # On CUDA the query block keeps its full width (fixed shapes, no host sync per step).
+    fixed_width = None if device.type == "cpu" else lmax + shift
 
     def head(hidden: Tensor) -> Tensor:
         return model.output(hidden).index_fill_(-1, banned_ids, float("-inf"))
 
+    def full_pass() -> tuple[Tensor, StepCache | None]:
+        """Whole rows: logits for every slot and, with the cache on, a fresh cache."""
+        if request.use_cache:
+            hidden, ctx = model.encode(ids, batch.positions, key_valid=batch.key_valid)
+            fresh = StepCache.from_context(ctx, batch.key_valid)
+        else:
+            hidden, fresh = model.forward(ids, batch.positions, key_valid=batch.key_valid), None
+        return head(hidden[:, q0:q0 + lmax]), fresh  # (B, Lmax, V)
+
+    def cached_pass(cache: StepCache, rows: Tensor | None, masked: Tensor, stale: Tensor
+                    ) -> Tensor:
+        """One step for the open `rows` (None: all) -> (b, Lmax, V) logits."""
+        pick = slice(None) if rows is None else rows
+        plan = plan_queries(masked[pick], stale[pick], hole_valid[pick], shift, fixed_width)
+        columns = q0 + plan.offsets  # (b, n)
+        written = torch.where(plan.valid, columns, cache.scratch)
+        ctx_valid = cache.valid.scatter(1, written, False)  # queried columns come fresh
+        hidden, kv = model.step(ids[pick].gather(1, columns),
+                                batch.positions[pick].gather(1, columns), plan.valid,
+                                cache.context(), ctx_valid, return_kv=True)
+        cache.write(written, kv)
+        stale[pick] = False
+        index = plan.predictor[..., None].expand(-1, -1, hidden.shape[-1])
+        return head(hidden.gather(1, index))
+
+    mask_id, eos_id = args.mask_token_id, args.eos_token_id
+    masked = (ids[:, hs:hs + lmax] == mask_id) & hole_valid
+    stale = torch.zeros_like(masked)  # slots whose token changed since their K/V were cached
     if request.use_cache and ids.shape[0] > 1:
-        ctx, ctx_valid = shared_context(model, args, batch, q0, n_query)
-        logits = cached_pass(ctx, None)
+        cache = StepCache.from_context(*shared_context(model, args, batch))
+        logits = cached_pass(cache, None, masked, stale)
     else:
-        logits, ctx = full_pass()
+        logits, cache = full_pass()
     if device.type == "cuda":  # one sync per request, so that encode_ms is the real cost
         torch.cuda.synchronize(device)
     encode_ms = (time.perf_counter() - started) * 1000.0
@@ -249,18 +255,15 @@ def denoise(
         forced=torch.zeros_like(hole_valid),
         forward_passes=1,
     )
-    mask_id, eos_id = args.mask_token_id, args.eos_token_id
-    masked = (ids[:, hs:hs + lmax] == mask_id) & hole_valid
     commit = Committer(request, masked, temperatures, generator, end_ids)
     per_step: list[Tensor] = []
     every = sync_interval(device)
     step = 0
     rows: Tensor | None = None  # indices of the rows still denoised; None: all of them
-    row_ctx = ctx
     while True:
-        hole = ids[:, hs:hs + lmax]
+        previous = ids[:, hs:hs + lmax].clone()
         take, tokens, prob = commit(logits, masked, step, rows)
-        hole = torch.where(take, tokens, hole)
+        hole = torch.where(take, tokens, previous)
         out.confidence = torch.where(take, prob, out.confidence)
         hole, forced = pad_after_end(hole, hole_valid, end_ids, mask_id, eos_id)
         out.forced |= forced
@@ -280,11 +283,12 @@ def denoise(
             if not bool(live.any()):
                 per_step.append(take.sum(dim=1) + forced.sum(dim=1))
                 break
-            if request.use_cache and ctx is not None:
+            if cache is not None:
                 still = live.nonzero().flatten()
-                if still.numel() < ids.shape[0] and (rows is None or still.numel() < rows.numel()):
-                    rows = still
-                    row_ctx = ContextKV(k=[k[rows] for k in ctx.k], v=[v[rows] for v in ctx.v])
+                if still.numel() < (ids.shape[0] if rows is None else rows.numel()):
+                    local = still if rows is None else torch.searchsorted(rows, still)
+                    cache, rows = cache.select(local), still
+        stale |= hole != previous
         per_step.append(take.sum(dim=1) + forced.sum(dim=1))
         if step >= commit.steps:
             break
@@ -292,10 +296,11 @@ def denoise(
             break
         refresh = request.cache_refresh_every > 0 and step % request.cache_refresh_every == 0
         if request.use_cache and not refresh:
-            logits = cached_pass(row_ctx, rows)
+            logits = cached_pass(cache, rows, masked, stale)
         else:
-            logits, ctx = full_pass()
-            rows, row_ctx, ctx_valid = None, ctx, own_ctx_valid
+            logits, cache = full_pass()
+            rows = None
+            stale.zero_()
         out.forward_passes += 1
 
     out.hole = ids[:, hs:hs + lmax]
@@ -305,31 +310,32 @@ def denoise(
     return out
 
 
-def shared_context(model, args: ModelArgs, batch: InfillBatch, q0: int, n_query: int
-                   ) -> tuple[ContextKV, Tensor]:
-    """Context K/V for every row from ONE encode of the longest row -> (ctx, ctx_valid (B, T)).
+def shared_context(model, args: ModelArgs, batch: InfillBatch) -> tuple[ContextKV, Tensor]:
+    """K/V for every row from ONE encode of the longest row -> (ctx, valid (B, T)).
 
     Rows differ only in hole length, so their contexts match token for token; a shorter row's
     suffix sits `lmax - n` positions further left, which for RoPE keys is an exact rotation.
-    The context states are those computed beside the longest hole's masks: the same staleness
-    the dual cache accepts across steps. Encoding 1 row instead of B cuts the encode B-fold."""
-    lengths = torch.tensor(batch.hole_lengths)
+    Every row uses the longest row's columns: its own hole slots, then the suffix after the
+    longest hole (`valid` hides the slots past a row's own hole). The context states are those
+    computed beside the longest hole's masks: the same staleness the dual cache accepts across
+    steps. Encoding 1 row instead of B cuts the encode B-fold."""
+    lengths = torch.tensor(batch.hole_lengths, device=batch.ids.device)
     longest = int(lengths.argmax())
     one = slice(longest, longest + 1)
     _, ctx1 = model.encode(batch.ids[one], batch.positions[one], key_valid=batch.key_valid[one])
-    after = batch.hole_start + batch.max_hole  # first column right of the longest hole
-    shifts = (lengths - batch.max_hole).to(batch.ids.device)[:, None]  # (B, 1), <= 0
-    cos, sin = rope_tables(shifts, args.head_dim, args.rope_theta)  # (B, 1, 1, D)
+    hs, after = batch.hole_start, batch.hole_start + batch.max_hole
+    cos, sin = rope_tables((lengths - batch.max_hole)[:, None], args.head_dim, args.rope_theta)
     n_rows = lengths.numel()
     keys, values = [], []
     for k, v in zip(ctx1.k, ctx1.v, strict=True):  # each (1, Hkv, T, D)
         k_rows = k.expand(n_rows, -1, -1, -1).clone()
-        k_rows[:, :, after:] = apply_rope(k[:, :, after:], cos, sin)
+        k_rows[:, :, after:] = apply_rope(k[:, :, after:], cos, sin)  # (B, 1, 1, D) angles
         keys.append(k_rows)
         values.append(v.expand(n_rows, -1, -1, -1))
-    valid = batch.key_valid[one].clone()
-    valid[:, q0:q0 + n_query] = False  # the hole columns: every row brings its own
-    return ContextKV(k=keys, v=values), valid.expand(n_rows, -1)
+    columns = torch.arange(batch.ids.shape[1], device=batch.ids.device)[None, :]
+    past_own_hole = (columns >= hs + lengths[:, None]) & (columns < after)
+    valid = batch.key_valid[one].expand(n_rows, -1) & ~past_own_hole
+    return ContextKV(k=keys, v=values), valid
 
 
 def _close_decided(hole: Tensor, masked: Tensor, decided: Callable[[list[int]], bool]

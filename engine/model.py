@@ -153,12 +153,14 @@ class Transformer(nn.Module):
         query_valid: Tensor,  # (B, n) bool
         ctx: ContextKV,
         ctx_valid: Tensor,  # (B, Lctx) bool
-    ) -> Tensor:
+        return_kv: bool = False,
+    ) -> Tensor | tuple[Tensor, ContextKV]:
         """Query rows attend to cached context keys (ctx_valid) and their own fresh keys
-        (query_valid). Returns hidden (B, n, dim) after the final norm."""
+        (query_valid). Returns hidden (B, n, dim) after the final norm, and with return_kv the
+        query rows' own per-layer K/V (B, Hkv, n, D) too."""
         key_mask = torch.cat((ctx_valid, query_valid), dim=1)  # (B, Lctx + n)
-        hidden, _ = self._run(ids, positions, key_mask, ctx=ctx, keep_kv=False)
-        return hidden
+        hidden, kv = self._run(ids, positions, key_mask, ctx=ctx, keep_kv=return_kv)
+        return (hidden, kv) if return_kv else hidden
 
     def output(self, hidden: Tensor) -> Tensor:
         """LM head: hidden (..., dim) -> float32 logits (..., vocab)."""

@@ -82,9 +82,11 @@ def test_reference_samplers_follow_the_step_budget(engines):
 
 def test_cached_and_uncached_decoding_agree_where_the_cache_is_exact(engines):
     engine = engines["one-layer"]
-    for sampler in ("threshold", "maskgit_plus"):
+    # threshold 1.0 commits one slot a step: most steps then query a few open slots against
+    # frozen committed ones, which one layer must reproduce exactly too.
+    for sampler, threshold in (("threshold", 0.05), ("threshold", 1.0), ("maskgit_plus", 0.9)):
         base = dict(prefix=PREFIX, suffix=SUFFIX, span_lengths=(6, 10), max_tokens=10,
-                    sampler=sampler, threshold=0.05, stop="free")
+                    sampler=sampler, threshold=threshold, stop="free")
         cached = engine.complete(CompletionRequest(**base))
         full = engine.complete(CompletionRequest(**base, use_cache=False))
         assert [c.text for c in cached.candidates] == [c.text for c in full.candidates]
@@ -105,14 +107,14 @@ def test_one_encode_gives_every_bucket_row_its_own_context_keys(engines, monkeyp
     suffix_ids = engine.tokenizer.encode(SUFFIX)
     lengths = [4, 9, 16]
     batch = fim.build_infill_batch(args, prefix_ids, suffix_ids, lengths)
-    q0, n_query = batch.hole_start - 1, max(lengths) + 1
+    q0, hs, lmax = batch.hole_start - 1, batch.hole_start, max(lengths)
     calls = []
     encode = model.encode
     monkeypatch.setattr(model, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
     with torch.inference_mode():
-        ctx, ctx_valid = shared_context(model, args, batch, q0, n_query)
+        ctx, valid = shared_context(model, args, batch)
         assert len(calls) == 1
-        after_shared = batch.hole_start + max(lengths)
+        after_shared = hs + lmax
         for r, n in enumerate(lengths):
             one = slice(r, r + 1)
             _, own = encode(batch.ids[one], batch.positions[one], key_valid=batch.key_valid[one])
@@ -122,9 +124,31 @@ def test_one_encode_gives_every_bucket_row_its_own_context_keys(engines, monkeyp
                 torch.testing.assert_close(k_shared[:, :q0], k_own[:, :q0])
                 torch.testing.assert_close(k_shared[:, after_shared:after_shared + tail],
                                            k_own[:, batch.hole_start + n:width])
-    # Hole columns never come from the cache; lead and suffix columns do.
-    assert not ctx_valid[:, q0:q0 + n_query].any()
-    assert ctx_valid[:, :q0].all() and ctx_valid[:, after_shared:].sum(dim=1).gt(0).all()
+    # Each row sees the lead, its own hole slots (not the longer rows' extra slots), the suffix.
+    for r, n in enumerate(lengths):
+        assert valid[r, :hs + n].all() and not valid[r, hs + n:after_shared].any()
+        assert valid[r, after_shared:].sum() == batch.key_valid[r].sum() - (hs + n)
+
+
+def test_a_step_queries_open_slots_their_predictors_and_changed_slots_only():
+    from engine.step_cache import plan_queries
+
+    masked = torch.tensor([[False, True, True, False, False], [True, False, False, False, False]])
+    stale = torch.tensor([[True, False, False, False, False], [False, False, True, False, False]])
+    hole_valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    plan = plan_queries(masked, stale, hole_valid, shift=1)
+    # Offsets from q0 = hole_start - 1: slot j is offset j + 1 and is predicted by offset j.
+    # Row 0: slot 0 changed (1), slots 1-2 open (2, 3) with predictors 1, 2. Row 1: slot 0 open
+    # (1) with the lead token (0) predicting it, slot 2 changed (3).
+    rows = [o[v].tolist() for o, v in zip(plan.offsets, plan.valid, strict=True)]
+    assert rows == [[1, 2, 3], [0, 1, 3]]
+    assert plan.offsets.shape[1] == 3  # no wider than the row that wants the most
+    for r, j in ((0, 1), (0, 2), (1, 0)):
+        assert plan.offsets[r, plan.predictor[r, j]] == j
+    unshifted = plan_queries(masked, stale, hole_valid, shift=0)
+    assert [o[v].tolist() for o, v in zip(unshifted.offsets, unshifted.valid, strict=True)] == [
+        [0, 1, 2], [0, 2]]
+    assert plan_queries(masked, stale, hole_valid, shift=1, width=6).offsets.shape == (2, 6)
 
 
 def test_refreshing_every_step_is_the_uncached_path(engines):
