@@ -1,16 +1,18 @@
 """The denoising loop: fill a batch of masked holes, one step at a time.
 
 Reads top to bottom:
-1. `denoise` encodes the whole layout once. The same pass yields the logits for step 1; the head
-   runs only on the rows that predict hole slots (row s-1 for slot s when logits are shifted).
+1. `denoise` encodes the context once: one row's layout serves every bucket row (shared_context).
+   The head runs only on the rows that predict hole slots (row s-1 for slot s when shifted).
 2. Each step samples every masked slot, a transfer strategy (engine/sampler.py) picks which to
    commit, and the hole is written in place. Once a row commits an end token, its still-masked
    slots to the right become EOS (DreamOn's pad_eos_to_right): nothing after an end is kept.
-3. The next logits come from `model.step` over the hole rows only (plus the last lead token for
-   shifted models) against the cached context K/V (Fast-dLLM's dual cache, design/engine.md
-   §2.1), or from a full re-encode every `cache_refresh_every` steps, or from a plain full
-   forward every step when `use_cache` is off (the reference path).
-4. Between steps: stop when no masks remain, when the cancel event is set, or past the deadline.
+3. The next logits come from `model.step` over the hole columns that matter (open slots, their
+   predictors, slots that just changed: engine/step_cache.py) against the cached K/V of the rest
+   (Fast-dLLM's dual cache, design/engine.md §2.1, with committed slots frozen), or from a full
+   re-encode every `cache_refresh_every` steps, or from a plain full forward every step when
+   `use_cache` is off (the reference path).
+4. Between steps: stop when no masks remain, when the cancel event is set, or past the deadline;
+   rows with nothing open (or already cut by the stop mode) leave the batch.
 
 `denoise_expanding` is DreamOn's variable-length loop (models.md §4): batch 1, one commit per
 step, a full forward each step because expansions and deletions move the suffix.
