@@ -74,8 +74,8 @@ SUITE_SPECS = {
     "humaneval-multi": SuiteSpec("free", 64, False, "pass@1"),
     # SantaCoder prompts stop at the end of the line above the hole: the answer is the next line.
     "santacoder-py": SuiteSpec("free", 32, True, "exact_match"),
-    "demo-holes": SuiteSpec("block", 64, False, "parses"),
-    # Each cursor gets the stop mode the editor's `auto` setting picks there (engine.fim).
+    # Per task, the stop mode the editor's `auto` setting picks at the cursor (engine.stop_modes).
+    "demo-holes": SuiteSpec("auto", 64, False, "parses"),
     "latency-1k": SuiteSpec("auto", 32, False, "latency"),
     "jsonl": SuiteSpec("free", 64, False, "pass@1"),
 }
