@@ -360,10 +360,10 @@ the hole maskable (hole of 8/16/32/64 slots, drawn {state.hole_policy!r}). Test-
 {curve}
 
 ## What it is not
-A few million parameters trained for about an hour on two shared CPU cores. It exercises the whole
-pipeline (Dream-layout loader, samplers, LSP server) on any machine, offline; it is not a useful
-code model, and it does not solve programming problems. Point maskfill at Dream-Coder, DreamOn or
-Open-dCoder for real use.
+{n_params / 1e6:.1f}M parameters trained for {state.seconds / 60:.0f} minutes on a CPU. It exercises
+the whole pipeline (Dream-layout loader, samplers, LSP server) on any machine, offline; it is
+not a useful code model, and it does not solve programming problems. Point maskfill at
+Dream-Coder, DreamOn or Open-dCoder for real use.
 """
 
 
