@@ -322,7 +322,7 @@ def shared_context(model, args: ModelArgs, batch: InfillBatch) -> tuple[ContextK
     computed beside the longest hole's masks: the same staleness the dual cache accepts across
     steps. Encoding 1 row instead of B cuts the encode B-fold."""
     lengths = torch.tensor(batch.hole_lengths, device=batch.ids.device)
-    longest = int(lengths.argmax())
+    longest = batch.hole_lengths.index(batch.max_hole)  # on the host: no device sync
     one = slice(longest, longest + 1)
     _, ctx1 = model.encode(batch.ids[one], batch.positions[one], key_valid=batch.key_valid[one])
     hs, after = batch.hole_start, batch.hole_start + batch.max_hole

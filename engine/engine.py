@@ -97,6 +97,14 @@ def hole_lengths(request: CompletionRequest) -> list[int]:
     return sorted({b for b in buckets if b < longest} | {longest})
 
 
+def _tokens_covering(tokenizer, tokens: list[int], n_chars: int) -> int:
+    """The fewest leading tokens whose text reaches n_chars characters."""
+    for k in range(len(tokens) + 1):
+        if len(tokenizer.decode(tokens[:k])) >= n_chars:
+            return k
+    return len(tokens)
+
+
 def _encode(tokenizer, text: str, what: str) -> list[int]:
     try:
         return tokenizer.encode(text)
@@ -291,6 +299,8 @@ class Engine:
         def decided(run: list[int]) -> bool:
             tokens, _ = fim.trim_at_end(run, self._end_ids, mask_id)
             text = tok.decode(tokens)
+            if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                return False
             return len(apply_stop(text, request.stop, request.prefix)) < len(text)
 
         return decided
@@ -325,13 +335,17 @@ class Engine:
         scored: list[tuple[tuple[bool, float], int, Candidate]] = []
         for r, length in enumerate(rows):
             tokens, ended = fim.trim_at_end(holes[r][:length], self._end_ids, mask_id)
-            used = min(len(tokens) + (1 if ended else 0), length)
+            written = tok.decode(tokens)
+            text = apply_stop(written, request.stop, request.prefix)
+            cut = len(text) < len(written)
+            if cut:  # the stop mode closed it: rank it on what it keeps, as ended
+                tokens = tokens[:_tokens_covering(tok, tokens, len(text))]
+            used = min(len(tokens) + (1 if ended or cut else 0), length)
             probs = [c for c, f in zip(confidences[r][:used], forced[r][:used], strict=True)
                      if not f]
             mean_conf = sum(probs) / len(probs) if probs else 0.0
-            text = apply_stop(tok.decode(tokens), request.stop, request.prefix)
             cand = Candidate(text=text, mean_confidence=mean_conf, span_length=length,
-                             ended=ended and len(tokens) < length)
+                             ended=cut or (ended and len(tokens) < length))
             scored.append(((cand.ended, mean_conf), r, cand))
         # At T = 0 only the first len(rows) / num_candidates rows are greedy (the extras are
         # sampled hot): the best greedy row leads, so a manual request's top pick is the

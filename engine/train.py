@@ -126,7 +126,7 @@ class RowSampler:
         self.hole_weights = HOLE_POLICIES[hole_policy]
 
     def batch(self, rng: np.random.Generator, n_plain: int, n_fim: int) -> tuple[Batch, Batch]:
-        plain = [self._plain_row(rng) for _ in range(n_plain)]
+        plain = [self._plain_row(rng, self.seq_len) for _ in range(n_plain)]
         fim = [self._fim_row(rng) for _ in range(n_fim)]
         return self._collate(plain, self.seq_len), self._collate(fim, self.fim_seq_len)
 
@@ -140,11 +140,11 @@ class RowSampler:
                                               if m.end() < len(text)]
         return self._line_starts[index]
 
-    def _plain_row(self, rng: np.random.Generator) -> tuple[list[int], list[bool]]:
+    def _plain_row(self, rng: np.random.Generator, length: int) -> tuple[list[int], list[bool]]:
         text = self.texts[self._pick(rng)]
         start = int(rng.integers(0, len(text)))
         start = text.rfind("\n", 0, start) + 1  # windows start at a line, like a prefix does
-        body = self.tok.encode(text[start : start + self.chars])[: self.seq_len - 2]
+        body = self.tok.encode(text[start : start + self.chars])[: length - 2]
         ids = [self.tok.bos_id, *body, self.tok.eos_id]
         return ids, [True] + [False] * len(body) + [True]
 
@@ -160,7 +160,7 @@ class RowSampler:
             if 0 < len(middle) <= HOLE_BUCKETS[-1]:
                 break
         else:  # pathological corpus (tests): fall back to a plain row
-            return self._plain_row(rng)
+            return self._plain_row(rng, self.fim_seq_len)
         fitting = [i for i, b in enumerate(HOLE_BUCKETS) if b >= len(middle)]
         weights = np.array([self.hole_weights[i] for i in fitting])
         hole = HOLE_BUCKETS[fitting[int(rng.choice(len(fitting), p=weights / weights.sum()))]]
@@ -349,8 +349,9 @@ Python sources from the standard library, then the packages installed next to ma
 Masked diffusion (t ~ U(1e-3, 1), loss weighted by 1/t): half of each batch's tokens plain text
 ({a.max_context}-token rows, half of them with a contiguous masked span), half infill rows
 `[BOS] prefix middle EOS*pad suffix [EOS]` ({state.fim_seq_len or a.max_context} tokens) with only
-the hole maskable (hole of 8/16/32/64 slots, drawn {state.hole_policy!r}). Test-suite files
-{tests}. AdamW, cosine schedule, fp32 on CPU.{notes}
+the hole maskable (hole of 8/16/32/64 slots, drawn {state.hole_policy!r}); the loss is averaged
+over rows, so shorter infill rows (more of them) weigh more. Test-suite files {tests}. AdamW,
+cosine schedule, fp32 on CPU.{notes}
 - steps: {state.step}, tokens seen: {state.tokens} ({state.tokens / 1e6:.2f}M),
   wall time: {state.seconds / 60:.1f} min
 - final loss (nats/token, 1/t-weighted): {state.curve[-1][3] if state.curve else float('nan'):.3f}
@@ -425,7 +426,9 @@ def train(argv: list[str] | None = None) -> Path:
     if resuming:
         tokenizer = Tokenizer.from_dir(run / "state")
         manifest = CorpusManifest.load(run / "state" / "corpus.json.gz")
-        texts, missing = load_corpus_texts(manifest)
+        # The manifest of a run started before test files were skipped may list them.
+        keep = (lambda key: not is_test_file(key)) if ns.skip_tests else None
+        texts, missing = load_corpus_texts(manifest, keep=keep)
         if missing:
             log(f"warning: {missing} corpus files are missing or changed on this machine")
         summary = _corpus_summary(manifest)
@@ -452,10 +455,7 @@ def train(argv: list[str] | None = None) -> Path:
     if resuming:
         for change in _changes(state, ns, fim_seq_len, preset):
             state.notes.append(f"from step {state.step}: {change}")
-        if ns.skip_tests:  # the manifest of an older run may list test files: skip them here
-            kept, _ = load_corpus_texts(manifest, keep=lambda key: not is_test_file(key))
-            log(f"test-suite files not sampled: {len(texts)} -> {len(kept)} files")
-            texts = kept
+        log(f"sampling {len(texts)} of the manifest's {len(manifest.files)} files")
     state.hole_policy = ns.hole_policy
     state.skip_tests = ns.skip_tests
     state.fim_seq_len = fim_seq_len
@@ -544,8 +544,9 @@ def _changes(state: TrainState, ns: argparse.Namespace, fim_seq_len: int, preset
     changes = []
     if state.hole_policy != ns.hole_policy:
         changes.append(f"hole lengths drawn {ns.hole_policy!r} (before: {state.hole_policy!r})")
-    if ns.skip_tests and not state.skip_tests:
-        changes.append("files of test suites no longer sampled")
+    if ns.skip_tests != state.skip_tests:
+        changes.append("files of test suites " + ("no longer sampled" if ns.skip_tests
+                                                  else "sampled again"))
     before = state.fim_seq_len or preset.seq_len
     if fim_seq_len != before:
         changes.append(f"infill rows {fim_seq_len} tokens long (before: {before}), "
@@ -599,6 +600,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--export-dtype", choices=["bfloat16", "float16", "float32"],
                    default="bfloat16")
     ns = p.parse_args(argv)
+    seq_len = PRESETS[ns.preset].seq_len
+    if ns.fim_seq_len is not None and not HOLE_BUCKETS[-1] + 2 < ns.fim_seq_len <= seq_len:
+        p.error(f"--fim-seq-len must be above {HOLE_BUCKETS[-1] + 2} (the longest hole and its "
+                f"specials) and at most the preset's window, {seq_len}")
     if not ns.minutes and not ns.steps and not ns.tokens:
         p.error("give at least one budget: --minutes, --steps or --tokens")
     return ns

@@ -91,6 +91,10 @@ def test_a_row_the_line_stop_has_decided_takes_no_more_passes(engine):
     # Once its first line and newline were committed the row stopped: the rest is padding.
     assert line.stats.forward_passes < free.stats.forward_passes
     assert line.stats.padded_tokens > 0
+    # Filled in one pass (no step to stop early at), the cut row still ranks as ended.
+    at_once = engine.complete(CompletionRequest(**base, stop="line", threshold=1e-9))
+    assert at_once.stats.forward_passes == 1 and at_once.text == line.text
+    assert at_once.candidates[0].ended and line.candidates[0].ended
 
 
 def test_block_stop_ends_where_the_completion_dedents_out_of_the_cursor_block(engine):

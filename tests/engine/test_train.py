@@ -73,6 +73,15 @@ def test_infill_rows_can_be_shorter_than_plain_rows(tokenizer):
         assert int((~protect[valid]).sum()) in train.HOLE_BUCKETS
 
 
+def test_an_infill_row_that_finds_no_hole_falls_back_to_a_plain_row_of_its_length(
+        tokenizer, monkeypatch):
+    monkeypatch.setattr(train, "_middle_span", lambda *args: None)
+    sampler = train.RowSampler(SOURCES, tokenizer, seq_len=96, fim_seq_len=72)
+    _, fim = sampler.batch(np.random.default_rng(3), n_plain=0, n_fim=3)
+    assert fim.ids.shape == (3, 72)
+    assert all(int(v.sum()) <= 72 for v in fim.key_valid)
+
+
 def test_test_suites_stay_out_of_the_corpus(tmp_path):
     from engine.corpus import is_test_file, select_corpus
 
