@@ -115,6 +115,7 @@ def run_complete(args: argparse.Namespace) -> int:
         top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
     )
     engine = Engine.load(model, device=args.device, quant=args.quant)
+    engine.use_cpu_threads()
     try:
         result = engine.complete(request)
     finally:

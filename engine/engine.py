@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import secrets
 import threading
 import time
@@ -33,6 +34,11 @@ LINE_BUCKETS = (8, 16, 24)  # 24 tokens: ~80+ characters, a long line; passes gr
 EXTRA_CANDIDATE_TEMPERATURE = 0.8  # extra candidates must differ: sample them when T = 0
 DREAMON_INITIAL_HOLE = 16  # DreamOn's L0 when the request gives none (its eval: 4..64)
 MAX_CANDIDATES = 16
+# Below this size a CPU step is a string of small ops (~25 query rows x a few hundred features):
+# a second thread costs more in wake-ups than it saves (embedded model, 2 cores: p50 470 ms with 1
+# thread, 615-750 ms with 2; docs/LOG.md). Bigger models use torch's default, all cores.
+SINGLE_THREAD_BELOW_PARAMS = 50_000_000
+CPU_THREADS_ENV = "MASKFILL_CPU_THREADS"
 DIFFUCODER_PAD = "<|dlm_pad|>"  # DiffuCoder ends spans with it (models.md §2.1); by name only
 SAMPLERS = ("threshold", "entropy_bounded", "origin", "maskgit_plus", "topk_margin", "entropy",
             "low_confidence")
@@ -149,6 +155,19 @@ class Engine:
         loaded = load_model(model, device=device, dtype=DTYPES.get(dtype), quant=quant)
         load_ms = (time.perf_counter() - started) * 1000.0
         return cls(loaded, model_spec=model, quant=quant, load_ms=load_ms)
+
+    def use_cpu_threads(self) -> int:
+        """For a process that serves this engine: set torch's CPU thread count and return it.
+        MASKFILL_CPU_THREADS or OMP_NUM_THREADS when set; else 1 for a small model on CPU; else
+        torch's default."""
+        loaded = self._require()
+        chosen = os.environ.get(CPU_THREADS_ENV) or os.environ.get("OMP_NUM_THREADS")
+        if chosen and chosen.strip().isdigit() and int(chosen) > 0:
+            torch.set_num_threads(int(chosen))
+        elif loaded.device.type == "cpu" and parameter_count(loaded.model) < \
+                SINGLE_THREAD_BELOW_PARAMS:
+            torch.set_num_threads(1)
+        return torch.get_num_threads()
 
     @property
     def tokenizer(self):

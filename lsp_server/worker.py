@@ -83,7 +83,9 @@ def load_engine(spec: LoadSpec) -> EngineLike:
         )
     from engine.engine import Engine
 
-    return Engine.load(model, device=spec.device, quant=spec.quant)
+    engine = Engine.load(model, device=spec.device, quant=spec.quant)
+    engine.use_cpu_threads()  # the server process exists to run this engine
+    return engine
 
 
 @dataclass

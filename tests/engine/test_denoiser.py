@@ -323,3 +323,16 @@ def test_dreamon_loop_refuses_expansion_once_the_budget_is_spent():
     )
     assert model.lengths == [1, 2, 2]
     assert done.hole.tolist() == [[0, 0]]
+
+
+def test_a_small_cpu_model_runs_single_threaded_unless_told_otherwise(engines, monkeypatch):
+    engine = engines["dream"]
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("MASKFILL_CPU_THREADS", raising=False)
+        assert engine.use_cpu_threads() == 1
+        monkeypatch.setenv("MASKFILL_CPU_THREADS", "2")
+        assert engine.use_cpu_threads() == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
