@@ -211,6 +211,7 @@ def denoise(
     hole_valid = batch.hole_valid  # (B, Lmax)
     # On CUDA the query block keeps its full width (fixed shapes, no host sync per step).
     fixed_width = None if device.type == "cpu" else lmax + shift
+    all_rows = torch.arange(ids.shape[0], device=device)[:, None]
 
     def head(hidden: Tensor) -> Tensor:
         return model.output(hidden).index_fill_(-1, banned_ids, float("-inf"))
@@ -232,8 +233,8 @@ def denoise(
         columns = q0 + plan.offsets  # (b, n)
         written = torch.where(plan.valid, columns, cache.scratch)
         ctx_valid = cache.valid.scatter(1, written, False)  # queried columns come fresh
-        hidden, kv = model.step(ids[pick].gather(1, columns),
-                                batch.positions[pick].gather(1, columns), plan.valid,
+        at = (all_rows if rows is None else rows[:, None], columns)  # no full-row copies
+        hidden, kv = model.step(ids[at], batch.positions[at], plan.valid,
                                 cache.context(), ctx_valid, return_kv=True)
         cache.write(written, kv)
         stale[pick] = False
