@@ -4,9 +4,12 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.maskfill-installed
 TORCH  ?= torch==2.13.0
+# `make gpu-check PY=python3` runs on a lent GPU machine without a venv (design/gpu-runbook.md):
+# targets then skip the venv set-up.
+SETUP  := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP),)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-gpu lint fix bench bench-gpu eval train vsix
+.PHONY: help setup run test test-gpu gpu-check lint fix bench bench-gpu eval train vsix
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -27,8 +30,11 @@ test: $(STAMP) ## run every test (GPU-only tests skip without CUDA)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-test-gpu: $(STAMP) ## run only the GPU tests
-	$(PY) -m pytest -q -m gpu
+test-gpu: $(SETUP) ## run only the GPU tests
+	$(PY) -m pytest -q -m gpu -rs
+
+gpu-check: $(SETUP) ## on a GPU: GPU tests, 7B-shape bench per quant mode, server bench; fails loudly
+	$(PY) -m engine.gpu_check
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check .
@@ -39,7 +45,7 @@ fix: $(STAMP) ## ruff --fix and format
 bench: $(STAMP) ## engine and server benchmarks on CPU: a table, then one JSON line
 	$(PY) -m engine bench --device cpu
 
-bench-gpu: $(STAMP) ## the same on CUDA
+bench-gpu: $(SETUP) ## the same on CUDA
 	$(PY) -m engine bench --device cuda
 
 eval: $(STAMP) ## FIM benchmarks with the embedded model (HumanEval single-line infilling)

@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     b.add_argument("--skip-server", action="store_true", help="engine figures only")
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    b.add_argument("--shape", choices=["small", "0.5b", "7b"], default=None,
+                   help="measure random weights of this model shape built on the device: "
+                   "encode, cached pass, 8-pass request, GPU busy time, launches, floors and "
+                   "the autoregressive peer, per --quant mode")
+    b.add_argument("--quant", default="none,int8,int4,fp8",
+                   help="comma-separated quant modes for --shape (default: all; fp8 needs "
+                   "an sm89+ GPU)")
+    b.add_argument("--skip-ar", action="store_true", help="--shape: no autoregressive peer")
     return parser
 
 
@@ -142,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "complete":
             return run_complete(args)
+        if args.shape is not None:
+            from engine.bench_shapes import main_shape_bench
+
+            return main_shape_bench(args.shape, args.device, args.quant, args.quick,
+                                    with_ar=not args.skip_ar)
         from engine.bench import run_bench
 
         return run_bench(device=args.device, quick=args.quick, with_server=not args.skip_server)

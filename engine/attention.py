@@ -1,31 +1,61 @@
 """Non-causal grouped-query attention behind one seam.
 
-`attend` is the only place the model calls an attention kernel. On CUDA it prefers xformers
-(engine/xformers_attention.py, optional); everywhere else, and whenever that module is missing,
-it uses PyTorch SDPA with a boolean key mask (True = attend) and `is_causal=False`.
+`grouped_attention` is what the model calls. It folds each kv group's query heads into the query
+length: (B, L, Hq, D) queries become (B, Hkv, G*L, D), so every SDPA backend sees plain
+multi-head attention over the kv heads: no repeat of K/V, and masks work with any kernel.
+Padding arrives as one additive bias per pass, built once and shared by all layers.
+
+xformers (optional, CUDA) is used only where its kernels really run: `xformers_usable()` probes
+it once with a tiny call, because a wheel built for another torch imports fine and then fails
+every call (design/engine.md §6). On failure it logs one line and SDPA serves the process.
+CUDA-graphed passes always use SDPA.
+
+`attend` keeps the older per-call contract (bool key mask, zeros for rows with no key): tests
+and the xformers comparison use it.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # optional CUDA fast path; its absence is normal on CPU machines
-    from engine.xformers_attention import xformers_attend
+log = logging.getLogger(__name__)
 
-    XFORMERS_AVAILABLE = True
-except (ImportError, OSError):  # OSError: xformers present but its CUDA libraries are not
-    xformers_attend = None
-    XFORMERS_AVAILABLE = False
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    """q (B, Lq, Hq, D), k/v (B, Hkv, Lk, D), bias (B, 1, 1, Lk) additive or None
+    -> (B, Lq, Hq * D). Query head h uses kv head h // (Hq / Hkv), as in SDPA's enable_gqa."""
+    if q.is_cuda and xformers_usable() and not torch.cuda.is_current_stream_capturing():
+        from engine.xformers_attention import grouped_xformers_attention
+
+        return grouped_xformers_attention(q, k, v, bias)
+    return grouped_sdpa(q, k, v, bias)
+
+
+def grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    """grouped_attention through torch SDPA (every device; the only path inside CUDA graphs)."""
+    batch, q_len, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    folded = q.view(batch, q_len, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    folded = folded.reshape(batch, kv_heads, group * q_len, head_dim)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=bias)  # (B, Hkv, G*Lq, D)
+    out = out.view(batch, kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(batch, q_len, q_heads * head_dim)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     """q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D), key_mask (B, Lk) bool or None -> (B, Hq, Lq, D).
 
     Every query sees every key where key_mask is True. A row whose keys are all masked returns
-    zeros rather than NaN, so padded batch rows cannot poison anything downstream.
-    """
-    if XFORMERS_AVAILABLE and q.is_cuda:
+    zeros rather than NaN."""
+    if q.is_cuda and xformers_usable():
+        from engine.xformers_attention import xformers_attend
+
         return xformers_attend(q, k, v, key_mask)
     return sdpa_attend(q, k, v, key_mask)
 
@@ -42,3 +72,34 @@ def sdpa_attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Ten
         q, k, v, attn_mask=safe_mask[:, None, None, :], is_causal=False, enable_gqa=True
     )  # (B, Hq, Lq, D)
     return out * any_key[:, None, None, None].to(out.dtype)
+
+
+@functools.cache
+def xformers_probe() -> tuple[bool, str]:
+    """(usable, reason): one tiny real call decides for the life of the process."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        import xformers.ops as xops
+    except Exception as error:  # ImportError, or a build whose extension fails to load
+        return False, f"xformers does not import ({_one_line(error)})"
+    try:
+        q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+        out = xops.memory_efficient_attention(q, q, q)
+        torch.cuda.synchronize()
+        if not bool(torch.isfinite(out).all()):
+            return False, "xformers returned non-finite values on a probe call"
+    except Exception as error:  # NotImplementedError when no kernel of the wheel loads
+        reason = f"xformers {getattr(xops, '__version__', '')} kernels do not run here " \
+                 f"({_one_line(error)[:200]})"
+        log.warning("attention: %s; using torch SDPA", reason)
+        return False, reason
+    return True, "xformers kernels run"
+
+
+def xformers_usable() -> bool:
+    return xformers_probe()[0]
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

@@ -12,8 +12,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,62 +35,44 @@ def small_random_args(vocab: int = 8192) -> ModelArgs:
     )
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median wall time of fn in milliseconds after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
-
-
 @torch.inference_mode()
-def _bench_context(
-    model: Transformer, ctx: int, device: torch.device, reps: int
-) -> dict[str, float]:
-    """Encode, uncached step and cached step for one context length and a SPAN-token hole."""
-    args = model.args
-    n = ctx + SPAN
-    ids = torch.randint(0, args.vocab_size - 3, (1, n), device=device)
-    start = ctx // 2
-    ids[0, start : start + SPAN] = args.mask_token_id
-    pos = torch.arange(n, device=device)[None]
-    valid = torch.ones(1, n, dtype=torch.bool, device=device)
-    # Shifted model: the last prefix token is a query too, and predicts the first hole slot.
-    rows = torch.arange(start - 1, start + SPAN, device=device)
-    _, cache = model.encode(ids, pos, valid)
-    ctx_valid = valid.clone()
-    ctx_valid[0, rows] = False  # query rows bring their own fresh K/V
-    q_valid = torch.ones(1, rows.numel(), dtype=torch.bool, device=device)
-
-    def uncached() -> torch.Tensor:  # the reference path: a full forward every step
-        return model.output(model(ids, pos, valid)[:, rows[:-1]])
-
-    def cached() -> torch.Tensor:
-        hidden = model.step(ids[:, rows], pos[:, rows], q_valid, cache, ctx_valid)
-        return model.output(hidden[:, :-1])
-
-    return {
-        f"encode_ms_{ctx}": _time_ms(lambda: model.encode(ids, pos, valid), device, reps),
-        f"step_ms_uncached_{ctx}": _time_ms(uncached, device, reps),
-        f"step_ms_cached_{ctx}": _time_ms(cached, device, reps),
-    }
-
-
 def bench_steps(device: torch.device, reps: int) -> dict[str, float]:
-    """Encode time and per-step time with and without the context cache, per context length."""
+    """Encode time and per-step time with and without the context cache, per context length,
+    and the ATen ops one more step dispatches (the launch count a GPU would pay eagerly)."""
+    from engine.bench_shapes import Workload, ops_per_pass, time_ms
+
     torch.manual_seed(0)
-    model = Transformer(small_random_args()).to(device).eval()
+    args = small_random_args()
+    model = Transformer(args).to(device).eval()
+    dtype = torch.float32
     out: dict[str, float] = {}
     for ctx in CONTEXTS:
-        out.update(_bench_context(model, ctx, device, reps))
+        work = Workload(args, device, context=ctx)
+        static, cache = work.static_pass(model, dtype, graphs=False)
+        batch = work.batch
+        out[f"encode_ms_{ctx}"] = statistics.median(time_ms(
+            lambda b=batch: model.encode(b.ids, b.positions), device, reps))
+        out[f"step_ms_uncached_{ctx}"] = statistics.median(time_ms(
+            lambda w=work: w.uncached_pass(model), device, reps))
+        out[f"step_ms_cached_{ctx}"] = statistics.median(time_ms(static.logits, device, reps))
+        if ctx == CONTEXTS[-1]:
+            out["aten_ops_per_pass"] = ops_per_pass(model, work, cache)
+            out["aten_ops_per_pass_budget"] = 20 * args.n_layers + 60
     return out
+
+
+def bench_diffusion_vs_ar(device: torch.device, reps: int) -> dict[str, float]:
+    """The 8-pass FIM request against transformers' 32-token generation, same shape and run."""
+    from engine.bench_shapes import run_shape_bench
+
+    shaped = run_shape_bench("small", str(device), ["none"], reps=reps, with_ar=True)
+    if shaped["errors"]:
+        print(f"(diffusion vs AR bench failed: {shaped['errors']})", file=sys.stderr)
+        return {}
+    mode = shaped["modes"][0]
+    return {"fim_request_ms_p50": mode["request_ms_p50"],
+            "ar_32_tokens_ms_p50": shaped["autoregressive"]["ar_ms_p50"],
+            "diffusion_vs_ar_latency_ratio": shaped["diffusion_vs_ar_latency_ratio"]}
 
 
 def bench_weight_bytes(device: torch.device) -> dict[str, float]:
@@ -173,6 +153,7 @@ def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True
         results[f"cached_step_speedup_{ctx}"] = (
             results[f"step_ms_uncached_{ctx}"] / results[f"step_ms_cached_{ctx}"])
     results["cached_step_speedup"] = results[f"cached_step_speedup_{CONTEXTS[-1]}"]
+    results.update(bench_diffusion_vs_ar(dev, reps))
     results.update(bench_weight_bytes(dev))
     with tempfile.TemporaryDirectory() as tmp:
         memorized = train_memorized_checkpoint(Path(tmp) / "memorized")

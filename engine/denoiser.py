@@ -1,21 +1,20 @@
 """The denoising loop: fill a batch of masked holes, one step at a time.
 
 Reads top to bottom:
-1. `denoise` encodes the context once: one row's layout serves every bucket row (shared_context).
-   The head runs only on the rows that predict hole slots (row s-1 for slot s when shifted).
+1. `denoise` picks where logits come from (engine/passes.py): a static pass over fixed shapes
+   (the CUDA default, replayed as a CUDA graph), a shrinking eager pass (the CPU default), or a
+   full forward every step (`use_cache` off: the reference path). The cached ones encode the
+   context once for every bucket row (engine/kv_arena.py) and run the head only on the entries
+   that predict hole slots (entry s-1 for slot s when shifted).
 2. Each step samples every masked slot, a transfer strategy (engine/sampler.py) picks which to
    commit, and the hole is written in place. Once a row commits an end token, its still-masked
    slots to the right become EOS (DreamOn's pad_eos_to_right): nothing after an end is kept.
-3. The next logits come from `model.step` over the hole columns that matter (open slots, their
-   predictors, slots that just changed: engine/step_cache.py) against the cached K/V of the rest
-   (Fast-dLLM's dual cache, design/engine.md §2.1, with committed slots frozen), or from a full
-   re-encode every `cache_refresh_every` steps, or from a plain full forward every step when
-   `use_cache` is off (the reference path).
-4. Between steps: stop when no masks remain, when the cancel event is set, or past the deadline;
-   rows with nothing open (or already cut by the stop mode) leave the batch.
+3. Every `check_every` steps the loop reads the hole to the host once (the only host sync of the
+   interval): it stops when no masks remain, and rows whose text the stop mode has already
+   decided are closed. Cancellation and the deadline are host-side flags, checked every step.
+4. With `cache_refresh_every`, the whole context is re-encoded every N steps.
 
-`denoise_expanding` is DreamOn's variable-length loop (models.md §4): batch 1, one commit per
-step, a full forward each step because expansions and deletions move the suffix.
+DreamOn's variable-length loop is engine/dreamon.py.
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ from engine import sampler
 from engine.api import CompletionRequest
 from engine.config import ModelArgs
 from engine.fim import InfillBatch
-from engine.model import ContextKV, apply_rope, rope_tables
-from engine.step_cache import StepCache, plan_queries
+from engine.kv_arena import Layout
+from engine.passes import ShrinkingSource, StaticSource, UncachedSource
 
 DREAM_TOPK_SAMPLERS = ("maskgit_plus", "topk_margin", "entropy")
 
@@ -81,6 +80,7 @@ class Committer:
         temperatures: list[float],  # per row
         generator: torch.Generator,
         end_ids: Tensor,  # (E,) ids that end a span
+        longest: int | None = None,  # the longest real hole (masked may be wider: padding)
     ):
         self.request = request
         self.end_ids = end_ids
@@ -91,7 +91,7 @@ class Committer:
             torch.tensor(temperatures, device=masked.device) if hot else 0.0
         )
         self.generator = generator
-        longest = masked.shape[1]
+        longest = longest or masked.shape[1]
         self.steps = longest if self.name in ("threshold", "entropy_bounded") else (
             request.steps or longest
         )
@@ -177,9 +177,11 @@ def pad_after_end(hole: Tensor, valid: Tensor, end_ids: Tensor, mask_id: int, eo
     return torch.where(forced, torch.full_like(hole, eos_id), hole), forced
 
 
-def sync_interval(device: torch.device) -> int:
-    """Steps between 'all done?' checks: each check is a host sync, cheap on CPU only."""
-    return 1 if device.type == "cpu" else 2
+def default_check_every(device: torch.device, static: bool) -> int:
+    """Steps between host reads. The shrinking CPU pass syncs every step anyway (its query
+    plan is sized on the host); a static pass waits a few steps, as dInfer does: each read
+    stalls the GPU queue, and a finished row merely idles in its static batch until then."""
+    return 2 if static else 1
 
 
 def denoise(
@@ -194,239 +196,120 @@ def denoise(
     generator: torch.Generator,
     stop: StopSignal,
     decided: Callable[[list[int]], bool] | None = None,
+    static_pass: Callable[[Layout], object] | None = None,
+    check_every: int | None = None,
 ) -> Denoised:
-    """Denoise every row of `batch` (dual cache unless request.use_cache is off).
+    """Denoise every row of `batch`.
 
-    `decided(tokens)` says whether a row's committed run from its first slot already fixes the
-    text the caller will keep (a stop mode cut inside it): such a row stops there, its other
-    masked slots become forced EOS. Rows with nothing left to fill leave the batch, so a
-    finished short bucket no longer costs a forward share while a long one is still going."""
+    `static_pass(layout) -> StaticPass` selects fixed shapes (engine/graphs.py hands out
+    captured graphs on CUDA); None takes the shrinking eager pass. `decided(tokens)` says
+    whether a row's committed run from its first slot already fixes the text the caller will
+    keep (a stop mode cut inside it): such a row stops there, its other masked slots become
+    forced EOS."""
     started = time.perf_counter()
-    shift = 1 if args.logit_shift else 0
-    lmax = batch.max_hole
-    hs = batch.hole_start
-    q0 = hs - shift  # first query column: the lead token that predicts hole slot 0
     device = batch.ids.device
-    ids = batch.ids.clone()  # (B, T)
-    hole_valid = batch.hole_valid  # (B, Lmax)
-    # On CUDA the query block keeps its full width (fixed shapes, no host sync per step).
-    fixed_width = None if device.type == "cpu" else lmax + shift
-    all_rows = torch.arange(ids.shape[0], device=device)[:, None]
-
-    def head(hidden: Tensor) -> Tensor:
-        return model.output(hidden).index_fill_(-1, banned_ids, float("-inf"))
-
-    def full_pass() -> tuple[Tensor, StepCache | None]:
-        """Whole rows: logits for every slot and, with the cache on, a fresh cache."""
-        if request.use_cache:
-            hidden, ctx = model.encode(ids, batch.positions, key_valid=batch.key_valid)
-            fresh = StepCache.from_context(ctx, batch.key_valid)
-        else:
-            hidden, fresh = model.forward(ids, batch.positions, key_valid=batch.key_valid), None
-        return head(hidden[:, q0:q0 + lmax]), fresh  # (B, Lmax, V)
-
-    def cached_pass(cache: StepCache, rows: Tensor | None, masked: Tensor, stale: Tensor
-                    ) -> Tensor:
-        """One step for the open `rows` (None: all) -> (b, Lmax, V) logits."""
-        pick = slice(None) if rows is None else rows
-        plan = plan_queries(masked[pick], stale[pick], hole_valid[pick], shift, fixed_width)
-        columns = q0 + plan.offsets  # (b, n)
-        written = torch.where(plan.valid, columns, cache.scratch)
-        ctx_valid = cache.valid.scatter(1, written, False)  # queried columns come fresh
-        at = (all_rows if rows is None else rows[:, None], columns)  # no full-row copies
-        hidden, kv = model.step(ids[at], batch.positions[at], plan.valid,
-                                cache.context(), ctx_valid, return_kv=True)
-        cache.write(written, kv)
-        stale[pick] = False
-        index = plan.predictor[..., None].expand(-1, -1, hidden.shape[-1])
-        return head(hidden.gather(1, index))
-
-    mask_id, eos_id = args.mask_token_id, args.eos_token_id
-    masked = (ids[:, hs:hs + lmax] == mask_id) & hole_valid
-    stale = torch.zeros_like(masked)  # slots whose token changed since their K/V were cached
-    if request.use_cache and ids.shape[0] > 1:
-        cache = StepCache.from_context(*shared_context(model, args, batch))
-        logits = cached_pass(cache, None, masked, stale)
+    static = static_pass is not None and request.use_cache
+    layout = Layout.of(batch, args, static)
+    if not request.use_cache:
+        source = UncachedSource(model, batch, layout, banned_ids)
+    elif static:
+        source = StaticSource(model, args, batch, layout, static_pass(layout))
     else:
-        logits, cache = full_pass()
+        source = ShrinkingSource(model, args, batch, layout, banned_ids, model.norm.weight.dtype)
+    hole = source.hole  # (R, W): the loop writes the hole here; the next pass reads it
+    n_rows, width = hole.shape
+    hole_valid = torch.zeros(n_rows, width, dtype=torch.bool, device=device)
+    hole_valid[:layout.rows, :layout.lmax] = batch.hole_valid
+    mask_id, eos_id = args.mask_token_id, args.eos_token_id
+    masked = (hole == mask_id) & hole_valid
+    stale = torch.zeros_like(masked)  # slots whose token changed since their K/V were written
+    rows: Tensor | None = None  # shrinking: indices of the rows still denoised (None: all)
+
+    logits = source.first if source.first is not None else source.logits(masked, stale, rows)
     if device.type == "cuda":  # one sync per request, so that encode_ms is the real cost
         torch.cuda.synchronize(device)
     encode_ms = (time.perf_counter() - started) * 1000.0
-    out = Denoised(
-        hole=ids[:, hs:hs + lmax],
-        confidence=torch.zeros(ids.shape[0], lmax, device=device),
-        forced=torch.zeros_like(hole_valid),
-        forward_passes=1,
-    )
-    commit = Committer(request, masked, temperatures, generator, end_ids)
+    out = Denoised(hole=hole, confidence=torch.zeros(n_rows, width, device=device),
+                   forced=torch.zeros_like(hole_valid), forward_passes=1)
+    commit = Committer(request, masked, temperatures + [0.0] * (n_rows - len(temperatures)),
+                       generator, end_ids, longest=layout.lmax)
     per_step: list[Tensor] = []
-    every = sync_interval(device)
+    every = check_every or default_check_every(device, static)
     step = 0
-    rows: Tensor | None = None  # indices of the rows still denoised; None: all of them
     while True:
-        previous = ids[:, hs:hs + lmax].clone()
         take, tokens, prob = commit(logits, masked, step, rows)
-        hole = torch.where(take, tokens, previous)
+        new = torch.where(take, tokens, hole)
         out.confidence = torch.where(take, prob, out.confidence)
-        hole, forced = pad_after_end(hole, hole_valid, end_ids, mask_id, eos_id)
+        new, forced = pad_after_end(new, hole_valid, end_ids, mask_id, eos_id)
         out.forced |= forced
-        ids[:, hs:hs + lmax] = hole
-        masked = (hole == mask_id) & hole_valid
-        step += 1
-        if step % every == 0:  # host work: only where the loop syncs anyway
-            if decided is not None:
-                closed = _close_decided(hole, masked, decided)  # (B, Lmax) slots to pad
-                if closed is not None:
-                    hole = torch.where(closed, torch.full_like(hole, eos_id), hole)
-                    ids[:, hs:hs + lmax] = hole
-                    out.forced |= closed
-                    forced = forced | closed
-                    masked &= ~closed
-            live = masked.any(dim=1)
-            if not bool(live.any()):
-                per_step.append(take.sum(dim=1) + forced.sum(dim=1))
-                break
-            if cache is not None:
-                still = live.nonzero().flatten()
-                if still.numel() < (ids.shape[0] if rows is None else rows.numel()):
-                    local = still if rows is None else torch.searchsorted(rows, still)
-                    cache, rows = cache.select(local), still
-        stale |= hole != previous
+        if source.shrinks:
+            stale |= new != hole
+        hole.copy_(new)
+        masked = (new == mask_id) & hole_valid
         per_step.append(take.sum(dim=1) + forced.sum(dim=1))
+        step += 1
+        if step % every == 0:  # the interval's one host read
+            tokens_now, open_now = _to_host(hole, masked)
+            closed = _close_decided(tokens_now, open_now, decided) if decided else []
+            if closed:
+                close = torch.zeros_like(masked)
+                close[closed] = True
+                close &= masked
+                hole.copy_(torch.where(close, torch.full_like(hole, eos_id), hole))
+                out.forced |= close
+                per_step[-1] = per_step[-1] + close.sum(dim=1)
+                masked &= ~close
+            live = [r for r, slots in enumerate(open_now) if any(slots) and r not in closed]
+            if not live:
+                break
+            if source.shrinks and len(live) < (n_rows if rows is None else rows.numel()):
+                still = torch.tensor(live, device=device)
+                local = still if rows is None else torch.searchsorted(rows, still)
+                source.select(local)
+                rows = still
         if step >= commit.steps:
             break
         if stop.halts(out):
             break
-        refresh = request.cache_refresh_every > 0 and step % request.cache_refresh_every == 0
-        if request.use_cache and not refresh:
-            logits = cached_pass(cache, rows, masked, stale)
-        else:
-            logits, cache = full_pass()
+        if request.cache_refresh_every > 0 and step % request.cache_refresh_every == 0:
+            source.refresh(_full_rows(batch, layout, hole))
             rows = None
             stale.zero_()
+        logits = source.logits(masked, stale, rows)
         out.forward_passes += 1
 
-    out.hole = ids[:, hs:hs + lmax]
-    out.commits = torch.stack(per_step, dim=1).tolist()  # one host transfer for the whole run
+    out.hole = hole[:layout.rows, :layout.lmax]
+    out.confidence = out.confidence[:layout.rows, :layout.lmax]
+    out.forced = out.forced[:layout.rows, :layout.lmax]
+    commits = torch.stack(per_step, dim=1)[:layout.rows]
+    out.commits = commits.to("cpu", copy=True).tolist()  # one host transfer for the whole run
     out.encode_ms = encode_ms
     out.denoise_ms = (time.perf_counter() - started) * 1000.0 - encode_ms
     return out
 
 
-def shared_context(model, args: ModelArgs, batch: InfillBatch) -> tuple[ContextKV, Tensor]:
-    """K/V for every row from ONE encode of the longest row -> (ctx, valid (B, T)).
-
-    Rows differ only in hole length, so their contexts match token for token; a shorter row's
-    suffix sits `lmax - n` positions further left, which for RoPE keys is an exact rotation.
-    Every row uses the longest row's columns: its own hole slots, then the suffix after the
-    longest hole (`valid` hides the slots past a row's own hole). The context states are those
-    computed beside the longest hole's masks: the same staleness the dual cache accepts across
-    steps. Encoding 1 row instead of B cuts the encode B-fold."""
-    lengths = torch.tensor(batch.hole_lengths, device=batch.ids.device)
-    longest = batch.hole_lengths.index(batch.max_hole)  # on the host: no device sync
-    one = slice(longest, longest + 1)
-    _, ctx1 = model.encode(batch.ids[one], batch.positions[one], key_valid=batch.key_valid[one])
-    hs, after = batch.hole_start, batch.hole_start + batch.max_hole
-    cos, sin = rope_tables((lengths - batch.max_hole)[:, None], args.head_dim, args.rope_theta)
-    n_rows = lengths.numel()
-    keys, values = [], []
-    for k, v in zip(ctx1.k, ctx1.v, strict=True):  # each (1, Hkv, T, D)
-        k_rows = k.expand(n_rows, -1, -1, -1).clone()
-        k_rows[:, :, after:] = apply_rope(k[:, :, after:], cos, sin)  # (B, 1, 1, D) angles
-        keys.append(k_rows)
-        values.append(v.expand(n_rows, -1, -1, -1))
-    columns = torch.arange(batch.ids.shape[1], device=batch.ids.device)[None, :]
-    past_own_hole = (columns >= hs + lengths[:, None]) & (columns < after)
-    valid = batch.key_valid[one].expand(n_rows, -1) & ~past_own_hole
-    return ContextKV(k=keys, v=values), valid
+def _to_host(hole: Tensor, masked: Tensor) -> tuple[list[list[int]], list[list[bool]]]:
+    """Hole tokens and open slots in ONE device-to-host copy (the loop's only sync)."""
+    both = torch.stack((hole, masked.to(hole.dtype))).to("cpu", copy=True).tolist()
+    return both[0], [[bool(x) for x in row] for row in both[1]]
 
 
-def _close_decided(hole: Tensor, masked: Tensor, decided: Callable[[list[int]], bool]
-                   ) -> Tensor | None:
-    """Masked slots of rows whose committed run from slot 0 is `decided`, or None if none."""
-    closed = None
-    for r, (tokens, open_slots) in enumerate(zip(hole.tolist(), masked.tolist(), strict=True)):
+def _full_rows(batch: InfillBatch, layout: Layout, hole: Tensor) -> Tensor:
+    """The real rows' token ids with their current holes (for a re-encode)."""
+    ids = batch.ids.clone()
+    start = layout.hole_start
+    ids[:, start:start + layout.lmax] = hole[:layout.rows, :layout.lmax]
+    return ids
+
+
+def _close_decided(hole: list[list[int]], masked: list[list[bool]],
+                   decided: Callable[[list[int]], bool]) -> list[int]:
+    """Rows with open slots whose committed run from slot 0 is `decided`."""
+    closed = []
+    for r, (tokens, open_slots) in enumerate(zip(hole, masked, strict=True)):
         if not any(open_slots):
             continue
         run = tokens[: open_slots.index(True)]
         if run and decided(run):
-            if closed is None:
-                closed = torch.zeros_like(masked)
-            closed[r] = masked[r]
+            closed.append(r)
     return closed
-
-
-def denoise_expanding(
-    model,
-    args: ModelArgs,
-    lead: list[int],
-    tail: list[int],
-    request: CompletionRequest,
-    *,
-    initial_length: int,
-    window: int,
-    temperature: float,
-    generator: torch.Generator,
-    stop: StopSignal,
-    device: torch.device,
-    end_ids: set[int],
-    banned_ids: Tensor,
-) -> Denoised:
-    """DreamOn (models.md §4): the hole grows where EXPAND is committed and shrinks where an end
-    token fills a slot that was MASK at the step's start. One commit per step, full forward."""
-    started = time.perf_counter()
-    expand_id, mask_id = args.expand_token_id, args.mask_token_id
-    hole = [mask_id] * initial_length
-    budget = request.max_tokens  # expansions left (DreamOn: Lmax); cap bounds the hole anyway
-    cap = min(window, len(lead) + request.max_tokens + len(tail))
-    out = Denoised(hole=torch.empty(0), confidence=torch.empty(0), forced=torch.empty(0))
-    confidences = [0.0] * len(hole)
-    per_step: list[int] = []
-    encode_ms = 0.0
-    for step in range(4 * request.max_tokens + 8):  # safety bound; ~final length + expansions
-        masked_slots = [i for i, tok in enumerate(hole) if tok == mask_id]
-        if not masked_slots:
-            break
-        if stop.halts(out):
-            break
-        seq = torch.tensor([lead + hole + tail], device=device)
-        positions = torch.arange(seq.shape[1], device=device)[None, :]
-        hidden = model.forward(seq, positions)
-        hs = len(lead)
-        logits = model.output(hidden[:, hs - 1:hs - 1 + len(hole)])  # (1, n, V), shifted
-        logits.index_fill_(-1, banned_ids, float("-inf"))
-        out.forward_passes += 1
-        if step == 0:
-            encode_ms = (time.perf_counter() - started) * 1000.0
-        if len(lead) + len(hole) + len(tail) >= cap or budget == 0:
-            logits[..., expand_id] = float("-inf")
-        # DreamOn scores slots by negative entropy and commits the single surest one.
-        drawn = sampler.sample(
-            logits, temperature=temperature, top_p=request.top_p, generator=generator
-        )
-        masked = (torch.tensor(hole, device=device) == mask_id)[None, :]
-        take = sampler.best_per_row(sampler.neg_entropy(drawn.probs), masked)[0]
-        prob = sampler.token_probability(drawn.probs, drawn.tokens)[0]
-        slot = int(take.to(torch.int64).argmax())  # batch 1, one commit: the host needs it
-        token = int(drawn.tokens[0, slot])
-        hole[slot] = token
-        confidences[slot] = float(prob[slot])
-        if token == expand_id:  # one slot becomes two masks: the hole grows
-            hole[slot:slot + 1] = [mask_id, mask_id]
-            confidences[slot:slot + 1] = [0.0, 0.0]
-            budget -= 1
-        elif token in end_ids:
-            # Delete: the end token and every still-masked slot right of it (pad_eos_to_right,
-            # then removal of EOS in slots that were MASK) disappear; the suffix moves left.
-            keep = [i for i, t in enumerate(hole) if i < slot or (i > slot and t != mask_id)]
-            hole = [hole[i] for i in keep]
-            confidences = [confidences[i] for i in keep]
-        per_step.append(1)
-    out.hole = torch.tensor([hole], dtype=torch.long)
-    out.confidence = torch.tensor([confidences], dtype=torch.float32)
-    out.forced = torch.zeros_like(out.hole, dtype=torch.bool)
-    out.commits = [per_step]
-    out.encode_ms = encode_ms
-    out.denoise_ms = (time.perf_counter() - started) * 1000.0 - encode_ms
-    return out
-

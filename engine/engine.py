@@ -25,7 +25,10 @@ from engine.api import (
     EngineError,
     EngineInfo,
 )
-from engine.denoiser import Denoised, StopSignal, denoise, denoise_expanding
+from engine.denoiser import Denoised, StopSignal, denoise
+from engine.dreamon import denoise_expanding
+from engine.graphs import PassCache
+from engine.kv_arena import common_layouts
 from engine.quantize import parameter_count, weight_bytes
 from engine.stop_modes import apply_stop
 
@@ -119,7 +122,10 @@ def _encode(tokenizer, text: str, what: str) -> list[int]:
 
 
 class Engine:
-    def __init__(self, loaded, *, model_spec: str, quant: str, load_ms: float):
+    def __init__(self, loaded, *, model_spec: str, quant: str, load_ms: float,
+                 static_shapes: bool | None = None, cuda_graphs: bool | None = None):
+        """static_shapes: fixed-shape passes (default on CUDA: no host sync inside the loop);
+        cuda_graphs: replay those passes as CUDA graphs (default on CUDA)."""
         self._loaded = loaded
         self._spec = model_spec
         self._quant = quant
@@ -140,11 +146,19 @@ class Engine:
         expand = args.expand_token_id if args.expand_token_id is not None else tok.expand_id
         banned_all = banned | ({expand} if expand is not None else set())
         self._banned_all = torch.tensor(sorted(banned_all), device=loaded.device)
+        on_cuda = loaded.device.type == "cuda"
+        static = on_cuda if static_shapes is None else static_shapes
+        graphs = on_cuda if cuda_graphs is None else cuda_graphs and on_cuda
+        self._passes = PassCache(loaded.model, args, loaded.dtype, loaded.device,
+                                 self._banned_all, use_graphs=graphs) if static else None
 
     @classmethod
     def load(
-        cls, model: str, *, device: str = "cpu", quant: str = "none", dtype: str | None = None
+        cls, model: str, *, device: str = "cpu", quant: str = "none", dtype: str | None = None,
+        static_shapes: bool | None = None, cuda_graphs: bool | None = None, warm: bool = True,
     ) -> Engine:
+        """Load a checkpoint. On CUDA (warm=True) the common pass shapes are captured as
+        graphs before this returns, so the first requests do not pay for it."""
         from engine.weights import DTYPES, load_model
 
         if quant not in ("none", "int8", "int4", "fp8"):
@@ -153,8 +167,26 @@ class Engine:
             raise EngineError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
         started = time.perf_counter()
         loaded = load_model(model, device=device, dtype=DTYPES.get(dtype), quant=quant)
-        load_ms = (time.perf_counter() - started) * 1000.0
-        return cls(loaded, model_spec=model, quant=quant, load_ms=load_ms)
+        engine = cls(loaded, model_spec=model, quant=quant, load_ms=0.0,
+                     static_shapes=static_shapes, cuda_graphs=cuda_graphs)
+        if warm:
+            engine.warm_up()
+        engine._load_ms = (time.perf_counter() - started) * 1000.0
+        return engine
+
+    def warm_up(self) -> list[tuple[int, int, int]]:
+        """Capture the pass shapes most requests use (CUDA graphs only); returns them."""
+        loaded = self._require()
+        if self._passes is None or not self._passes.use_graphs:
+            return []
+        with self._lock, torch.inference_mode():
+            self._passes.warm_up(common_layouts(loaded.args))
+        return self._passes.shapes
+
+    @property
+    def graph_failures(self) -> list[str]:
+        """Pass shapes whose CUDA graph capture failed (they run eagerly)."""
+        return [] if self._passes is None else list(self._passes.failures)
 
     def use_cpu_threads(self) -> int:
         """For a process that serves this engine: set torch's CPU thread count and return it.
@@ -307,6 +339,7 @@ class Engine:
             temperatures=temperatures,
             end_ids=end_ids, banned_ids=self._banned_all, generator=generator, stop=stop,
             decided=None if request.stop == "free" else self._stop_decides(request),
+            static_pass=None if self._passes is None else self._passes.get,
         )
         return done, rows
 

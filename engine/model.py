@@ -3,11 +3,22 @@
 Pre-norm RMSNorm blocks, rotate-half RoPE computed in fp32 at explicit positions, grouped-query
 attention with optional q/k/v bias, SwiGLU FFN, tied or untied head. Attention is fully
 bidirectional over the valid keys. No I/O here: engine/weights.py maps published weight names
-onto these modules.
+onto these modules (and fuses q/k/v and gate/up into one matrix each at load).
 
-Besides the plain `forward`, the model exposes the two halves of the dual-cache denoising step
-(design/engine.md §2.1): `encode` keeps every layer's K (after RoPE) and V, and `step` runs only a
-few query rows against that cached context plus the rows' own fresh K/V.
+The pass is kept lean because a denoising step runs it dozens of times per request with few
+query rows, where kernel launches, not FLOPs, set the time (design/engine.md §6):
+- one QKV matmul (with its bias) and one gate/up matmul per layer;
+- `F.rms_norm`; RoPE as `x * cos + roll(x) * sin` with the rotate-half sign folded into `sin`,
+  from tables the caller builds once (per request for a denoising step);
+- the key padding mask becomes one additive bias per pass, shared by every layer;
+- grouped-query attention folds each group's query heads into the query length, so SDPA sees
+  plain multi-head attention over the kv heads (no K/V repeat, any SDPA backend);
+- `step` writes its rows' fresh K/V into the caller's buffers in place (one op per tensor per
+  layer) and attends over the whole buffer: no concatenation of the cache each step.
+
+Three entry points share the layers: `forward` (whole rows, no cache: training and the reference
+path), `encode` (the same, keeping every layer's K/V) and `step` (a few query rows against
+cached K/V, design/engine.md §2.1).
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.attention import attend
+from engine.attention import grouped_attention
 from engine.config import ModelArgs
 
 
@@ -30,34 +41,56 @@ class ContextKV:
     v: list[Tensor]
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+@dataclass
+class Rope:
+    """RoPE angles for a set of positions, in fp32, broadcast over heads."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 like both reference implementations, scale in the input dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    cos: Tensor  # (B, L, 1, D)
+    sin: Tensor  # (B, L, 1, D) with rotate-half's sign folded in: [-sin, +sin] halves
+
+    def select(self, rows: Tensor) -> Rope:
+        return Rope(self.cos[rows], self.sin[rows])
 
 
-def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """positions (B, L) -> cos, sin (B, 1, L, head_dim) in fp32 (rotate-half layout)."""
+@dataclass
+class KVSlots:
+    """What a step attends over: per-layer K/V buffers, the key bias, and where the step's own
+    rows write their fresh K/V (`at`: one slice of columns for every row, or (B, n) columns)."""
+
+    k: list[Tensor]  # each (B, n_kv_heads, Lk, head_dim)
+    v: list[Tensor]
+    bias: Tensor  # (B, 1, 1, Lk) additive: 0 where a key is attended, -inf where it is not
+    at: slice | Tensor
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> Rope:
+    """positions (B, L) -> Rope with (B, L, 1, head_dim) tables (rotate-half layout)."""
     exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = 1.0 / (theta ** (exponent / head_dim))  # (D/2,)
     freqs = positions.float()[..., None] * inv_freq  # (B, L, D/2)
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, D)
-    return angles.cos(), angles.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    return Rope(cos=torch.cat((cos, cos), dim=-1)[:, :, None],
+                sin=torch.cat((-sin, sin), dim=-1)[:, :, None])
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, L, D) rotated in fp32, returned in x's dtype."""
+def apply_rope(x: Tensor, rope: Rope) -> Tensor:
+    """x (B, L, H, D) rotated in fp32, returned in x's dtype.
+
+    rotate_half(x) = cat(-x2, x1) = roll(x, D/2) with the first half negated; the negation
+    lives in rope.sin, so a rotation is three ops."""
     x32 = x.float()
-    half = x32.shape[-1] // 2
-    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    out = x32 * rope.cos
+    out.addcmul_(x32.roll(x32.shape[-1] // 2, dims=-1), rope.sin)
+    return out.to(x.dtype)
+
+
+def attention_bias(key_valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, Lk) bool -> (B, 1, 1, Lk) additive bias. A row with no valid key attends to all of
+    them (finite garbage instead of NaN; such rows are padding whose output nobody reads)."""
+    any_key = key_valid.any(dim=-1, keepdim=True)
+    attended = key_valid | ~any_key
+    bias = torch.zeros(attended.shape, dtype=dtype, device=key_valid.device)
+    return bias.masked_fill_(~attended, float("-inf"))[:, None, None, :]
 
 
 class Attention(nn.Module):
@@ -66,46 +99,57 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.qk_width = (args.n_heads + args.n_kv_heads) * args.head_dim
+        self.wqkv = nn.Linear(args.dim, self.qk_width + args.n_kv_heads * args.head_dim,
+                              bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(
-        self,
-        x: Tensor,  # (B, L, dim)
-        cos: Tensor,
-        sin: Tensor,
-        key_mask: Tensor | None,  # (B, Lctx + L) bool when past is given, else (B, L)
-        past: tuple[Tensor, Tensor] | None = None,  # cached context K/V, each (B, Hkv, Lctx, D)
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, rope: Rope, bias: Tensor | None, slots: KVSlots | None,
+                layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, dim) -> (out (B, L, dim), k, v (B, Hkv, L, D) of these rows)."""
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)  # (B, Hq, L, D)
-        k = apply_rope(k, cos, sin)  # (B, Hkv, L, D)
+        qkv = self.wqkv(x)  # (B, L, (Hq + 2 Hkv) D)
+        heads = self.n_heads + self.n_kv_heads
+        qk = apply_rope(qkv[..., :self.qk_width].view(bsz, seqlen, heads, self.head_dim), rope)
+        q = qk[:, :, :self.n_heads]  # (B, L, Hq, D)
+        k = qk[:, :, self.n_heads:].transpose(1, 2)  # (B, Hkv, L, D)
+        v = qkv[..., self.qk_width:].view(bsz, seqlen, self.n_kv_heads,
+                                          self.head_dim).transpose(1, 2)
         keys, values = k, v
-        if past is not None:
-            # Non-causal attention ignores key order once RoPE is applied: append at the end.
-            keys = torch.cat((past[0], k), dim=2)
-            values = torch.cat((past[1], v), dim=2)
-        out = attend(q, keys, values, key_mask)  # (B, Hq, L, D)
-        out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
-        return self.wo(out), k, v
+        if slots is not None:  # write this step's K/V in place, attend over the whole buffer
+            keys, values = slots.k[layer], slots.v[layer]
+            if isinstance(slots.at, slice):
+                keys[:, :, slots.at] = k
+                values[:, :, slots.at] = v
+            else:
+                index = slots.at[:, None, :, None].expand_as(k)
+                keys.scatter_(2, index, k)
+                values.scatter_(2, index, v)
+            bias = slots.bias
+        return self.wo(grouped_attention(q, keys, values, bias)), k, v
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(gate x) * up x), gate and up in one matrix (w13 = [w1; w3])."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # gate
-        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # up
-        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
+        self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class TransformerBlock(nn.Module):
@@ -116,8 +160,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, key_mask, past=None) -> tuple[Tensor, Tensor, Tensor]:
-        attn_out, k, v = self.attention(self.attention_norm(x), cos, sin, key_mask, past)
+    def forward(self, x, rope, bias, slots, layer) -> tuple[Tensor, Tensor, Tensor]:
+        attn_out, k, v = self.attention(self.attention_norm(x), rope, bias, slots, layer)
         h = x + attn_out
         return h + self.feed_forward(self.ffn_norm(h)), k, v
 
@@ -136,31 +180,24 @@ class Transformer(nn.Module):
 
     def forward(self, ids: Tensor, positions: Tensor, key_valid: Tensor | None = None) -> Tensor:
         """ids/positions (B, L) long, key_valid (B, L) bool -> hidden (B, L, dim), final-normed."""
-        hidden, _ = self._run(ids, positions, key_valid, ctx=None, keep_kv=False)
+        hidden, _ = self._whole_rows(ids, positions, key_valid, keep_kv=False)
         return hidden
 
     def encode(
         self, ids: Tensor, positions: Tensor, key_valid: Tensor | None = None
     ) -> tuple[Tensor, ContextKV]:
         """The forward pass that also returns every layer's K/V for all L positions."""
-        hidden, kv = self._run(ids, positions, key_valid, ctx=None, keep_kv=True)
+        hidden, kv = self._whole_rows(ids, positions, key_valid, keep_kv=True)
         return hidden, kv
 
-    def step(
-        self,
-        ids: Tensor,  # (B, n)
-        positions: Tensor,  # (B, n) true positions of the query rows
-        query_valid: Tensor,  # (B, n) bool
-        ctx: ContextKV,
-        ctx_valid: Tensor,  # (B, Lctx) bool
-        return_kv: bool = False,
-    ) -> Tensor | tuple[Tensor, ContextKV]:
-        """Query rows attend to cached context keys (ctx_valid) and their own fresh keys
-        (query_valid). Returns hidden (B, n, dim) after the final norm, and with return_kv the
-        query rows' own per-layer K/V (B, Hkv, n, D) too."""
-        key_mask = torch.cat((ctx_valid, query_valid), dim=1)  # (B, Lctx + n)
-        hidden, kv = self._run(ids, positions, key_mask, ctx=ctx, keep_kv=return_kv)
-        return (hidden, kv) if return_kv else hidden
+    def step(self, ids: Tensor, rope: Rope, slots: KVSlots) -> Tensor:
+        """The denoising pass: query rows ids (B, n) at the positions `rope` was built for
+        write their K/V into `slots` and attend over all of it -> hidden (B, n, dim).
+        Eager and CUDA-graphed runs call this same function."""
+        h = self.tok_embeddings(ids)
+        for i, layer in enumerate(self.layers):
+            h, _, _ = layer(h, rope, None, slots, i)
+        return self.norm(h)
 
     def output(self, hidden: Tensor) -> Tensor:
         """LM head: hidden (..., dim) -> float32 logits (..., vocab)."""
@@ -172,23 +209,18 @@ class Transformer(nn.Module):
             return project(hidden).float()
         return F.linear(hidden, self.tok_embeddings.weight).float()
 
-    def _run(
-        self,
-        ids: Tensor,
-        positions: Tensor,
-        key_mask: Tensor | None,
-        ctx: ContextKV | None,
-        keep_kv: bool,
-    ) -> tuple[Tensor, ContextKV | None]:
+    def _whole_rows(self, ids: Tensor, positions: Tensor, key_valid: Tensor | None,
+                    keep_kv: bool) -> tuple[Tensor, ContextKV | None]:
         if ids.shape != positions.shape or ids.dim() != 2:
             raise ValueError(f"ids {tuple(ids.shape)} and positions {tuple(positions.shape)} "
                              "must both be (B, L)")
         h = self.tok_embeddings(ids)  # (B, L, dim)
-        cos, sin = rope_tables(positions, self.args.head_dim, self.args.rope_theta)
+        rope = rope_tables(positions, self.args.head_dim, self.args.rope_theta)
+        # Unpadded rows need no bias at all, which lets SDPA pick its fastest kernel.
+        bias = None if key_valid is None else attention_bias(key_valid, h.dtype)
         kept = ContextKV(k=[], v=[]) if keep_kv else None
         for i, layer in enumerate(self.layers):
-            past = (ctx.k[i], ctx.v[i]) if ctx is not None else None
-            h, k, v = layer(h, cos, sin, key_mask, past)
+            h, k, v = layer(h, rope, bias, None, i)
             if kept is not None:
                 kept.k.append(k)
                 kept.v.append(v)

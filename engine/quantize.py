@@ -1,21 +1,29 @@
-"""Weight-only quantization swapped in at load time: int8 per output channel, int4 per group, fp8.
+"""Quantization swapped in at load time: int8 per output channel, int4 per group, fp8 per row.
 
-int8 and int4 are pure PyTorch, so the same modules run on CPU (tests, CI) and CUDA. They keep
-only the packed integers and their scales resident; the forward pass dequantizes in the
-activation dtype, which saves memory but not time without a fused kernel (engine.md §2.5).
-Embeddings are quantized too, because on small models the vocabulary table dominates the bytes;
-a head tied to the embedding reads the same quantized table instead of storing a second copy.
+The modules keep only the packed integers and their scales resident. On the CPU (tests, CI)
+int8 and int4 dequantize in the activation dtype, which saves memory but not time. On CUDA,
+`use_fast_kernels` switches every layer to a matmul that reads the weights in their stored width
+(engine/qkernels.py: int8 and fp8 W8A8, int4 tinygemm), each kernel first checked against the
+dequantized weight; a kernel that fails the check leaves its layers on the exact slow path and
+says why. Embeddings are quantized too (int8/int4), because on small models the vocabulary
+table dominates the bytes; a head tied to the embedding reads the same quantized table.
 
-fp8 (W8A8, Hopper/Ada) is delegated to torchao and only runs on CUDA sm89+.
+fp8 (e4m3 weights and activations, Ada/Hopper) quantizes the body's linear layers only: the head
+and the embeddings stay in 16 bits (design/engine.md §2.5).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import qkernels
 from engine.api import EngineError
+
+log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "int4", "fp8")
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -166,12 +174,27 @@ class Int8Linear(nn.Module):
         (the model's head does); it costs one transient full-size copy, as forward does."""
         return dequantize_int8_rows(self.weight_q, self.weight_scale, self.weight_scale.dtype)
 
+    kernel = "dequant"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int_mm":
+            return qkernels.int8_linear(x, self.weight_q, self.scale32, self.bias)
         # Scale after the matmul: one multiply per output instead of per weight.
         out = F.linear(x, self.weight_q.to(x.dtype)) * self.weight_scale.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out
+
+    def use_fast_kernel(self, verify: bool = True) -> str | None:
+        """Switch to int8 x int8 matmuls (None), or say why they cannot be used here."""
+        scale32 = self.weight_scale.float()
+        reason = qkernels.check(
+            lambda x: qkernels.int8_linear(x, self.weight_q, scale32, None), self.weight,
+            self.in_features, self.weight_scale.dtype) if verify else None
+        if reason is None:
+            self.register_buffer("scale32", scale32, persistent=False)
+            self.kernel = "int_mm"
+        return reason
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -227,7 +250,14 @@ class Int4Linear(nn.Module):
             module.bias.copy_(linear.bias.detach())
         return module.to(linear.weight.device)
 
+    kernel = "dequant"
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.kernel == "tinygemm":  # the packed layout only multiplies: multiply by I
+            eye = torch.eye(self.in_features, dtype=torch.bfloat16,
+                            device=self.weight_tinygemm.device)
+            return qkernels.int4_linear(eye, self.weight_tinygemm, self.scales_zeros,
+                                        self.group_size, None).t().to(dtype)
         return dequantize_int4_groups(
             self.weight_packed, self.weight_scale, self.weight_offset, self.in_features, dtype
         )  # (out, in)
@@ -235,14 +265,43 @@ class Int4Linear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """Dequantized (out, in) weight on demand (see Int8Linear.weight)."""
-        return self.dequantized_weight(self.weight_scale.dtype)
+        return self.dequantized_weight(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales_zeros.dtype if self.kernel == "tinygemm" else self.weight_scale.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "tinygemm":
+            return qkernels.int4_linear(x, self.weight_tinygemm, self.scales_zeros,
+                                        self.group_size, self.bias)
         return F.linear(
             x,
             self.dequantized_weight(x.dtype),
             None if self.bias is None else self.bias.to(x.dtype),
         )
+
+    def use_fast_kernel(self, verify: bool = True) -> str | None:
+        """Repack for tinygemm (None), or say why not. The portable copy is then dropped."""
+        if not qkernels.tinygemm_fits(self.in_features, self.out_features, self.group_size):
+            return f"shape {self.out_features}x{self.in_features} does not fit tinygemm's tiles"
+        offset = self.weight_offset if self.weight_offset is not None else -8 * self.weight_scale
+        try:
+            packed, scales_zeros = qkernels.tinygemm_pack(
+                unpack_int4(self.weight_packed), self.weight_scale, offset)
+        except (RuntimeError, NotImplementedError) as error:
+            return " ".join(str(error).split())[:200]
+        reference = self.dequantized_weight(torch.bfloat16) if verify else None
+        reason = qkernels.check(
+            lambda x: qkernels.int4_linear(x, packed, scales_zeros, self.group_size, None),
+            reference, self.in_features, torch.bfloat16) if verify else None
+        if reason is None:
+            self.register_buffer("weight_tinygemm", packed)
+            self.register_buffer("scales_zeros", scales_zeros)
+            for name in ("weight_packed", "weight_scale", "weight_offset"):
+                self.register_buffer(name, None)
+            self.kernel = "tinygemm"
+        return reason
 
     def extra_repr(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
@@ -250,6 +309,55 @@ class Int4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"int4 group={self.group_size} {kind}"
         )
+
+
+class Fp8Linear(nn.Module):
+    """nn.Linear with e4m3 weights (a float32 scale per output row) and e4m3 activations
+    (a scale per row, computed on the fly), multiplied by torch._scaled_mm."""
+
+    kernel = "scaled_mm"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight_f8", torch.zeros(out_features, in_features,
+                                                      dtype=qkernels.FP8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     linear.weight.dtype)
+        q, scale = qkernels.quantize_fp8_rows(linear.weight.detach())
+        module.weight_f8.copy_(q)
+        module.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module.to(linear.weight.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        dtype = torch.float32 if self.bias is None else self.bias.dtype
+        return (self.weight_f8.float() * self.weight_scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "scaled_mm":
+            return qkernels.fp8_linear(x, self.weight_f8, self.weight_scale, self.bias)
+        return F.linear(x, self.weight.to(x.dtype),
+                        None if self.bias is None else self.bias.to(x.dtype))
+
+    def use_fast_kernel(self, verify: bool = True) -> str | None:
+        reason = qkernels.check(
+            lambda x: qkernels.fp8_linear(x, self.weight_f8, self.weight_scale, None),
+            self.weight, self.in_features, torch.bfloat16) if verify else None
+        if reason is not None:
+            self.kernel = "dequant"
+        return reason
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"
 
 
 class QuantizedEmbedding(nn.Module):
@@ -299,8 +407,25 @@ class QuantizedEmbedding(nn.Module):
         offset = None if self.weight_offset is None else self.weight_offset[ids]
         return self._dequantize(self.weight_q[ids], self.weight_scale[ids], offset, self.dtype)
 
+    kernel = "dequant"
+
+    def use_fast_kernel(self, verify: bool = True) -> str | None:
+        """Tied head through int8 x int8 matmuls (int8 tables; None), or why not."""
+        if self.mode != "int8":  # tinygemm would need a second copy of the table: keep one
+            return None
+        scale32 = self.weight_scale.float()
+        reason = qkernels.check(
+            lambda x: qkernels.int8_linear(x, self.weight_q, scale32, None), self.weight,
+            self.embedding_dim, self.dtype) if verify else None
+        if reason is None:
+            self.register_buffer("scale32", scale32, persistent=False)
+            self.kernel = "int_mm"
+        return reason
+
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Tied head: h (..., D) -> logits (..., V) against the quantized table."""
+        if self.kernel == "int_mm":
+            return qkernels.int8_linear(h, self.weight_q, self.scale32, None)
         if self.mode == "int8":
             # Same trick as Int8Linear: the per-row scale is a per-logit scale.
             return F.linear(h, self.weight_q.to(h.dtype)) * self.weight_scale.to(h.dtype)
@@ -344,8 +469,8 @@ def quantize_model(
     """Swap the model's Linear/Embedding layers for quantized ones, in place; returns the model.
 
     mode: "none" (no-op), "int8", "int4" (per group of `group_size` in 32/64/128), or "fp8"
-    (CUDA sm89+ with torchao; the model is moved to CUDA first). `device` is the device the
-    caller will run on; it only matters for fp8, which refuses a non-CUDA target.
+    (CUDA sm89+ only). `device` is the device the caller will run on; it only matters for fp8,
+    which refuses a non-CUDA target.
     """
     if mode not in QUANT_MODES:
         choices = ", ".join(QUANT_MODES)
@@ -381,7 +506,8 @@ def quantize_model(
 def weight_bytes(model: nn.Module) -> int:
     """Resident bytes of the model's parameters and buffers, each distinct tensor counted once.
 
-    torchao tensor subclasses report their own nbytes through their inner tensors, so this walks
+    Tensor subclasses (torchao and the like) report their own nbytes through their inner
+    tensors, so this walks
     `__tensor_flatten__` where present instead of trusting the wrapper's element size.
     """
     seen: set[tuple[int, int]] = set()
@@ -401,7 +527,7 @@ def parameter_count(model: nn.Module) -> int:
     matrices they encode (plain `parameters()` would miss them, since they are buffers)."""
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
-        if isinstance(module, (Int8Linear, Int4Linear)):
+        if isinstance(module, (Int8Linear, Int4Linear, Fp8Linear)):
             total += module.in_features * module.out_features
             total += 0 if module.bias is None else module.bias.numel()
         elif isinstance(module, QuantizedEmbedding):
@@ -457,30 +583,43 @@ def _quantize_fp8(model: nn.Module, device: torch.device | str | None) -> nn.Mod
         raise EngineError(
             f"fp8 quantization needs an Ada/Hopper GPU (sm89+); this one is sm{major}{minor}"
         )
-    try:
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            PerRow,
-            quantize_,
-        )
-    except Exception as error:  # ImportError, or a torchao built against another torch
-        raise EngineError(
-            f"fp8 quantization needs a working torchao (pip install 'maskfill[gpu]'): "
-            f"{_one_line(error)}"
-        ) from None
-    model.to("cuda")
+    return quantize_fp8_body(model)
+
+
+def quantize_fp8_body(model: nn.Module) -> nn.Module:
+    """Every linear layer but the head becomes an Fp8Linear (the head and embeddings stay in
+    16 bits, design/engine.md §2.5). Device-agnostic: the caller checked the hardware."""
     head_ids = {id(m) for m in _tied_pairs(model)} | {id(_output_head(model))}
-
-    def is_body_linear(module: nn.Module, _fqn: str) -> bool:
-        # engine.md §2.5: keep the lm head (and embeddings) in 16-bit first.
-        return isinstance(module, nn.Linear) and id(module) not in head_ids
-
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    try:
-        quantize_(model, config, filter_fn=is_body_linear)
-    except (RuntimeError, ValueError, AssertionError, NotImplementedError) as error:
-        raise EngineError(f"fp8 quantization failed in torchao: {_one_line(error)}") from None
+    for parent, name, child in list(_named_children_recursive(model)):
+        if isinstance(child, nn.Linear) and id(child) not in head_ids:
+            setattr(parent, name, Fp8Linear.from_linear(child))
     return model
+
+
+def use_fast_kernels(model: nn.Module) -> dict[str, str]:
+    """Switch every quantized layer to its CUDA kernel, checking each distinct layer shape once.
+    Returns {kind: "kernel name" or "dequant: why"}; layers whose check fails stay exact."""
+    verdicts: dict[tuple, str | None] = {}
+    summary: dict[str, str] = {}
+    for module in model.modules():
+        if not hasattr(module, "use_fast_kernel"):
+            continue
+        kind = type(module).__name__
+        shape = (kind, getattr(module, "in_features", None), getattr(module, "out_features", None),
+                 getattr(module, "mode", None))
+        if shape in verdicts:
+            if verdicts[shape] is None:  # this shape passed its check: switch unchecked
+                module.use_fast_kernel(verify=False)
+            continue
+        reason = module.use_fast_kernel()
+        verdicts[shape] = reason
+        if reason is not None:
+            log.error("quantized %s %s: fast kernel unusable, layer stays on the exact path: %s",
+                      kind, shape[1:], reason)
+            summary[kind] = f"dequant: {reason}"
+        else:
+            summary.setdefault(kind, module.kernel)
+    return summary
 
 
 def _one_line(error: BaseException) -> str:

@@ -15,7 +15,7 @@ import os
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ class LoadedModel:
     path: Path
     device: torch.device
     dtype: torch.dtype
+    kernels: dict[str, str] = field(default_factory=dict)  # quantized layer kind -> its matmul
 
 
 @dataclass
@@ -69,7 +70,10 @@ class TensorEntry:
 
 
 def weight_name_map(args: ModelArgs) -> dict[str, str]:
-    """Published tensor name -> native parameter name, for every tensor the checkpoint must hold."""
+    """Published tensor name -> logical native name, for every tensor the checkpoint must hold.
+
+    Logical names keep one matrix per published projection (attention.wq/wk/wv,
+    feed_forward.w1/w3); `fuse_projections` then stacks them into the model's fused matrices."""
     names: dict[str, str] = {}
     if args.family == "dream":  # Qwen2ForCausalLM names
         names["model.embed_tokens.weight"] = "tok_embeddings.weight"
@@ -104,6 +108,60 @@ def weight_name_map(args: ModelArgs) -> dict[str, str]:
             if native in biased:
                 names[f"{pub}.bias"] = f"{nat}.bias"
     return names
+
+
+FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+
+
+def logical_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Shape of every logical native tensor, as the config implies."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, args.dim),
+                                          "norm.weight": (args.dim,)}
+    if not args.tie_embeddings:
+        shapes["output_proj.weight"] = (args.vocab_size, args.dim)
+    per_layer = {"attention.wq.weight": (q, args.dim), "attention.wk.weight": (kv, args.dim),
+                 "attention.wv.weight": (kv, args.dim), "attention.wo.weight": (args.dim, q),
+                 "feed_forward.w1.weight": (args.ffn_dim, args.dim),
+                 "feed_forward.w3.weight": (args.ffn_dim, args.dim),
+                 "feed_forward.w2.weight": (args.dim, args.ffn_dim),
+                 "attention_norm.weight": (args.dim,), "ffn_norm.weight": (args.dim,)}
+    if args.qkv_bias:
+        per_layer.update({"attention.wq.bias": (q,), "attention.wk.bias": (kv,),
+                          "attention.wv.bias": (kv,)})
+    for i in range(args.n_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in per_layer.items()})
+    return shapes
+
+
+def fuse_projections(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """Logical state (one matrix per projection) -> the model's fused QKV and gate/up matrices,
+    in place; each part is freed as soon as it is stacked."""
+    for i in range(n_layers):
+        for fused, parts in FUSED.items():
+            for kind in ("weight", "bias"):
+                names = [f"layers.{i}.{part}.{kind}" for part in parts]
+                if names[0] in state:
+                    state[f"layers.{i}.{fused}.{kind}"] = torch.cat([state.pop(n) for n in names])
+    return state
+
+
+def split_projections(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The inverse of fuse_projections, for writing the published layout."""
+    sizes = {"attention.wqkv": (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim,
+                                args.n_kv_heads * args.head_dim),
+             "feed_forward.w13": (args.ffn_dim, args.ffn_dim)}
+    out = dict(state)
+    for i in range(args.n_layers):
+        for fused, parts in FUSED.items():
+            for kind in ("weight", "bias"):
+                name = f"layers.{i}.{fused}.{kind}"
+                if name in out:
+                    pieces = out.pop(name).split(sizes[fused])
+                    out.update({f"layers.{i}.{p}.{kind}": t for p, t in zip(parts, pieces,
+                                                                          strict=True)})
+    return out
 
 
 # Tied checkpoints sometimes still carry a copy of the head; it is redundant, not a mismatch.
@@ -334,14 +392,15 @@ def load_model(
 
     with torch.device("meta"):
         model = Transformer(args)
-    native_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    native_shapes = logical_shapes(args)
     for published, native in expected.items():
         if tensors[published].shape != native_shapes[native]:
             raise EngineError(
                 f"{path}: tensor {published!r} has shape {list(tensors[published].shape)}, "
                 f"config implies {list(native_shapes[native])}"
             )
-    state = _read_tensors(tensors, expected, load_dtype, load_device)
+    state = fuse_projections(_read_tensors(tensors, expected, load_dtype, load_device),
+                             args.n_layers)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the tensors now; drop the dict before quantizing copies them
 
@@ -353,8 +412,13 @@ def load_model(
                 return quantize_model(m, mode, device=target)
         quantize_fn(model, quant)
     model = model.to(target).eval()
+    kernels: dict[str, str] = {}
+    if quant != "none" and target.type == "cuda":
+        from engine.quantize import use_fast_kernels
+
+        kernels = use_fast_kernels(model)
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, path=path, device=target,
-                       dtype=load_dtype)
+                       dtype=load_dtype, kernels=kernels)
 
 
 def _read_tensors(
@@ -447,7 +511,7 @@ def save_checkpoint(
     args = model.args
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    native = model.state_dict()
+    native = split_projections(model.state_dict(), args)
     published = {pub: native[nat].detach().to("cpu", dtype).contiguous().clone()
                  for pub, nat in weight_name_map(args).items()}
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)

@@ -1,13 +1,14 @@
 """Non-causal attention through xformers' memory-efficient kernels (CUDA only, optional).
 
-Same contract as engine.attention.attend: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D), key_mask
-(B, Lk) bool with True = attend (or None); returns (B, Hq, Lq, D). GQA uses xformers' 5-D
-[B, M, G, H, D] layout with K/V expanded over the H query heads of each group by a stride-0
-view (no copy). Key padding becomes an additive -inf bias broadcast over heads and queries.
+Same contracts as engine.attention: `xformers_attend` as `attend` (q (B, Hq, Lq, D), k/v
+(B, Hkv, Lk, D), key_mask (B, Lk) bool or None -> (B, Hq, Lq, D)), and
+`grouped_xformers_attention` as `grouped_attention` (q (B, Lq, Hq, D), additive bias
+(B, 1, 1, Lk) -> (B, Lq, Hq * D)). GQA uses xformers' 5-D [B, M, G, H, D] layout with K/V
+expanded over the H query heads of each group by a stride-0 view (no copy). Key padding becomes
+an additive -inf bias broadcast over heads and queries.
 
-engine.attention routes every CUDA call here, so when xformers is missing, or its dispatcher
-has no kernel for the inputs (engine.md §4: "verify via the dispatcher; fall back to SDPA"),
-this falls back to the SDPA path rather than failing the forward pass.
+engine.attention routes CUDA calls here only after `xformers_probe` saw a kernel run; if the
+dispatcher still finds no kernel for particular inputs, this falls back to SDPA.
 """
 
 from __future__ import annotations
@@ -44,6 +45,32 @@ def xformers_attend(
         return memory_efficient_attend(xops, q, k, v, key_mask)
     except NotImplementedError:  # the dispatcher found no xformers kernel for this dtype/shape/GPU
         return _sdpa(q, k, v, key_mask)
+
+
+def grouped_xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               bias: torch.Tensor | None) -> torch.Tensor:
+    """q (B, Lq, Hq, D), k/v (B, Hkv, Lk, D), bias (B, 1, 1, Lk) or None -> (B, Lq, Hq * D)."""
+    batch, q_len, q_heads, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    xops = _xformers_ops()
+    q5 = q.reshape(batch, q_len, kv_heads, group, head_dim)
+    k5 = k.transpose(1, 2).unsqueeze(3).expand(batch, k_len, kv_heads, group, head_dim)
+    v5 = v.transpose(1, 2).unsqueeze(3).expand(batch, k_len, kv_heads, group, head_dim)
+    attn_bias = None
+    if bias is not None:
+        aligned = -(-k_len // _BIAS_ALIGNMENT) * _BIAS_ALIGNMENT
+        storage = torch.zeros(batch, aligned, dtype=q.dtype, device=q.device)
+        storage[:, :k_len] = bias[:, 0, 0]
+        attn_bias = storage.as_strided((batch, kv_heads, group, q_len, k_len),
+                                       (aligned, 0, 0, 0, 1))
+    try:
+        out = xops.memory_efficient_attention(q5, k5, v5, attn_bias=attn_bias)
+    except NotImplementedError:  # no kernel for this dtype/shape on this GPU
+        from engine.attention import grouped_sdpa
+
+        return grouped_sdpa(q, k, v, bias)
+    return out.reshape(batch, q_len, q_heads * head_dim)
 
 
 def memory_efficient_attend(xops, q, k, v, key_mask):

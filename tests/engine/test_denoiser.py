@@ -98,7 +98,7 @@ def test_one_encode_gives_every_bucket_row_its_own_context_keys(engines, monkeyp
     from the longest row (suffix re-rotated by the length difference) must equal each row's
     own encode exactly, and the batch encodes once."""
     from engine import fim
-    from engine.denoiser import shared_context
+    from engine.kv_arena import Layout, allocate, encode_shared, key_bias
 
     engine = engines["one-layer"]
     loaded = engine._loaded
@@ -107,37 +107,40 @@ def test_one_encode_gives_every_bucket_row_its_own_context_keys(engines, monkeyp
     suffix_ids = engine.tokenizer.encode(SUFFIX)
     lengths = [4, 9, 16]
     batch = fim.build_infill_batch(args, prefix_ids, suffix_ids, lengths)
-    q0, hs, lmax = batch.hole_start - 1, batch.hole_start, max(lengths)
     calls = []
     encode = model.encode
     monkeypatch.setattr(model, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
     with torch.inference_mode():
-        ctx, valid = shared_context(model, args, batch)
+        layout = Layout.of(batch, args, static=False)
+        arena = allocate(args, layout, torch.float32, "cpu")
+        key_bias(layout, lengths, arena.bias)
+        encode_shared(model, args, batch, arena)
         assert len(calls) == 1
-        after_shared = hs + lmax
+        lead, used = layout.lead, layout.context_used
         for r, n in enumerate(lengths):
             one = slice(r, r + 1)
             _, own = encode(batch.ids[one], batch.positions[one], key_valid=batch.key_valid[one])
             width = int(batch.key_valid[r].sum())
-            tail = width - (batch.hole_start + n)  # suffix + trailing specials
-            for k_shared, k_own in ((ctx.k[0][r], own.k[0][0]), (ctx.v[0][r], own.v[0][0])):
-                torch.testing.assert_close(k_shared[:, :q0], k_own[:, :q0])
-                torch.testing.assert_close(k_shared[:, after_shared:after_shared + tail],
-                                           k_own[:, batch.hole_start + n:width])
-    # Each row sees the lead, its own hole slots (not the longer rows' extra slots), the suffix.
+            for shared, mine in ((arena.k[0][r], own.k[0][0]), (arena.v[0][r], own.v[0][0])):
+                torch.testing.assert_close(shared[:, :lead], mine[:, :lead])
+                torch.testing.assert_close(shared[:, lead:used],
+                                           mine[:, batch.hole_start + n:width])
+    # Each row attends to the context, the lead and its own hole slots, nothing else.
+    attended = arena.bias[:, 0, 0] == 0
+    c = layout.context
     for r, n in enumerate(lengths):
-        assert valid[r, :hs + n].all() and not valid[r, hs + n:after_shared].any()
-        assert valid[r, after_shared:].sum() == batch.key_valid[r].sum() - (hs + n)
+        assert attended[r, :used].all() and not attended[r, used:c].any()
+        assert attended[r, c:c + 1 + n].all() and not attended[r, c + 1 + n:].any()
 
 
 def test_a_step_queries_open_slots_their_predictors_and_changed_slots_only():
-    from engine.step_cache import plan_queries
+    from engine.kv_arena import plan_queries
 
     masked = torch.tensor([[False, True, True, False, False], [True, False, False, False, False]])
     stale = torch.tensor([[True, False, False, False, False], [False, False, True, False, False]])
     hole_valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
     plan = plan_queries(masked, stale, hole_valid, shift=1)
-    # Offsets from q0 = hole_start - 1: slot j is offset j + 1 and is predicted by offset j.
+    # Query-block entries: slot j is entry j + 1 and is predicted by entry j (the lead is 0).
     # Row 0: slot 0 changed (1), slots 1-2 open (2, 3) with predictors 1, 2. Row 1: slot 0 open
     # (1) with the lead token (0) predicting it, slot 2 changed (3).
     rows = [o[v].tolist() for o, v in zip(plan.offsets, plan.valid, strict=True)]
@@ -148,7 +151,6 @@ def test_a_step_queries_open_slots_their_predictors_and_changed_slots_only():
     unshifted = plan_queries(masked, stale, hole_valid, shift=0)
     assert [o[v].tolist() for o, v in zip(unshifted.offsets, unshifted.valid, strict=True)] == [
         [0, 1, 2], [0, 2]]
-    assert plan_queries(masked, stale, hole_valid, shift=1, width=6).offsets.shape == (2, 6)
 
 
 def test_refreshing_every_step_is_the_uncached_path(engines):
@@ -285,7 +287,8 @@ class ScriptedLogits:
 def test_dreamon_loop_expands_commits_and_deletes_as_scripted():
     from types import SimpleNamespace
 
-    from engine.denoiser import StopSignal, denoise_expanding
+    from engine.denoiser import StopSignal
+    from engine.dreamon import denoise_expanding
 
     eos, mask, expand = 5, 6, 7
     args = SimpleNamespace(expand_token_id=expand, mask_token_id=mask)
@@ -307,7 +310,8 @@ def test_dreamon_loop_expands_commits_and_deletes_as_scripted():
 def test_dreamon_loop_refuses_expansion_once_the_budget_is_spent():
     from types import SimpleNamespace
 
-    from engine.denoiser import StopSignal, denoise_expanding
+    from engine.denoiser import StopSignal
+    from engine.dreamon import denoise_expanding
 
     eos, mask, expand = 5, 6, 7
     args = SimpleNamespace(expand_token_id=expand, mask_token_id=mask)

@@ -466,6 +466,13 @@ def test_published_configs_at_full_scale(cfg, expected, params):
         model = Transformer(args)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count - params) / params < 0.02, count
-    # Every published tensor maps onto a native parameter of the right count.
+    # Every published tensor maps onto a logical native tensor, and those fuse into exactly the
+    # model's parameters (q/k/v and gate/up stacked) with the right shapes.
     names = weights.weight_name_map(args)
-    assert sorted(names.values()) == sorted(model.state_dict())
+    shapes = weights.logical_shapes(args)
+    assert sorted(names.values()) == sorted(shapes)
+    logical = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    fused = weights.fuse_projections(logical, args.n_layers)
+    native = model.state_dict()
+    assert sorted(fused) == sorted(native)
+    assert all(fused[name].shape == native[name].shape for name in native)

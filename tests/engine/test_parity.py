@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from engine.model import KVSlots, attention_bias, rope_tables
 from engine.weights import load_model
 from tests.fixtures.checkpoints import make_tiny_checkpoint
 
@@ -205,10 +206,19 @@ def test_padding_does_not_change_valid_rows(checkpoints, name):
             assert (batched[row, keep] - alone[0]).abs().max() <= 1e-5
 
 
+def step_at(model, ids, positions, valid, ctx, slots):
+    """model.step for the columns `slots` of every row, against copies of the encoded K/V."""
+    at = slots.expand(ids.shape[0], -1)  # (B, n)
+    kv = KVSlots([k.clone() for k in ctx.k], [v.clone() for v in ctx.v],
+                 attention_bias(valid, ctx.k[0].dtype), at)
+    rope = rope_tables(positions[:, slots], model.args.head_dim, model.args.rope_theta)
+    return model.step(ids[:, slots], rope, kv)
+
+
 @pytest.mark.parametrize("name", ["dream", "open-dcoder", "llada-gqa"])
 def test_encode_then_step_equals_forward(checkpoints, name):
-    """Queries recomputed against the cached context (their own K/V appended at the end of the
-    key set) give the full forward's hidden states when nothing has changed."""
+    """Queries recomputed against the cached context (their fresh K/V written over their own
+    cached columns) give the full forward's hidden states when nothing has changed."""
     model = load_model(str(checkpoints[name]), dtype=torch.float32).model
     ids, positions, valid = padded_batch(200, seed=11)
     with torch.no_grad():
@@ -219,11 +229,8 @@ def test_encode_then_step_equals_forward(checkpoints, name):
         assert ctx.k[0].shape == (BATCH, model.args.n_kv_heads, LENGTH, model.args.head_dim)
 
         slots = torch.tensor([3, 4, 5, 6])  # the "hole": query rows of every batch row
-        q_ids, q_pos = ids[:, slots], positions[:, slots]
         q_valid = valid[:, slots]
-        ctx_valid = valid.clone()
-        ctx_valid[:, slots] = False  # the hole's keys come fresh from the queries instead
-        stepped = model.step(q_ids, q_pos, q_valid, ctx, ctx_valid)  # (B, 4, dim)
+        stepped = step_at(model, ids, positions, valid, ctx, slots)  # (B, 4, dim)
 
     assert stepped.shape == (BATCH, len(slots), model.args.dim)
     diff = (stepped - full[:, slots])[q_valid].abs().max().item()
@@ -240,10 +247,8 @@ def test_step_sees_fresh_query_tokens(checkpoints):
         _, ctx = model.encode(ids, positions, valid)
         new_ids = ids.clone()
         new_ids[:, slots] = (ids[:, slots] + 17) % 200
-        ctx_valid = valid.clone()
-        ctx_valid[:, slots] = False
-        stale = model.step(ids[:, slots], positions[:, slots], valid[:, slots], ctx, ctx_valid)
-        fresh = model.step(new_ids[:, slots], positions[:, slots], valid[:, slots], ctx, ctx_valid)
+        stale = step_at(model, ids, positions, valid, ctx, slots)
+        fresh = step_at(model, new_ids, positions, valid, ctx, slots)
     assert (stale - fresh).abs().max() > 1e-3
 
 
@@ -262,10 +267,8 @@ def test_cuda_path_matches_cpu_reference(checkpoints, name):
         hidden = loaded.model(ids.cuda(), positions.cuda(), valid.cuda()).cpu()
         _, ctx = loaded.model.encode(ids.cuda(), positions.cuda(), valid.cuda())
         slots = torch.tensor([3, 4, 5])
-        ctx_valid = valid.clone()
-        ctx_valid[:, slots] = False
-        stepped = loaded.model.step(ids[:, slots].cuda(), positions[:, slots].cuda(),
-                                    valid[:, slots].cuda(), ctx, ctx_valid.cuda()).cpu()
+        stepped = step_at(loaded.model, ids.cuda(), positions.cuda(), valid.cuda(), ctx,
+                          slots.cuda()).cpu()
         ref_hidden = ref.model(input_ids=ids, position_ids=positions,
                                attention_mask=additive_mask(valid)).last_hidden_state
     assert (hidden - ref_hidden)[valid].abs().max() <= 1e-3

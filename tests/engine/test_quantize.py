@@ -68,13 +68,12 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
     # the test exercises softmax sensitivity to weight error, as trained models do.
     with torch.no_grad():
         for layer in model.layers:
-            layer.attention.wq.weight.mul_(4)
-            layer.attention.wk.weight.mul_(4)
+            layer.attention.wqkv.weight[:layer.attention.qk_width].mul_(4)  # q and k rows
     return model
 
 
 def logits_of(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     with torch.no_grad():
         return model.output(model(ids, positions))  # (B, L, V) float32
 
@@ -248,7 +247,7 @@ def test_int8_model_logits_stay_close_to_full_precision(tie):
     ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(8))
     reference = logits_of(model, ids)
     quantized = quantize_model(copy.deepcopy(model), "int8")
-    assert isinstance(quantized.layers[0].attention.wq, Int8Linear)
+    assert isinstance(quantized.layers[0].attention.wqkv, Int8Linear)
     assert isinstance(quantized.tok_embeddings, QuantizedEmbedding)
     assert cosine(logits_of(quantized, ids), reference) >= INT8_LOGIT_COSINE
 
@@ -288,7 +287,7 @@ def test_quantized_state_dict_loads_into_another_quantized_model():
 def test_dtype_and_device_moves_keep_integer_weights():
     model = quantize_model(tiny_model(), "int4")
     model.to(torch.bfloat16).to("cpu")
-    layer = model.layers[0].attention.wq
+    layer = model.layers[0].attention.wqkv
     assert layer.weight_packed.dtype == torch.uint8
     assert layer.weight_scale.dtype == torch.bfloat16
     ids = torch.randint(0, 1024, (1, 8))
@@ -297,9 +296,9 @@ def test_dtype_and_device_moves_keep_integer_weights():
 
 def test_none_is_a_no_op():
     model = tiny_model()
-    wq = model.layers[0].attention.wq
+    wq = model.layers[0].attention.wqkv
     assert quantize_model(model, "none") is model
-    assert model.layers[0].attention.wq is wq
+    assert model.layers[0].attention.wqkv is wq
 
 
 def test_unknown_mode_is_an_engine_error():
@@ -363,7 +362,7 @@ def test_load_model_quantizes_and_keeps_logits_close(checkpoints, variant):
         ("int4", INT4_LOGIT_COSINE, Int4Linear),
     ):
         loaded = load_model(path, "cpu", torch.float32, mode)
-        assert isinstance(loaded.model.layers[0].attention.wq, linear_type)
+        assert isinstance(loaded.model.layers[0].attention.wqkv, linear_type)
         assert isinstance(loaded.model.tok_embeddings, QuantizedEmbedding)
         assert cosine(loaded_logits(loaded, ids), reference) >= bar
         ratio = weight_bytes(load_model(path, "cpu", torch.bfloat16, mode).model) / bf16_bytes
