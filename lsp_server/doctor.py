@@ -39,7 +39,7 @@ def check_torch() -> tuple[Finding, Any]:
     if torch.version.cuda:
         build = f"CUDA {torch.version.cuda} build"
     elif getattr(torch.version, "hip", None):
-        build = f"ROCm {torch.version.hip} build (the engine runs on cpu or cuda only)"
+        build = f"ROCm {torch.version.hip} build (its GPUs are device cuda)"
     else:
         build = "CPU-only build"
     return Finding("ok", "torch", f"{torch.__version__}: {build}"), torch
