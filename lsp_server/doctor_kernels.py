@@ -6,11 +6,13 @@ and then fails every call. So xformers gets a tiny real attention call when a GP
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lsp_server.findings import Finding
@@ -36,11 +38,39 @@ def installed_version(name: str) -> str | None:
         return str(getattr(module, "__version__", "unknown version"))
 
 
-def _import_quietly(module: str) -> Any:
-    """Import, keeping a failing build's warnings (its usual way to say why) out of the report."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return importlib.import_module(module)
+class _Collect(logging.Handler):
+    def __init__(self, said: list[str]):
+        super().__init__(logging.WARNING)
+        self.said = said
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet(package: str, said: list[str]) -> Iterator[None]:
+    """Keep a package's warnings and log lines (a mismatched build's usual way to say why) out
+    of the report's stdout and stderr; they are appended to `said`, to quote in a finding."""
+    logger = logging.getLogger(package)
+    handler, propagate = _Collect(said), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                said.extend(str(w.message) for w in caught)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def quoted(said: list[str]) -> str:
+    """The " (it said: ...)" suffix from the first thing a package logged, or ""."""
+    first = next((" ".join(s.split()) for s in said if s.strip()), "")
+    return f" (it said: {first[:200]})" if first else ""
 
 
 def check_xformers(cuda_device: str | None, needed_on: str | None) -> Finding:
@@ -49,19 +79,31 @@ def check_xformers(cuda_device: str | None, needed_on: str | None) -> Finding:
     version = installed_version("xformers")
     if version is None:
         return Finding("info", "xformers", f"not installed ({XFORMERS_ROLE})")
-    try:
-        xops = _import_quietly("xformers.ops")
-    except Exception as exc:  # ImportError, OSError from its CUDA libraries, ...
+    said: list[str] = []
+    with quiet("xformers", said):
+        try:
+            xops = importlib.import_module("xformers.ops")
+        except Exception as exc:  # ImportError, OSError from its CUDA libraries, ...
+            xops, error = None, exc
+    if xops is None:
         return Finding(
             "warn",
             "xformers",
-            f"{version} is installed but does not import ({one_line(exc)}); the engine uses "
+            f"{version} is installed but does not import ({one_line(error)}); the engine uses "
             "PyTorch SDPA instead: `pip uninstall xformers`, or install the build made for "
             "this torch",
         )
     if cuda_device is None:
         return Finding("info", "xformers", f"{version} imports; its kernels need CUDA, none here")
-    return xformers_call_finding(version, lambda: tiny_attention_diff(xops, cuda_device), needed_on)
+
+    def call() -> float:
+        with quiet("xformers", said):
+            return tiny_attention_diff(xops, cuda_device)
+
+    finding = xformers_call_finding(version, call, needed_on)
+    if finding.status == "ok":
+        return finding
+    return Finding(finding.status, finding.topic, finding.text + quoted(said))
 
 
 def tiny_attention_diff(xops: Any, device: str) -> float:
@@ -129,7 +171,8 @@ def check_torchao(quant: str) -> Finding:
         return Finding("info", "torchao", f"not installed ({TORCHAO_ROLE})")
     try:
         # The names engine/quantize.py imports for fp8.
-        quantization = _import_quietly("torchao.quantization")
+        with quiet("torchao", []):
+            quantization = importlib.import_module("torchao.quantization")
         for name in ("Float8DynamicActivationFloat8WeightConfig", "PerRow", "quantize_"):
             getattr(quantization, name)
     except Exception as exc:  # ImportError, AttributeError, or a build for another torch
