@@ -7,6 +7,7 @@ import {
   LanguageClient,
   State,
 } from "vscode-languageclient/node";
+import { checkArgs, runInstallCheck } from "./installCheck";
 import { inlineMiddleware } from "./middleware";
 import { isExecutableFile, resolveServer } from "./serverPath";
 import {
@@ -22,6 +23,7 @@ const SECTION = "maskfill";
 const STATUS_NOTIFICATION = "maskfill/didChangeStatus"; // lsp_server/server.py
 const SHOW_LOG = "maskfill.showLog";
 const TOGGLE = "maskfill.toggleCompletions";
+const CHECK = "maskfill.checkInstall";
 const TRIGGER = "maskfill.triggerSuggestion"; // package.json binds it (Alt+\\)
 const INLINE_TRIGGER = "editor.action.inlineSuggest.trigger"; // VS Code's own: an Invoke request
 const INLINE_OFF = "maskfill: editor.inlineSuggest.enabled is off, so no suggestion will show.";
@@ -99,6 +101,15 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     queryServerStatus().then(named, () => undefined); // without it the tooltip names no model
   };
 
+  const findServer = () =>
+    resolveServer({
+      configuredPath: settings.serverPath,
+      workspaceFolders: (vscode.workspace.workspaceFolders ?? []).map((f) => f.uri.fsPath),
+      pathEnv: process.env.PATH,
+      platform: process.platform,
+      isExecutable: isExecutableFile,
+    });
+
   const start = async (): Promise<void> => {
     status.enabled = settings.enabled;
     if (!settings.enabled) {
@@ -108,13 +119,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       log.info("maskfill.enabled is false: the server starts when it is turned on");
       return;
     }
-    const found = resolveServer({
-      configuredPath: settings.serverPath,
-      workspaceFolders: (vscode.workspace.workspaceFolders ?? []).map((f) => f.uri.fsPath),
-      pathEnv: process.env.PATH,
-      platform: process.platform,
-      isExecutable: isExecutableFile,
-    });
+    const found = findServer();
     if (!found.ok) return fail(found.message, true, installActions);
     log.info(
       `starting ${found.server.command} ${found.server.args.join(" ")} (found via ${found.server.source})`,
@@ -190,6 +195,17 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
         const why = status.phase === "error" ? status.detail : "the server is not running";
         offer(vscode.window.showWarningMessage, `maskfill: ${why}`, [restartServer, showLog]);
       }
+    }),
+    vscode.commands.registerCommand(CHECK, async (): Promise<void> => {
+      // The install check (torch build, CUDA, model, memory fit) with this window's settings.
+      const found = findServer();
+      if (!found.ok) return fail(found.message, true, installActions);
+      const args = checkArgs(settings);
+      log.info(`running ${found.server.command} ${args.join(" ")}`);
+      const report = await runInstallCheck(found.server.command, args);
+      for (const line of report.lines) log.info(line);
+      const show = report.passed ? vscode.window.showInformationMessage : vscode.window.showWarningMessage;
+      offer(show, `maskfill: ${report.headline}`, [showLog]);
     }),
     vscode.commands.registerCommand("maskfill.showServerStatus", async () => {
       const reply = client

@@ -221,6 +221,7 @@ describe("activate", () => {
   it("registers restart, toggle, show log and server status commands", async () => {
     await activate(context());
     expect([...h.state.commands.keys()].sort()).toEqual([
+      "maskfill.checkInstall",
       "maskfill.restartServer",
       "maskfill.showLog",
       "maskfill.showServerStatus",
@@ -375,6 +376,21 @@ describe("commands and settings", () => {
     await h.state.commands.get("maskfill.triggerSuggestion")!();
     expect(h.state.warnings).toEqual(["maskfill: the server did not start: spawn EACCES"]);
     expect(h.state.offered.at(-1)).toEqual(["Restart Server", "Show Log"]);
+  });
+
+  it("Check Install runs maskfill-lsp --check with the window's settings and reports it", async () => {
+    fs.writeFileSync(
+      server,
+      "#!/bin/sh\necho \"args: $*\"\necho 'FAIL  cuda      not available'\nexit 1\n",
+      { mode: 0o755 },
+    );
+    await activate(context());
+    await h.state.commands.get("maskfill.checkInstall")!();
+    expect(h.state.log.info).toHaveBeenCalledWith(
+      "args: --check --model /models/tiny --device cuda --quant int8",
+    );
+    expect(h.state.warnings).toEqual(["maskfill: FAIL cuda not available"]);
+    expect(h.state.offered.at(-1)).toEqual(["Show Log"]);
   });
 
   it("deactivate stops the client", async () => {
