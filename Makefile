@@ -26,9 +26,9 @@ setup: $(STAMP) ## create .venv and install maskfill with its dev tools
 run: $(STAMP) ## complete the sample file through the real LSP server with the embedded model
 	$(PY) -m lsp_server.demo
 
-test: $(STAMP) ## run every test (GPU-only tests skip without CUDA)
+test: $(STAMP) ## run every test (GPU-only tests skip without CUDA; each skip's reason is listed)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-gpu: $(SETUP) ## run only the GPU tests
 	$(PY) -m pytest -q -m gpu -rs

@@ -13,8 +13,16 @@ import sys
 from pathlib import Path
 
 from engine.api import CompletionRequest, EngineError
+from engine.stop_modes import stop_for_cursor
 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # beyond this a "source file" is not something we complete in
+STOP_HELP = (
+    "where the completion ends: auto (the editors' default, as the server decides it: text after "
+    "the cursor -> the rest of the line; an empty line or one ending in ':', '{', '(' or '[' -> "
+    "a block; the end of another line -> the next line), line, block, or free (all the model "
+    "wrote); "
+    "default: auto"
+)
 
 
 def _default_model() -> str | None:
@@ -47,7 +55,7 @@ def read_source(path: Path) -> str:
 
 
 def split_at(text: str, line: int, col: int) -> tuple[str, str]:
-    """Split text at an editor position: 1-based line, 0-based character (code point)."""
+    """Split text at a position: 1-based line, 0-based character (code points before it)."""
     # Editors break lines at \n, \r\n and \r only (str.splitlines also breaks at \f, \x85, ...).
     lines = re.split(r"(?<=\r\n)|(?<=\n)|(?<=\r)(?!\n)", text)
     if not 1 <= line <= len(lines):
@@ -71,17 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "complete",
         help="fill the middle at a position of a file",
-        description="Complete a file at a cursor position. LINE is 1-based and COL is 0-based, "
-        "as editors show them (COL counts characters, i.e. Unicode code points, in that line).",
+        description="Complete a file at a cursor position. LINE is 1-based, as editors show it; "
+        "COL is 0-based: the number of characters (Unicode code points) before the cursor in that "
+        "line. Editors show columns 1-based (VS Code's 'Col 9' is --col 8).",
     )
     c.add_argument("--model", default=None, help="checkpoint folder or Hugging Face repo id "
                    "(resolved from the local HF cache only); default: the embedded model")
     c.add_argument("--file", required=True, type=Path)
     c.add_argument("--line", required=True, type=int, help="1-based line number")
-    c.add_argument("--col", required=True, type=int, help="0-based character in the line")
+    c.add_argument("--col", required=True, type=int,
+                   help="0-based: characters before the cursor (an editor's column minus 1)")
     _add_model_args(c)
     c.add_argument("--max-tokens", type=int, default=64, help="span budget in tokens")
-    c.add_argument("--stop", default="block", choices=["line", "block", "free"])
+    c.add_argument("--stop", default="auto", choices=["auto", "line", "block", "free"],
+                   help=STOP_HELP)
     c.add_argument("--sampler", default="threshold", choices=[
         "threshold", "entropy_bounded", "origin", "maskgit_plus", "topk_margin", "entropy",
         "low_confidence"])
@@ -117,8 +128,11 @@ def run_complete(args: argparse.Namespace) -> int:
     if model is None:
         raise EngineError("no --model given and no embedded model is installed")
     prefix, suffix = split_at(read_source(args.file), args.line, args.col)
+    stop = args.stop
+    if stop == "auto":
+        stop = stop_for_cursor(prefix.rsplit("\n", 1)[-1], suffix.split("\n", 1)[0])
     request = CompletionRequest(
-        prefix=prefix, suffix=suffix, max_tokens=args.max_tokens, stop=args.stop,
+        prefix=prefix, suffix=suffix, max_tokens=args.max_tokens, stop=stop,
         sampler=args.sampler, threshold=args.threshold, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
     )
@@ -139,6 +153,7 @@ def run_complete(args: argparse.Namespace) -> int:
           f"per step: {s.tokens_committed_per_step}", file=sys.stderr)
     print(f"span: {s.span_length}  mean confidence: {s.mean_confidence:.3f}  {timings}",
           file=sys.stderr)
+    print(f"stop mode: {stop}" + (" (auto)" if args.stop == "auto" else ""), file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`maskfill-lsp`: serve over stdio (default) or a loopback TCP port.
+"""`maskfill-lsp`: serve over stdio (default) or a loopback TCP port; `--check` checks the install.
 
 stdout carries the protocol and nothing else: the process's own file descriptor 1 is pointed at
 stderr before anything loads, so a stray print (or a native library's) cannot corrupt it.
@@ -23,6 +23,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="maskfill-lsp", description="maskfill language server (inline code completion)"
     )
+    parser.add_argument("--version", action="version", version=f"maskfill-lsp {version()}")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check this install for --model/--device/--quant (torch build, CUDA, xformers, "
+        "torchao, model, memory fit), print one line per finding and exit: 1 if something "
+        "needed is broken",
+    )
     transport = parser.add_mutually_exclusive_group()
     transport.add_argument("--stdio", action="store_true", help="serve over stdin/stdout (default)")
     transport.add_argument("--tcp", metavar="HOST:PORT", help="serve one client on a loopback port")
@@ -40,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how often to check that the editor process (LSP processId) is alive",
     )
     return parser.parse_args(argv)
+
+
+def version() -> str:
+    from lsp_server.doctor import maskfill_version  # imports no torch
+
+    return maskfill_version()
 
 
 def loopback_address(value: str) -> tuple[str, int]:
@@ -73,6 +87,10 @@ def configure_logging(verbosity: int, log_file: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check:
+        from lsp_server.doctor import main as check
+
+        return check(model=args.model, device=args.device, quant=args.quant)
     configure_logging(args.verbose, args.log_file)
     tcp = None
     if args.tcp:

@@ -8,6 +8,7 @@ debounce and queue for the model, and a newer request for the same document supe
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,16 @@ class Prepared:
     @property
     def cache_key(self) -> tuple:
         return (self.prefix, self.suffix, self.stop, self.candidates, self.knobs)
+
+    @property
+    def seed(self) -> int:
+        """The sampling seed of the extra (manual-trigger) candidates, taken from the context:
+        the same code and cursor get the same candidates in every session, as the exact cache
+        already gives them within one; a different context gets different draws."""
+        digest = hashlib.blake2b(digest_size=8)
+        for part in (self.prefix, "\0", self.suffix, "\0", self.stop):
+            digest.update(part.encode("utf-8", "surrogatepass"))
+        return int.from_bytes(digest.digest(), "little") >> 2  # 62 bits, as the engine draws
 
 
 class CompletionService:
@@ -185,6 +196,7 @@ class CompletionService:
             stop=prepared.stop,
             num_candidates=prepared.candidates,
             temperature=0.0,  # candidate 0 greedy; the engine samples the extra ones hot
+            seed=prepared.seed,
             max_context_tokens=s.context_tokens,
             timeout_ms=s.timeout_ms,
         )

@@ -1,8 +1,11 @@
 """`make run`: complete the sample file through the real server, as an editor would.
 
 Starts `maskfill-lsp` over stdio, opens lsp_server/sample/sample.py (its `<CURSOR>` marker is
-removed and becomes the cursor), waits for the model to load, asks for an inline completion
-and prints it with its timings. Exits non-zero with one clear line when anything fails.
+removed and becomes the cursor) and waits for the model to load. Then it asks twice, as an editor
+does: an automatic request (what appears as you type: one greedy suggestion) and a manual one (the
+manual trigger: several candidates). The output is the same on every run: the first suggestion is
+greedy and the extra candidates are sampled with a seed taken from the context. Timings follow,
+with what the engine ran. Exits non-zero with one clear line when anything fails.
 
     python -m lsp_server.demo [--model PATH] [--device cpu] [--file F] [-v]
 """
@@ -12,16 +15,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lsprotocol import types
 
+from engine.embedded_model import EMBEDDED_DIR
+from engine.stop_modes import stop_for_cursor
 from lsp_server.client import ClientError, Session, inline_params, server_command
+from lsp_server.settings import Settings
 
 SAMPLE = Path(__file__).parent / "sample" / "sample.py"
 MARKER = "<CURSOR>"
+# No debounce: the round trips below are the model and the protocol, not a wait for typing.
+DEMO_SETTINGS = {"debounceMinMs": 0, "debounceMaxMs": 0}
+WIDTH = 100
 
 
 def cursor_position(text: str) -> tuple[str, types.Position]:
@@ -35,60 +46,159 @@ def cursor_position(text: str) -> tuple[str, types.Position]:
     )
 
 
+@dataclass
+class Answer:
+    """One inline request's suggestions and what the server did for it."""
+
+    texts: list[str]
+    round_trip_ms: float
+    engine_ms: float | None  # None: answered without a model run
+    passes_per_token: float | None = None
+
+
+async def ask(session: Session, uri: str, position: types.Position, *, invoked: bool) -> Answer:
+    before = await session.status()
+    started = time.perf_counter()
+    answer = await session.client.text_document_inline_completion_async(
+        inline_params(uri, position, invoked=invoked)
+    )
+    round_trip_ms = (time.perf_counter() - started) * 1000
+    after = await session.status()
+    items = answer.items if isinstance(answer, types.InlineCompletionList) else []
+    ran = after["modelRuns"] > before["modelRuns"] and after["recentEngineMs"]
+    texts = [i.insert_text if isinstance(i.insert_text, str) else i.insert_text.value
+             for i in items]
+    return Answer(texts, round_trip_ms, after["recentEngineMs"][-1] if ran else None)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    text, position = cursor_position(Path(args.file).read_text(encoding="utf-8"))
+    path = Path(args.file)
+    text, position = cursor_position(path.read_text(encoding="utf-8"))
     session, result = await Session.start(
-        server_command(args.model, args.device), verbose=args.verbose
+        server_command(args.model, args.device), settings=DEMO_SETTINGS, verbose=args.verbose
     )
     try:
         initialize_ms = (time.perf_counter() - session.started) * 1000
         if result.capabilities.inline_completion_provider is None:
             raise ClientError("the server does not advertise textDocument/inlineCompletion")
-        before = await session.wait_loaded()
-        uri = Path(args.file).resolve().as_uri()
+        await session.wait_loaded()
+        # Two documents with the same text: the manual request must run the model itself, not
+        # reuse the automatic answer remembered for the first one.
+        uri = path.resolve().as_uri()
         session.open(uri, text)
-        request_started = time.perf_counter()
-        answer = await session.client.text_document_inline_completion_async(
-            inline_params(uri, position, invoked=True)
-        )
-        round_trip_ms = (time.perf_counter() - request_started) * 1000
-        after = await session.status()
+        automatic = await ask(session, uri, position, invoked=False)
+        # forwardPassesPerToken accumulates over runs: read it while this is the only one.
+        automatic.passes_per_token = (await session.status())["forwardPassesPerToken"]
+        session.open("untitled:manual-trigger.py", text)
+        manual = await ask(session, "untitled:manual-trigger.py", position, invoked=True)
+        status = await session.status()
     finally:
         await session.close()
-    ran = after["modelRuns"] > before["modelRuns"]
+    lines = text.split("\n")
+    line = lines[position.line]
+    cursor = len(line.encode("utf-16-le")[: position.character * 2].decode("utf-16-le"))
     return {
-        "items": answer.items if isinstance(answer, types.InlineCompletionList) else [],
+        "file": path,
         "position": position,
+        "stop": stop_for_cursor(line[:cursor], line[cursor:]),
         "initialize_ms": initialize_ms,
-        "round_trip_ms": round_trip_ms,
-        "engine_ms": after["recentEngineMs"][-1] if ran and after["recentEngineMs"] else None,
-        "status": after,
+        "automatic": automatic,
+        "manual": manual,
+        "status": status,
     }
 
 
+def span_lengths(stop: str, max_tokens: int) -> list[int]:
+    """The hole lengths the engine tries in one batch for this stop mode and span budget."""
+    from engine.api import CompletionRequest
+    from engine.engine import hole_lengths
+
+    return hole_lengths(CompletionRequest(prefix="", suffix="", max_tokens=max_tokens, stop=stop))
+
+
+def say(text: str, indent: str = "") -> None:
+    print(textwrap.fill(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  "))
+
+
+def print_text(text: str, label: str = "") -> None:
+    for index, line in enumerate(text.splitlines() or [""]):
+        print(f"  {label if index == 0 else ' ' * len(label)}| {line}")
+
+
 def report(outcome: dict[str, Any]) -> None:
-    status, position = outcome["status"], outcome["position"]
+    status, position, stop = outcome["status"], outcome["position"], outcome["stop"]
+    automatic, manual = outcome["automatic"], outcome["manual"]
     print(
-        f"model:      {status['model']} ({status['family']}, {status['device']}, "
+        f"model:    {status['model']} ({status['family']}, {status['device']}, "
         f"{status['dtype']}, quant {status['quant']})"
     )
-    print(f"cursor:     line {position.line + 1}, column {position.character + 1}")
-    if not outcome["items"]:
-        print("completion: (the model had no suggestion for this cursor)")
-    for index, item in enumerate(outcome["items"], 1):
-        print(f"completion {index}:")
-        for line in item.insert_text.splitlines() or [""]:
-            print(f"  | {line}")
-    engine_ms, round_trip_ms = outcome["engine_ms"], outcome["round_trip_ms"]
-    engine = f"{engine_ms:.0f} ms" if engine_ms is not None else "n/a"
-    overhead = f"{round_trip_ms - engine_ms:.1f} ms" if engine_ms is not None else "n/a"
-    print(
-        f"timings:    initialize {outcome['initialize_ms']:.0f} ms, model load "
-        f"{status['loadMs'] or 0:.0f} ms, LSP round trip {round_trip_ms:.0f} ms, "
-        f"engine {engine}, server overhead {overhead}"
+    if Path(status["model"] or "").resolve() == EMBEDDED_DIR:
+        say("the embedded demo model: it shows the pipeline working, not useful code", " " * 10)
+    say(
+        f"cursor:   {outcome['file'].name}, line {position.line + 1}, column "
+        f"{position.character + 1} (stop mode {stop}, as the editors' default `auto` picks it)"
     )
-    if status["forwardPassesPerToken"] is not None:
-        print(f"            {status['forwardPassesPerToken']} forward passes per committed token")
+    print()
+    print("Shown as you type (an automatic request: one suggestion, greedy):")
+    if automatic.texts:
+        print_text(automatic.texts[0])
+    else:
+        print("  (the model had no suggestion for this cursor)")
+    print()
+    from engine.engine import EXTRA_CANDIDATE_TEMPERATURE
+
+    say(
+        "On the manual trigger (Alt+\\ in VS Code, <C-Space> in Neovim): up to "
+        f"{Settings().num_candidates} candidates to cycle; the first is the greedy one, the others "
+        f"are sampled (temperature {EXTRA_CANDIDATE_TEMPERATURE}) with a seed taken from the code "
+        "around the cursor, so they too are the same on every run:"
+    )
+    for index, text in enumerate(manual.texts, 1):
+        print_text(text, f"{index} ")
+    if not manual.texts:
+        print("  (no candidates)")
+    print()
+    timings(outcome)
+
+
+def timings(outcome: dict[str, Any]) -> None:
+    status, stop = outcome["status"], outcome["stop"]
+    settings = Settings()
+    lengths = span_lengths(stop, settings.max_tokens)
+    line_lengths = span_lengths("line", settings.max_tokens)
+    spans = "/".join(map(str, lengths))
+    say(
+        f"Timings: start {outcome['initialize_ms']:.0f} ms, model load {status['loadMs'] or 0:.0f} "
+        f"ms. The engine denoises one batch of rows: candidates x span lengths ({spans} tokens for "
+        f"stop mode {stop}, since the length of the middle is unknown), and keeps the best row."
+    )
+    for name, answer, candidates in (
+        ("automatic", outcome["automatic"], 1),
+        ("manual", outcome["manual"], settings.num_candidates),
+    ):
+        rows = f"{candidates} x {len(lengths)} = {candidates * len(lengths)} rows"
+        if answer.engine_ms is None:
+            say(f"{name + ':':<10} {rows}; answered from a cache, no model run", "  ")
+            continue
+        overhead = answer.round_trip_ms - answer.engine_ms
+        say(
+            f"{name + ':':<10} {rows}: engine {answer.engine_ms:.0f} ms, round trip "
+            f"{answer.round_trip_ms:.0f} ms (server and protocol {overhead:.1f} ms)",
+            "  ",
+        )
+    passes = outcome["automatic"].passes_per_token
+    if passes is not None:
+        say(
+            f"The automatic run made {passes} forward passes per token of the suggestion it kept: "
+            "a pass commits every slot the model is sure enough of (at least one per row), and "
+            "the batch runs until its slowest row is decided.",
+            "  ",
+        )
+    say(
+        f"One-line holes (text after the cursor) try {'/'.join(map(str, line_lengths))} tokens "
+        "and finish sooner. Editors also wait for a pause in typing (debounce), off here.",
+        "  ",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,12 +75,12 @@ class Nvim:
         # The socket opens before init.lua runs; VimEnter marks the end of startup.
         wait_for(lambda: self._client("--remote-expr", "v:vim_did_enter") == "1", 30, "VimEnter")
 
-    def _client(self, *args: str) -> str:
+    def _client(self, *args: str, timeout: float = 30) -> str:
         proc = subprocess.run(
             [NVIM, "--server", str(self.socket), *args],
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=timeout,
             stdin=subprocess.DEVNULL,
         )
         assert proc.returncode == 0, f"nvim {' '.join(args)}: {proc.stderr}\n{self.diagnostics()}"
@@ -89,13 +89,14 @@ class Nvim:
     def send(self, keys: str) -> None:
         self._client("--remote-send", keys)
 
-    def probe(self, name: str, arg: str | None = None) -> Any:
+    def probe(self, name: str, arg: str | None = None, timeout: float = 30) -> Any:
+        """Call a read-only probe; `timeout` covers waiting for a busy Neovim to answer."""
         call = (
             f"luaeval('maskfill_test.{name}(_A)', {json.dumps(arg)})"
             if arg
             else (f"luaeval('maskfill_test.{name}()')")
         )
-        return json.loads(self._client("--remote-expr", call))
+        return json.loads(self._client("--remote-expr", call, timeout=timeout))
 
     def diagnostics(self) -> str:
         """What to show when a wait fails: nvim's output and the LSP log (server stderr)."""
@@ -146,13 +147,16 @@ def snippet_with_hole(model: Path) -> tuple[str, str, str]:
 def start_nvim(tmp_path: Path, memorized_model: Path) -> Iterator[Callable[..., Nvim]]:
     started: list[Nvim] = []
 
-    def start(text: str, *, inline: bool) -> Nvim:
+    def start(text: str, *, inline: bool, cmd: list[str] | None = None, path: str | None = None):
+        """`cmd`: the plugin's server command (default: the real server with the memorized
+        model; [] leaves the plugin's own default). `path`: PATH for Neovim."""
         file = tmp_path / "example.py"
         file.write_text(text, encoding="utf-8")
+        if cmd is None:
+            cmd = [str(SERVER), "--stdio", "--model", str(memorized_model)]
         env = {
             **os.environ,
             "MASKFILL_ROOT": str(ROOT),
-            "MASKFILL_CMD": json.dumps([str(SERVER), "--stdio", "--model", str(memorized_model)]),
             "MASKFILL_INLINE": "1" if inline else "0",
             # Keep Neovim's state (lsp.log) and data out of the user's home.
             "XDG_STATE_HOME": str(tmp_path / "state"),
@@ -160,6 +164,11 @@ def start_nvim(tmp_path: Path, memorized_model: Path) -> Iterator[Callable[..., 
             "XDG_CONFIG_HOME": str(tmp_path / "config"),
             "HF_HUB_OFFLINE": "1",
         }
+        env.pop("MASKFILL_CMD", None)
+        if cmd:
+            env["MASKFILL_CMD"] = json.dumps(cmd)
+        if path is not None:
+            env["PATH"] = path
         nvim = Nvim(tmp_path, env, file)
         started.append(nvim)
         return nvim
@@ -354,3 +363,72 @@ def test_completion_menu_opens_on_a_trigger_character(
         f"the completed line (menu was {menu!r})",
         lambda: f"buffer: {nvim.probe('buffer')}",
     )
+
+
+def path_without_the_server() -> str:
+    """This PATH less every folder that holds a `maskfill-lsp` (the venv's bin among them)."""
+    folders = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(d for d in folders if d and not (Path(d) / "maskfill-lsp").exists())
+
+
+def health_report(nvim: Nvim) -> list[str]:
+    """Run :checkhealth maskfill as a user would and return the report's lines."""
+    nvim.send("<Esc>:checkhealth maskfill<CR>")
+
+    def written() -> list[str] | None:
+        # The report appears in one go, after the install check (seconds): a probe sent
+        # meanwhile waits for Neovim, hence its long timeout.
+        lines = nvim.probe("health", timeout=180)
+        return lines if any("maskfill: server" in line for line in lines) else None
+
+    return wait_for(written, 240, "the :checkhealth maskfill report", nvim.diagnostics)
+
+
+def test_a_missing_server_executable_is_reported_with_the_fix(
+    start_nvim: Callable[..., Nvim],
+) -> None:
+    """Neovim itself skips a config whose executable is missing and says so only in lsp.log:
+    the plugin tells the user, once, with the fix; :checkhealth maskfill says it too."""
+    nvim = start_nvim("x = 1\n", inline=True, cmd=[], path=path_without_the_server())
+    assert nvim.probe("config")["cmd"] == ["maskfill-lsp", "--stdio"]  # the plugin's default
+    notes = wait_for(lambda: nvim.probe("notifications"), 30, "a notification", nvim.diagnostics)
+    assert len(notes) == 1, notes
+    (note,) = notes
+    assert note["level"] == 4  # vim.log.levels.ERROR
+    message = note["message"]
+    assert message.startswith("maskfill: maskfill-lsp is not an executable on PATH"), message
+    assert 'install maskfill (its README, "Install")' in message
+    assert "cmd = { '/path/to/venv/bin/maskfill-lsp', '--stdio' }" in message
+    assert ":checkhealth maskfill" in message
+    assert nvim.probe("attached")["clients"] == 0
+
+    report = health_report(nvim)
+    text = "\n".join(report)
+    assert "ERROR maskfill-lsp is not an executable on PATH" in text, text
+    assert "cmd = { '/path/to/venv/bin/maskfill-lsp', '--stdio' }" in text  # the advice
+    assert "not running" in text
+    # The file opened again (FileType again) does not repeat the message.
+    nvim._client("--remote-expr", "execute('tabclose | edit!')")
+    assert nvim.probe("buffer")["lines"] == ["x = 1"]
+    assert len(nvim.probe("notifications")) == 1
+
+
+def test_checkhealth_reports_the_executable_install_and_running_model(
+    start_nvim: Callable[..., Nvim], memorized_model: Path
+) -> None:
+    nvim = start_nvim("x = 1\n", inline=True)
+    wait_until_ready(nvim)
+    report = health_report(nvim)
+    text = "\n".join(report)
+    ok_lines = [ln for ln in report if "OK" in ln]
+    assert any(f"found: {SERVER}" in ln for ln in ok_lines), text
+    assert any("version: maskfill-lsp " in ln for ln in ok_lines), text
+    # The install check ran with the same --model the server got, and its lines became OK/INFO.
+    assert f"--model {memorized_model} --check" in text, text
+    assert any("torch " in ln for ln in ok_lines), text
+    assert any(f"{memorized_model}: dream" in ln for ln in ok_lines), text
+    assert any("ready: maskfill-lsp can serve completions on cpu" in ln for ln in ok_lines), text
+    if not any("cuda" in ln and "OK" in ln for ln in report):  # this machine: no CUDA
+        assert any("cuda" in ln and "not available" in ln for ln in report), text
+    assert any(f"model ready: {memorized_model} on cpu" in ln for ln in ok_lines), text
+    assert "ERROR" not in text, text

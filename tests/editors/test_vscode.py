@@ -132,7 +132,7 @@ def test_npm_network_failure_is_told_from_other_npm_failures(tmp_path: Path) -> 
 def test_vitest_suite_passes(node_modules: Path) -> None:
     proc = run("npx", "vitest", "run", "--reporter=verbose")
     # A suite that found no tests also exits 0 under some configs: insist the files ran.
-    for name in ("extension", "middleware", "serverPath", "settings", "status"):
+    for name in ("extension", "installCheck", "middleware", "serverPath", "settings", "status"):
         assert f"test/{name}.test.ts" in proc.stdout, proc.stdout
 
 

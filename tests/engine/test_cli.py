@@ -130,3 +130,28 @@ def test_bench_refuses_an_unusable_device_with_one_line(device):
     proc = subprocess.run([sys.executable, "-m", "engine", "bench", "--device", device],
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert_one_clean_line(proc, "device")
+
+
+@pytest.mark.parametrize(
+    ("line", "col", "stop"),
+    [
+        (2, 11, "line"),  # "    return| a + b": text after the cursor -> the rest of the line
+        (3, 0, "block"),  # the empty line -> a block
+        (2, 16, "line"),  # the end of a written line -> the next line
+    ],
+)
+def test_stop_auto_is_the_default_and_decides_as_the_server_does(
+    source_file, memorized_model, line, col, stop
+):
+    proc = run_cli("--model", str(memorized_model), "--file", str(source_file),
+                   "--line", str(line), "--col", str(col), "--max-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"stop mode: {stop} (auto)"
+
+
+def test_help_names_the_stop_default_and_the_column_base():
+    proc = subprocess.run([sys.executable, "-m", "engine", "complete", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    text = " ".join(proc.stdout.split())
+    assert "{auto,line,block,free}" in text and "default: auto" in text
+    assert "COL is 0-based" in text and "VS Code's 'Col 9' is --col 8" in text

@@ -150,3 +150,29 @@ def test_the_cache_key_holds_every_setting_that_changes_the_answer():
         )
     }
     assert len(keys) == 6
+
+
+async def submitted_request(text: str, line: int, character: int):
+    """The request a fresh service (as after a server restart) sends the model."""
+    worker = OneJobWorker()
+    settings = Settings(debounce_min_ms=0, debounce_max_ms=0)
+    pipeline = CompletionService(worker, lambda: settings)  # type: ignore[arg-type]
+    document, snap = snapshot(text, line, character)
+    pending = asyncio.ensure_future(pipeline.suggest(snap, document, invoked=True))
+    while worker.job is None:
+        await asyncio.sleep(0)
+    worker.job.future.set_result(finished("return x"))
+    await pending
+    return worker.job.request
+
+
+async def test_manual_candidates_are_seeded_by_their_context():
+    """Extra candidates are sampled: the seed comes from the context, so the same code and
+    cursor get the same candidates after a restart, and other code gets other draws."""
+    first = await submitted_request("def f(x):\n    \n", 1, 4)
+    again = await submitted_request("def f(x):\n    \n", 1, 4)
+    other = await submitted_request("def g(y):\n    \n", 1, 4)
+    assert first.num_candidates == 3 and first.temperature == 0.0
+    assert first.seed is not None and 0 <= first.seed < 2**62
+    assert again.seed == first.seed
+    assert other.seed != first.seed

@@ -1,6 +1,7 @@
 // What the status bar item says. vscode-free: the extension copies `view()` onto the item.
 
-export type Phase = "starting" | "loading" | "ready" | "error" | "stopped";
+// "off": maskfill.enabled is false, so no server was started in this window.
+export type Phase = "off" | "starting" | "loading" | "ready" | "error" | "stopped";
 
 export interface StatusView {
   text: string; // with a $(codicon) prefix
@@ -27,6 +28,12 @@ export class StatusTracker {
   view(): StatusView {
     const detail = this.detail ? `\n${this.detail}` : "";
     switch (this.phase) {
+      case "off":
+        return {
+          text: "$(circle-slash) maskfill off",
+          tooltip: "maskfill: turned off (maskfill.enabled); the server starts when it is turned on",
+          isError: false,
+        };
       case "starting":
         return {
           text: "$(loading~spin) maskfill",

@@ -14,6 +14,10 @@ const h = vi.hoisted(() => {
     configListeners: [] as ((e: { affectsConfiguration: (s: string) => boolean }) => unknown)[],
     errors: [] as string[],
     warnings: [] as string[],
+    infos: [] as string[],
+    offered: [] as string[][], // the buttons of each message, in order
+    choice: undefined as string | undefined, // the button the "user" clicks
+    executed: [] as unknown[][], // commands run through vscode.commands.executeCommand
     updates: [] as [string, unknown, unknown][],
     clients: [] as FakeClient[],
     statusReply: { loadState: "ready", model: "/m/tiny", device: "cpu", quant: "none" } as unknown,
@@ -43,7 +47,10 @@ const h = vi.hoisted(() => {
       state.clients.push(this);
     }
     async start() {
-      if (state.startError) throw state.startError;
+      if (state.startError) {
+        this.state = 1; // a client that failed to start is Stopped
+        throw state.startError;
+      }
     }
     needsStop() {
       return !this.stopped;
@@ -79,22 +86,35 @@ vi.mock("vscode", () => ({
   ThemeColor: class {
     constructor(public id: string) {}
   },
+  Uri: {
+    joinPath: (base: { path: string }, ...parts: string[]) => ({ path: [base.path, ...parts].join("/") }),
+  },
   window: {
     createOutputChannel: () => h.state.log,
     createStatusBarItem: () => h.state.item,
-    showErrorMessage: async (message: string) => {
+    showErrorMessage: async (message: string, ...items: string[]) => {
       h.state.errors.push(message);
-      return undefined;
+      h.state.offered.push(items);
+      return h.state.choice;
     },
-    showWarningMessage: async (message: string) => {
+    showWarningMessage: async (message: string, ...items: string[]) => {
       h.state.warnings.push(message);
-      return undefined;
+      h.state.offered.push(items);
+      return h.state.choice;
+    },
+    showInformationMessage: async (message: string, ...items: string[]) => {
+      h.state.infos.push(message);
+      h.state.offered.push(items);
+      return h.state.choice;
     },
   },
   commands: {
     registerCommand: (name: string, fn: (...args: unknown[]) => unknown) => {
       h.state.commands.set(name, fn);
       return { dispose() {} };
+    },
+    executeCommand: async (...args: unknown[]) => {
+      h.state.executed.push(args);
     },
   },
   workspace: {
@@ -130,7 +150,9 @@ import { activate, deactivate } from "../src/extension";
 const STATUS = "maskfill/didChangeStatus";
 let dir: string;
 let server: string;
-const context = () => ({ subscriptions: [] as unknown[] }) as never;
+const EXTENSION_URI = { path: "/ext/maskfill" };
+const context = () => ({ subscriptions: [] as unknown[], extensionUri: EXTENSION_URI }) as never;
+const manifest = () => JSON.parse(fs.readFileSync(path.join(__dirname, "..", "package.json"), "utf8"));
 const changeConfig = async () => {
   for (const fn of h.state.configListeners) await fn({ affectsConfiguration: (s) => s === "maskfill" });
 };
@@ -146,6 +168,10 @@ beforeEach(() => {
     config: { serverPath: server, model: "/models/tiny", device: "cuda", quant: "int8", enabled: true },
     errors: [],
     warnings: [],
+    infos: [],
+    offered: [],
+    choice: undefined,
+    executed: [],
     updates: [],
     clients: [],
     configListeners: [],
@@ -195,16 +221,17 @@ describe("activate", () => {
   it("registers restart, toggle, show log and server status commands", async () => {
     await activate(context());
     expect([...h.state.commands.keys()].sort()).toEqual([
+      "maskfill.checkInstall",
       "maskfill.restartServer",
       "maskfill.showLog",
       "maskfill.showServerStatus",
       "maskfill.toggleCompletions",
+      "maskfill.triggerSuggestion",
     ]);
     h.state.commands.get("maskfill.showLog")!();
     expect(h.state.log.show).toHaveBeenCalled();
     // The command palette lists exactly these (package.json contributes.commands).
-    const manifest = JSON.parse(fs.readFileSync(path.join(__dirname, "..", "package.json"), "utf8"));
-    const contributed = manifest.contributes.commands.map((c: { command: string }) => c.command);
+    const contributed = manifest().contributes.commands.map((c: { command: string }) => c.command);
     expect(contributed.sort()).toEqual([...h.state.commands.keys()].sort());
   });
 
@@ -215,12 +242,18 @@ describe("activate", () => {
     expect(h.state.log.show).toHaveBeenCalled();
   });
 
-  it("says plainly when the server cannot be found", async () => {
+  it("says plainly when the server cannot be found, and offers the install guide", async () => {
     h.state.config.serverPath = path.join(dir, "missing-lsp");
+    h.state.choice = "Install Guide";
     await activate(context());
     expect(h.state.clients).toHaveLength(0);
     expect(h.state.errors[0]).toContain("missing-lsp");
     expect(h.state.errors[0]).toContain("not an executable file");
+    expect(h.state.offered[0]).toEqual(["Install Guide", "Set Server Path", "Show Log"]);
+    // The guide is the README shipped inside the extension, opened as a rendered preview.
+    await vi.waitFor(() =>
+      expect(h.state.executed).toContainEqual(["markdown.showPreview", { path: "/ext/maskfill/README.md" }]),
+    );
     expect(h.state.item.text).toBe("$(error) maskfill");
     // The tooltip says "click for the log": the click runs the show-log command.
     expect(h.state.item.tooltip).toContain("click for the log");
@@ -296,6 +329,68 @@ describe("commands and settings", () => {
     expect(h.state.clients).toHaveLength(2);
     expect(h.state.clients[1].serverOptions.command).toBe(other);
     expect(h.state.clients[0].notifications).toHaveLength(0);
+  });
+
+  it("starts no server while maskfill.enabled is false, and starts it when it turns true", async () => {
+    h.state.config.enabled = false;
+    await activate(context());
+    expect(h.state.clients).toHaveLength(0);
+    expect(h.state.item.text).toBe("$(circle-slash) maskfill off");
+    expect(h.state.errors).toEqual([]);
+    h.state.config.model = "/models/other"; // other changes while off start nothing either
+    await changeConfig();
+    expect(h.state.clients).toHaveLength(0);
+
+    h.state.config.enabled = true;
+    await changeConfig();
+    expect(h.state.clients).toHaveLength(1);
+    expect(h.state.clients[0].clientOptions.initializationOptions).toMatchObject({
+      enabled: true,
+      model: "/models/other",
+    });
+    expect(h.state.item.text).toBe("$(loading~spin) maskfill");
+  });
+
+  it("contributes Alt+\\ for the manual trigger, which asks VS Code for an Invoke request", async () => {
+    const bindings = manifest().contributes.keybindings as { command: string; key: string; when: string }[];
+    const trigger = bindings.find((b) => b.command === "maskfill.triggerSuggestion");
+    expect(trigger).toMatchObject({ key: "alt+\\" });
+    expect(trigger!.when).toContain("config.maskfill.enabled"); // when off, the key stays VS Code's
+    await activate(context());
+    await h.state.commands.get("maskfill.triggerSuggestion")!();
+    expect(h.state.executed).toEqual([["editor.action.inlineSuggest.trigger"]]);
+  });
+
+  it("the manual trigger says why nothing can answer instead of showing nothing", async () => {
+    h.state.config.enabled = false;
+    h.state.choice = "Turn On";
+    await activate(context());
+    await h.state.commands.get("maskfill.triggerSuggestion")!();
+    expect(h.state.infos).toEqual(["maskfill is turned off here."]);
+    await vi.waitFor(() => expect(h.state.executed).toEqual([["maskfill.toggleCompletions"]]));
+
+    h.state.config.enabled = true;
+    h.state.startError = new Error("spawn EACCES");
+    h.state.choice = undefined;
+    await changeConfig();
+    await h.state.commands.get("maskfill.triggerSuggestion")!();
+    expect(h.state.warnings).toEqual(["maskfill: the server did not start: spawn EACCES"]);
+    expect(h.state.offered.at(-1)).toEqual(["Restart Server", "Show Log"]);
+  });
+
+  it("Check Install runs maskfill-lsp --check with the window's settings and reports it", async () => {
+    fs.writeFileSync(
+      server,
+      "#!/bin/sh\necho \"args: $*\"\necho 'FAIL  cuda      not available'\nexit 1\n",
+      { mode: 0o755 },
+    );
+    await activate(context());
+    await h.state.commands.get("maskfill.checkInstall")!();
+    expect(h.state.log.info).toHaveBeenCalledWith(
+      "args: --check --model /models/tiny --device cuda --quant int8",
+    );
+    expect(h.state.warnings).toEqual(["maskfill: FAIL cuda not available"]);
+    expect(h.state.offered.at(-1)).toEqual(["Show Log"]);
   });
 
   it("deactivate stops the client", async () => {

@@ -20,6 +20,13 @@ describe("StatusTracker", () => {
     expect(s.view().tooltip).toContain("Cannot find maskfill-lsp");
   });
 
+  it("says when no server runs because maskfill is turned off", () => {
+    const s = new StatusTracker();
+    s.setPhase("off");
+    expect(s.view()).toMatchObject({ isError: false, text: "$(circle-slash) maskfill off" });
+    expect(s.view().tooltip).toContain("the server starts when it is turned on");
+  });
+
   it("says when completions are off", () => {
     const s = new StatusTracker();
     s.setPhase("ready");

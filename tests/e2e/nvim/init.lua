@@ -6,8 +6,17 @@ vim.opt.runtimepath:prepend(root .. '/editors/neovim')
 vim.opt.swapfile = false
 vim.opt.shortmess:append('I')
 
+-- Every vim.notify message, as the user would have seen it (the plugin's own reports).
+local notifications = {}
+local notify = vim.notify
+vim.notify = function(message, level, opts)
+  table.insert(notifications, { message = message, level = level or vim.log.levels.INFO })
+  return notify(message, level, opts)
+end
+
 require('maskfill').setup({
-  cmd = vim.json.decode((assert(vim.env.MASKFILL_CMD, 'MASKFILL_CMD is not set'))),
+  -- Unset: the plugin's default command (maskfill-lsp on PATH).
+  cmd = vim.env.MASKFILL_CMD and vim.json.decode(vim.env.MASKFILL_CMD) or nil,
   inline = vim.env.MASKFILL_INLINE ~= '0',
   -- No engine deadline: on a busy CI machine a 3 s deadline would cut the denoising short and
   -- the memorized text would come out partial, depending on load rather than on the code.
@@ -92,6 +101,17 @@ _G.maskfill_test = {
     local lsp_item = item and vim.tbl_get(item, 'user_data', 'nvim', 'lsp', 'completion_item')
     local edit = lsp_item and lsp_item.textEdit
     return vim.json.encode(edit and edit.newText or vim.NIL)
+  end,
+  notifications = function()
+    return vim.json.encode(notifications)
+  end,
+  -- The lines of the :checkhealth report buffer, or [] while there is none.
+  health = function()
+    local bufnr = vim.fn.bufnr('health://')
+    if bufnr == -1 then
+      return vim.json.encode({})
+    end
+    return vim.json.encode(vim.api.nvim_buf_get_lines(bufnr, 0, -1, false))
   end,
   buffer = function()
     return vim.json.encode({

@@ -234,6 +234,67 @@ function M.attach(client, bufnr, opts)
   end
 end
 
+-- The server command in effect: setup()'s, else the vim.lsp config's (lsp/maskfill-lsp.lua).
+function M.server_cmd()
+  if M.options then
+    return M.options.cmd
+  end
+  local config = vim.lsp.config and vim.lsp.config[NAME]
+  return config and config.cmd or M.defaults.cmd
+end
+
+-- The full path of the server executable `cmd` runs, or nil when there is none.
+function M.executable(cmd)
+  if type(cmd) ~= 'table' or type(cmd[1]) ~= 'string' then
+    return nil
+  end
+  local path = vim.fn.exepath(cmd[1])
+  return path ~= '' and path or nil
+end
+
+-- Why the server cannot start when its executable is missing, and the fixes.
+function M.missing_executable_problem(cmd)
+  local name = type(cmd) == 'table' and tostring(cmd[1]) or tostring(cmd)
+  if name:find('[/\\]') then
+    return name .. ' (the cmd given to setup()) is not an executable file'
+  end
+  return name .. ' is not an executable on PATH'
+end
+M.MISSING_EXECUTABLE_FIXES = {
+  'install maskfill (its README, "Install") so that maskfill-lsp is on PATH',
+  "or give setup() its full path: require('maskfill').setup({ cmd = { "
+    .. "'/path/to/venv/bin/maskfill-lsp', '--stdio' } })",
+}
+
+-- Neovim skips a config whose executable is missing without a word (only lsp.log says it), so
+-- say it once, when a file that would have started the server opens. True when it exists.
+local function executable_or_warn(opts)
+  if type(opts.cmd) ~= 'table' or M.executable(opts.cmd) then
+    return true
+  end
+  if not M.missing_reported then
+    M.missing_reported = true
+    local message = ('maskfill: %s, so there are no completions. Fix: %s; %s. Details: '
+      .. ':checkhealth maskfill'):format(
+      M.missing_executable_problem(opts.cmd),
+      M.MISSING_EXECUTABLE_FIXES[1],
+      M.MISSING_EXECUTABLE_FIXES[2]
+    )
+    -- Deferred: an error-level message raised inside a FileType autocmd would abort the
+    -- other FileType handlers (ftplugins, syntax) for that buffer.
+    vim.schedule(function()
+      vim.notify(message, vim.log.levels.ERROR)
+    end)
+  end
+  return false
+end
+
+local function serves_buffer(opts, bufnr)
+  local filetype = vim.bo[bufnr].filetype
+  local ft_ok = not opts.filetypes or vim.tbl_contains(opts.filetypes, filetype)
+  return ft_ok and vim.bo[bufnr].buftype == ''
+end
+
 -- Runs a server command (maskfill.status, maskfill.toggle); returns its result or nil, error.
 function M.exec(command, timeout_ms)
   local client = vim.lsp.get_clients({ name = NAME, bufnr = 0 })[1]
@@ -267,6 +328,8 @@ end
 
 function M.setup(opts)
   opts = merge_options(opts)
+  M.options = opts -- for :checkhealth maskfill
+  M.missing_reported = false
   local config = M.lsp_config(opts)
   local group = vim.api.nvim_create_augroup('maskfill', { clear = true })
 
@@ -283,13 +346,19 @@ function M.setup(opts)
   if vim.lsp.config then -- 0.11+
     vim.lsp.config(NAME, config)
     vim.lsp.enable(NAME)
+    vim.api.nvim_create_autocmd('FileType', {
+      group = group,
+      callback = function(args)
+        if serves_buffer(opts, args.buf) then
+          executable_or_warn(opts)
+        end
+      end,
+    })
   else -- 0.10: start it for each file buffer ourselves
     vim.api.nvim_create_autocmd('FileType', {
       group = group,
       callback = function(args)
-        local filetype = vim.bo[args.buf].filetype
-        local ft_ok = not opts.filetypes or vim.tbl_contains(opts.filetypes, filetype)
-        if ft_ok and vim.bo[args.buf].buftype == '' then
+        if serves_buffer(opts, args.buf) and executable_or_warn(opts) then
           local root = vim.fs.root(args.buf, opts.root_markers)
           vim.lsp.start(vim.tbl_extend('force', config, { name = NAME, root_dir = root }))
         end
