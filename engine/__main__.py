@@ -1,4 +1,4 @@
-"""Command line: `python -m engine complete ...` and `python -m engine bench ...`.
+"""Command line: `python -m engine complete ...`, `... bench ...` and `... serve ...`.
 
 Every failure a user can cause (missing or corrupt checkpoint, bad position, unreadable
 file, a model that does not fit) ends in one line on stderr and a non-zero exit, never a traceback.
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from engine.api import CompletionRequest, EngineError
+from engine.service.cli import add_serve_parser, run_serve
 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # beyond this a "source file" is not something we complete in
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     b.add_argument("--skip-server", action="store_true", help="engine figures only")
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    add_serve_parser(sub)
     return parser
 
 
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "complete":
             return run_complete(args)
+        if args.command == "serve":
+            return run_serve(args)
         from engine.bench import run_bench
 
         return run_bench(device=args.device, quick=args.quick, with_server=not args.skip_server)
