@@ -45,18 +45,26 @@ class FimRequest(msgspec.Struct, kw_only=True):
     stream: bool = False
 
 
-def _error(status: type[web.HTTPException], message: str, kind: str = "invalid_request_error",
-           **headers: str) -> web.HTTPException:
-    body = msgspec.json.encode({"error": {"message": message, "type": kind}})
-    return status(body=body, content_type="application/json", headers=headers or None)
+class ApiError(Exception):
+    """Answered by the middleware as {"error": {"message", "type"}}, OpenAI style."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error",
+           **headers: str) -> ApiError:
+    return ApiError(status, message, kind, headers or None)
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
     strings = [stop] if isinstance(stop, str) else list(stop or [])
     if len(strings) > MAX_STOP_SEQUENCES:
-        raise _error(web.HTTPBadRequest, f"stop: at most {MAX_STOP_SEQUENCES} sequences")
+        raise _error(400, f"stop: at most {MAX_STOP_SEQUENCES} sequences")
     if any(not s for s in strings):
-        raise _error(web.HTTPBadRequest, "stop: sequences must not be empty")
+        raise _error(400, "stop: sequences must not be empty")
     return strings
 
 
@@ -106,12 +114,20 @@ class FimApi:
         self._peers: dict[str, int] = {}  # one scheduler client per peer address: fair turns
 
     @web.middleware
+    async def errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            body = {"error": {"message": exc.message, "type": exc.kind}}
+            return web.json_response(body, status=exc.status, headers=exc.headers)
+
+    @web.middleware
     async def auth(self, request: web.Request, handler):
         if request.path != "/health":
             offered = request.headers.get("Authorization", "")
             scheme, _, token = offered.partition(" ")
             if scheme.lower() != "bearer" or not self.service.token_ok(token.strip()):
-                raise _error(web.HTTPUnauthorized, "missing or wrong token (send "
+                raise _error(401, "missing or wrong token (send "
                              "`Authorization: Bearer <token>`; the token is in the engine's "
                              "token file)", "authentication_error",
                              **{"WWW-Authenticate": "Bearer"})
@@ -129,25 +145,23 @@ class FimApi:
 
     async def fim(self, request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
-            raise _error(web.HTTPRequestEntityTooLarge,
-                         f"body of {request.content_length} bytes is over the "
+            raise _error(413, f"body of {request.content_length} bytes is over the "
                          f"{self.max_body_bytes}-byte limit")
         try:
             raw = await request.read()  # aiohttp stops reading past client_max_size
         except web.HTTPRequestEntityTooLarge:
-            raise _error(web.HTTPRequestEntityTooLarge,
-                         f"body is over the {self.max_body_bytes}-byte limit") from None
+            raise _error(413, f"body is over the {self.max_body_bytes}-byte limit") from None
         try:
             body = msgspec.json.decode(raw, type=FimRequest)
         except msgspec.DecodeError as exc:
-            raise _error(web.HTTPBadRequest, f"bad request body: {exc}") from None
+            raise _error(400, f"bad request body: {exc}") from None
         if body.stream:
-            raise _error(web.HTTPBadRequest, "stream: streaming is not supported; send "
+            raise _error(400, "stream: streaming is not supported; send "
                          "stream=false")
         stops = stop_strings(body.stop)
         scheduler = self.service.scheduler
         if scheduler.state != "ready":
-            raise _error(web.HTTPServiceUnavailable, f"the model is {scheduler.state}"
+            raise _error(503, f"the model is {scheduler.state}"
                          + (f": {scheduler.error}" if scheduler.error else ""), "server_error")
         result = await self._run(request, to_engine_request(body, stops))
         model = scheduler.info.model if scheduler.info else "maskfill"
@@ -178,19 +192,18 @@ class FimApi:
             self.service.http_in_flight -= 1
             self.service.touch()
         if error is not None:
-            status = web.HTTPBadRequest if error.startswith("bad completion request") else (
-                web.HTTPInternalServerError)
-            raise _error(status, error, "invalid_request_error" if status is
-                         web.HTTPBadRequest else "server_error")
+            if error.startswith("bad completion request"):
+                raise _error(400, error)
+            raise _error(500, error, "server_error")
         if result is None:
-            raise _error(web.HTTPServiceUnavailable, "the request was dropped (engine shutting "
+            raise _error(503, "the request was dropped (engine shutting "
                          "down)", "server_error")
         return result
 
 
 def build_app(service: EngineService, max_body_bytes: int = 1024 * 1024) -> web.Application:
     api = FimApi(service, max_body_bytes)
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[api.auth])
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[api.errors, api.auth])
     app.router.add_post("/v1/fim/completions", api.fim)
     app.router.add_get("/health", api.health)
     app.router.add_get("/metrics", api.metrics)

@@ -207,11 +207,13 @@ class FairScheduler:
         try:
             self._load_engine()
             while self.state == "ready" and (job := self._next()) is not None:
+                outcome: tuple[CompletionResult | None, str | None] = (None, "internal error")
                 try:
-                    self._complete(job)
+                    outcome = self._complete(job)
                 finally:
                     with self._lock:
-                        self._running = None
+                        self._running = None  # before answering: status must not lag it
+                    _answer(job, *outcome)
         finally:
             if self._engine is not None:
                 try:
@@ -235,10 +237,10 @@ class FairScheduler:
         finally:
             self._ready.set()
 
-    def _complete(self, job: Job) -> None:
-        if job.cancel.is_set():
-            self._drop(job)  # flagged jobs never reach the model
-            return
+    def _complete(self, job: Job) -> tuple[CompletionResult | None, str | None]:
+        if job.cancel.is_set():  # flagged jobs never reach the model
+            self.stats.record_outcome("dropped")
+            return None, None
         assert self._engine is not None
         started = time.perf_counter()
         try:
@@ -246,8 +248,7 @@ class FairScheduler:
         except Exception as exc:  # one bad request must not take the model thread down
             self.stats.record_outcome("error")
             log.warning("completion failed: %s", exc)
-            _answer(job, None, _one_line(exc))
-            return
+            return None, _one_line(exc)
         seconds = time.perf_counter() - started
         s = result.stats
         if s.cancelled or job.cancel.is_set():
@@ -259,7 +260,7 @@ class FairScheduler:
             if cache_key is not None and not s.timed_out:
                 self.stats.record_cache(False)
                 self.cache.put(cache_key, result)
-        _answer(job, result, None)
+        return result, None
 
 
 def _answer(job: Job, result: CompletionResult | None, error: str | None) -> None:
