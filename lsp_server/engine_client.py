@@ -123,12 +123,6 @@ class SharedEngine:
         assert self._info is not None
         return self._info
 
-    def status(self) -> dict[str, Any]:
-        connection = self._connection
-        if connection is None or not connection.alive:
-            return {"engineState": "disconnected"}
-        return connection.status().stats
-
     def close(self) -> None:
         """Leave the engine running for the other windows; it exits once idle."""
         if self._connection is not None:

@@ -90,7 +90,10 @@ def run_serve(args: argparse.Namespace) -> int:
                               "pip install 'maskfill[serve]'") from None
     from engine.service.server import serve
 
-    return asyncio.run(serve(options))
+    try:
+        return asyncio.run(serve(options))
+    except OSError as exc:  # a port in use, a folder we may not write
+        raise EngineError(f"cannot serve: {exc}") from None
 
 
 def _embedded_model() -> str | None:

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from engine.api import CompletionRequest, CompletionResult, CompletionStats, EngineError
@@ -145,7 +146,7 @@ class EngineConnection:
         self._send(StatusQuery(id=job_id))
         try:
             return future.result(timeout)
-        except TimeoutError:
+        except FutureTimeout:
             self._forget(job_id)
             raise EngineError(f"the engine did not answer status within {timeout:.0f} s") from None
 

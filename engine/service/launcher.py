@@ -31,6 +31,8 @@ class EngineLocation:
     """Where one model+device+quant's engine lives in a runtime folder."""
 
     def __init__(self, model: str, device: str, quant: str, folder: Path | None = None):
+        if Path(model).exists():  # the engine runs in another folder: no relative paths
+            model = str(Path(model).resolve())
         self.model, self.device, self.quant = model, device, quant
         self.folder = paths.private_dir(folder or paths.runtime_dir())
         key = paths.engine_key(model, device, quant)

@@ -346,8 +346,11 @@ async def _serve_unix(service: EngineService, path: Path, closers: list) -> str:
     paths.private_dir(path.parent)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # we hold the lock: whatever is there is a dead engine's socket
-    server = await asyncio.start_unix_server(
-        lambda r, w: service.connection(r, w, needs_token=False), path=str(path))
+    try:
+        server = await asyncio.start_unix_server(
+            lambda r, w: service.connection(r, w, needs_token=False), path=str(path))
+    except OSError as exc:  # e.g. a path over the ~100-byte limit of Unix sockets
+        raise EngineError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     os.chmod(path, 0o600)
     closers.append(server)
     return str(path)
