@@ -147,6 +147,11 @@ class FairScheduler:
             if self._running is not None and self._running.client == client:
                 self._running.cancel.set()
 
+    @property
+    def busy(self) -> bool:
+        """Whether the model thread is running a job right now."""
+        return self._running is not None
+
     def queue_depth(self) -> int:
         with self._lock:
             return sum(len(q) for q in self._queues.values()) + (self._running is not None)

@@ -143,7 +143,8 @@ class EngineService:
             "error": s.error,
             "info": msgspec.to_builtins(s.info) if s.info else None,
             "clients": sorted(self.clients.values()),
-            "queueDepth": s.queue_depth(),
+            "queueDepth": s.queue_depth(),  # queued + running
+            "running": s.busy,
             "residentBytes": self.resident_bytes(),
             "uptimeS": round(time.monotonic() - self.started, 1),
             **s.stats.snapshot(),

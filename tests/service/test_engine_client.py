@@ -57,7 +57,7 @@ def test_worker_in_shared_mode_serves_and_cancels_across_the_socket(slow_model, 
         assert worker.state == "ready", worker.error
         assert worker.info.family == "dream" and worker.info.weight_bytes > 0
         first = worker.submit("file:///a.py", slow_request())
-        wait_for(lambda: engine_stats(slow_model)["queueDepth"] == 1, "the job to run")
+        wait_for(lambda: engine_stats(slow_model)["running"], "the job to run")
         second = worker.submit("file:///a.py", CompletionRequest(prefix="x = ", suffix="",
                                                                  max_tokens=4))
         assert first.future.result(60).stats.cancelled  # newest wins, stopped in the engine
@@ -81,7 +81,7 @@ def test_an_engine_killed_mid_request_is_restarted_for_the_next(slow_model, runt
                 outcome.set_exception(exc)
 
         threading.Thread(target=run).start()
-        wait_for(lambda: engine_stats(slow_model)["queueDepth"] == 1, "the job to run")
+        wait_for(lambda: engine_stats(slow_model)["running"], "the job to run")
         os.kill(first_pid, signal.SIGKILL)
         with pytest.raises(EngineError, match="shared engine stopped"):
             outcome.result(60)
@@ -188,7 +188,7 @@ def test_remote_cancel_hangs_up_and_the_engine_stops_the_job(slow_model):
         outcome: Future = Future()
         threading.Thread(target=lambda: outcome.set_result(
             engine.complete(slow_request(), cancel))).start()
-        wait_for(lambda: server.scheduler.queue_depth() == 1, "the job to run")
+        wait_for(lambda: server.scheduler.busy, "the job to run")
         cancel.set()
         assert outcome.result(60).stats.cancelled
         wait_for(lambda: server.scheduler.stats.outcomes["cancelled"] == 1, "the engine stop")

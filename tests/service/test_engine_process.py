@@ -28,7 +28,7 @@ LOAD_S = 180.0
 def running_job(connection: EngineConnection, deadline_s: float = 60.0) -> None:
     """Wait until the engine's model thread holds a job."""
     deadline = time.monotonic() + deadline_s
-    while connection.status().stats["queueDepth"] == 0:
+    while not connection.status().stats["running"]:
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(0.01)
 
