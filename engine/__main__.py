@@ -1,4 +1,4 @@
-"""Command line: `python -m engine complete ...` and `python -m engine bench ...`.
+"""Command line: `python -m engine complete ...`, `... bench ...` and `... serve ...`.
 
 Every failure a user can cause (missing or corrupt checkpoint, bad position, unreadable
 file, a model that does not fit) ends in one line on stderr and a non-zero exit, never a traceback.
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from engine.api import CompletionRequest, EngineError
+from engine.service.cli import add_serve_parser, run_serve
 from engine.stop_modes import stop_for_cursor
 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # beyond this a "source file" is not something we complete in
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated quant modes for --shape (default: all; fp8 needs "
                    "an sm89+ GPU)")
     b.add_argument("--skip-ar", action="store_true", help="--shape: no autoregressive peer")
+    add_serve_parser(sub)
     return parser
 
 
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "complete":
             return run_complete(args)
+        if args.command == "serve":
+            return run_serve(args)
         if args.shape is not None:
             from engine.bench_shapes import main_shape_bench
 

@@ -32,6 +32,7 @@ from lsp_server.documents import (
     take_snapshot,
     utf8_size_over,
 )
+from lsp_server.engine_client import resolve_mode
 from lsp_server.protocol import client_has_inline_completion, completion_list, inline_items
 from lsp_server.settings import SETTINGS_SECTION, Settings, parse_settings
 from lsp_server.worker import EngineWorker, Loader, LoadSpec, load_engine
@@ -43,7 +44,8 @@ SERVER_VERSION = "0.1.0"
 STATUS_COMMAND = "maskfill.status"
 TOGGLE_COMMAND = "maskfill.toggle"
 STATUS_NOTIFICATION = "maskfill/didChangeStatus"  # busy/ready state, like Copilot's
-_ENGINE_KEYS = ("model", "device", "quant", "fallback_device")
+_ENGINE_KEYS = ("model", "device", "quant", "fallback_device", "engine_mode", "engine_endpoint",
+                "engine_token_file", "engine_idle_exit_s")
 # Characters after which clients using textDocument/completion ask us again; newest-wins and
 # the debounce keep these from flooding the model.
 TRIGGER_CHARACTERS = [".", "(", " ", ":", "=", ","]
@@ -122,7 +124,9 @@ class MaskfillServer(LanguageServer):
         s = self.settings
         self.worker.load(
             LoadSpec(
-                model=s.model, device=s.device, quant=s.quant, fallback_device=s.fallback_device
+                model=s.model, device=s.device, quant=s.quant, fallback_device=s.fallback_device,
+                mode=s.engine_mode, endpoint=s.engine_endpoint, token_file=s.engine_token_file,
+                idle_exit_s=s.engine_idle_exit_s,
             )
         )
         self.notify_status()
@@ -260,6 +264,7 @@ class MaskfillServer(LanguageServer):
             "loadMs": info.load_ms if info else None,
             "error": self.worker.error,
             "enabled": s.enabled,
+            "engineMode": resolve_mode(s.engine_mode, s.device),
             "requests": self.service.requests,
             "cacheHits": self.service.cache.hits,
             "typedThroughHits": self.service.typed.hits,

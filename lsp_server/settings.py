@@ -15,6 +15,7 @@ import msgspec
 from engine.api import QuantMode
 
 StopSetting = Literal["auto", "line", "block", "free"]
+EngineMode = Literal["auto", "inprocess", "shared", "remote"]
 Device = Annotated[str, msgspec.Meta(pattern=r"^(cpu|cuda(:\d+)?|mps)$")]
 
 SETTINGS_SECTION = "maskfill"  # clients may nest our settings under this key
@@ -41,6 +42,11 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     cache_size: Annotated[int, msgspec.Meta(ge=0)] = 256  # exact-context LRU entries
     # Larger documents get an empty answer at once: no scan of a huge file on the request path.
     max_document_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1_000_000
+    # auto: one shared engine process on a GPU, the model in this process on CPU (README).
+    engine_mode: EngineMode = "auto"
+    engine_endpoint: str | None = None  # remote: http(s) URL; shared: unix:/path or tcp://h:p
+    engine_token_file: str | None = None  # token for TCP/HTTP; must be private to the user
+    engine_idle_exit_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
 
     def serves(self, language_id: str | None) -> bool:
         return not self.languages or (language_id or "") in self.languages

@@ -52,6 +52,10 @@ class LoadSpec:
     device: str = "cpu"
     quant: QuantMode = "none"
     fallback_device: str | None = None
+    mode: str = "inprocess"  # auto | inprocess | shared | remote (lsp_server/engine_client.py)
+    endpoint: str | None = None
+    token_file: str | None = None
+    idle_exit_s: float = 300.0  # an auto-started shared engine's wait after its last client
 
 
 Loader = Callable[[LoadSpec], EngineLike]
@@ -74,7 +78,12 @@ def default_model_path() -> str | None:
 
 
 def load_engine(spec: LoadSpec) -> EngineLike:
-    """The real loader: imports the engine (and torch) lazily, on the worker thread."""
+    """The real loader: imports the engine (and torch) lazily, on the worker thread; or, in
+    the shared and remote modes, connects to an engine in another process."""
+    from lsp_server.engine_client import make_engine, resolve_mode
+
+    if resolve_mode(spec.mode, spec.device) != "inprocess":
+        return make_engine(spec)
     model = spec.model or default_model_path()
     if model is None:
         raise NoModelConfigured(

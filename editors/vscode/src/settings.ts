@@ -23,6 +23,10 @@ export const SERVER_SETTING_KEYS = [
   "languages",
   "cacheSize",
   "maxDocumentBytes",
+  "engineMode",
+  "engineEndpoint",
+  "engineTokenFile",
+  "engineIdleExitS",
 ] as const;
 
 export type ServerSettingKey = (typeof SERVER_SETTING_KEYS)[number];

@@ -1,0 +1,105 @@
+"""`maskfill-engine serve`: arguments and start-up of the shared engine process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from engine.api import EngineError
+from engine.service import paths
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser(
+        "serve", help="keep one model resident for every editor window (and HTTP clients)",
+        description="Serve completions from one resident model over a private Unix socket "
+        "(what maskfill-lsp connects to), optionally over loopback TCP and an HTTP FIM API. "
+        "TCP and HTTP need the token in --token-file.")
+    s.add_argument("--model", default=None, help="checkpoint folder or Hugging Face repo id "
+                   "(local cache only); default: the embedded model")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    s.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"])
+    s.add_argument("--socket", type=Path, default=None, help="Unix socket path (default: "
+                   "engine-<key>.sock in the per-user runtime folder)")
+    s.add_argument("--no-socket", action="store_true", help="serve no Unix socket")
+    s.add_argument("--lock", type=Path, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--tcp", metavar="HOST:PORT", help="also serve the socket protocol on TCP")
+    s.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP FIM API, /health and "
+                   "/metrics (needs `pip install 'maskfill[serve]'`)")
+    s.add_argument("--token-file", type=Path, default=None, help="token for TCP and HTTP "
+                   "clients; created (0600) when missing (default: <runtime folder>/token)")
+    s.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --tcp/--http address (clients need the token)")
+    s.add_argument("--idle-exit-s", type=float, default=0.0,
+                   help="exit once no client was connected for this long (0: never)")
+    s.add_argument("--endpoint-file", type=Path, default=None, help=argparse.SUPPRESS)
+    s.add_argument("--cache-size", type=int, default=256, help="exact-request result cache")
+    s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest HTTP request body accepted")
+    s.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
+
+
+def build_options(args: argparse.Namespace):
+    from engine.service.server import ServeOptions, host_port, is_loopback
+
+    model = args.model or _embedded_model()
+    if model is None:
+        raise EngineError("no --model given and no embedded model is installed")
+    socket_path = None
+    lock = args.lock
+    if not args.no_socket:
+        if not hasattr(__import__("socket"), "AF_UNIX"):
+            raise EngineError("this platform has no Unix sockets: pass --no-socket --tcp "
+                              "127.0.0.1:PORT")
+        key = paths.engine_key(model, args.device, args.quant)
+        socket_path = args.socket or paths.socket_path(paths.runtime_dir(), key)
+        lock = lock or (paths.lock_path(socket_path.parent, key) if args.socket is None
+                        else socket_path.with_suffix(".lock"))
+    if socket_path is None and not (args.tcp or args.http):
+        raise EngineError("nothing to serve: give a socket, --tcp or --http")
+    for address in (args.tcp, args.http):
+        if address and not is_loopback(host_port(address)[0]) and not args.allow_remote:
+            raise EngineError(f"{address} is not a loopback address; pass --allow-remote to "
+                              "bind it (clients will need the token)")
+    return ServeOptions(
+        model=model, device=args.device, quant=args.quant, socket=socket_path, lock=lock,
+        tcp=host_port(args.tcp) if args.tcp else None,
+        http=host_port(args.http) if args.http else None,
+        token_file=args.token_file, allow_remote=args.allow_remote,
+        idle_exit_s=args.idle_exit_s, endpoint_file=args.endpoint_file,
+        cache_size=args.cache_size, max_body_bytes=args.max_body_bytes)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    options = build_options(args)
+    if options.http is not None:
+        try:
+            import aiohttp  # noqa: F401
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise EngineError("--http needs aiohttp and prometheus-client: "
+                              "pip install 'maskfill[serve]'") from None
+    from engine.service.server import serve
+
+    try:
+        return asyncio.run(serve(options))
+    except OSError as exc:  # a port in use, a folder we may not write
+        raise EngineError(f"cannot serve: {exc}") from None
+
+
+def _embedded_model() -> str | None:
+    try:
+        from engine.embedded_model import default_model_path
+    except ImportError:
+        return None
+    path = default_model_path()
+    return str(path) if path is not None else None

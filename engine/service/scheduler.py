@@ -1,0 +1,283 @@
+"""The model thread of the engine service: loads the model, then runs jobs from every client.
+
+Clients are served fairly in turn: each has its own queue and the thread takes one job from
+each client with work, round-robin, so one busy window (or an HTTP script) cannot starve the
+others. Newest wins per (client, key): a new job for a key drops that client's pending job for
+it and stops its running one between denoising steps, as the in-process worker does per
+document. Requests from different clients are not batched together yet (Engine speed III).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgspec
+
+from engine.api import CompletionRequest, CompletionResult, EngineInfo
+from engine.service.stats import ServiceStats
+
+log = logging.getLogger(__name__)
+
+Reply = Callable[[CompletionResult | None, "str | None"], None]
+
+
+class EngineLike(Protocol):
+    def complete(
+        self, request: CompletionRequest, cancel: threading.Event | None = None
+    ) -> CompletionResult: ...
+
+    def info(self) -> EngineInfo: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Job:
+    client: int
+    id: int
+    request: CompletionRequest
+    reply: Reply  # called exactly once: (result, None), (None, None) if dropped, (None, error)
+    key: str = ""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    answered: bool = False
+
+
+class ResultCache:
+    """Exact-request LRU for deterministic requests: several windows (or a script) asking the
+    same thing get one model run."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict[bytes, CompletionResult] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(request: CompletionRequest) -> bytes | None:
+        deterministic = request.seed is not None or (
+            request.temperature == 0 and request.num_candidates == 1
+        )
+        if not deterministic:
+            return None
+        return msgspec.msgpack.encode(msgspec.structs.replace(request, timeout_ms=None))
+
+    def get(self, key: bytes) -> CompletionResult | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: bytes, result: CompletionResult) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._items[key] = result
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+class FairScheduler:
+    """Owns the engine on one thread. Public methods are safe from any thread."""
+
+    def __init__(
+        self, load: Callable[[], EngineLike], stats: ServiceStats | None = None,
+        cache_size: int = 256,
+    ):
+        self.stats = stats or ServiceStats()
+        self.cache = ResultCache(cache_size)
+        self.state = "loading"  # loading | ready | failed | closed
+        self.error: str | None = None
+        self.info: EngineInfo | None = None
+        self._load = load
+        self._engine: EngineLike | None = None
+        self._lock = threading.Condition()
+        self._queues: OrderedDict[int, deque[Job]] = OrderedDict()
+        self._running: Job | None = None
+        self._closing = False
+        self._ready = threading.Event()  # set once the load succeeded or failed
+        self._thread = threading.Thread(target=self._run, name="maskfill-model", daemon=True)
+        self._thread.start()
+
+    # -- any thread ------------------------------------------------------------------------
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def submit(self, job: Job) -> None:
+        if self.state == "failed":
+            _answer(job, None, f"the model did not load: {self.error}")
+            return
+        cache_key = ResultCache.key(job.request)
+        if cache_key is not None and (hit := self.cache.get(cache_key)) is not None:
+            self.stats.record_cache(True)
+            self._supersede(job)
+            _answer(job, hit, None)
+            return
+        with self._lock:
+            if self._closing:
+                _answer(job, None, "the engine is shutting down")
+                return
+            self._supersede(job)
+            self._queues.setdefault(job.client, deque()).append(job)
+            self._lock.notify()
+
+    def cancel(self, client: int, job_id: int) -> None:
+        with self._lock:
+            queue = self._queues.get(client, ())
+            for job in list(queue):
+                if job.id == job_id:
+                    queue.remove(job)
+                    self._drop(job)
+            running = self._running
+            if running is not None and running.client == client and running.id == job_id:
+                running.cancel.set()
+
+    def drop_client(self, client: int) -> None:
+        """A connection closed: nobody is left to read its answers."""
+        with self._lock:
+            for job in self._queues.pop(client, ()):
+                self._drop(job)
+            if self._running is not None and self._running.client == client:
+                self._running.cancel.set()
+
+    @property
+    def busy(self) -> bool:
+        """Whether the model thread is running a job right now."""
+        return self._running is not None
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return sum(len(q) for q in self._queues.values()) + (self._running is not None)
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._closing = True
+            for queue in self._queues.values():
+                for job in queue:
+                    self._drop(job)
+            self._queues.clear()
+            if self._running is not None:
+                self._running.cancel.set()
+            self._lock.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # -- helpers (lock held where noted) ---------------------------------------------------
+
+    def _supersede(self, job: Job) -> None:
+        """Newest wins per (client, key); caller holds the lock or is about to answer."""
+        if not job.key:
+            return
+        with self._lock:
+            queue = self._queues.get(job.client, ())
+            for older in [j for j in queue if j.key == job.key]:
+                queue.remove(older)
+                self._drop(older)
+            running = self._running
+            if running is not None and running.client == job.client and running.key == job.key:
+                running.cancel.set()
+
+    def _drop(self, job: Job) -> None:
+        job.cancel.set()
+        if not job.answered:
+            self.stats.record_outcome("dropped")
+        _answer(job, None, None)
+
+    def _next(self) -> Job | None:
+        with self._lock:
+            while not self._closing and not any(self._queues.values()):
+                self._lock.wait()
+            if self._closing:
+                return None
+            for client, queue in self._queues.items():
+                if queue:
+                    job = queue.popleft()
+                    self._queues.move_to_end(client)  # the others go first next time
+                    if not queue:
+                        del self._queues[client]
+                    self._running = job
+                    return job
+            return None
+
+    # -- the model thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._load_engine()
+            while self.state == "ready" and (job := self._next()) is not None:
+                outcome: tuple[CompletionResult | None, str | None] = (None, "internal error")
+                try:
+                    outcome = self._complete(job)
+                finally:
+                    with self._lock:
+                        self._running = None  # before answering: status must not lag it
+                    _answer(job, *outcome)
+        finally:
+            if self._engine is not None:
+                try:
+                    self._engine.close()
+                except Exception:  # freeing must never raise into shutdown
+                    log.exception("engine.close() failed")
+                self._engine = None
+            self.state = "closed" if self.state != "failed" else "failed"
+            self._ready.set()
+
+    def _load_engine(self) -> None:
+        try:
+            self._engine = self._load()
+            self.info = self._engine.info()
+            self.stats.model_loads += 1
+            self.state = "ready"
+        except Exception as exc:  # a bad checkpoint or OOM: report it to every client
+            self.error = _one_line(exc)
+            self.state = "failed"
+            log.error("loading the model failed: %s", self.error)
+        finally:
+            self._ready.set()
+
+    def _complete(self, job: Job) -> tuple[CompletionResult | None, str | None]:
+        if job.cancel.is_set():  # flagged jobs never reach the model
+            self.stats.record_outcome("dropped")
+            return None, None
+        assert self._engine is not None
+        started = time.perf_counter()
+        try:
+            result = self._engine.complete(job.request, job.cancel)
+        except Exception as exc:  # one bad request must not take the model thread down
+            self.stats.record_outcome("error")
+            log.warning("completion failed: %s", exc)
+            return None, _one_line(exc)
+        seconds = time.perf_counter() - started
+        s = result.stats
+        if s.cancelled or job.cancel.is_set():
+            self.stats.record_outcome("cancelled")
+        else:
+            outcome = "timed_out" if s.timed_out else "ok"
+            self.stats.record_run(outcome, seconds, s.forward_passes, s.model_tokens)
+            cache_key = ResultCache.key(job.request)
+            if cache_key is not None and not s.timed_out:
+                self.stats.record_cache(False)
+                self.cache.put(cache_key, result)
+        return result, None
+
+
+def _answer(job: Job, result: CompletionResult | None, error: str | None) -> None:
+    if job.answered:
+        return
+    job.answered = True
+    try:
+        job.reply(result, error)
+    except Exception:  # a broken reply path (closed connection) must not stop the thread
+        log.exception("replying to job %s failed", job.id)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

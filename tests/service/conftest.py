@@ -1,0 +1,147 @@
+"""Fixtures for the shared-engine tests: a short private runtime folder (Unix socket paths are
+limited to ~100 bytes) whose engines are stopped at teardown, and a helper that starts
+`maskfill-engine serve` and reads the endpoints line it prints once listening."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.service.client import EngineConnection
+
+STOP_WAIT_S = 15.0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_gone(pid: int, seconds: float = STOP_WAIT_S) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):  # reap it when it is our child
+            os.waitpid(pid, os.WNOHANG)
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop_pid(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not wait_gone(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+
+
+def engine_pids(folder: Path) -> list[int]:
+    """Pids of the engines answering on the sockets in `folder`."""
+    pids = []
+    for sock in folder.glob("*.sock"):
+        try:
+            connection = EngineConnection.unix(sock, name="teardown")
+        except OSError:
+            continue
+        pids.append(connection.welcome.pid)
+        connection.close()
+    return pids
+
+
+@pytest.fixture
+def runtime_dir(monkeypatch: pytest.MonkeyPatch):
+    folder = Path(tempfile.mkdtemp(prefix="mf-"))
+    monkeypatch.setenv("MASKFILL_RUNTIME_DIR", str(folder))
+    started: list[int] = []
+    yield folder
+    for pid in {*engine_pids(folder), *started}:
+        stop_pid(pid)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class ServedEngine:
+    def __init__(self, process: subprocess.Popen, endpoints: dict):
+        self.process = process
+        self.endpoints = endpoints
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(STOP_WAIT_S)
+
+
+@pytest.fixture
+def serve_engine(runtime_dir):
+    """start(model, *args) -> ServedEngine; every engine it started is stopped afterwards."""
+    served: list[ServedEngine] = []
+
+    def start(model: Path, *args: str) -> ServedEngine:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "engine", "serve", "--model", str(model), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = process.stdout.readline()
+        if not line:
+            process.wait(STOP_WAIT_S)
+            raise AssertionError(f"engine did not start: {process.stderr.read()}")
+        engine = ServedEngine(process, json.loads(line))
+        served.append(engine)
+        return engine
+
+    yield start
+    for engine in served:
+        engine.stop()
+        for stream in (engine.process.stdout, engine.process.stderr):
+            stream.close()
+
+
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight checkpoint with a 2048-token window: with the one-token-per-step
+    reference sampler, a 384-token hole takes hundreds of forward passes, so a test can act
+    while a job is surely running. Its output means nothing; only its duration is used."""
+    from tests.fixtures.checkpoints import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("slow"))
+
+
+def slow_request(prefix: str = "def add(a, b):\n"):
+    from engine.api import CompletionRequest
+
+    return CompletionRequest(prefix=prefix, suffix="", max_tokens=384, span_lengths=(384,),
+                             stop="free", sampler="low_confidence", steps=384, use_cache=False,
+                             timeout_ms=600_000)
+
+
+def memorized_hole(model: Path, index: int = 0):
+    """(request, middle): the middle half of a memorized snippet as a hole of its length."""
+    from engine.api import CompletionRequest
+    from engine.tokenizer import Tokenizer
+    from tests.fixtures.memorized import SNIPPETS, split_middle
+
+    tokenizer = Tokenizer.from_dir(model)
+    snippet = SNIPPETS[index]
+    n = len(tokenizer.encode(snippet))
+    start, end = n // 4, (3 * n) // 4
+    prefix, middle, suffix = split_middle(tokenizer, snippet, start, end)
+    request = CompletionRequest(prefix=prefix, suffix=suffix, span_lengths=(end - start,),
+                                max_tokens=end - start, stop="free", timeout_ms=600_000)
+    return request, middle
