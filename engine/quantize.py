@@ -503,6 +503,17 @@ def quantize_model(
     return model
 
 
+def probe_fast_kernel(mode: str, device: torch.device | str) -> tuple[str, str | None]:
+    """(kernel, why not) of a small bf16 layer quantized in `mode` on `device`: what a model
+    loaded there would run. For diagnostics (`maskfill-lsp --check`)."""
+    linear = nn.Linear(256, 256, bias=True, device=device, dtype=torch.bfloat16)
+    make = {"int8": Int8Linear.from_linear, "int4": Int4Linear.from_linear,
+            "fp8": Fp8Linear.from_linear}[mode]
+    layer = make(linear)
+    reason = layer.use_fast_kernel()
+    return layer.kernel, reason
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Resident bytes of the model's parameters and buffers, each distinct tensor counted once.
 

@@ -1,6 +1,6 @@
 """`maskfill-lsp --check`: can this install serve completions, and if not, why not.
 
-One line per finding (torch build, CUDA, device, xformers, torchao, model, memory fit), then a
+One line per finding (torch build, CUDA, device, xformers, quant kernels, model, memory fit), then a
 verdict. Exit status 1 when something the server needs is broken (a FAIL line), else 0. It reads
 checkpoint headers only: no weights are loaded, so it takes seconds even for a 7B model.
 """
@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Any
 
-from lsp_server.doctor_kernels import check_torchao, check_xformers, one_line
+from lsp_server.doctor_kernels import check_quant_kernel, check_xformers, one_line
 from lsp_server.findings import Finding
 from lsp_server.settings import Settings
 
@@ -197,7 +197,7 @@ def run_checks(model: str | None, device: str, quant: str) -> list[Finding]:
     needed_on = str(target) if target is not None and target.type == "cuda" else None
     findings += [f for f in (device_problem, check_quant(torch, quant, target)) if f]
     findings.append(check_xformers(cuda_here, needed_on))
-    findings.append(check_torchao(quant))
+    findings.append(check_quant_kernel(quant, needed_on))
     model_finding, loaded = check_model(model)
     findings.append(model_finding)
     if loaded is not None and target is not None:

@@ -1,7 +1,8 @@
-"""The optional GPU libraries `maskfill-lsp --check` looks at: xformers and torchao.
+"""The GPU kernels `maskfill-lsp --check` looks at: xformers and the quantized matmuls.
 
 Importing is not enough: the PyPI xformers wheel is built for one torch; under another it imports
-and then fails every call. So xformers gets a tiny real attention call when a GPU is there.
+and then fails every call. So xformers gets a tiny real attention call when a GPU is there, and a
+quant mode gets one layer run through its fast kernel (engine/qkernels.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 from lsp_server.findings import Finding
 
 XFORMERS_ROLE = "optional: faster attention on CUDA; PyTorch SDPA is used without it"
-TORCHAO_ROLE = "optional: only quant fp8 uses it"
 MAX_ATTENTION_DIFF = 2e-2  # fp16 kernels vs the SDPA reference on a tiny random input
 
 
@@ -160,26 +160,22 @@ def xformers_call_finding(
     return Finding("ok", "xformers", f"{version}: a real attention call runs and matches SDPA")
 
 
-def check_torchao(quant: str) -> Finding:
-    needed = quant == "fp8"
-    version = installed_version("torchao")
-    if version is None:
-        if needed:
-            return Finding(
-                "fail", "torchao", "not installed; quant fp8 needs it: `pip install torchao`"
-            )
-        return Finding("info", "torchao", f"not installed ({TORCHAO_ROLE})")
+def check_quant_kernel(quant: str, needed_on: str | None) -> Finding:
+    """Whether the quant mode's fast CUDA matmul runs here (int8 _int_mm, int4 tinygemm, fp8
+    _scaled_mm). Without it the layers still work, dequantizing: slower than 16-bit weights."""
+    if quant == "none":
+        return Finding("info", "quant", "none: 16-bit weights")
+    if needed_on is None:
+        return Finding("info", "quant", f"{quant} on the CPU dequantizes each layer (saves memory, "
+                       "not time); the fast kernels are CUDA's")
+    from engine.quantize import probe_fast_kernel
+
     try:
-        # The names engine/quantize.py imports for fp8.
-        with quiet("torchao", []):
-            quantization = importlib.import_module("torchao.quantization")
-        for name in ("Float8DynamicActivationFloat8WeightConfig", "PerRow", "quantize_"):
-            getattr(quantization, name)
-    except Exception as exc:  # ImportError, AttributeError, or a build for another torch
-        return Finding(
-            "fail" if needed else "warn",
-            "torchao",
-            f"{version} is installed but unusable ({one_line(exc)[:200]}); install the torchao "
-            "release made for this torch" + ("" if needed else " (only quant fp8 needs it)"),
-        )
-    return Finding("ok", "torchao", f"{version}: imports (quant fp8 can use it)")
+        kernel, reason = probe_fast_kernel(quant, needed_on)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the finding
+        return Finding("fail", "quant", f"{quant} layers do not run on {needed_on}: "
+                       f"{one_line(exc)[:200]}")
+    if reason is not None:
+        return Finding("warn", "quant", f"{quant}: the fast kernel does not run here ({reason}); "
+                       "layers dequantize instead, slower than quant none")
+    return Finding("ok", "quant", f"{quant}: {kernel} runs and matches the dequantized weights")

@@ -1,5 +1,5 @@
 """`maskfill-lsp --check`: what it finds on this machine (CPU torch, no CUDA), what it says about
-a model that is missing or does not fit, and how it judges xformers and torchao builds."""
+a model that is missing or does not fit, and how it judges xformers builds and quant kernels."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lsp_server import doctor
-from lsp_server.doctor_kernels import check_torchao, check_xformers, xformers_call_finding
+from lsp_server.doctor_kernels import check_quant_kernel, check_xformers, xformers_call_finding
 
 SERVER = Path(sys.executable).parent / "maskfill-lsp"
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this checks a CPU machine")
@@ -155,7 +155,7 @@ def fake_package(tmp_path: Path, monkeypatch):
 
     yield write
     for name in set(sys.modules) - before:
-        if name.split(".")[0] in ("xformers", "torchao"):
+        if name.split(".")[0] == "xformers":
             del sys.modules[name]
 
 
@@ -222,13 +222,10 @@ def test_xformers_calls_are_judged_by_what_the_engine_would_do():
     assert ok.status == "ok" and "real attention call runs" in ok.text
 
 
-def test_torchao_matters_only_for_fp8(fake_package):
-    assert check_torchao("none").status == "info"
-    assert check_torchao("fp8").status == "fail"
-    fake_package("torchao", {"__init__": "__version__ = '0.18.0'\n", "quantization": "x = 1\n"})
-    assert check_torchao("none").status == "warn"
-    broken = check_torchao("fp8")
-    assert broken.status == "fail" and "0.18.0 is installed but unusable" in broken.text
+def test_quant_kernels_are_judged_where_they_run():
+    assert check_quant_kernel("none", None).status == "info"
+    on_cpu = check_quant_kernel("int8", None)
+    assert on_cpu.status == "info" and "dequantizes" in on_cpu.text
 
 
 def test_version():
@@ -246,3 +243,13 @@ def test_on_a_gpu_the_device_and_kernels_are_checked():
     assert not line(lines, "xformers").startswith("FAIL"), lines
     assert line(lines, "memory").endswith("free on cuda"), lines
     assert code == 0, lines
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quant", ["int8", "int4", "fp8"])
+def test_on_a_gpu_each_quant_mode_runs_its_fast_kernel(quant):
+    if quant == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs an sm89+ GPU")
+    finding = check_quant_kernel(quant, "cuda:0")
+    assert finding.status == "ok", finding.text
