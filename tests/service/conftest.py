@@ -145,3 +145,20 @@ def memorized_hole(model: Path, index: int = 0):
     request = CompletionRequest(prefix=prefix, suffix=suffix, span_lengths=(end - start,),
                                 max_tokens=end - start, stop="free", timeout_ms=600_000)
     return request, middle
+
+
+def fim_answer(model: Path, request) -> str:
+    """What the engine itself answers for `request` shaped as the FIM API sends it (no exact
+    hole length: the engine tries its buckets up to max_tokens). Which bucket wins is the
+    engine's business; the API must pass that answer through unchanged."""
+    import msgspec
+    import torch
+
+    from engine.engine import Engine
+
+    torch.set_num_threads(1)
+    engine = Engine.load(str(model))
+    try:
+        return engine.complete(msgspec.structs.replace(request, span_lengths=None)).text
+    finally:
+        engine.close()

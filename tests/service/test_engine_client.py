@@ -20,7 +20,7 @@ from engine.service.scheduler import FairScheduler
 from engine.service.server import EngineService
 from lsp_server.engine_client import RemoteEngine, SharedEngine, resolve_mode
 from lsp_server.worker import EngineWorker, LoadSpec
-from tests.service.conftest import memorized_hole, slow_request, wait_gone
+from tests.service.conftest import fim_answer, memorized_hole, slow_request, wait_gone
 
 WAIT_S = 180.0
 
@@ -137,9 +137,10 @@ def test_remote_backend_completes_through_the_fim_api(memorized_model, token_fil
         engine = RemoteEngine.open(server.url, str(token_file), None)
         # The FIM shape has no exact hole length: the engine tries buckets up to max_tokens,
         # as for tests/service/test_http_api.py's first test, on the same snippet.
-        request, middle = memorized_hole(memorized_model, 2)
+        request, _ = memorized_hole(memorized_model, 2)
+        expected = fim_answer(memorized_model, request)
         result = engine.complete(request)
-        assert result.text == middle and result.candidates[0].text == middle
+        assert expected and result.text == expected and result.candidates[0].text == expected
         assert engine.info().device == "remote" and engine.info().path == server.url
         line = engine.complete(CompletionRequest(prefix=request.prefix, suffix=request.suffix,
                                                  max_tokens=request.max_tokens, stop="line"))

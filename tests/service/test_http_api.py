@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine.service.http_api import build_app
 from engine.service.scheduler import FairScheduler
 from engine.service.server import EngineService
-from tests.service.conftest import memorized_hole, slow_request
+from tests.service.conftest import fim_answer, memorized_hole, slow_request
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -52,15 +52,17 @@ async def api(memorized_scheduler):
     await client.close()
 
 
-async def test_fim_answers_in_mercury_shape_with_the_memorized_middle(api, memorized_model):
-    request, middle = memorized_hole(memorized_model, 2)
+async def test_fim_answers_in_mercury_shape_with_the_engines_answer(api, memorized_model):
+    request, _ = memorized_hole(memorized_model, 2)
+    expected = fim_answer(memorized_model, request)
+    assert expected  # the memorized model writes something here
     body = {"model": "mercury-coder", "prompt": request.prefix, "suffix": request.suffix,
             "max_tokens": request.max_tokens, "temperature": 0, "top_p": 1, "n": 1}
     response = await api.post("/v1/fim/completions", json=body, headers=AUTH)
     assert response.status == 200
     data = await response.json()
     assert data["object"] == "text_completion" and data["model"] == "mercury-coder"
-    assert [c["text"] for c in data["choices"]] == [middle]
+    assert [c["text"] for c in data["choices"]] == [expected]
     assert data["choices"][0]["index"] == 0
     assert data["choices"][0]["finish_reason"] in ("stop", "length")
     usage = data["usage"]
@@ -69,13 +71,14 @@ async def test_fim_answers_in_mercury_shape_with_the_memorized_middle(api, memor
 
 
 async def test_stop_sequences_cut_the_text(api, memorized_model):
-    request, middle = memorized_hole(memorized_model, 2)  # a two-line middle
-    assert "\n" in middle.strip("\n")
-    word = middle.split()[1]
+    request, _ = memorized_hole(memorized_model, 2)
+    answer = fim_answer(memorized_model, request)
+    assert len(answer.split()) >= 2
+    word = answer.split()[1]
     body = {"prompt": request.prefix, "suffix": request.suffix,
             "max_tokens": request.max_tokens, "stop": word}
     data = await (await api.post("/v1/fim/completions", json=body, headers=AUTH)).json()
-    assert data["choices"][0]["text"] == middle[: middle.index(word)]
+    assert data["choices"][0]["text"] == answer[: answer.index(word)]
     assert data["choices"][0]["finish_reason"] == "stop"
     body["stop"] = ["\n"]  # the engine's line mode
     data = await (await api.post("/v1/fim/completions", json=body, headers=AUTH)).json()
