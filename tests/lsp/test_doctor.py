@@ -11,15 +11,18 @@ import pytest
 import torch
 
 from lsp_server import doctor
+from lsp_server.client import server_command
 from lsp_server.doctor_kernels import check_quant_kernel, check_xformers, xformers_call_finding
 
-SERVER = Path(sys.executable).parent / "maskfill-lsp"
+# The installed console script (`python -m lsp_server` where none is installed, as on a lent GPU
+# machine that runs the source tree).
+SERVER = server_command()
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this checks a CPU machine")
 
 
 def check(*args: str, quiet: bool = True) -> tuple[int, list[str]]:
     proc = subprocess.run(
-        [str(SERVER), "--check", *args],
+        [*SERVER, "--check", *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -229,7 +232,7 @@ def test_quant_kernels_are_judged_where_they_run():
 
 
 def test_version():
-    proc = subprocess.run([str(SERVER), "--version"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([*SERVER, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"maskfill-lsp {doctor.maskfill_version()}"
 
