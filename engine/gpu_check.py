@@ -118,9 +118,14 @@ def _last_json(lines: list[str]) -> dict | None:
 
 def _pytest_summary(lines: list[str]) -> str | None:
     for line in reversed(lines):
-        if re.search(r"\d+ (passed|failed|error)", line):
+        if re.search(r"\d+ (passed|failed|errors?|skipped)", line):
             return line.strip().strip("=").strip()
     return None
+
+
+def _nothing_passed(summary: str | None) -> bool:
+    """A GPU suite that ran no test on a GPU machine proves nothing: count it as a failure."""
+    return summary is not None and not re.search(r"[1-9]\d* passed", summary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 result.get("figures"), dict) else None
             if "error" in result:
                 failures.append(f"{name}: {result['error']}")
+            elif _nothing_passed(result.get("tests")):
+                failures.append(f"{name}: no test passed ({result['tests']})")
             if errors:
                 failures.append(f"{name}: reported {errors}")
     report["failures"] = failures

@@ -79,15 +79,19 @@ def quantize_fp8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     return (w / scale[:, None]).to(FP8), scale
 
 
-def tinygemm_pack(q: Tensor, scale: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+def tinygemm_pack(q: Tensor, scale: Tensor, offset: Tensor,
+                  even_high: bool = True) -> tuple[Tensor, Tensor]:
     """Asymmetric int4 groups (q (N, K) values 0..15, w = q * scale + offset per group) ->
     tinygemm's packed weight and its (K / group, N, 2) bf16 scales-and-zeros. tinygemm computes
-    w = (q - 8) * scale + zero, hence zero = offset + 8 * scale."""
+    w = (q - 8) * scale + zero, hence zero = offset + 8 * scale. On CUDA the input packs two
+    nibbles a byte, the even column in the high nibble (`even_high=False` swaps them: the
+    caller's check decides if a torch release disagrees)."""
     zeros = offset.float() + 8 * scale.float()
     scales_zeros = torch.stack((scale.float(), zeros), dim=-1).transpose(0, 1).contiguous()
     q32 = q.to(torch.int32)
-    if q.is_cuda:  # CUDA packs two nibbles a byte, the even column in the high nibble
-        packed = ((q32[:, 0::2] << 4) | q32[:, 1::2]).to(torch.uint8)
+    if q.is_cuda:
+        high, low = (q32[:, 0::2], q32[:, 1::2]) if even_high else (q32[:, 1::2], q32[:, 0::2])
+        packed = ((high << 4) | low).to(torch.uint8)
         return torch._convert_weight_to_int4pack(packed, TINYGEMM_INNER_K_TILES), \
             scales_zeros.to(torch.bfloat16)
     return torch._convert_weight_to_int4pack_for_cpu(q32, TINYGEMM_INNER_K_TILES), \
@@ -115,12 +119,14 @@ def tinygemm_fits(in_features: int, out_features: int, group_size: int) -> bool:
 
 
 def check(kernel, reference_weight: Tensor, in_features: int, dtype: torch.dtype,
-          rows: int = 33) -> str | None:
-    """None when `kernel(x)` agrees with x @ reference_weight.T, else why not."""
+          bias: Tensor | None = None, rows: int = 33) -> str | None:
+    """None when `kernel(x)` agrees with x @ reference_weight.T (+ bias), else why not."""
     x = torch.randn(rows, in_features, device=reference_weight.device, dtype=dtype)
     try:
         got = kernel(x).float()
         want = x.float() @ reference_weight.float().t()
+        if bias is not None:
+            want = want + bias.float()
         cosine = F.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
     except (RuntimeError, NotImplementedError, TypeError) as error:
         return " ".join(str(error).split())[:200] or type(error).__name__

@@ -189,8 +189,8 @@ class Int8Linear(nn.Module):
         """Switch to int8 x int8 matmuls (None), or say why they cannot be used here."""
         scale32 = self.weight_scale.float()
         reason = qkernels.check(
-            lambda x: qkernels.int8_linear(x, self.weight_q, scale32, None), self.weight,
-            self.in_features, self.weight_scale.dtype) if verify else None
+            lambda x: qkernels.int8_linear(x, self.weight_q, scale32, self.bias), self.weight,
+            self.in_features, self.weight_scale.dtype, self.bias) if verify else None
         if reason is None:
             self.register_buffer("scale32", scale32, persistent=False)
             self.kernel = "int_mm"
@@ -286,15 +286,21 @@ class Int4Linear(nn.Module):
         if not qkernels.tinygemm_fits(self.in_features, self.out_features, self.group_size):
             return f"shape {self.out_features}x{self.in_features} does not fit tinygemm's tiles"
         offset = self.weight_offset if self.weight_offset is not None else -8 * self.weight_scale
-        try:
-            packed, scales_zeros = qkernels.tinygemm_pack(
-                unpack_int4(self.weight_packed), self.weight_scale, offset)
-        except (RuntimeError, NotImplementedError) as error:
-            return " ".join(str(error).split())[:200]
         reference = self.dequantized_weight(torch.bfloat16) if verify else None
-        reason = qkernels.check(
-            lambda x: qkernels.int4_linear(x, packed, scales_zeros, self.group_size, None),
-            reference, self.in_features, torch.bfloat16) if verify else None
+        reason = None
+        for even_high in _nibble_orders():
+            try:
+                packed, scales_zeros = qkernels.tinygemm_pack(
+                    unpack_int4(self.weight_packed), self.weight_scale, offset, even_high)
+            except (RuntimeError, NotImplementedError) as error:
+                return " ".join(str(error).split())[:200]
+            reason = qkernels.check(
+                lambda x, p=packed, sz=scales_zeros: qkernels.int4_linear(
+                    x, p, sz, self.group_size, self.bias),
+                reference, self.in_features, torch.bfloat16, self.bias) if verify else None
+            if reason is None:
+                _NIBBLE_ORDER[:] = [even_high]  # every later layer packs the same way
+                break
         if reason is None:
             self.register_buffer("weight_tinygemm", packed)
             self.register_buffer("scales_zeros", scales_zeros)
@@ -309,6 +315,13 @@ class Int4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"int4 group={self.group_size} {kind}"
         )
+
+
+_NIBBLE_ORDER: list[bool] = []  # tinygemm's nibble order once a check has confirmed one
+
+
+def _nibble_orders() -> list[bool]:
+    return list(_NIBBLE_ORDER) or [True, False]
 
 
 class Fp8Linear(nn.Module):
@@ -350,8 +363,8 @@ class Fp8Linear(nn.Module):
 
     def use_fast_kernel(self, verify: bool = True) -> str | None:
         reason = qkernels.check(
-            lambda x: qkernels.fp8_linear(x, self.weight_f8, self.weight_scale, None),
-            self.weight, self.in_features, torch.bfloat16) if verify else None
+            lambda x: qkernels.fp8_linear(x, self.weight_f8, self.weight_scale, self.bias),
+            self.weight, self.in_features, torch.bfloat16, self.bias) if verify else None
         if reason is not None:
             self.kernel = "dequant"
         return reason
