@@ -16,6 +16,7 @@ and the xformers comparison use it.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 
@@ -25,11 +26,16 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
+# Set while a static pass runs: its CUDA graph holds SDPA kernels, so its eager warm-ups and its
+# eager twin must run the same kernels as the graph (xformers and SDPA differ in rounding).
+SDPA_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("sdpa_only", default=False)
+
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     """q (B, Lq, Hq, D), k/v (B, Hkv, Lk, D), bias (B, 1, 1, Lk) additive or None
     -> (B, Lq, Hq * D). Query head h uses kv head h // (Hq / Hkv), as in SDPA's enable_gqa."""
-    if q.is_cuda and xformers_usable() and not torch.cuda.is_current_stream_capturing():
+    if q.is_cuda and not SDPA_ONLY.get() and not torch.cuda.is_current_stream_capturing() \
+            and xformers_usable():
         from engine.xformers_attention import grouped_xformers_attention
 
         return grouped_xformers_attention(q, k, v, bias)

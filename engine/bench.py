@@ -151,7 +151,7 @@ def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EngineError("--device cuda asked for, but torch sees no CUDA device")
     try:
-        from tests.fixtures.memorized import train_memorized_checkpoint
+        from tests.fixtures.memorized import memorized_checkpoint
     except ImportError:
         raise EngineError("the bench trains the memorized test model from tests/: run it from "
                           "the repository root of a source checkout (make bench)") from None
@@ -167,7 +167,7 @@ def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True
     results.update(bench_diffusion_vs_ar(dev, reps))
     results.update(bench_weight_bytes(dev))
     with tempfile.TemporaryDirectory() as tmp:
-        memorized = train_memorized_checkpoint(Path(tmp) / "memorized")
+        memorized = memorized_checkpoint(Path(tmp) / "memorized")
         results.update(bench_memorized(dev, memorized))
         server = bench_server(dev, memorized) if with_server else {}
         results.update(server)

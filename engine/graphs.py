@@ -84,14 +84,19 @@ class PassCache:
         static = StaticPass(self.model, self.args, arena, self.banned_ids)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.current_stream()
         try:
             with torch.inference_mode():
                 static.capture(self._pool)
         except (RuntimeError, torch.OutOfMemoryError) as error:
+            # A failed capture can leave its capture stream current and its pool half-used:
+            # restore the stream and stop capturing for this engine; eager passes stay exact.
+            torch.cuda.set_stream(stream)
+            self.use_graphs, self._pool = False, None
             reason = " ".join(str(error).split())[:300]
             self.failures.append(f"{shape_key(layout)}: {reason}")
-            log.error("CUDA graph capture failed for shape %s; running it eagerly: %s",
-                      shape_key(layout), reason)
+            log.error("CUDA graph capture failed for shape %s; passes run eagerly from now on: "
+                      "%s", shape_key(layout), reason)
             return StaticPass(self.model, self.args, arena, self.banned_ids)
         self.captures += 1
         self._passes[shape_key(layout)] = static
@@ -109,5 +114,8 @@ class PassCache:
         length = max(layout.length, have.layout.length if have else 0)
         self._passes.clear()
         self._arena = None
+        # A pool whose graphs are all gone must not be entered again (its use count is zero
+        # while the capture stream's cuBLAS workspace still lives in it): take a fresh one.
+        self._pool = None
         grown = dataclasses.replace(layout, batch=batch, length=length)
         self._arena = allocate(self.args, grown, self.dtype, self.device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from engine.attention import SDPA_ONLY
 from engine.config import ModelArgs
 from engine.kv_arena import (
     KVArena,
@@ -68,7 +69,11 @@ class StaticPass:
         return self._forward()
 
     def _forward(self) -> Tensor:
-        hidden = self.model.step(self.qids, self.rope, self._slots)
+        token = SDPA_ONLY.set(True)
+        try:
+            hidden = self.model.step(self.qids, self.rope, self._slots)
+        finally:
+            SDPA_ONLY.reset(token)
         return masked_head(self.model, hidden[:, :self.layout.slots], self.banned_ids)
 
     def capture(self, pool) -> None:

@@ -67,9 +67,11 @@ def fp8_linear(x: Tensor, weight_f8: Tensor, weight_scale: Tensor, bias: Tensor 
     x_scale = _row_absmax(x2).div_(FP8_MAX)  # (M, 1)
     xq = _pad_rows((x2 / x_scale).to(FP8), _round_up(rows, SCALED_MM_ALIGN))
     x_scale = _pad_rows(x_scale, xq.shape[0])
+    # cuBLAS takes a bias only with a 16-bit output: a float32 model gets bf16, then its dtype.
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     out = torch._scaled_mm(xq, weight_f8.t(), scale_a=x_scale, scale_b=weight_scale[None, :],
-                           bias=bias, out_dtype=x.dtype)
-    return out[:rows].view(*lead, -1)
+                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
+    return out[:rows].to(x.dtype).view(*lead, -1)
 
 
 def quantize_fp8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,7 +107,7 @@ def int4_linear(x: Tensor, packed: Tensor, scales_zeros: Tensor, group_size: int
     x2 = x.reshape(-1, k)
     x16 = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
     mm = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
-    out = mm(x16, packed, group_size, scales_zeros)
+    out = mm(x16.contiguous(), packed, group_size, scales_zeros)
     if out.dtype != x.dtype:
         out = out.to(x.dtype)
     if bias is not None:

@@ -158,15 +158,15 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        module = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype
-        )
+        with torch.device(linear.weight.device):  # no round trip through host memory
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                         linear.weight.dtype)
         q, scale = quantize_int8_rows(linear.weight)
         module.weight_q.copy_(q)
         module.weight_scale.copy_(scale)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
-        return module.to(linear.weight.device)
+        return module
 
     @property
     def weight(self) -> torch.Tensor:
@@ -233,14 +233,9 @@ class Int4Linear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, group_size: int = 64, symmetric: bool = False
     ) -> Int4Linear:
-        module = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            linear.weight.dtype,
-            group_size,
-            symmetric,
-        )
+        with torch.device(linear.weight.device):  # no round trip through host memory
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                         linear.weight.dtype, group_size, symmetric)
         packed, scale, offset = quantize_int4_groups(linear.weight, group_size, symmetric)
         module.weight_packed.copy_(packed)
         module.weight_scale.copy_(scale)
@@ -248,7 +243,7 @@ class Int4Linear(nn.Module):
             module.weight_offset.copy_(offset)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
-        return module.to(linear.weight.device)
+        return module
 
     kernel = "dequant"
 
@@ -336,19 +331,20 @@ class Fp8Linear(nn.Module):
         self.out_features = out_features
         self.register_buffer("weight_f8", torch.zeros(out_features, in_features,
                                                       dtype=qkernels.FP8))
-        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     linear.weight.dtype)
+        with torch.device(linear.weight.device):  # no round trip through host memory
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                         linear.weight.dtype)
         q, scale = qkernels.quantize_fp8_rows(linear.weight.detach())
         module.weight_f8.copy_(q)
         module.weight_scale.copy_(scale)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
-        return module.to(linear.weight.device)
+        return module
 
     @property
     def weight(self) -> torch.Tensor:

@@ -413,7 +413,9 @@ def load_model(
         quantize_fn(model, quant)
     model = model.to(target).eval()
     kernels: dict[str, str] = {}
-    if quant != "none" and target.type == "cuda":
+    # The fast kernels quantize activations (int8, fp8) or run them in bf16 (int4): a float32
+    # model asked for exactness, so it keeps the dequantizing layers.
+    if quant != "none" and target.type == "cuda" and load_dtype != torch.float32:
         from engine.quantize import use_fast_kernels
 
         kernels = use_fast_kernels(model)

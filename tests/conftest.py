@@ -14,6 +14,6 @@ def memorized_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Trained once per session on CPU (deterministic: fixed seeds, one thread), saved in the
     published layout, so it loads through Engine.load / `--model <path>` like a real download.
     """
-    from tests.fixtures.memorized import train_memorized_checkpoint
+    from tests.fixtures.memorized import memorized_checkpoint
 
-    return train_memorized_checkpoint(tmp_path_factory.mktemp("memorized"))
+    return memorized_checkpoint(tmp_path_factory.mktemp("memorized"))
