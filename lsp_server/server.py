@@ -22,16 +22,9 @@ import msgspec
 from lsprotocol import types
 from pygls.exceptions import JsonRpcServerNotInitialized
 from pygls.lsp.server import LanguageServer
-from pygls.workspace import TextDocument
 
 from lsp_server.completion import CompletionService, Selection
-from lsp_server.documents import (
-    LspWorkspace,
-    Snapshot,
-    offset_at,
-    take_snapshot,
-    utf8_size_over,
-)
+from lsp_server.documents import LspTextDocument, LspWorkspace, Snapshot, offset_at, take_snapshot
 from lsp_server.protocol import client_has_inline_completion, completion_list, inline_items
 from lsp_server.settings import SETTINGS_SECTION, Settings, parse_settings
 from lsp_server.worker import EngineWorker, Loader, LoadSpec, load_engine
@@ -236,7 +229,7 @@ class MaskfillServer(LanguageServer):
         document = find_document(self, uri)
         if document is None:
             return None
-        if utf8_size_over(document.source, self.settings.max_document_bytes):
+        if document.utf8_size() > self.settings.max_document_bytes:
             if uri not in self._logged_large:  # once per document, not per keystroke
                 self._logged_large.add(uri)
                 log.info("%s is over maxDocumentBytes: no completions for it", uri)
@@ -302,10 +295,11 @@ def _windows_pid_alive(pid: int) -> bool:
         kernel32.CloseHandle(handle)
 
 
-def find_document(ls: MaskfillServer, uri: str) -> TextDocument | None:
+def find_document(ls: MaskfillServer, uri: str) -> LspTextDocument | None:
     """An open document, or None: never read unopened files from disk."""
     documents = ls.workspace.text_documents
-    return documents.get(uri) or documents.get(unquote(uri))
+    document = documents.get(uri) or documents.get(unquote(uri))
+    return document if isinstance(document, LspTextDocument) else None
 
 
 def selection_at(
