@@ -8,15 +8,19 @@ UTF-8 for Neovim, UTF-16 for VS Code), converted with C-speed encodes (chunked_t
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from lsprotocol import types
 from pygls.workspace import TextDocument, Workspace
 from pygls.workspace.position_codec import PositionCodec
 
 from lsp_server.chunked_text import ChunkedText, code_points_for, units
+
+log = logging.getLogger(__name__)
 
 # Without the model's tokenizer in the server process, the token budget is turned into a
 # character budget. Code averages 3-4 characters per token, so 3 keeps the window within
@@ -213,7 +217,18 @@ class LspTextDocument(TextDocument):
 
 
 class LspWorkspace(Workspace):
-    """A pygls Workspace whose documents are LspTextDocuments."""
+    """A pygls Workspace whose documents are LspTextDocuments; a change to a document that
+    was never opened is ignored (pygls raises KeyError, shown to the user as a server error)."""
+
+    def update_text_document(
+        self,
+        text_doc: types.VersionedTextDocumentIdentifier,
+        change: types.TextDocumentContentChangeEvent,
+    ) -> None:
+        if unquote(text_doc.uri) not in self._text_documents:
+            log.info("didChange for %s, which is not open: ignored", text_doc.uri)
+            return
+        super().update_text_document(text_doc, change)
 
     def _create_text_document(
         self,
