@@ -121,8 +121,8 @@ def test_max_tokens_beyond_the_window_is_clamped_with_one_message(memorized_mode
 @pytest.mark.parametrize("character", ["é", "中"])
 def test_keystrokes_at_the_end_of_a_long_non_ascii_line_stay_cheap(tmp_path, character):
     """One keystroke at the end of a 1 M-character line cost 1.2 s (a Python loop over the
-    line in pygls' position codec): 100 of them took minutes. Now each costs O(edit), so the
-    answer after 100 comes within the liveness bound, and the edits landed where they should."""
+    line in pygls' position codec): 300 of them took minutes. Now each costs O(edit), so the
+    answer after 300 comes within the liveness bound, and the edits landed where they should."""
     length = 1_000_000
     server = Server(["--model", str(tmp_path / "none")], tmp_path / "stderr.log")
     try:
@@ -131,12 +131,33 @@ def test_keystrokes_at_the_end_of_a_long_non_ascii_line_stay_cheap(tmp_path, cha
         uri = "file:///long.py"
         server.open(uri, character * length)
         column = length * len(character.encode())  # UTF-8 units, as Neovim counts
-        for version in range(2, 102):
+        for version in range(2, 302):
             server.change(uri, version, (0, column), (0, column), "x")
             column += 1
         before = server.status()["requests"]
         server.call(INLINE, inline_params(uri, 0, column + 1))  # past the end: refused
         server.call(INLINE, inline_params(uri, 0, column))  # the line's real end: served
         assert server.status()["requests"] == before + 1
+    finally:
+        server.stop()
+
+
+def test_the_fallback_message_says_why_and_names_the_embedded_model(tmp_path):
+    """Issue 12.7: `device: cuda` without CUDA falls back to the CPU; the message must carry
+    the reason, and the log must name the embedded model (it said `loading None`)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    server = Server(["--device", "cuda"], tmp_path / "stderr.log")
+    try:
+        server.initialize()
+        status = server.wait_loaded()
+        assert status["loadState"] == "ready" and status["device"] == "cpu", status
+        messages = [m["params"]["message"] for m in server.notifications("window/showMessage")]
+        fallback = [m for m in messages if "fallback device cpu" in m]
+        assert len(fallback) == 1 and "CUDA is not available" in fallback[0], messages
+        log = server.stderr()
+        assert "loading the embedded model" in log and "loading None" not in log, log
     finally:
         server.stop()
