@@ -1,8 +1,9 @@
 """The maskfill language server: registration, lifecycle and thin handlers.
 
 Handlers snapshot, await, convert; the pipeline lives in completion.py, conversion in
-protocol.py. torch is never imported here: the engine is imported by the worker thread while
-the server already answers requests (with empty lists until the model is ready).
+protocol.py, message checks in rpc.py, byte streams in transport.py. torch is never imported
+here: the engine is imported by the worker thread while the server already answers (requests
+wait for the model, up to timeoutMs).
 """
 
 from __future__ import annotations
