@@ -98,3 +98,8 @@ class EngineInfo(msgspec.Struct, kw_only=True, frozen=True):
 
 class EngineError(Exception):
     """A user-facing failure: the message is one clear line, fit to print without a traceback."""
+
+
+class EngineInputError(EngineError):
+    """The request itself cannot be served (text the tokenizer refuses, a hole or context that
+    does not fit the window): another device or a retry would not help."""

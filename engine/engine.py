@@ -24,6 +24,7 @@ from engine.api import (
     CompletionStats,
     EngineError,
     EngineInfo,
+    EngineInputError,
 )
 from engine.denoiser import Denoised, StopSignal, denoise
 from engine.dreamon import denoise_expanding
@@ -52,7 +53,7 @@ def validate(request: CompletionRequest, max_context: int) -> None:
     """Refuse nonsense with one clear line (msgspec Structs do not check types on creation)."""
     def need(ok: bool, message: str) -> None:
         if not ok:
-            raise EngineError(f"bad completion request: {message}")
+            raise EngineInputError(f"bad completion request: {message}")
 
     def is_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -114,11 +115,22 @@ def _tokens_covering(tokenizer, tokens: list[int], n_chars: int) -> int:
     return len(tokens)
 
 
+def _whole_characters(text: str, request: CompletionRequest) -> str:
+    """`text` up to its last complete character. A byte-level token cut inside a character
+    (or bytes that make none) decode to U+FFFD: the candidate ends before the first one,
+    unless the context itself holds U+FFFD (then the model may be copying it)."""
+    broken = text.find("\ufffd")
+    if broken == -1 or "\ufffd" in request.prefix or "\ufffd" in request.suffix:
+        return text
+    return text[:broken]
+
+
 def _encode(tokenizer, text: str, what: str) -> list[int]:
     try:
         return tokenizer.encode(text)
     except (TypeError, ValueError, UnicodeError) as exc:  # e.g. lone surrogates from a client
-        raise EngineError(f"bad completion request: {what} cannot be tokenized ({exc})") from None
+        raise EngineInputError(
+            f"bad completion request: {what} cannot be tokenized ({exc})") from None
 
 
 class Engine:
@@ -265,7 +277,7 @@ class Engine:
             budget = fim.context_budget(args, request.max_tokens if expanding else max(lengths),
                                         request.max_context_tokens)
             if budget < 0:
-                raise EngineError(
+                raise EngineInputError(
                     f"bad completion request: a {max(lengths)}-token hole and the special tokens "
                     f"do not fit a {request.max_context_tokens or args.max_context}-token window"
                 )
@@ -387,7 +399,10 @@ class Engine:
         scored: list[tuple[tuple[bool, float], int, Candidate]] = []
         for r, length in enumerate(rows):
             tokens, ended = fim.trim_at_end(holes[r][:length], self._end_ids, mask_id)
-            written = tok.decode(tokens)
+            decoded = tok.decode(tokens)
+            written = _whole_characters(decoded, request)
+            if len(written) < len(decoded):  # cut inside a character: it ranks as unfinished
+                tokens, ended = tokens[:_tokens_covering(tok, tokens, len(written))], False
             text = apply_stop(written, request.stop, request.prefix)
             cut = len(text) < len(written)
             if cut:  # the stop mode closed it: rank it on what it keeps, as ended

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -232,7 +233,10 @@ def read_config(path: Path) -> dict:
 def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
     """Parse and validate one file's header: complete, every tensor inside the file."""
     try:
-        size = file.stat().st_size
+        info = file.stat()
+        if not stat.S_ISREG(info.st_mode):  # opening a FIFO would block until a writer comes
+            raise EngineError(f"{file}: not a regular file")
+        size = info.st_size
         with open(file, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:

@@ -17,6 +17,11 @@ from engine.api import QuantMode
 
 LOOPBACK_NAMES = {"localhost"}
 SWITCH_INTERVAL_S = 0.0005
+# After `exit`: how long the engine thread may take to free the model. Freeing a loaded model
+# takes milliseconds; a load in progress cannot be interrupted and is not waited for.
+EXIT_WAIT_S = 0.3
+
+log = logging.getLogger("lsp_server")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,7 +78,7 @@ def loopback_address(value: str) -> tuple[str, int]:
 
 def configure_logging(verbosity: int, log_file: str | None) -> None:
     handler: logging.Handler = (
-        logging.FileHandler(log_file, encoding="utf-8")
+        logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
         if log_file
         else logging.StreamHandler(sys.stderr)
     )
@@ -86,6 +91,8 @@ def configure_logging(verbosity: int, log_file: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve, then end the process (os._exit) with the LSP exit code; returns only on a
+    command-line error."""
     args = parse_args(argv)
     if args.check:
         from lsp_server.doctor import main as check
@@ -108,19 +115,27 @@ def main(argv: list[str] | None = None) -> int:
     # the event loop can wait that long to answer or read the next message.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
+    from lsp_server import transport
     from lsp_server.server import create_server
 
     server = create_server(overrides=overrides, parent_poll_s=args.parent_poll_ms / 1000)
     if tcp is not None:
-        server.start_tcp(*tcp)
+        transport.serve_tcp(server, *tcp)
     else:
         protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
         sys.stdout = sys.stderr
-        server.start_io(sys.stdin.buffer, protocol_out)
-    server.free()
-    # LSP: exit code 0 only when `shutdown` came before `exit`.
-    return 0 if server.shutdown_requested else 1
+        transport.serve_stdio(server, sys.stdin.buffer, protocol_out)
+    code = server.exit_code()
+    server.free(timeout=EXIT_WAIT_S)
+    if server.worker.state != "closed":  # a model load cannot be interrupted
+        log.info("exiting with the engine still %s; the OS frees it", server.worker.state)
+    logging.shutdown()
+    sys.stderr.flush()
+    # Not sys.exit: interpreter teardown would wait for, or run finalizers under, an engine
+    # thread that may be inside a model load (editors restart servers on settings changes
+    # and expect them gone at once). Everything worth keeping is flushed above.
+    os._exit(code)
 
 
 if __name__ == "__main__":

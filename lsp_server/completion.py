@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 NEXT_LINES = 5  # lines below the cursor the suffix-duplicate rule looks at
 INDENT_SAMPLE_CHARS = 8000  # each side of the cursor
+LOADING_STATES = ("unloaded", "loading")  # a request arriving now waits for the model
+# A lone surrogate (a JSON "\ud800" from a client) has no UTF-8 form: no tokenizer takes it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,15 @@ class Prepared:
 class CompletionService:
     """The completion pipeline shared by inlineCompletion and the completion fallback."""
 
-    def __init__(self, worker: EngineWorker, settings: Callable[[], Settings]):
+    def __init__(
+        self,
+        worker: EngineWorker,
+        settings: Callable[[], Settings],
+        on_held: Callable[[], None] = lambda: None,
+    ):
         self.worker = worker
         self._settings = settings
+        self._on_held = on_held  # the server re-sends its status: "loading, N waiting"
         self.latest = LatestPerDocument()
         self.typed = TypedThrough()
         s = settings()
@@ -81,6 +91,9 @@ class CompletionService:
         self.debounce = AdaptiveDebounce(s.debounce_min_ms, s.debounce_max_ms)
         self.requests = 0
         self.model_answers = 0
+        self.held = 0  # requests waiting for the model to load
+        self.max_tokens_limit: int | None = None  # from the loaded model's window
+        self._model_changed = asyncio.Event()  # set (and replaced) when the load state moves
         # Bumped on every settings change: an answer computed under older settings is dropped.
         self.generation = 0
 
@@ -91,6 +104,30 @@ class CompletionService:
         self.cache = ExactCache(s.cache_size)  # knobs or the model changed: old answers are stale
         if reloaded:
             self.typed = TypedThrough()
+
+    def model_state_changed(self) -> None:
+        """Wake the requests held for the model: each looks at the worker's state again."""
+        self._model_changed.set()
+        self._model_changed = asyncio.Event()
+
+    async def _model_ready(self, ticket: Ticket) -> bool:
+        """Hold a request that arrives while the model loads (an empty answer would leave
+        the editor with nothing until the next keystroke), up to timeoutMs; True once the
+        model is ready, False if it failed, time ran out or a newer request replaced it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings().timeout_ms / 1000
+        self.held += 1
+        self._on_held()
+        try:
+            while self.worker.state in LOADING_STATES:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or await ticket.wait_superseded_or(
+                    self._model_changed, remaining
+                ):
+                    return False
+        finally:
+            self.held -= 1
+        return self.worker.ready
 
     def prepare(
         self, snap: Snapshot, *, invoked: bool, selection: Selection | None
@@ -163,8 +200,8 @@ class CompletionService:
         if cached is not None:
             self._remember(snap, selection, cached)
             return self._suggestions(cached, snap, prepared, selection)
-        if not self.worker.ready:
-            return []  # loading (or failed): answer at once, never queue behind a load
+        if not self.worker.ready and not await self._model_ready(ticket):
+            return []  # failed, closed, or still loading after timeoutMs
         if await ticket.wait_superseded(delay_ms / 1000):
             return []
         generation = self.generation
@@ -189,10 +226,11 @@ class CompletionService:
 
     def _request(self, prepared: Prepared) -> CompletionRequest:
         s = self._settings()
+        limit = self.max_tokens_limit
         return CompletionRequest(
-            prefix=prepared.prefix,
-            suffix=prepared.suffix,
-            max_tokens=s.max_tokens,
+            prefix=_LONE_SURROGATE.sub("\ufffd", prepared.prefix),
+            suffix=_LONE_SURROGATE.sub("\ufffd", prepared.suffix),
+            max_tokens=s.max_tokens if limit is None else min(s.max_tokens, limit),
             stop=prepared.stop,
             num_candidates=prepared.candidates,
             temperature=0.0,  # candidate 0 greedy; the engine samples the extra ones hot

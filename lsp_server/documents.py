@@ -2,19 +2,25 @@
 
 A Snapshot is taken before the first await of a request: pygls applies didChange
 notifications while a handler is suspended, so everything after that must read the snapshot,
-never the live document. Positions are converted only with pygls' position codec (the
-negotiated encoding: UTF-8 for Neovim, UTF-16 for VS Code).
+never the live document. Positions are in the negotiated encoding (pygls' position codec:
+UTF-8 for Neovim, UTF-16 for VS Code), converted with C-speed encodes (chunked_text.py).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from lsprotocol import types
 from pygls.workspace import TextDocument, Workspace
 from pygls.workspace.position_codec import PositionCodec
+
+from lsp_server.chunked_text import ChunkedText, code_points_for, units
+
+log = logging.getLogger(__name__)
 
 # Without the model's tokenizer in the server process, the token budget is turned into a
 # character budget. Code averages 3-4 characters per token, so 3 keeps the window within
@@ -58,34 +64,23 @@ class Snapshot:
         return "\n"
 
 
-def take_snapshot(document: TextDocument, position: types.Position) -> Snapshot | None:
+def take_snapshot(document: LspTextDocument, position: types.Position) -> Snapshot | None:
     """Snapshot `document` at `position`; None when the position lies outside the text.
 
-    Only the cursor's line is looked at (found with C-speed string scans): a request on a
-    large file must not walk every line before its first await.
+    The position is found through the document's chunk index (no walk over the file).
     """
-    text = document.source
-    offset = offset_at(text, position, document.position_codec)
+    offset = document.offset_at(position)
     if offset is None:
         return None
     return Snapshot(
         uri=document.uri,
         version=document.version,
         language_id=document.language_id,
-        text=text,
+        text=document.source,
         offset=offset,
         position=types.Position(line=position.line, character=position.character),
         codec=document.position_codec,
     )
-
-
-def utf8_size_over(text: str, max_bytes: int) -> bool:
-    """len(text.encode()) > max_bytes, without encoding when the length alone decides."""
-    if len(text) > max_bytes:  # every code point is at least one byte
-        return True
-    if len(text) * 4 <= max_bytes or text.isascii():  # at most four bytes each
-        return False
-    return len(text.encode("utf-8", "surrogatepass")) > max_bytes
 
 
 # LSP ends a line only at \r\n, \n or \r; str.splitlines also breaks at \f, \v, \x1c-\x1e,
@@ -134,15 +129,21 @@ def line_end(text: str, start: int) -> int:
     return found.start() if found else len(text)
 
 
+def encoding_of(codec: PositionCodec) -> int:
+    """The codec's unit as 8, 16 or 32 (pygls treats anything unknown as UTF-16)."""
+    encoding = codec.encoding
+    if encoding == types.PositionEncodingKind.Utf8:
+        return 8
+    return 32 if encoding == types.PositionEncodingKind.Utf32 else 16
+
+
 def column_to_code_points(line: str, character: int, codec: PositionCodec) -> int | None:
     """The client's `character` (codec units) on `line` as a code-point column; None past
-    the end of the line."""
-    if line.isascii():  # one unit per character in every encoding
-        return character if character <= len(line) else None
-    if character > codec.client_num_units(line):
+    the end of the line. C-speed encodes only: a long line costs no Python loop."""
+    encoding = encoding_of(codec)
+    if character > units(line, encoding):
         return None
-    position = types.Position(line=0, character=character)
-    return codec.position_from_client_units([line], position).character
+    return code_points_for(line, character, encoding)
 
 
 def offset_at(text: str, position: types.Position, codec: PositionCodec) -> int | None:
@@ -156,41 +157,78 @@ def offset_at(text: str, position: types.Position, codec: PositionCodec) -> int 
     return None if column is None else start + column
 
 
-def clamped_offset(text: str, position: types.Position, codec: PositionCodec) -> int:
-    """Like offset_at, but a position past a line's end or the text's end is moved back onto
-    it (what editors expect from an edit range that overshoots)."""
-    start = line_start(text, max(0, position.line))
-    if start is None:
-        return len(text)
-    line = text[start : line_end(text, start)]
-    character = max(0, position.character)
-    column = column_to_code_points(line, character, codec)
-    return start + (len(line) if column is None else column)
-
-
 class LspTextDocument(TextDocument):
-    """pygls' TextDocument with LSP line breaks and without per-edit line lists.
+    """pygls' TextDocument with LSP line breaks and edits that cost O(edit).
 
-    pygls splits the whole source with str.splitlines on every incremental change: O(file) of
-    Python work per keystroke and the wrong lines after a form feed or U+2028.
+    pygls splits the whole source with str.splitlines on every incremental change and walks
+    the line character by character to convert a column: O(file) of Python work per
+    keystroke, and the wrong lines after a form feed or U+2028. Here the text lives in a
+    ChunkedText; `source` joins it only when a request reads it.
     """
+
+    _text: ChunkedText
+
+    @property  # type: ignore[override]
+    def _source(self) -> str:  # pygls' own code reads and assigns `_source`
+        return self._text.text
+
+    @_source.setter
+    def _source(self, value: str | None) -> None:
+        self._text = ChunkedText(value or "")
+
+    @property
+    def source(self) -> str:  # never read from disk: an unopened file has no text here
+        return self._text.text
 
     @property
     def lines(self) -> tuple[str, ...]:
         return tuple(split_lines(self.source))
 
-    def _apply_incremental_change(self, change: types.TextDocumentContentChangePartial) -> None:
-        text = self.source
-        start = clamped_offset(text, change.range.start, self.position_codec)
-        end = max(start, clamped_offset(text, change.range.end, self.position_codec))
-        self._source = text[:start] + change.text + text[end:]
+    def utf8_size(self) -> int:
+        return self._text.utf8_size()
+
+    def offset_at(self, position: types.Position) -> int | None:
+        """`position` (client units) as an offset; None when it lies outside the text."""
+        if position.line < 0 or position.character < 0:
+            return None
+        return self._text.offset_at(
+            position.line, position.character, encoding_of(self.position_codec), clamp=False
+        )
 
     def offset_at_position(self, client_position: types.Position) -> int:
-        return clamped_offset(self.source, client_position, self.position_codec)
+        """Like offset_at, but a position past a line's end or the text's end is moved back
+        onto it (what editors expect from an edit range that overshoots)."""
+        offset = self._text.offset_at(
+            client_position.line,
+            client_position.character,
+            encoding_of(self.position_codec),
+            clamp=True,
+        )
+        assert offset is not None
+        return offset
+
+    def _apply_incremental_change(self, change: types.TextDocumentContentChangePartial) -> None:
+        start = self.offset_at_position(change.range.start)
+        end = max(start, self.offset_at_position(change.range.end))
+        self._text.replace(start, end, change.text)
+
+    def _apply_full_change(self, change: types.TextDocumentContentChangeEvent) -> None:
+        self._text = ChunkedText(change.text)
 
 
 class LspWorkspace(Workspace):
-    """A pygls Workspace whose documents are LspTextDocuments."""
+    """A pygls Workspace whose documents are LspTextDocuments; a change to a document that
+    was never opened is ignored (pygls raises KeyError, shown to the user as a server error)."""
+
+    def update_text_document(
+        self,
+        text_doc: types.VersionedTextDocumentIdentifier,
+        change: types.TextDocumentContentChangeEvent,
+    ) -> None:
+        if unquote(text_doc.uri) not in self._text_documents:
+            log.info("didChange for %s, which is not open: ignored", text_doc.uri)
+            return
+        super().update_text_document(text_doc, change)
 
     def _create_text_document(
         self,

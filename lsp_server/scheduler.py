@@ -28,6 +28,18 @@ class Ticket:
         if self.job is not None:
             self.job.cancel.set()
 
+    async def wait_superseded_or(self, event: asyncio.Event, seconds: float) -> bool:
+        """Sleep until `event` is set, up to `seconds`; True when a newer request replaced
+        this one instead."""
+        waiters = [asyncio.ensure_future(self.superseded.wait()),
+                   asyncio.ensure_future(event.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        return self.superseded.is_set()
+
     async def wait_superseded(self, seconds: float) -> bool:
         """Sleep up to `seconds`; True as soon as a newer request replaced this one."""
         if seconds <= 0:

@@ -1,8 +1,9 @@
 """The maskfill language server: registration, lifecycle and thin handlers.
 
 Handlers snapshot, await, convert; the pipeline lives in completion.py, conversion in
-protocol.py. torch is never imported here: the engine is imported by the worker thread while
-the server already answers requests (with empty lists until the model is ready).
+protocol.py, message checks in rpc.py, byte streams in transport.py. torch is never imported
+here: the engine is imported by the worker thread while the server already answers (requests
+wait for the model, up to timeoutMs).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -20,22 +22,16 @@ from urllib.parse import unquote
 
 import msgspec
 from lsprotocol import types
-from pygls.exceptions import JsonRpcServerNotInitialized
+from pygls.exceptions import FeatureRequestError, JsonRpcServerNotInitialized
 from pygls.lsp.server import LanguageServer
-from pygls.workspace import TextDocument
 
 from lsp_server.completion import CompletionService, Selection
-from lsp_server.documents import (
-    LspWorkspace,
-    Snapshot,
-    offset_at,
-    take_snapshot,
-    utf8_size_over,
-)
+from lsp_server.documents import LspTextDocument, LspWorkspace, Snapshot, offset_at, take_snapshot
 from lsp_server.engine_client import resolve_mode
 from lsp_server.protocol import client_has_inline_completion, completion_list, inline_items
+from lsp_server.rpc import MaskfillProtocol
 from lsp_server.settings import SETTINGS_SECTION, Settings, parse_settings
-from lsp_server.worker import EngineWorker, Loader, LoadSpec, load_engine
+from lsp_server.worker import CLOSE_WAIT_S, EngineWorker, Loader, LoadSpec, load_engine
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +46,9 @@ _ENGINE_KEYS = ("model", "device", "quant", "fallback_device", "engine_mode", "e
 # the debounce keep these from flooding the model.
 TRIGGER_CHARACTERS = [".", "(", " ", ":", "=", ","]
 ENGINE_ERROR_REPEAT_S = 60.0  # the same engine error is shown at most once per this long
+# Process ids an OS can hand out (pid_t is 32-bit signed; Windows ids are DWORDs): anything
+# else as the LSP processId is a client bug, not an editor to watch.
+MAX_PID = 2**32 - 1 if sys.platform == "win32" else 2**31 - 1
 
 
 class MessageLimiter:
@@ -80,17 +79,23 @@ class MaskfillServer(LanguageServer):
         loader: Loader = load_engine,
         parent_poll_s: float = 1.0,
     ):
-        super().__init__(SERVER_NAME, SERVER_VERSION)
+        super().__init__(SERVER_NAME, SERVER_VERSION, protocol_cls=MaskfillProtocol)
         self.overrides = overrides or {}  # CLI --model/--device/--quant win over the client
         self.settings = self._with_overrides(Settings())
         self.parent_poll_s = parent_poll_s
         self.worker = EngineWorker(loader, on_event=self._engine_event)
-        self.service = CompletionService(self.worker, lambda: self.settings)
+        self.service = CompletionService(
+            self.worker, lambda: self.settings, on_held=self.notify_status
+        )
         self.initialized = False  # set once `initialize` is answered
         self.load_started = False  # set by the `initialized` notification
         self.engine_errors = MessageLimiter(ENGINE_ERROR_REPEAT_S)
         self._logged_large: set[str] = set()
+        self._clamp_shown: tuple[int, int] | None = None
         self.shutdown_requested = False
+        self.stop_reason: str | None = None  # why serving ended: exit, end of input, a signal...
+        self.stopped = asyncio.Event()  # set by stop_serving; the transport then returns
+        self._exit_code: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._progress_ids = itertools.count(1)
         self._progress_token: str | None = None
@@ -109,8 +114,8 @@ class MaskfillServer(LanguageServer):
         before = self.settings
         parsed, warnings = parse_settings(raw, base=before)
         self.settings = self._with_overrides(parsed)
-        for warning in warnings:
-            self.show(warning, types.MessageType.Warning)
+        if warnings:  # one message per change, however many keys were wrong
+            self.show("; ".join(warnings), types.MessageType.Warning)
         engine_changed = any(
             getattr(before, key) != getattr(self.settings, key) for key in _ENGINE_KEYS
         )
@@ -118,6 +123,22 @@ class MaskfillServer(LanguageServer):
             self.service.settings_changed(reloaded=engine_changed)
         if engine_changed and self.load_started:
             self.start_loading()
+        self._clamp_max_tokens()
+
+    def _clamp_max_tokens(self) -> None:
+        """A span budget the model's window cannot hold would fail every request once (and
+        retry at half): cap it at half the window, the rest being context, and say so once."""
+        info = self.worker.info
+        limit = max(1, info.max_context // 2) if info is not None else None
+        self.service.max_tokens_limit = limit
+        wanted = self.settings.max_tokens
+        if limit is not None and wanted > limit and (wanted, limit) != self._clamp_shown:
+            self._clamp_shown = (wanted, limit)
+            self.show(
+                f"maskfill: maxTokens {wanted} does not fit the model's {info.max_context}-token"
+                f" window; using {limit}",
+                types.MessageType.Warning,
+            )
 
     def start_loading(self) -> None:
         self.load_started = True
@@ -129,6 +150,7 @@ class MaskfillServer(LanguageServer):
                 idle_exit_s=s.engine_idle_exit_s,
             )
         )
+        self.service.model_state_changed()
         self.notify_status()
 
     # -- messages to the client -----------------------------------------------------------
@@ -144,6 +166,7 @@ class MaskfillServer(LanguageServer):
                 "state": self.worker.state,
                 "enabled": self.settings.enabled,
                 "error": self.worker.error,
+                "heldRequests": self.service.held,  # waiting for the model to load
             },
         )
 
@@ -155,16 +178,18 @@ class MaskfillServer(LanguageServer):
     def _on_engine_event(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "load-begin":
             self._progress_begin(
-                f"Loading {payload['model'] or 'the embedded model'} on {payload['device']}"
+                f"Loading {payload['model']} on {payload['device']}"
             )
         elif kind == "load-end":
             info = payload["info"]
             self._progress_end(f"{info['family']} model ready on {info['device']}")
             if payload.get("fellBack"):
                 self.show(
-                    f"maskfill: running on the fallback device {payload['device']}",
+                    f"maskfill: running on the fallback device {payload['device']}"
+                    f" ({payload['reason']})",
                     types.MessageType.Warning,
                 )
+            self._clamp_max_tokens()
         elif kind == "load-failed":
             self._progress_end("model not loaded")
             self.show(payload["message"], types.MessageType.Error)
@@ -173,6 +198,8 @@ class MaskfillServer(LanguageServer):
                 self.show(payload["message"], types.MessageType.Warning)
             else:
                 log.info("engine error (not shown again yet): %s", payload["message"])
+        if kind != "engine-error":
+            self.service.model_state_changed()
         self.notify_status()
 
     def _progress_begin(self, title: str) -> None:
@@ -229,9 +256,51 @@ class MaskfillServer(LanguageServer):
                 return
 
     def parent_gone(self) -> None:
-        self.free()
-        logging.shutdown()
-        os._exit(0)  # stdin may never close when the editor was killed
+        self.stop_serving("the editor process is gone", exit_code=0)  # stdin may never close
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def begin_serving(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called by the transport on its event loop before the first message."""
+        self._loop = loop
+        self.stopped = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+            except (NotImplementedError, RuntimeError, ValueError):  # Windows; not main thread
+                with contextlib.suppress(ValueError):
+                    signal.signal(signum, self._on_signal_threadsafe)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        log.warning("%s received; freeing the model and exiting", name)
+        self.stop_serving(name, exit_code=128 + signum)
+
+    def _on_signal_threadsafe(self, signum: int, _frame: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_signal, signum)
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_reason is not None
+
+    def stop_serving(self, reason: str, exit_code: int | None = None) -> None:
+        """End the session: the transport stops reading and __main__ exits. The model starts
+        being freed now, so that the exit waits as little as possible."""
+        if self.stop_reason is not None:
+            return
+        log.info("stopping: %s", reason)
+        self.stop_reason = reason
+        self._exit_code = exit_code
+        self.worker.close(timeout=0)
+        self.stopped.set()
+
+    def exit_code(self) -> int:
+        """LSP: 0 when `shutdown` came before the end, else 1; a signal gives 128 + its
+        number (like a shell), the editor's death 0."""
+        if self._exit_code is not None:
+            return self._exit_code
+        return 0 if self.shutdown_requested else 1
 
     def snapshot(self, uri: str, position: types.Position) -> Snapshot | None:
         """The open document at `position`, or None (unknown, outside, over the size cap)."""
@@ -240,16 +309,26 @@ class MaskfillServer(LanguageServer):
         document = find_document(self, uri)
         if document is None:
             return None
-        if utf8_size_over(document.source, self.settings.max_document_bytes):
+        if document.utf8_size() > self.settings.max_document_bytes:
             if uri not in self._logged_large:  # once per document, not per keystroke
                 self._logged_large.add(uri)
                 log.info("%s is over maxDocumentBytes: no completions for it", uri)
             return None
         return take_snapshot(document, position)
 
-    def free(self) -> None:
-        """Free the model (engine.close on the worker thread)."""
-        self.worker.close()
+    def free(self, timeout: float = CLOSE_WAIT_S) -> None:
+        """Free the model (engine.close on the worker thread), waiting at most `timeout`."""
+        self.worker.close(timeout=timeout)
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        """pygls shows every failed notification in a popup: log it, and show it at most
+        once a minute (a bug in didChange must not cost one popup per keystroke)."""
+        if source is FeatureRequestError:  # already answered to the client, and logged
+            return
+        log.error("%s: %s", getattr(source, "__name__", source), error)
+        message = f"maskfill: internal error ({_one_line(error)}); see the server log"
+        if self.engine_errors.allow(message):
+            self.show(message, types.MessageType.Error)
 
     def status(self) -> dict[str, Any]:
         info = self.worker.info
@@ -266,6 +345,7 @@ class MaskfillServer(LanguageServer):
             "enabled": s.enabled,
             "engineMode": resolve_mode(s.engine_mode, s.device),
             "requests": self.service.requests,
+            "heldRequests": self.service.held,
             "cacheHits": self.service.cache.hits,
             "typedThroughHits": self.service.typed.hits,
             "superseded": self.service.latest.superseded,
@@ -307,10 +387,11 @@ def _windows_pid_alive(pid: int) -> bool:
         kernel32.CloseHandle(handle)
 
 
-def find_document(ls: MaskfillServer, uri: str) -> TextDocument | None:
+def find_document(ls: MaskfillServer, uri: str) -> LspTextDocument | None:
     """An open document, or None: never read unopened files from disk."""
     documents = ls.workspace.text_documents
-    return documents.get(uri) or documents.get(unquote(uri))
+    document = documents.get(uri) or documents.get(unquote(uri))
+    return document if isinstance(document, LspTextDocument) else None
 
 
 def selection_at(
@@ -344,7 +425,8 @@ def create_server(
 
     @server.feature(types.INITIALIZE)
     def initialize(ls: MaskfillServer, params: types.InitializeParams) -> None:
-        ls._loop = asyncio.get_running_loop()
+        if ls._loop is None:
+            ls._loop = asyncio.get_running_loop()
         # pygls' documents split lines with str.splitlines; ours use LSP's line breaks.
         workspace = ls.workspace
         ls.protocol._workspace = LspWorkspace(
@@ -354,15 +436,19 @@ def create_server(
             workspace.position_encoding,
         )
         ls.apply_settings(params.initialization_options)
-        if params.process_id is not None and params.process_id != os.getpid():
-            ls.spawn(ls.watch_parent(params.process_id))
+        pid = params.process_id
+        if pid is not None and not 0 < pid <= MAX_PID:
+            log.warning("processId %r is not a possible process id: not watching the editor", pid)
+        elif pid is not None and pid != os.getpid():
+            ls.spawn(ls.watch_parent(pid))
         # pygls sends the reply as soon as this handler returns: requests that follow it are
         # allowed (the model itself starts loading on `initialized`).
         ls.initialized = True
 
     @server.feature(types.INITIALIZED)
     def initialized(ls: MaskfillServer, params: types.InitializedParams) -> None:
-        ls.start_loading()
+        if not ls.load_started:  # a repeated `initialized` does not reload the model
+            ls.start_loading()
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
     def did_change_configuration(ls: MaskfillServer, params: types.DidChangeConfigurationParams):
@@ -419,11 +505,7 @@ def create_server(
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: MaskfillServer, *args: Any) -> None:
         ls.shutdown_requested = True
-        ls.free()
-
-    @server.feature(types.EXIT)
-    def exit_(ls: MaskfillServer, *args: Any) -> None:
-        ls.free()
+        ls.free(timeout=0)  # starts freeing; `exit` waits for it (briefly, see __main__)
 
     return server
 
@@ -435,3 +517,8 @@ async def _pull_configuration(ls: MaskfillServer) -> None:
         )
         if values and isinstance(values[0], dict):
             ls.apply_settings(values[0])
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -19,6 +19,7 @@ EngineMode = Literal["auto", "inprocess", "shared", "remote"]
 Device = Annotated[str, msgspec.Meta(pattern=r"^(cpu|cuda(:\d+)?|mps)$")]
 
 SETTINGS_SECTION = "maskfill"  # clients may nest our settings under this key
+NAMED_UNKNOWN = 10  # unknown keys named in the warning; the rest are counted
 
 
 class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):
@@ -77,10 +78,19 @@ def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, li
     if not isinstance(raw, dict):
         return base, [f"maskfill settings must be an object, got {type(raw).__name__}; ignored"]
 
-    merged = msgspec.to_builtins(base)
-    merged.update(raw)
-    warnings: list[str] = []
+    known = {field.encode_name for field in msgspec.structs.fields(Settings)}
+    unknown = [key for key in raw if key not in known]
+    warnings = [_unknown_warning(unknown)] if unknown else []
     defaults = msgspec.to_builtins(Settings())
+    merged = msgspec.to_builtins(base)
+    for key, value in raw.items():
+        if key not in known:
+            continue
+        if _has_lone_surrogate(value):  # msgspec cannot even read it (no UTF-8 form)
+            warnings.append(f"maskfill setting `{key}` is not valid text; using the default")
+            merged[key] = defaults[key]
+        else:
+            merged[key] = value
     for _ in range(len(merged) + 1):  # each pass removes one bad field
         try:
             return msgspec.convert(merged, Settings), warnings
@@ -99,6 +109,26 @@ def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, li
             else:
                 warnings.append(f"maskfill setting `{field}` is unknown; ignored")
     return base, warnings
+
+
+def _has_lone_surrogate(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, str):
+        return not value.isascii() and any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, list) and depth < 8:
+        return any(_has_lone_surrogate(item, depth + 1) for item in value)
+    if isinstance(value, dict) and depth < 8:
+        return any(_has_lone_surrogate(k, depth + 1) or _has_lone_surrogate(v, depth + 1)
+                   for k, v in value.items())
+    return False
+
+
+def _unknown_warning(keys: list[str]) -> str:
+    """One line for any number of unknown keys (a client may send thousands)."""
+    named = ", ".join(f"`{key}`" for key in keys[:NAMED_UNKNOWN])
+    if len(keys) == 1:
+        return f"maskfill setting {named} is unknown; ignored"
+    more = f" and {len(keys) - NAMED_UNKNOWN} more" if len(keys) > NAMED_UNKNOWN else ""
+    return f"maskfill: {len(keys)} unknown settings ignored: {named}{more}"
 
 
 def _bad_field(message: str) -> str | None:

@@ -5,10 +5,15 @@ cancellations while a model loads or denoises. Newest wins per document: submitt
 document drops the pending one and flags the running one (its cancel Event is checked by the
 engine between denoising steps), so a burst of keystrokes costs at most a couple of model runs.
 
+The queue is bounded across documents too: beyond MAX_PENDING_JOBS waiting jobs the oldest is
+dropped, so a request never waits behind a backlog of work nobody is looking at any more.
+
 When a run fails (out of memory, say) the job is retried once with half the span budget; if
 that fails too, the job answers nothing. A transient failure never moves the model: only a load
 failure, or FALLBACK_AFTER_FAILURES failed runs in a row with no success between them, moves
-it to the configured fallback device (until the next load, e.g. a settings change).
+it to the configured fallback device (until the next load, e.g. a settings change). A request
+the engine refuses as bad input (EngineInputError: text it cannot tokenize, a context that does
+not fit) is answered with nothing and counts as no failure: it says nothing about the device.
 """
 
 from __future__ import annotations
@@ -27,11 +32,20 @@ from typing import Any, Protocol
 
 import msgspec
 
-from engine.api import CompletionRequest, CompletionResult, EngineError, EngineInfo, QuantMode
+from engine.api import (
+    CompletionRequest,
+    CompletionResult,
+    EngineError,
+    EngineInfo,
+    EngineInputError,
+    QuantMode,
+)
 
 log = logging.getLogger(__name__)
 
 FALLBACK_AFTER_FAILURES = 4  # consecutive failed runs before moving to the fallback device
+MAX_PENDING_JOBS = 2  # waiting jobs, all documents together (one more may be running)
+CLOSE_WAIT_S = 5.0  # close(): the longest wait for the thread to free the model, by default
 
 
 class EngineLike(Protocol):
@@ -75,6 +89,14 @@ def default_model_path() -> str | None:
         return None
     path = embedded_path()
     return str(path) if path else None
+
+
+def model_name(spec: LoadSpec) -> str:
+    """What a log line or message calls the model: its setting, or the embedded model."""
+    if spec.model:
+        return spec.model
+    path = default_model_path()
+    return f"the embedded model ({path})" if path else "the embedded model"
 
 
 def load_engine(spec: LoadSpec) -> EngineLike:
@@ -159,6 +181,7 @@ class EngineWorker:
         self.error: str | None = None
         self.stats = WorkerStats()
         self._failures_in_a_row = 0
+        self._in_loader = False  # a load cannot be interrupted: close() does not wait for one
         self._thread = threading.Thread(target=self._run, name="maskfill-engine", daemon=True)
         self._thread.start()
 
@@ -196,11 +219,16 @@ class EngineWorker:
             if self._running is not None and self._running.key == key:
                 self._running.cancel.set()
             self._pending[key] = job
+            while len(self._pending) > MAX_PENDING_JOBS:  # newest wins across documents too
+                _, oldest = self._pending.popitem(last=False)
+                self._drop(oldest)
             self._lock.notify()
         return job
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the thread and free the model (engine.close())."""
+    def close(self, timeout: float = CLOSE_WAIT_S) -> None:
+        """Stop the thread and free the model (engine.close()), waiting at most `timeout`
+        seconds for it (0: do not wait). A load in progress is not waited for: the thread
+        frees what it loaded when the load returns (or the process ends first)."""
         with self._lock:
             self._closing = True
             for job in self._pending.values():
@@ -209,7 +237,7 @@ class EngineWorker:
             if self._running is not None:
                 self._running.cancel.set()
             self._lock.notify()
-        if threading.current_thread() is not self._thread:
+        if timeout > 0 and not self._in_loader and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     # -- the worker thread ---------------------------------------------------------------
@@ -269,8 +297,9 @@ class EngineWorker:
         errors = []
         for device in devices:
             attempt = dataclasses.replace(spec, device=device)
-            self._on_event("load-begin", {"model": spec.model, "device": device})
+            self._on_event("load-begin", {"model": model_name(spec), "device": device})
             started = time.perf_counter()
+            self._in_loader = True
             try:
                 engine = self._loader(attempt)
             except NoModelConfigured as exc:
@@ -278,8 +307,10 @@ class EngineWorker:
                 break
             except Exception as exc:  # EngineError, OOM, a broken checkpoint: report, keep serving
                 errors.append(f"{device}: {_one_line(exc)}")
-                log.warning("loading %s on %s failed: %s", spec.model, device, exc)
+                log.warning("loading %s on %s failed: %s", model_name(spec), device, exc)
                 continue
+            finally:
+                self._in_loader = False
             with self._lock:
                 superseded = self._load_request is not None or self._closing
             self._engine, self._spec = engine, attempt
@@ -295,6 +326,7 @@ class EngineWorker:
                     "ms": load_ms,
                     "device": device,
                     "fellBack": device != spec.device,
+                    "reason": "; ".join(errors),  # why the devices before this one failed
                 },
             )
             return
@@ -311,6 +343,9 @@ class EngineWorker:
         for attempt in range(3):
             try:
                 result = self._timed_run(job, request)
+            except EngineInputError as exc:  # this request alone is bad: not the device's fault
+                log.warning("completion refused: %s", _one_line(exc))
+                break
             except Exception as exc:  # any engine failure must leave the server serving
                 self.stats.failures += 1
                 self._failures_in_a_row += 1

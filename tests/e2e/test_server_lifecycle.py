@@ -1,7 +1,7 @@
 """End to end over stdio: lifecycle and configuration. Each test starts its own server process.
 
 - requests before `initialize`, a broken checkpoint, shutdown/exit codes;
-- answers while the model loads, invalid settings, the completion fallback, maskfill.toggle;
+- requests held while the model loads, invalid settings, the completion fallback, toggle;
 - the editor-process watch (the server exits when `processId` dies).
 """
 
@@ -82,9 +82,16 @@ async def test_loading_settings_fallback_toggle_and_exit_without_shutdown(
         uri = "file:///even.py"
         open_document(client, uri, "def is_even(n):\n")
         assert (await status(client))["loadState"] == "loading"  # held at the gate
-        assert await inline(client, uri, 1, 0) == []  # answered at once, not queued
-        assert (await status(client))["loadState"] == "loading"
+        held = asyncio.ensure_future(inline(client, uri, 1, 0))  # waits for the model
+        for _ in range(600):
+            current = await status(client)
+            if current["heldRequests"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert current["loadState"] == "loading" and current["heldRequests"] == 1
+        assert not held.done()
         gate.touch()
+        assert (await held)[0].insert_text == "    return n % 2 == 0"
 
         warnings = " ".join(m.message for m in client.messages)
         assert "`maxTokens`" in warnings and "`colour`" in warnings
@@ -119,6 +126,8 @@ async def test_loading_settings_fallback_toggle_and_exit_without_shutdown(
         assert await asyncio.wait_for(client._server.wait(), EXIT_TIMEOUT_S) == 1
     finally:
         if client is not None:
+            if client._server.returncode is None:  # a failed assertion: stop() would wait
+                client._server.kill()
             await client.stop()
 
 

@@ -5,12 +5,11 @@ the suggestion strings are inputs to the range conversion, not model output unde
 import asyncio
 
 from lsprotocol import types
-from pygls.workspace import TextDocument
 from pygls.workspace.position_codec import PositionCodec
 
 from engine.api import Candidate, CompletionResult, CompletionStats
 from lsp_server.completion import CompletionService, Selection
-from lsp_server.documents import take_snapshot
+from lsp_server.documents import LspTextDocument, take_snapshot
 from lsp_server.settings import Settings
 from lsp_server.worker import Job
 
@@ -27,7 +26,7 @@ def service(**settings) -> CompletionService:
 
 
 def snapshot(text: str, line: int, character: int, language: str = "python"):
-    document = TextDocument(
+    document = LspTextDocument(
         "file:///t.py", text, version=1, language_id=language, position_codec=UTF16
     )
     return document, take_snapshot(document, types.Position(line=line, character=character))

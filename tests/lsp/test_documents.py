@@ -2,7 +2,6 @@
 
 import pytest
 from lsprotocol import types
-from pygls.workspace import TextDocument
 from pygls.workspace.position_codec import PositionCodec
 
 from lsp_server.documents import (
@@ -15,15 +14,14 @@ from lsp_server.documents import (
     offset_at,
     split_lines,
     take_snapshot,
-    utf8_size_over,
 )
 
 UTF8 = PositionCodec(types.PositionEncodingKind.Utf8)
 UTF16 = PositionCodec(types.PositionEncodingKind.Utf16)
 
 
-def doc(text: str, codec: PositionCodec = UTF16) -> TextDocument:
-    return TextDocument("file:///t.py", text, version=1, position_codec=codec)
+def doc(text: str, codec: PositionCodec = UTF16) -> LspTextDocument:
+    return LspTextDocument("file:///t.py", text, version=1, position_codec=codec)
 
 
 def lsp_doc(text: str, codec: PositionCodec) -> LspTextDocument:
@@ -187,10 +185,14 @@ def test_line_start_and_offsets_on_a_large_file():
     assert offset_at(text, at(200_000, 12), UTF8) is None  # past the end of that line
 
 
-def test_utf8_size_over_counts_bytes():
-    assert utf8_size_over("x" * 11, 10) and not utf8_size_over("x" * 10, 10)
-    assert utf8_size_over("é" * 6, 10)  # 12 bytes in 6 code points
-    assert not utf8_size_over("é" * 5, 10)
+def test_utf8_size_counts_bytes_through_edits():
+    document = doc("x" * 10 + "é" * 6)
+    assert document.utf8_size() == 22  # é: two bytes in one code point
+    document.apply_change(
+        types.TextDocumentContentChangePartial(range=types.Range(start=at(0, 0), end=at(0, 12)),
+                                               text="😀")
+    )
+    assert document.source == "😀" + "é" * 4 and document.utf8_size() == 12
 
 
 def test_line_start_agrees_with_lsp_lines_across_chunk_boundaries(monkeypatch):
@@ -210,3 +212,69 @@ def test_line_start_agrees_with_lsp_lines_across_chunk_boundaries(monkeypatch):
         for line in range(count + 2):
             expected = starts[line] if line < count else None
             assert line_start(text, line) == expected, (text, line)
+
+
+# -- chunked text: edits and positions against a plain reference ------------------------------
+
+FUZZ_PIECES = ["a", "b", "é", "中", "😀", "\n", "\r", "\r\n", "\u2028", "\ud800", "\t"]
+ENCODINGS = {8: UTF8, 16: UTF16, 32: PositionCodec(types.PositionEncodingKind.Utf32)}
+
+
+def reference_offset(text: str, line: int, character: int, encoding: int, clamp: bool):
+    """A position the slow, obvious way: split into LSP lines, walk the line's characters."""
+    lines = split_lines(text)
+    count = len(lines) + (not text or text.endswith(("\n", "\r")))
+    if line >= count:
+        return len(text) if clamp else None
+    start = sum(len(x) for x in lines[:line])
+    content = lines[line].rstrip("\r\n") if line < len(lines) else ""
+    used = 0
+    for index, ch in enumerate(content):
+        if used >= character:
+            return start + index
+        used += {8: len(ch.encode("utf-8", "surrogatepass")), 16: 1 + (ord(ch) > 0xFFFF),
+                 32: 1}[encoding]
+    return start + len(content) if used >= character or clamp else None
+
+
+def test_random_edits_and_positions_match_a_plain_reference(monkeypatch):
+    """1000 random documents, each edited 8 times at random (overshooting) ranges in random
+    encodings, with tiny chunks so that edits cross chunk seams and \\r\\n pairs meet them."""
+    import random
+
+    import lsp_server.chunked_text as chunked
+
+    monkeypatch.setattr(chunked, "CHUNK", 4)
+    monkeypatch.setattr(chunked, "_MERGE_BELOW", 2)
+    rng = random.Random(11)
+
+    def random_text(most: int) -> str:
+        return "".join(rng.choice(FUZZ_PIECES) for _ in range(rng.randint(0, most)))
+
+    def random_position(text: str) -> types.Position:
+        lines = split_lines(text)
+        line = rng.randint(0, len(lines) + 1)
+        return at(line, rng.randint(0, 2 + (len(lines[line]) * 2 if line < len(lines) else 0)))
+
+    for case in range(1000):
+        encoding = rng.choice([8, 16, 32])
+        text = random_text(40)
+        document = lsp_doc(text, ENCODINGS[encoding])
+        for _ in range(8):
+            start, end = random_position(text), random_position(text)
+            if (end.line, end.character) < (start.line, start.character):
+                start, end = end, start
+            new = random_text(12)
+            a = reference_offset(text, start.line, start.character, encoding, clamp=True)
+            b = max(a, reference_offset(text, end.line, end.character, encoding, clamp=True))
+            text = text[:a] + new + text[b:]
+            document.apply_change(
+                types.TextDocumentContentChangePartial(range=types.Range(start=start, end=end),
+                                                       text=new)
+            )
+            assert document.source == text, case
+            assert document.utf8_size() == len(text.encode("utf-8", "surrogatepass"))
+            probe = random_position(text)
+            expected = reference_offset(text, probe.line, probe.character, encoding, clamp=False)
+            assert document.offset_at(probe) == expected, (case, text, probe)
+            assert offset_at(text, probe, ENCODINGS[encoding]) == expected, (case, text, probe)

@@ -9,13 +9,23 @@ import time
 
 import pytest
 
-from engine.api import CompletionRequest, CompletionResult, CompletionStats, EngineError, EngineInfo
-from lsp_server.worker import FALLBACK_AFTER_FAILURES, EngineWorker, LoadSpec
+from engine.api import (
+    CompletionRequest,
+    CompletionResult,
+    CompletionStats,
+    EngineError,
+    EngineInfo,
+    EngineInputError,
+)
+from lsp_server.worker import FALLBACK_AFTER_FAILURES, MAX_PENDING_JOBS, EngineWorker, LoadSpec
+
+OUT_OF_MEMORY = EngineError("out of memory (probe)")
 
 
 class SchedulingProbe:
-    def __init__(self, device="cpu", fail_first=0):
+    def __init__(self, device="cpu", fail_first=0, failure=OUT_OF_MEMORY):
         self.device = device
+        self.failure = failure
         self.started = threading.Event()
         self.release = threading.Event()
         self.seen: list[CompletionRequest] = []
@@ -26,7 +36,7 @@ class SchedulingProbe:
         self.seen.append(request)
         if self.fail_first:
             self.fail_first -= 1
-            raise EngineError("out of memory (probe)")
+            raise self.failure
         self.started.set()
         while not self.release.is_set() and not (cancel and cancel.is_set()):
             time.sleep(0.002)  # like the denoiser: look at the flag between steps
@@ -238,3 +248,53 @@ def test_no_model_configured_fails_once_with_a_clear_message(monkeypatch):
     assert worker.error.startswith("no model configured")
     assert events.count("load-begin") == 1  # another device would not help
     worker.close()
+
+
+def test_bad_input_is_refused_alone_and_never_moves_the_model():
+    probes = []
+
+    def loader(spec):
+        probe = SchedulingProbe(
+            spec.device, fail_first=100, failure=EngineInputError("prefix cannot be tokenized")
+        )
+        probes.append(probe)
+        return probe
+
+    worker = EngineWorker(loader)
+    worker.load(LoadSpec(model="probe", device="cuda", fallback_device="cpu"))
+    wait_until(lambda: worker.ready)
+    for _ in range(FALLBACK_AFTER_FAILURES + 2):
+        assert worker.submit("u", request("\ud800")).future.result(5) is None
+    assert len(probes[0].seen) == FALLBACK_AFTER_FAILURES + 2  # no retry at half the span
+    assert worker.stats.failures == 0 and worker.device == "cuda" and len(probes) == 1
+    worker.close()
+
+
+def test_the_queue_keeps_only_the_newest_jobs_across_documents(probe_worker):
+    worker, probes, _ = probe_worker
+    busy = worker.submit("busy", request("busy"))
+    assert probes[0].started.wait(5)
+    queued = [worker.submit(f"doc{i}", request(f"doc{i}")) for i in range(10)]
+    dropped = queued[: -MAX_PENDING_JOBS]
+    assert all(job.future.result(5) is None for job in dropped)  # oldest first
+    probes[0].release.set()
+    busy.future.result(5)
+    for job in queued[-MAX_PENDING_JOBS:]:
+        assert job.future.result(5) is not None
+    assert [r.prefix for r in probes[0].seen] == ["busy", "doc8", "doc9"]
+
+
+def test_close_does_not_wait_for_a_load_in_progress():
+    gate = threading.Event()
+
+    def slow_loader(spec):
+        gate.wait(10)
+        return SchedulingProbe(spec.device)
+
+    worker = EngineWorker(slow_loader)
+    worker.load(LoadSpec(model="probe"))
+    wait_until(lambda: worker._in_loader)
+    worker.close(timeout=30)
+    assert worker._in_loader and not gate.is_set()  # returned while the load still runs
+    gate.set()
+    wait_until(lambda: worker.state == "closed")  # the thread frees what it loaded
