@@ -11,9 +11,10 @@ import ipaddress
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import get_args
 
-from engine.api import QuantMode
+from engine.api import EngineError, QuantMode
 
 LOOPBACK_NAMES = {"localhost"}
 SWITCH_INTERVAL_S = 0.0005
@@ -33,12 +34,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--check",
         action="store_true",
         help="check this install for --model/--device/--quant (torch build, CUDA, xformers, "
-        "torchao, model, memory fit), print one line per finding and exit: 1 if something "
+        "quant kernels, model, memory fit), print one line per finding and exit: 1 if something "
         "needed is broken",
     )
     transport = parser.add_mutually_exclusive_group()
     transport.add_argument("--stdio", action="store_true", help="serve over stdin/stdout (default)")
     transport.add_argument("--tcp", metavar="HOST:PORT", help="serve one client on a loopback port")
+    parser.add_argument(
+        "--token-file",
+        help="--tcp: the token a client must send as initializationOptions.token (default: the "
+        "shared engine's token file in the runtime folder, created 0600 when missing)",
+    )
     parser.add_argument("--log-file", help="write logs here instead of stderr")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
     parser.add_argument(
@@ -62,7 +68,7 @@ def version() -> str:
 
 
 def loopback_address(value: str) -> tuple[str, int]:
-    """Parse HOST:PORT and refuse anything but a loopback host (the server has no auth)."""
+    """Parse HOST:PORT and refuse anything but a loopback host (a client also needs the token)."""
     host, sep, port_text = value.rpartition(":")
     host = host.strip("[]")
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
@@ -90,6 +96,16 @@ def configure_logging(verbosity: int, log_file: str | None) -> None:
     logging.getLogger("pygls").setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
 
 
+def tcp_token(token_file: str | None) -> str:
+    """The token a TCP client must present: the one the shared engine uses unless told.
+    Any local process can connect to a loopback port; only this user can read the token."""
+    from engine.service.paths import TOKEN_FILE_NAME, ensure_token, read_token, runtime_dir
+
+    if token_file:
+        return read_token(Path(token_file).expanduser())
+    return ensure_token(runtime_dir() / TOKEN_FILE_NAME)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve, then end the process (os._exit) with the LSP exit code; returns only on a
     command-line error."""
@@ -99,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return check(model=args.model, device=args.device, quant=args.quant)
     configure_logging(args.verbose, args.log_file)
-    tcp = None
+    tcp = token = None
     if args.tcp:
         try:
             tcp = loopback_address(args.tcp)
-        except ValueError as exc:
+            token = tcp_token(args.token_file)
+        except (ValueError, EngineError) as exc:
             print(f"maskfill-lsp: {exc}", file=sys.stderr)
             return 2
     overrides = {k: getattr(args, k) for k in ("model", "device", "quant") if getattr(args, k)}
@@ -120,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     server = create_server(overrides=overrides, parent_poll_s=args.parent_poll_ms / 1000)
     if tcp is not None:
-        transport.serve_tcp(server, *tcp)
+        transport.serve_tcp(server, *tcp, token=token)
     else:
         protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

@@ -19,6 +19,7 @@ EngineMode = Literal["auto", "inprocess", "shared", "remote"]
 Device = Annotated[str, msgspec.Meta(pattern=r"^(cpu|cuda(:\d+)?|mps)$")]
 
 SETTINGS_SECTION = "maskfill"  # clients may nest our settings under this key
+TRANSPORT_TOKEN_KEY = "token"
 NAMED_UNKNOWN = 10  # unknown keys named in the warning; the rest are counted
 
 
@@ -79,7 +80,8 @@ def parse_settings(raw: Any, base: Settings | None = None) -> tuple[Settings, li
         return base, [f"maskfill settings must be an object, got {type(raw).__name__}; ignored"]
 
     known = {field.encode_name for field in msgspec.structs.fields(Settings)}
-    unknown = [key for key in raw if key not in known]
+    # `token` is the TCP transport's credential (lsp_server/transport.py), not a setting.
+    unknown = [key for key in raw if key not in known and key != TRANSPORT_TOKEN_KEY]
     warnings = [_unknown_warning(unknown)] if unknown else []
     defaults = msgspec.to_builtins(Settings())
     merged = msgspec.to_builtins(base)

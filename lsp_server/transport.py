@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import json
 import logging
 import os
 import threading
@@ -77,8 +79,8 @@ def serve_stdio(server: MaskfillServer, stdin: BinaryIO, stdout: BinaryIO) -> No
     asyncio.run(_serve_stdio(server, stdin, stdout))
 
 
-def serve_tcp(server: MaskfillServer, host: str, port: int) -> None:
-    asyncio.run(_serve_tcp(server, host, port))
+def serve_tcp(server: MaskfillServer, host: str, port: int, token: str) -> None:
+    asyncio.run(_serve_tcp(server, host, port, token))
 
 
 def _reader_of(stdin: BinaryIO) -> Callable[[], bytes]:
@@ -141,11 +143,31 @@ async def _feed(server: MaskfillServer, decoder: FrameDecoder, data: bytes) -> b
     return server.stopping
 
 
-async def _serve_tcp(server: MaskfillServer, host: str, port: int) -> None:
-    """One session: the first connection to send `initialize` while none is open. Until
-    then a connection is only a candidate, answered on its own socket (requests get
-    ServerNotInitialized), so a port probe or a stranger can neither take the session over
-    nor, by leaving, end it. While a session is open, new connections are closed at once."""
+TOKEN_REFUSED = ("maskfill: this TCP server needs initializationOptions.token, the token in its "
+                 "--token-file (by default the shared engine's token file)")
+
+
+def has_token(body: bytes, token: str) -> bool:
+    """Whether an `initialize` body carries `token` in initializationOptions (flat, or nested
+    under "maskfill" like the other settings); compared in constant time."""
+    try:
+        options = json.loads(body).get("params", {}).get("initializationOptions") or {}
+    except (ValueError, AttributeError):
+        return False
+    if not isinstance(options, dict):
+        return False
+    nested = options.get("maskfill")
+    sent = options.get("token", nested.get("token") if isinstance(nested, dict) else None)
+    return isinstance(sent, str) and hmac.compare_digest(sent.encode(), token.encode())
+
+
+async def _serve_tcp(server: MaskfillServer, host: str, port: int, token: str) -> None:
+    """One session: the first connection to send `initialize` with the token (as
+    initializationOptions.token) while none is open. Until then a connection is only a
+    candidate, answered on its own socket (requests get ServerNotInitialized), so a port probe
+    or a stranger can neither take the session over nor, by leaving, end it; an `initialize`
+    without the right token is refused and its connection closed. While a session is open,
+    new connections are closed at once."""
     loop = asyncio.get_running_loop()
     server.begin_serving(loop)
     session: asyncio.StreamWriter | None = None
@@ -178,6 +200,13 @@ async def _serve_tcp(server: MaskfillServer, host: str, port: int) -> None:
                 for index, body in enumerate(bodies := decoder.feed(data)):
                     method, msg_id = peek(body)
                     if method == "initialize" and session is None:
+                        if not has_token(body, token):
+                            log.warning("refused an initialize from %s: missing or wrong token",
+                                        peer)
+                            writer.write(error_frame(msg_id, -32600, TOKEN_REFUSED))
+                            await writer.drain()
+                            writer.close()
+                            return
                         admit(writer)
                         for pending in bodies[index:]:  # initialize and what followed it
                             server.protocol.receive(pending)

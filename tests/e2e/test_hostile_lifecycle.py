@@ -99,8 +99,11 @@ def test_shutdown_and_exit_free_the_model_without_waiting_on_the_engine(
 
 def test_tcp_serves_one_client_and_strangers_never_end_its_session(tmp_path):
     port = free_port()
-    server = Server(["--tcp", f"127.0.0.1:{port}", "--model", str(tmp_path / "none")],
-                    tmp_path / "stderr.log")
+    token_file = tmp_path / "token"
+    token_file.write_text("editor-secret\n")
+    token_file.chmod(0o600)
+    server = Server(["--tcp", f"127.0.0.1:{port}", "--token-file", str(token_file), "--model",
+                     str(tmp_path / "none")], tmp_path / "stderr.log")
     sockets = []
     try:
         probe, _ = connect(port)  # a bare connect-and-close before the editor comes
@@ -109,9 +112,15 @@ def test_tcp_serves_one_client_and_strangers_never_end_its_session(tmp_path):
         sockets.append(sock)
         reply = early.call("workspace/executeCommand", STATUS)
         assert reply["error"]["code"] == -32002  # answered on its own socket
+        sock, intruder = connect(port)  # another local process, without the token
+        sockets.append(sock)
+        refused = intruder.call("initialize", {"processId": None, "rootUri": None,
+                                               "capabilities": {}, "initializationOptions": {}})
+        assert refused["error"]["code"] == -32600 and "token" in refused["error"]["message"]
+        intruder.wait_closed()
         sock, editor = connect(port)
         sockets.append(sock)
-        editor.initialize()
+        editor.initialize(settings={"token": "editor-secret"})
         early.wait_closed()  # the session is the editor's: the stranger is let go
         editor.open(URI, "x = 1\n")
         assert "result" in editor.call("workspace/executeCommand", STATUS)
