@@ -89,7 +89,7 @@ def test_test_suites_stay_out_of_the_corpus(tmp_path):
     (tmp_path / "pkg" / "core.py").write_text("def f():\n    return 1\n")
     (tmp_path / "pkg" / "tests" / "test_core.py").write_text("assert f() == 1\n")
     (tmp_path / "pkg" / "util_test.py").write_text("assert True\n")
-    kwargs = dict(roots={"lib": tmp_path}, benchmark_dir=tmp_path / "none")
+    kwargs = dict(roots={"lib": tmp_path}, workers=1)
     kept, _ = select_corpus(**kwargs)
     assert [f.key for f in kept.files] == ["lib/pkg/core.py"]
     everything, _ = select_corpus(**kwargs, skip_tests=False)
