@@ -4,9 +4,16 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.maskfill-installed
 TORCH  ?= torch==2.13.0
+# `make train-gpu PY=python3` runs on a lent GPU machine without a venv (design/gpu-runbook.md):
+# targets then skip the venv set-up.
+SETUP  := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP),)
+TRAIN_OUT     ?= $(if $(OUT),$(OUT)/train-gpu,runs/train-gpu)
+TRAIN_MINUTES ?= 8
+TRAIN_PRESET  ?= gpu
+TRAIN_DEVICE  ?= cuda
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-gpu lint fix bench bench-gpu eval train vsix
+.PHONY: help setup run test test-gpu lint fix bench bench-gpu eval train train-gpu vsix
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -47,6 +54,10 @@ eval: $(STAMP) ## FIM benchmarks with the embedded model (HumanEval single-line 
 
 train: $(STAMP) ## train the embedded model (see engine/train.py --help)
 	$(PY) -m engine.train
+
+train-gpu: $(SETUP) ## one CUDA GPU: corpus, TRAIN_MINUTES of training, export, 100-task eval -> TRAIN_OUT
+	$(PY) -m engine.train_gpu --out $(TRAIN_OUT) --minutes $(TRAIN_MINUTES) --preset $(TRAIN_PRESET) \
+		--device $(TRAIN_DEVICE) $(if $(TRAIN_TOTAL_MINUTES),--total-minutes $(TRAIN_TOTAL_MINUTES))
 
 vsix: ## package the VS Code extension
 	cd editors/vscode && npm ci && npm run package

@@ -111,10 +111,9 @@ def default_roots() -> dict[str, Path]:
 
 def word_ngrams(text: str, n: int = NGRAM) -> set[int]:
     """Hashes of the n-grams of word tokens: whitespace, punctuation and formatting are ignored."""
-    words = _WORD.findall(text.lower())
-    grams = (tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    # Runs of numbers ("1 2 3 4 ...", "0 0 0 ...") occur everywhere; require mostly real words.
-    return {hash(g) for g in grams if sum(not w.isdigit() for w in g) >= n // 2 + 1}
+    # Runs of numbers ("1 2 3 4 ...", "0 0 0 ...") occur everywhere: _hashed keeps only grams of
+    # mostly real words.
+    return _hashed(_WORD.findall(text.lower()), n)
 
 
 @dataclass
@@ -241,11 +240,34 @@ CHECK_CHUNK = 512  # files handed to the pool at a time
 # Worker state: each process builds the benchmark n-grams itself, because hash() of a string is
 # salted per process and the n-gram sets hold hashes.
 _BENCHMARK_GRAMS: set[int] = set()
+_BENCHMARK_WORDS: frozenset[str] = frozenset()
 
 
 def _init_checker(humaneval: str) -> None:
-    global _BENCHMARK_GRAMS
-    _BENCHMARK_GRAMS = set().union(*(p.grams for p in humaneval_problems_from(Path(humaneval))))
+    global _BENCHMARK_GRAMS, _BENCHMARK_WORDS
+    problems = humaneval_problems_from(Path(humaneval))
+    _BENCHMARK_GRAMS = set().union(*(p.grams for p in problems))
+    _BENCHMARK_WORDS = frozenset(w for p in problems for w in _WORD.findall(p.text.lower()))
+
+
+def shares_ngram(text: str, grams: set[int], vocabulary: frozenset[str]) -> bool:
+    """Whether `text` has a word n-gram in `grams` (as word_ngrams hashes them). Only runs of
+    words that all occur in the benchmark (`vocabulary`) can match, so only those are hashed:
+    same answer as `not grams.isdisjoint(word_ngrams(text))`, several times faster on code."""
+    run: list[str] = []
+    for word in _WORD.findall(text.lower()):
+        if word not in vocabulary:
+            if len(run) >= NGRAM and not grams.isdisjoint(_hashed(run)):
+                return True
+            run = []
+        else:
+            run.append(word)
+    return len(run) >= NGRAM and not grams.isdisjoint(_hashed(run))
+
+
+def _hashed(words: list[str], n: int = NGRAM) -> set[int]:
+    grams = (tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return {hash(g) for g in grams if sum(not w.isdigit() for w in g) >= n // 2 + 1}
 
 
 def _check_file(path: Path) -> tuple[str | None, bool]:
@@ -253,7 +275,7 @@ def _check_file(path: Path) -> tuple[str | None, bool]:
     text = read_source(path)
     if text is None:
         return None, False
-    return text, not _BENCHMARK_GRAMS.isdisjoint(word_ngrams(text))
+    return text, shares_ngram(text, _BENCHMARK_GRAMS, _BENCHMARK_WORDS)
 
 
 class _checker:
@@ -283,7 +305,14 @@ def load_corpus_texts(manifest: CorpusManifest, keep: Callable[[str], bool] | No
                       ) -> tuple[list[str], int]:
     """Texts of the manifest's files that are present and unchanged here (and pass `keep`, a
     predicate on the file key); also the count missing."""
-    texts, missing = [], 0
+    files, missing = load_corpus_files(manifest, keep)
+    return [text for _, text in files], missing
+
+
+def load_corpus_files(manifest: CorpusManifest, keep: Callable[[str], bool] | None = None
+                      ) -> tuple[list[tuple[str, str]], int]:
+    """(key, text) of the manifest's files present and unchanged here; also the count missing."""
+    files, missing = [], 0
     for f in manifest.files:
         if keep is not None and not keep(f.key):
             continue
@@ -291,5 +320,5 @@ def load_corpus_texts(manifest: CorpusManifest, keep: Callable[[str], bool] | No
         if text is None or hashlib.sha256(text.encode("utf-8")).hexdigest() != f.sha256:
             missing += 1
             continue
-        texts.append(text)
-    return texts, missing
+        files.append((f.key, text))
+    return files, missing
