@@ -441,7 +441,7 @@ def train(argv: list[str] | None = None) -> Path:
     where = f"{device} ({state.device_name})" if state.device_name else str(device)
     log(f"model: {parameter_count(model) / 1e6:.2f}M parameters on {where}; {start}; "
         f"{state.rows_per_step} = {tokens_per_step} tokens a step")
-    forward = _maybe_compile(model, ns, device, state, log)
+    compiled = _maybe_compile(model, ns, device, state, log)
     export_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
                     "float32": torch.float32}[ns.export_dtype]
     step_fn = _Step(model, opt, device, tokenizer.mask_id, n_plain, n_fim, ns.seed)
@@ -460,57 +460,65 @@ def train(argv: list[str] | None = None) -> Path:
     last_save = time.monotonic()
     session_first = True
     started = time.monotonic()
-    with Prefetcher(make_batch, state.step, depth=ns.prefetch) as batches:
-        t_prev = time.monotonic()
-        while state.progress() < 1.0 and state.step != ns.pause_at:
-            batch = batches.get(state.step)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(state, preset.lr, preset.warmup_steps)
-            try:
-                losses = step_fn(forward, batch, state.step)
-            except Exception as exc:  # torch.compile failures surface at the first call
-                if forward is model:
-                    raise
-                state.compile = f"failed: {_one_line(exc)[:300]}"
-                log(f"WARNING: torch.compile failed at step {state.step} ({_one_line(exc)}); "
-                    "continuing in eager mode")
-                forward = model
-                losses = step_fn(forward, batch, state.step)
-            sums += losses
-            now = time.monotonic()
-            if session_first:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    now = time.monotonic()
-                state.first_step_s = now - t_prev
-                state.first_step_tokens = state.tokens + tokens_per_step
-                session_first = False
-                log(f"first step: {state.first_step_s:.1f} s (torch.compile {state.compile})")
-                window_start, window_tokens = now, state.tokens + tokens_per_step
-            state.seconds += now - t_prev
-            t_prev = now
-            state.step += 1
-            state.tokens += tokens_per_step
-            window_steps += 1
-            bar.update(1)
-            if state.step % ns.log_every == 0:
-                mean = (sums / window_steps).tolist()  # the only sync a step need not make
+    try:
+        with Prefetcher(make_batch, state.step, depth=ns.prefetch) as batches:
+            t_prev = time.monotonic()
+            while state.progress() < 1.0 and state.step != ns.pause_at:
+                batch = batches.get(state.step)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(state, preset.lr, preset.warmup_steps)
+                try:
+                    losses = step_fn(batch, state.step)
+                except Exception as exc:  # torch.compile failures surface at the first call
+                    if not compiled:
+                        raise
+                    state.compile = f"failed: {_one_line(exc)[:300]}"
+                    log(f"WARNING: torch.compile failed at step {state.step} ({_one_line(exc)}); "
+                        "continuing in eager mode")
+                    _uncompile(model)
+                    compiled = False
+                    losses = step_fn(batch, state.step)
+                sums += losses
                 now = time.monotonic()
-                rate = (state.tokens - window_tokens) / max(now - window_start, 1e-9)
-                sums.zero_()
-                window_steps, window_start, window_tokens = 0, now, state.tokens
-                state.curve.append([state.step, state.tokens, round(state.seconds / 60, 2),
-                                    round(mean[0], 4), round(mean[1], 4), round(rate)])
-                bar.set_postfix(loss=f"{mean[0]:.3f}", tok_s=f"{rate:.0f}", refresh=False)
-                log(f"step {state.step} tokens {state.tokens} loss {mean[0]:.3f} "
-                    f"infill {mean[1]:.3f} tok/s {rate:.0f} progress {state.progress():.3f}")
-            if ns.save_every and now - last_save >= ns.save_every * 60:
-                state.data_wait_s += batches.wait_s
-                batches.wait_s = 0.0
-                _save_all(run, model, opt, tokenizer, state, export_dtype, log)
-                last_save = time.monotonic()
-                t_prev = last_save  # saving time is not training time
-        state.data_wait_s += batches.wait_s
+                if session_first:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                        now = time.monotonic()
+                    state.first_step_s = now - t_prev
+                    state.first_step_tokens = state.tokens + tokens_per_step
+                    session_first = False
+                    log(f"first step: {state.first_step_s:.1f} s (torch.compile {state.compile})")
+                    window_start, window_tokens = now, state.tokens + tokens_per_step
+                state.seconds += now - t_prev
+                t_prev = now
+                state.step += 1
+                state.tokens += tokens_per_step
+                window_steps += 1
+                bar.update(1)
+                if state.step % ns.log_every == 0:
+                    mean = (sums / window_steps).tolist()  # the only sync a step need not make
+                    now = time.monotonic()
+                    rate = (state.tokens - window_tokens) / max(now - window_start, 1e-9)
+                    sums.zero_()
+                    window_steps, window_start, window_tokens = 0, now, state.tokens
+                    state.curve.append([state.step, state.tokens, round(state.seconds / 60, 2),
+                                        round(mean[0], 4), round(mean[1], 4), round(rate)])
+                    bar.set_postfix(loss=f"{mean[0]:.3f}", tok_s=f"{rate:.0f}", refresh=False)
+                    log(f"step {state.step} tokens {state.tokens} loss {mean[0]:.3f} "
+                        f"infill {mean[1]:.3f} tok/s {rate:.0f} progress {state.progress():.3f}")
+                if ns.save_every and now - last_save >= ns.save_every * 60:
+                    state.data_wait_s += batches.wait_s
+                    batches.wait_s = 0.0
+                    _save_all(run, model, opt, tokenizer, state, export_dtype, log)
+                    last_save = time.monotonic()
+                    t_prev = last_save  # saving time is not training time
+            state.data_wait_s += batches.wait_s
+    except Exception:
+        # Keep what was trained (an out-of-memory step, a kernel error): save, then re-raise.
+        log(f"training failed at step {state.step}; saving the weights of the last full step")
+        with contextlib.suppress(Exception):
+            _save_all(run, model, opt, tokenizer, state, export_dtype, log)
+        raise
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     bar.close()
@@ -537,7 +545,7 @@ class _Step:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
 
-    def __call__(self, forward, batch, step: int) -> Tensor:
+    def __call__(self, batch, step: int) -> Tensor:
         gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + step)
         plain_ids, plain_protect, fim_ids, fim_protect = (
             t.to(self.device, non_blocking=True) for t in batch)
@@ -551,7 +559,7 @@ class _Step:
                     continue
                 # Every row is full length (row_sampler): no attention mask at all.
                 losses.append(masked_diffusion_loss(
-                    forward, ids, None, mask_id=self.mask_id, logit_shift=True, generator=gen,
+                    self.model, ids, None, mask_id=self.mask_id, logit_shift=True, generator=gen,
                     span_prob=span_prob, protect=protect))
         loss = (losses[0] * self.n_plain + losses[1] * self.n_fim) / (self.n_plain + self.n_fim)
         loss.backward()
@@ -561,25 +569,41 @@ class _Step:
 
 
 def _maybe_compile(model: Transformer, ns: argparse.Namespace, device: torch.device,
-                   state: TrainState, log):
-    """torch.compile the forward pass when asked (auto: on CUDA with a budget of at least
-    COMPILE_MIN_MINUTES). Its cost shows as the first step's time, logged and recorded."""
+                   state: TrainState, log) -> bool:
+    """torch.compile the transformer blocks when asked (auto: on CUDA with a budget of at least
+    COMPILE_MIN_MINUTES). Regional compilation: every block shares one graph per row shape, so
+    compiling costs seconds rather than minutes, and the state dict keeps its names. The cost
+    shows as the first step's time, logged and recorded."""
     wanted = ns.compile == "on" or (
         ns.compile == "auto" and device.type == "cuda"
         and (not ns.minutes or ns.minutes >= COMPILE_MIN_MINUTES))
     if not wanted:
         state.compile = "off"
         log(f"torch.compile: off (--compile {ns.compile})")
-        return model
+        return False
     try:
-        compiled = torch.compile(model, dynamic=False)  # two static shapes: plain and infill
+        import torch._dynamo.config as dynamo_config
+
+        limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else \
+            "cache_size_limit"
+        setattr(dynamo_config, limit, max(64, getattr(dynamo_config, limit)))
+        for layer in model.layers:
+            layer.compile(dynamic=False)  # two static shapes: plain rows and infill rows
     except Exception as exc:
+        _uncompile(model)
         state.compile = f"failed: {_one_line(exc)[:300]}"
         log(f"WARNING: torch.compile unavailable ({_one_line(exc)}); running eager")
-        return model
+        return False
     state.compile = "on"
-    log(f"torch.compile: on (--compile {ns.compile}); the first step includes compiling")
-    return compiled
+    log(f"torch.compile: on (--compile {ns.compile}, each block); the first step includes "
+        "compiling")
+    return True
+
+
+def _uncompile(model: Transformer) -> None:
+    for layer in model.layers:  # Module.compile() keeps the compiled call here
+        if getattr(layer, "_compiled_call_impl", None) is not None:
+            layer._compiled_call_impl = None
 
 
 def _host_tensor(array: np.ndarray, device: torch.device) -> Tensor:

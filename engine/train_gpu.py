@@ -16,8 +16,10 @@ timed and logged:
    shard index, tokenizer, corpus manifest, log, eval record and completions). Unpack the archive
    next to the shards and the folder is a complete checkpoint: `tar xzf checkpoint-rest.tar.gz`.
 
-It never skips a phase quietly: a failure prints which phase broke and why, writes DIR/train-gpu.log
-and exits 1. The work folder (run state, tokenized corpus) stays outside DIR (--work).
+It never skips a phase quietly: a failure prints which phase broke and why and exits 1, leaving
+DIR/train-gpu.log (written as the run goes, so a killed call returns it too) and, when training got
+as far as saving, the checkpoint. The work folder (run state, tokenized corpus) stays outside DIR
+(--work).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ MAX_FILES = 8  # what one device call brings back
 MAX_FILE_BYTES = 16 * 2**20
 ARCHIVE = "checkpoint-rest.tar.gz"
 LOG = "train-gpu.log"
+RUN_SECTION = "\n## This run (`make train-gpu`)"
 EVAL_SUITE = "humaneval-single"
 
 
@@ -103,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     ns.out.mkdir(parents=True, exist_ok=True)
     work = ns.work or Path(tempfile.mkdtemp(prefix="maskfill-train-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
-    log_path = work / LOG
+    run = work / "run"
+    # The log is written into DIR as it goes: a call killed at its time limit still returns it.
+    log_path = ns.out / LOG
+    phase, state, env, record = "setup", None, {}, None
     phases: dict[str, float] = {}
-    phase = "setup"
     with log_path.open("w", encoding="utf-8") as log_file:
         real_stderr = sys.stderr
         sys.stderr = Tee(real_stderr, log_file)
@@ -115,44 +120,66 @@ def main(argv: list[str] | None = None) -> int:
             env = environment(ns.device)
             say("environment: " + json.dumps(env))
 
-            phase = "training"  # includes corpus selection, tokenization and export
-            run = work / "run"
+            phase = "training"  # corpus selection, tokenization, training and export
             stop_by = started + ns.total_minutes * 60 - eval_reserve_s(ns)
             checkpoint = run_training(ns, run, stop_by)
             state = json.loads((run / "state" / "train_state.json").read_text())
             phases.update(state.get("phases", {}))
+
+            phase = "pack"  # before the eval: a failing eval cannot lose the weights
+            finish_record(ns, env, state, phases, None, checkpoint, work, started)
+            pack(checkpoint, work, ns.out)
 
             phase = "eval"
             t = time.monotonic()
             record = run_eval(ns, checkpoint, work, deadline=started + ns.total_minutes * 60)
             phases["eval_s"] = round(time.monotonic() - t, 2)
 
-            phase = "record"
-            phases["total_s"] = round(time.time() - started, 2)
-            report = (checkpoint / "TRAINING.md").read_text(encoding="utf-8")
-            report += run_record(ns, env, state, phases, record)
-            (checkpoint / "TRAINING.md").write_text(report, encoding="utf-8")
-
             phase = "pack"
-            summary = {"phases_s": phases, "steps": state["step"], "tokens": state["tokens"],
-                       "tokens_per_s": steady_rate(state), "compile": state["compile"],
-                       "eval": record}
-            (work / "summary.json").write_text(json.dumps(summary, indent=1))
+            summary = finish_record(ns, env, state, phases, record, checkpoint, work, started)
             files = pack(checkpoint, work, ns.out)
             say(f"done in {time.time() - started:.0f} s; {ns.out}: " + ", ".join(
                 f"{f.name} ({f.stat().st_size / 1e6:.1f} MB)" for f in files))
             print(json.dumps({**summary, "out": str(ns.out),
                               "files": [f.name for f in files]}), flush=True)
-            return 0
+            ok = True
         except BaseException as exc:  # report every failure, then exit non-zero
+            ok = False
             say(f"FAILED in phase {phase} after {time.time() - started:.0f} s: "
                 f"{type(exc).__name__}: {exc}")
             traceback.print_exc(file=sys.stderr)
-            return 1
+            salvage(run, work, ns.out, phase)
         finally:
+            sys.stderr.flush()
             sys.stderr = real_stderr
-            if not (ns.out / ARCHIVE).is_file():  # a failed run still returns its log
-                shutil.copy(log_path, ns.out / LOG)
+    if ok:
+        log_path.unlink()  # it is in the archive
+    return 0 if ok else 1
+
+
+def salvage(run: Path, work: Path, out: Path, phase: str) -> None:
+    """After a failed training phase, ship the checkpoint it saved if there is one."""
+    checkpoint = run / "checkpoint"
+    if phase != "training" or not (checkpoint / "config.json").is_file():
+        return
+    try:
+        files = pack(checkpoint, work, out)
+        say("packed the checkpoint saved before the failure: " + ", ".join(f.name for f in files))
+    except Exception as exc:  # the failure above is the one to report
+        say(f"could not pack the saved checkpoint: {exc}")
+
+
+def finish_record(ns, env, state, phases, record, checkpoint: Path, work: Path,
+                  started: float) -> dict:
+    """TRAINING.md with this run's section, and summary.json; returns the summary."""
+    phases["total_s"] = round(time.time() - started, 2)
+    base = (checkpoint / "TRAINING.md").read_text(encoding="utf-8").split(RUN_SECTION)[0]
+    report = base.rstrip("\n") + "\n" + run_record(ns, env, state, phases, record)
+    (checkpoint / "TRAINING.md").write_text(report, encoding="utf-8")
+    summary = {"phases_s": phases, "steps": state["step"], "tokens": state["tokens"],
+               "tokens_per_s": steady_rate(state), "compile": state["compile"], "eval": record}
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def say(msg: str) -> None:
@@ -235,7 +262,7 @@ def run_record(ns, env: dict, state: dict, phases: dict, record: dict | None) ->
     rows = "\n".join(f"| {k.removesuffix('_s').replace('_', ' ')} | {v:.1f} |"
                      for k, v in phases.items())
     if record is None:
-        evaluation = "not run (--eval-tasks 0)"
+        evaluation = "not run yet" if ns.eval_tasks > 0 else "not run (--eval-tasks 0)"
     else:
         evaluation = (f"{EVAL_SUITE}, {record['tasks']} tasks spread over the suite: pass@1 "
                       f"{record['pass_at_1']:.1%}, empty completions "
@@ -243,8 +270,7 @@ def run_record(ns, env: dict, state: dict, phases: dict, record: dict | None) ->
                       f"{record['device']} (engine defaults; corpus overlap checked at selection)")
     command = (f"python -m engine.train_gpu --preset {ns.preset} --minutes {ns.minutes:g} "
                f"--total-minutes {ns.total_minutes:g} --device {ns.device}")
-    return f"""
-## This run (`make train-gpu`)
+    return f"""{RUN_SECTION}
 `{command}`
 - machine: {env.get('gpu') or 'CPU only'}, {env['cpus']} CPUs, Python {env['python']}, torch
   {env['torch']} (CUDA build {env['cuda_build']})
@@ -264,13 +290,17 @@ def pack(checkpoint: Path, work: Path, out: Path) -> list[Path]:
     for shard in shards:
         shutil.copy(shard, out / shard.name)
     shutil.copy(checkpoint / "TRAINING.md", out / "TRAINING.md")
-    with tarfile.open(out / ARCHIVE, "w:gz") as tar:
+    partial = out / (ARCHIVE + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
         for f in sorted(checkpoint.iterdir()):
             if f.suffix != ".safetensors":
                 tar.add(f, arcname=f.name)
-        for extra in ("summary.json", "eval.json", "eval-completions.jsonl", LOG):
-            if (work / extra).is_file():
-                tar.add(work / extra, arcname=f"train-gpu/{extra}")
+        for extra in (work / "summary.json", work / "eval.json",
+                      work / "eval-completions.jsonl", out / LOG):
+            if extra.is_file():
+                sys.stderr.flush()
+                tar.add(extra, arcname=f"train-gpu/{extra.name}")
+    os.replace(partial, out / ARCHIVE)
     files = sorted(out.iterdir())
     too_big = [f.name for f in files if f.stat().st_size > MAX_FILE_BYTES]
     if len(files) > MAX_FILES or too_big:

@@ -59,3 +59,26 @@ def test_asking_for_cuda_without_it_fails_loudly_with_a_log(tmp_path, capsys):
     assert "FAILED in phase environment" in err and "CUDA is not available" in err
     assert "FAILED in phase environment" in (out / train_gpu.LOG).read_text()
     assert train_gpu.main([*TINY, "--out", str(out)]) == 2  # a used folder is refused
+
+
+@pytest.mark.slow
+def test_a_failure_during_training_still_returns_the_weights_and_the_log(tmp_path, monkeypatch):
+    from engine import train
+
+    real_step = train._Step.__call__
+
+    def failing_step(self, batch, step):
+        if step == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(self, batch, step)
+
+    monkeypatch.setattr(train._Step, "__call__", failing_step)
+    out = tmp_path / "out"
+    assert train_gpu.main([*TINY, "--out", str(out), "--work", str(tmp_path / "work"),
+                           "--eval-tasks", "2"]) == 1
+    log = (out / train_gpu.LOG).read_text()
+    assert "FAILED in phase training" in log and "out of memory (simulated)" in log
+    assert "saving the weights of the last full step" in log
+    assert {"model.safetensors", train_gpu.ARCHIVE, "TRAINING.md"} <= {
+        f.name for f in out.iterdir()}
+    assert "steps: 2," in (out / "TRAINING.md").read_text()
