@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import random
 import re
+import site
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -101,11 +102,22 @@ class CorpusManifest:
 
 
 def default_roots() -> dict[str, Path]:
-    """The standard library, then this interpreter's packages (the project's dependencies)."""
-    roots = {"stdlib": Path(sysconfig.get_paths()["stdlib"])}
-    purelib = Path(sysconfig.get_paths()["purelib"])
-    if purelib.is_dir():
-        roots["site-packages"] = purelib
+    """The standard library, then this interpreter's package folders (the project's
+    dependencies): sysconfig's purelib/platlib and site's folders, which differ on some system
+    Pythons (Debian's dist-packages). The first is "site-packages", others are named by folder."""
+    paths = sysconfig.get_paths()
+    roots = {"stdlib": Path(paths["stdlib"])}
+    seen: list[Path] = []
+    for folder in (paths["purelib"], paths["platlib"], *site.getsitepackages()):
+        path = Path(folder)
+        real = path.resolve()
+        if not path.is_dir() or any(real == s or real.is_relative_to(s) for s in seen):
+            continue
+        seen.append(real)
+        name = "site-packages" if len(seen) == 1 else path.name
+        while name in roots:
+            name += "+"
+        roots[name] = path
     return roots
 
 

@@ -44,7 +44,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from engine.config import ModelArgs
-from engine.corpus import CorpusManifest, is_test_file, load_corpus_files, select_corpus
+from engine.corpus import (
+    CorpusManifest,
+    default_roots,
+    is_test_file,
+    load_corpus_files,
+    select_corpus,
+)
 from engine.embedded_model import EMBEDDED_DIR
 from engine.model import Transformer
 from engine.objective import masked_diffusion_loss
@@ -80,11 +86,11 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(64, 2, 4, 2, 128, 384, 96, 4, 3e-3, 400_000),
     # The CPU model shipped first: ~5.8M parameters, 11.6 MB in bf16, 384-token window.
     "small": Preset(256, 6, 4, 2, 768, 4096, 384, 8, 1.5e-3, 48_000_000),
-    # One CUDA GPU for minutes (make train-gpu): 14.2M parameters (28 MB in bf16), 1024-token
-    # window, the embedded tokenizer; 128 x 1024 tokens a step. The shape is the largest whose
-    # random-weight CPU latency at ~1000 tokens of context stayed well under 800 ms on 2 threads
-    # (docs/LOG.md, 2026-11-28).
-    "gpu": Preset(384, 8, 6, 2, 1024, 4096, 1024, 128, 2e-3, 400_000_000,
+    # One CUDA GPU for minutes (make train-gpu): 12.3M parameters (24.6 MB in bf16), 1024-token
+    # window, the embedded tokenizer, 128 x 1024 tokens a step. The shape is the largest whose
+    # CPU latency at ~1000 tokens of context (random weights, 2 threads) stayed under 800 ms with
+    # room to spare; wider or deeper ones did not (docs/LOG.md, 2026-11-28).
+    "gpu": Preset(448, 5, 7, 1, 1216, 4096, 1024, 128, 2e-3, 400_000_000,
                   tokenizer="embedded", warmup_steps=150),
 }
 
@@ -280,10 +286,12 @@ def prepare_run(run: Path, preset: Preset, ns: argparse.Namespace, log,
     folder = run / "state"
     folder.mkdir(parents=True, exist_ok=True)
     budget = ns.corpus_bytes or preset.corpus_bytes
-    log(f"selecting corpus (seed {ns.seed}, up to {budget} bytes)")
+    roots = default_roots()
+    log(f"selecting corpus (seed {ns.seed}, up to {budget} bytes) from "
+        + ", ".join(f"{name} {path}" for name, path in roots.items()))
     started = time.monotonic()
-    manifest, texts = select_corpus(seed=ns.seed, max_bytes=budget, skip_tests=ns.skip_tests,
-                                    workers=ns.workers)
+    manifest, texts = select_corpus(seed=ns.seed, max_bytes=budget, roots=roots,
+                                    skip_tests=ns.skip_tests, workers=ns.workers)
     phases["corpus_select_s"] = round(time.monotonic() - started, 2)
     log(f"corpus: {len(texts)} files, {manifest.n_bytes} bytes, "
         f"{len(manifest.excluded_overlap)} dropped for HumanEval overlap "
@@ -374,7 +382,7 @@ def train(argv: list[str] | None = None) -> Path:
     device = torch.device(ns.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {ns.device}: CUDA is not available in this torch build/machine")
-    preset = PRESETS[ns.preset]
+    preset = _preset(ns)
     run = Path(ns.out)
     log = _logger()
     phases: dict[str, float] = {}
@@ -611,6 +619,13 @@ def _host_tensor(array: np.ndarray, device: torch.device) -> Tensor:
     return tensor.pin_memory() if device.type == "cuda" else tensor
 
 
+def _preset(ns: argparse.Namespace) -> Preset:
+    preset = PRESETS[ns.preset]
+    if ns.batch_rows:
+        preset = dataclasses.replace(preset, batch_size=ns.batch_rows)
+    return preset
+
+
 def default_fim_seq_len(preset: Preset) -> int:
     """Half the window, but room for the longest hole with context on both sides."""
     return min(preset.seq_len, max(preset.seq_len // 2, 2 * HOLE_BUCKETS[-1]))
@@ -655,7 +670,7 @@ def _one_line(exc: BaseException) -> str:
 
 def bench_data(ns: argparse.Namespace) -> dict:
     """Tokens/s of the row sampler alone (one thread), on the preset's row shapes."""
-    preset = PRESETS[ns.preset]
+    preset = _preset(ns)
     fim_seq_len = ns.fim_seq_len or default_fim_seq_len(preset)
     n_plain, n_fim = batch_rows(preset, ns.fim_fraction, fim_seq_len)
     log = _logger()
@@ -713,6 +728,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="save and stop at this step, budget unchanged (continue with --resume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus-bytes", type=int, default=None, help="override the preset's")
+    p.add_argument("--batch-rows", type=int, default=None,
+                   help="window-length rows per step, override the preset's (infill rows "
+                        "share them)")
     p.add_argument("--hole-policy", choices=sorted(HOLE_POLICIES), default="small-first",
                    help="how infill rows pick their hole length among the buckets that fit")
     p.add_argument("--fim-fraction", type=float, default=0.5,

@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--steps", type=int, default=None, help="also stop after this many steps")
     p.add_argument("--corpus-bytes", type=int, default=None, help="override the preset's")
+    p.add_argument("--batch-rows", type=int, default=None, help="override the preset's batch")
     p.add_argument("--workers", type=int, default=None,
                    help="corpus processes (default: one per CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
             phase = "pack"
             summary = finish_record(ns, env, state, phases, record, checkpoint, work, started)
-            files = pack(checkpoint, work, ns.out)
+            # The log is in the archive now; the plain copy is removed below.
+            files = [f for f in pack(checkpoint, work, ns.out) if f.name != LOG]
             say(f"done in {time.time() - started:.0f} s; {ns.out}: " + ", ".join(
                 f"{f.name} ({f.stat().st_size / 1e6:.1f} MB)" for f in files))
             print(json.dumps({**summary, "out": str(ns.out),
@@ -172,6 +174,7 @@ def salvage(run: Path, work: Path, out: Path, phase: str) -> None:
 def finish_record(ns, env, state, phases, record, checkpoint: Path, work: Path,
                   started: float) -> dict:
     """TRAINING.md with this run's section, and summary.json; returns the summary."""
+    phases.pop("total_s", None)
     phases["total_s"] = round(time.time() - started, 2)
     base = (checkpoint / "TRAINING.md").read_text(encoding="utf-8").split(RUN_SECTION)[0]
     report = base.rstrip("\n") + "\n" + run_record(ns, env, state, phases, record)
@@ -218,6 +221,7 @@ def run_training(ns: argparse.Namespace, run: Path, stop_by: float) -> Path:
             "--stop-by", f"{stop_by:.1f}", "--device", ns.device, "--compile", ns.compile,
             "--save-every", "0", "--log-every", str(ns.log_every)]
     for flag, value in (("--steps", ns.steps), ("--corpus-bytes", ns.corpus_bytes),
+                        ("--batch-rows", ns.batch_rows),
                         ("--workers", ns.workers), ("--threads", ns.threads)):
         if value is not None:
             argv += [flag, str(value)]
