@@ -227,7 +227,7 @@ def test_training_steps_decrease_the_loss(corpus, tokenizer):
     assert after < 0.7 * before
 
 
-def test_export_splits_weights_into_shards_under_the_limit(tokenizer, tmp_path):
+def test_export_splits_weights_into_shards_under_the_limit(tokenizer, tmp_path, monkeypatch):
     preset = train.PRESETS["tiny"]
     model = Transformer(train.model_args(preset, tokenizer))
     train.init_weights(model)
@@ -243,6 +243,13 @@ def test_export_splits_weights_into_shards_under_the_limit(tokenizer, tmp_path):
     for name, value in model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[name].float(),
                                    value.to(torch.bfloat16).float(), msg=name)
+    # Shipped as the embedded model, a sharded folder is found like a single-file one.
+    from engine import embedded_model
+
+    monkeypatch.setattr(embedded_model, "EMBEDDED_DIR", tmp_path)
+    assert embedded_model.default_model_path() == tmp_path
+    (tmp_path / "model.safetensors.index.json").unlink()
+    assert embedded_model.default_model_path() is None
 
 
 @pytest.mark.slow
