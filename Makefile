@@ -11,6 +11,7 @@ TRAIN_OUT     ?= $(if $(OUT),$(OUT)/train-gpu,runs/train-gpu)
 TRAIN_MINUTES ?= 8
 TRAIN_PRESET  ?= gpu
 TRAIN_DEVICE  ?= cuda
+TRAIN_ARGS    ?=# more python -m engine.train_gpu flags, e.g. --compile off, --batch-rows 64
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-gpu lint fix bench bench-gpu eval train train-gpu vsix
@@ -57,7 +58,7 @@ train: $(STAMP) ## train the embedded model (see engine/train.py --help)
 
 train-gpu: $(SETUP) ## one CUDA GPU: corpus, TRAIN_MINUTES of training, export, 100-task eval -> TRAIN_OUT
 	$(PY) -m engine.train_gpu --out $(TRAIN_OUT) --minutes $(TRAIN_MINUTES) --preset $(TRAIN_PRESET) \
-		--device $(TRAIN_DEVICE) $(if $(TRAIN_TOTAL_MINUTES),--total-minutes $(TRAIN_TOTAL_MINUTES))
+		--device $(TRAIN_DEVICE) $(if $(TRAIN_TOTAL_MINUTES),--total-minutes $(TRAIN_TOTAL_MINUTES)) $(TRAIN_ARGS)
 
 vsix: ## package the VS Code extension
 	cd editors/vscode && npm ci && npm run package
