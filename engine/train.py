@@ -504,7 +504,7 @@ def train(argv: list[str] | None = None) -> Path:
                 window_steps += 1
                 bar.update(1)
                 if state.step % ns.log_every == 0:
-                    mean = (sums / window_steps).tolist()  # the only sync a step need not make
+                    mean = (sums / window_steps).tolist()  # syncs with the GPU: log steps only
                     now = time.monotonic()
                     rate = (state.tokens - window_tokens) / max(now - window_start, 1e-9)
                     sums.zero_()
