@@ -4,12 +4,17 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.maskfill-installed
 TORCH  ?= torch==2.13.0
-# `make gpu-check PY=python3` runs on a lent GPU machine without a venv (design/gpu-runbook.md):
-# targets then skip the venv set-up.
+# `make gpu-check PY=python3` and `make train-gpu PY=python3` run on a lent GPU machine without a
+# venv (design/gpu-runbook.md): targets then skip the venv set-up.
 SETUP  := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP),)
+TRAIN_OUT     ?= $(if $(OUT),$(OUT)/train-gpu,runs/train-gpu)
+TRAIN_MINUTES ?= 8
+TRAIN_PRESET  ?= gpu
+TRAIN_DEVICE  ?= cuda
+TRAIN_ARGS    ?=# more python -m engine.train_gpu flags, e.g. --compile off, --batch-rows 64
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-gpu gpu-check lint fix bench bench-gpu eval train vsix
+.PHONY: help setup run test test-gpu gpu-check lint fix bench bench-gpu eval train train-gpu vsix
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -53,6 +58,10 @@ eval: $(STAMP) ## FIM benchmarks with the embedded model (HumanEval single-line 
 
 train: $(STAMP) ## train the embedded model (see engine/train.py --help)
 	$(PY) -m engine.train
+
+train-gpu: $(SETUP) ## one CUDA GPU: corpus, TRAIN_MINUTES of training, export, 100-task eval -> TRAIN_OUT
+	$(PY) -m engine.train_gpu --out $(TRAIN_OUT) --minutes $(TRAIN_MINUTES) --preset $(TRAIN_PRESET) \
+		--device $(TRAIN_DEVICE) $(if $(TRAIN_TOTAL_MINUTES),--total-minutes $(TRAIN_TOTAL_MINUTES)) $(TRAIN_ARGS)
 
 vsix: ## package the VS Code extension
 	cd editors/vscode && npm ci && npm run package

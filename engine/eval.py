@@ -1,13 +1,15 @@
 """FIM evaluation harness: `python -m engine.eval --suite SUITE [--model M] [--limit N] [--dump F]`.
 
-Suites (data in /work/shared/fim-benchmarks, read-only):
+Suites (benchmark data ships in engine/benchmarks/; --data-dir DIR or $MASKFILL_BENCHMARK_DIR
+read another copy laid out the same way):
 - humaneval-single  HumanEval single-line infilling (1033): pass@1, tests executed in a sandbox
 - humaneval-multi   HumanEval multi-line infilling (5815): pass@1
 - santacoder-py     SantaCoder-FIM Python (1043): exact match of the first non-empty line, and
                     pass@1 of that line executed with the row's tests
 - demo-holes        maskfill's own hand-written holes (engine/demo_holes.py): share of non-empty
                     completions whose completed file parses
-- latency-1k        median completion latency with ~1000 tokens of context (demo code)
+- latency-1k        median completion latency at ~1000 tokens of context (demo code); a model
+                    whose window is shorter sees less, and the record says how much
 - jsonl:PATH        any file of {task_id, prompt, suffix} records; scored like HumanEval when they
                     also carry `test` and `entry_point`
 
@@ -39,14 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.api import CompletionRequest, EngineError
-from engine.corpus import BENCHMARK_DIR, CorpusManifest, load_corpus_texts, word_ngrams
+from engine.benchmark_data import HUMANEVAL_MULTI, HUMANEVAL_SINGLE, SANTACODER, benchmark_file
+from engine.corpus import CorpusManifest, load_corpus_texts, word_ngrams
 from engine.sandbox import network_isolation, run_program
 from engine.stop_modes import stop_for_cursor
 
-HUMANEVAL_SINGLE = "human-eval-infilling/HumanEval-SingleLineInfilling.jsonl.gz"
-HUMANEVAL_MULTI = "human-eval-infilling/HumanEval-MultiLineInfilling.jsonl.gz"
-SANTACODER = "santacoder-fim/santacoder-fim-task.jsonl.gz"
 OVERLAP_FLAG_SHARE = 0.5  # a reference program with half its 10-grams in the corpus is "seen"
+LATENCY_CONTEXT_TOKENS = 1000  # latency-1k: tokens of code around the cursor (3:1 before:after)
 
 
 @dataclass
@@ -108,14 +109,16 @@ def read_jsonl(path: Path) -> list[dict]:
         raise EngineError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
 
 
-def load_tasks(suite: str, benchmark_dir: Path = BENCHMARK_DIR) -> tuple[list[Task], SuiteSpec]:
+def load_tasks(suite: str, data_dir: Path | None = None) -> tuple[list[Task], SuiteSpec]:
+    """A suite's tasks; benchmark files come from `data_dir` (engine/benchmark_data.py)."""
     if suite in ("humaneval-single", "humaneval-multi"):
         name = HUMANEVAL_SINGLE if suite == "humaneval-single" else HUMANEVAL_MULTI
-        rows = read_jsonl(benchmark_dir / name)
+        rows = read_jsonl(benchmark_file(name, data_dir))
         tasks = [Task(r["task_id"], r["prompt"], r["suffix"], r["canonical_solution"], r["test"],
                       r["entry_point"], "humaneval") for r in rows]
     elif suite == "santacoder-py":
-        rows = [r for r in read_jsonl(benchmark_dir / SANTACODER) if r["language"] == "py"]
+        rows = [r for r in read_jsonl(benchmark_file(SANTACODER, data_dir))
+                if r["language"] == "py"]
         tasks = [Task(r["name"], r["prompt"], r["suffix"], r["canonical_solution"], r["tests"],
                       None, "santacoder") for r in rows]
     elif suite == "demo-holes":
@@ -231,8 +234,11 @@ def generate(engine, tasks: list[Task], spec: SuiteSpec, ns: argparse.Namespace)
     return results
 
 
-def latency_tasks(engine, n: int = 20, context_tokens: int = 1000) -> list[Task]:
-    """Cursor positions inside ~1000 tokens of demo code (3:1 before:after), not benchmark text."""
+def latency_tasks(engine, n: int = 20, context_tokens: int = LATENCY_CONTEXT_TOKENS
+                  ) -> list[Task]:
+    """Cursor positions inside ~1000 tokens of demo code (3:1 before:after), not benchmark text.
+    The engine cuts what its window cannot hold: the record's context_tokens_mean says what the
+    model really saw."""
     from engine.demo_holes import DEMO_FILES, full_source
 
     code = "\n\n".join(full_source(name) for name in DEMO_FILES)
@@ -371,7 +377,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="test programs run in parallel")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--no-overlap", action="store_true", help="skip the corpus overlap check")
-    p.add_argument("--benchmark-dir", type=Path, default=BENCHMARK_DIR)
+    p.add_argument("--data-dir", "--benchmark-dir", dest="data_dir", type=Path, default=None,
+                   help="folder with the benchmark files (default: $MASKFILL_BENCHMARK_DIR, else "
+                        "the copy shipped in engine/benchmarks/)")
     ns = p.parse_args(argv)
     if ns.limit is not None and ns.limit < 1:
         p.error("--limit must be at least 1")
@@ -416,8 +424,8 @@ def resolve_model(spec: str | None) -> str:
 
 def run(ns: argparse.Namespace) -> dict:
     suite_name = "jsonl" if ns.suite.startswith("jsonl:") else ns.suite
-    tasks, spec = load_tasks(ns.suite, ns.benchmark_dir)
-    engine = model_label = model_dir = None
+    tasks, spec = load_tasks(ns.suite, ns.data_dir)
+    engine = model_label = model_dir = window = None
     if ns.completions is None:
         import torch
 
@@ -427,6 +435,7 @@ def run(ns: argparse.Namespace) -> dict:
         model_label = resolve_model(ns.model)
         engine = Engine.load(model_label, device=ns.device, quant=ns.quant)
         model_dir = Path(engine.info().path)
+        window = engine.info().max_context
         if suite_name == "latency-1k":
             tasks = latency_tasks(engine)
     tasks = spread(tasks, ns.limit)
@@ -466,6 +475,13 @@ def run(ns: argparse.Namespace) -> dict:
         overlap = corpus_overlap(model_dir, tasks)
         print(overlap_finding(overlap))
 
+    if suite_name == "latency-1k":
+        summary["context_tokens_requested"] = LATENCY_CONTEXT_TOKENS
+        summary["window"] = window
+        seen = summary.get("context_tokens_mean") or 0
+        if seen < 0.9 * LATENCY_CONTEXT_TOKENS:
+            print(f"note: the model's {window}-token window cut the context to {seen:.0f} tokens "
+                  f"on average: this is not a {LATENCY_CONTEXT_TOKENS}-token-context latency")
     print(f"suite {ns.suite} · model {model_label} · sandbox: {network_isolation()}")
     print_table([(k, v) for k, v in summary.items() if v is not None])
     record = {"suite": ns.suite, "model": model_label, **summary,

@@ -19,7 +19,7 @@ from torch import Tensor
 def masked_diffusion_loss(
     model,
     ids: Tensor,
-    key_valid: Tensor,
+    key_valid: Tensor | None,
     *,
     mask_id: int,
     logit_shift: bool,
@@ -30,21 +30,23 @@ def masked_diffusion_loss(
 ) -> Tensor:
     """Scalar loss for one batch.
 
-    ids (B, L) clean tokens; key_valid (B, L) bool, False on padding (never attended or masked);
-    protect (B, L) bool, positions that are never masked (BOS, trailing EOS, ...). With
-    logit_shift (Dream family) slot i is predicted from hidden state i-1, so slot 0 never is.
+    ids (B, L) clean tokens; key_valid (B, L) bool, False on padding (never attended or masked),
+    or None when every position is attended: the model then runs without an attention mask
+    (on CUDA that lets SDPA use flash attention with grouped KV heads); protect (B, L) bool,
+    positions that are never masked (BOS, trailing EOS, ...). With logit_shift (Dream family)
+    slot i is predicted from hidden state i-1, so slot 0 never is.
     """
-    if ids.dim() != 2 or key_valid.shape != ids.shape:
-        raise ValueError(
-            f"ids and key_valid must both be (B, L); got {ids.shape}, {key_valid.shape}"
-        )
+    if ids.dim() != 2 or (key_valid is not None and key_valid.shape != ids.shape):
+        shape = None if key_valid is None else tuple(key_valid.shape)
+        raise ValueError(f"ids and key_valid must both be (B, L); got {tuple(ids.shape)}, {shape}")
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
     device = ids.device
     batch, length = ids.shape
-    key_valid = key_valid.to(torch.bool)
+    attend_mask = None if key_valid is None else key_valid.to(device=device, dtype=torch.bool)
 
-    maskable = key_valid.clone()  # (B, L)
+    maskable = (torch.ones_like(ids, dtype=torch.bool) if attend_mask is None
+                else attend_mask.clone())  # (B, L)
     if protect is not None:
         maskable &= ~protect.to(device=device, dtype=torch.bool)
     if logit_shift:
@@ -72,7 +74,7 @@ def masked_diffusion_loss(
 
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
     positions = torch.arange(length, device=device).expand(batch, length)
-    hidden = model.forward(noisy, positions, key_valid=key_valid)  # (B, L, D)
+    hidden = model(noisy, positions, key_valid=attend_mask)  # (B, L, D)
 
     if logit_shift:
         target_mask, source_hidden = masked[:, 1:], hidden[:, :-1]

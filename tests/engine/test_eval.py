@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine import eval as fim_eval
-from engine.corpus import BENCHMARK_DIR, CorpusFile, CorpusManifest
+from engine.benchmark_data import HUMANEVAL_SINGLE, benchmark_file
+from engine.corpus import CorpusFile, CorpusManifest
 from engine.demo_holes import DEMO_FILES, demo_holes, full_source
 from engine.sandbox import run_program
 from engine.tokenizer import Tokenizer
@@ -186,12 +187,8 @@ def test_overlap_check_flags_a_corpus_that_contains_a_reference_program(tmp_path
     assert fim_eval.corpus_overlap(tmp_path, tasks) is None  # no manifest there
 
 
-BENCH = BENCHMARK_DIR / "human-eval-infilling" / "HumanEval-SingleLineInfilling.jsonl.gz"
-
-
-@pytest.mark.skipif(not BENCH.is_file(), reason="FIM benchmark data not on this machine")
 def test_benchmark_canonical_middles_pass_through_the_same_executor(tmp_path):
-    with gzip.open(BENCH, "rt", encoding="utf-8") as fh:
+    with gzip.open(benchmark_file(HUMANEVAL_SINGLE), "rt", encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
     canon = write_jsonl(tmp_path / "canon.jsonl", [
         {"task_id": r["task_id"], "completion": r["canonical_solution"]} for r in rows])
@@ -219,3 +216,26 @@ def test_shard_dumps_merge_into_one_scored_run_with_their_stats(tmp_path):
     assert record["model"].startswith("m (from ")
     shard = run_eval("--suite", f"jsonl:{suite}", "--completions", str(merged), "--shard", "1/2")
     assert shard["tasks"] == 1 and shard["shard"] == "1/2"
+
+
+def test_latency_tasks_carry_about_a_thousand_tokens_of_context():
+    from types import SimpleNamespace
+
+    from engine.embedded_model import EMBEDDED_DIR
+
+    tok = Tokenizer.from_dir(EMBEDDED_DIR)
+    tasks = fim_eval.latency_tasks(SimpleNamespace(tokenizer=tok))
+    assert len(tasks) == 20
+    for task in tasks:
+        n_prefix, n_suffix = len(tok.encode(task.prompt)), len(tok.encode(task.suffix))
+        assert abs(n_prefix - 750) <= 10 and abs(n_suffix - 250) <= 10
+        assert task.stop in ("line", "block", "free")
+
+
+@pytest.mark.slow
+def test_latency_suite_reports_the_context_the_model_really_saw(memorized_model, capsys):
+    record = run_eval("--suite", "latency-1k", "--model", str(memorized_model), "--limit", "2",
+                      "--threads", "1")
+    assert record["context_tokens_requested"] == 1000 and record["window"] == 256
+    assert 0 < record["context_tokens_mean"] < 256
+    assert "window cut the context" in capsys.readouterr().out
