@@ -231,9 +231,9 @@ def _atomic(path: Path, write) -> None:
 def shard_count(model: Transformer, dtype: torch.dtype, max_bytes: int) -> int:
     """The fewest shards for which save_checkpoint's split (tensors in published order, cut into
     equal counts) keeps every file under `max_bytes`."""
-    from engine.weights import weight_name_map
+    from engine.weights import split_projections, weight_name_map
 
-    native = model.state_dict()
+    native = split_projections(model.state_dict(), model.args)  # as save_checkpoint writes it
     sizes = [native[nat].numel() * torch.empty((), dtype=dtype).element_size()
              for nat in weight_name_map(model.args).values()]
     slack = 64 * 1024  # safetensors header
