@@ -31,7 +31,7 @@ local function check_command(executable, cmd, settings)
     local arg = cmd[i]
     if skip then
       skip = false
-    elseif arg == '--tcp' then
+    elseif arg == '--tcp' or arg == '--token-file' then
       skip = true
     elseif arg ~= '--stdio' then
       table.insert(args, arg)
