@@ -16,7 +16,8 @@ What is not exact, and why it is bounded: a bidirectional model's reused states 
 text around them (the same staleness the in-request dual cache accepts for the hole). An entry
 that was itself built by reuse counts one more hop; after `max_reuses` hops, or when more than
 `max_changed` tokens changed, the request encodes its context from scratch, which resets the
-count. docs/LOG.md has the measured agreement with cold requests.
+count; so does an edit of more than a quarter of the context. docs/LOG.md has the measured
+agreement with cold requests.
 
 Keys are token ids, never document names: the engine knows nothing of files or editors.
 """
@@ -34,6 +35,9 @@ ANCHOR = 8  # tokens that locate one side's run at an offset: short runs repeat 
 DEFAULT_MAX_REUSES = 8
 DEFAULT_MAX_CHANGED = 48
 DEFAULT_WINDOW = 8
+# Reuse only a context that mostly stayed: past a quarter of it edited, the reused states saw a
+# different program (a short file's few shared tokens, "def ", are no context at all).
+MAX_EDITED_SHARE = 0.25
 DEFAULT_BUDGET_BYTES = 256 << 20
 
 
@@ -177,13 +181,14 @@ class ContextCache:
         masks the context states differ too much (a memorized middle flipped on the test
         model). A speculative entry the request does not grow from is dropped once the request
         continues the text it was speculated from instead (the user typed something else)."""
+        limit = min(self.max_changed, MAX_EDITED_SHARE * (lead.numel() + tail.numel()))
         with self._lock:
             best: ReusePlan | None = None
             for entry in self._entries.values():
                 if entry.reuses >= self.max_reuses or entry.hole != hole:
                     continue
                 found = match(entry, lead, tail, n_specials, query_from, self.window)
-                if found.edited > self.max_changed or found.reused == 0:
+                if found.edited > limit or found.reused == 0:
                     continue
                 if best is None or found.reused > best.reused:
                     best = found

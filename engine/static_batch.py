@@ -98,11 +98,12 @@ class StaticBatch:
         arena = self._arena()
         start = member.start
         for later in self.members[at + 1:]:
-            if arena is not None:
+            if arena is not None:  # its context only: every pass rewrites the query block
                 src = slice(later.start, later.start + later.rows)
                 dst = slice(start, start + later.rows)
+                used = later.layout.context_used
                 for buffer in (*arena.k, *arena.v):
-                    buffer[dst] = buffer[src].clone()
+                    buffer[dst, :, :used] = buffer[src, :, :used].clone()
             later.start = start
             start += later.rows
         self._reshape(rest)
