@@ -254,10 +254,15 @@ class DenoiseLoop:
         else:
             source = ShrinkingSource(self.model, args, batch, layout, job.banned_ids, self.dtype,
                                      plan, context, keep)
+        try:
+            state = RequestState(job, source, layout, static, started, args.mask_token_id)
+        except BaseException:
+            if static:
+                self.static.leave(source)
+            raise
         prefilled = source.prefilled
         if keep and prefilled is not None and prefilled.entry is not None:  # cold: cache it now
             self.cache.put(prefilled.entry)
-        state = RequestState(job, source, layout, static, started, args.mask_token_id)
         self.active.append(state)
         return state
 

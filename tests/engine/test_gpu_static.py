@@ -141,3 +141,29 @@ def test_a_quantized_cuda_engine_completes_through_graphs(checkpoint, mode):
         assert result.stats.forward_passes >= 1 and not result.stats.cancelled
     finally:
         engine.close()
+
+
+def test_concurrent_requests_share_graphed_passes_and_get_their_own_text(memorized_model):
+    """Issue 13 on CUDA: requests in flight together run in one static batch (graphs per
+    bucket), and each gets the text it gets alone; a warm request replays the join graph."""
+    from tests.engine.test_batching import requests_for, run_together, texts
+
+    engine = Engine.load(str(memorized_model), device="cuda", context_reuse=False)
+    try:
+        requests = requests_for(engine)
+        alone = [engine.complete(r) for r in requests]
+        together = run_together(engine, requests)
+        for a, b in zip(alone, together, strict=True):
+            assert texts(b) == texts(a)
+        assert max(b.stats.batch_rows for b in together) > max(a.stats.batch_rows for a in alone)
+        assert not engine.graph_failures
+    finally:
+        engine.close()
+    warm = Engine.load(str(memorized_model), device="cuda")
+    try:
+        base = dict(suffix=SUFFIX, span_lengths=(6,), max_tokens=6, stop="free")
+        warm.complete(CompletionRequest(prefix=PREFIX, **base))
+        again = warm.complete(CompletionRequest(prefix=PREFIX + "a + ", **base))
+        assert again.stats.reused_context_tokens > 0 and not warm.graph_failures
+    finally:
+        warm.close()
