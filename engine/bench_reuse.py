@@ -55,14 +55,19 @@ def bench_warm_vs_cold(device: torch.device, reps: int) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def _batch_ratio(model, args, device, context: int, warm: bool, reps: int) -> float:
-    """Throughput of BATCH requests sharing passes over serving them one by one (best of reps
-    each, alternating, so load on the machine hits both alike)."""
+def batch_times(model, args, device, context: int, warm: bool, reps: int,
+                static: bool = False) -> tuple[float, float]:
+    """Seconds for BATCH requests served one by one, and sharing passes (best of reps each,
+    alternating, so load on the machine hits both alike). static: fixed-shape passes (the
+    CUDA path, run eagerly) instead of the CPU's shrinking ones."""
     from engine.bench_shapes import Workload
+    from engine.graphs import PassCache
 
     works = [Workload(args, device, context=context, seed=1 + i) for i in range(BATCH)]
     cache = ContextCache(budget_bytes=1 << 34, max_reuses=1 << 30) if warm else None
-    loop = DenoiseLoop(model, args, cache=cache)
+    passes = PassCache(model, args, torch.float32, device, works[0].banned,
+                       use_graphs=device.type == "cuda") if static else None
+    loop = DenoiseLoop(model, args, passes=passes, cache=cache, banned_ids=works[0].banned)
     if warm:
         for w in works:
             loop.start(_job(w, w.batch))
@@ -92,7 +97,12 @@ def _batch_ratio(model, args, device, context: int, warm: bool, reps: int) -> fl
             started = time.perf_counter()
             fn()
             best[fn] = min(best[fn], time.perf_counter() - started)
-    return best[one_by_one] / best[together]
+    return best[one_by_one], best[together]
+
+
+def _batch_ratio(model, args, device, context: int, warm: bool, reps: int) -> float:
+    alone, shared = batch_times(model, args, device, context, warm, reps)
+    return alone / shared
 
 
 def bench_batch(device: torch.device, reps: int) -> dict[str, float]:
