@@ -7,6 +7,10 @@ once per shape (engine/graphs.py), so eager and graphed passes cannot drift apar
 
 The denoising loop writes into `qids` between passes; the batch fills `rope`, `bias` and the
 arena when requests join or leave (engine/static_batch.py), never between other passes.
+
+The other ways to get a request's logits live here too: `ShrinkingSource` (the CPU default: its
+own arena, only the entries that matter, packed with other requests' by `packed_logits`) and
+`UncachedSource` (a full forward each pass, the reference).
 """
 
 from __future__ import annotations
