@@ -66,6 +66,10 @@ class CompletionStats(msgspec.Struct, kw_only=True):
     span_length: int = 0
     cancelled: bool = False
     timed_out: bool = False
+    # context tokens whose K/V came from an earlier request (engine/context_cache.py); 0: cold
+    reused_context_tokens: int = 0
+    speculative_hit: bool = False  # they came from a context prepared "as if accepted"
+    batch_rows: int = 0  # most rows in a pass this request shared (its own included)
 
     @property
     def committed_tokens(self) -> int:

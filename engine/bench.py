@@ -166,6 +166,11 @@ def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True
     results["cached_step_speedup"] = results[f"cached_step_speedup_{CONTEXTS[-1]}"]
     results.update(bench_diffusion_vs_ar(dev, reps))
     results.update(bench_weight_bytes(dev))
+    from engine.bench_reuse import bench_batch, bench_replay, bench_warm_vs_cold
+
+    results.update(bench_warm_vs_cold(dev, reps))
+    results.update(bench_batch(dev, 2 if quick else 3))
+    results.update(bench_replay(dev))
     with tempfile.TemporaryDirectory() as tmp:
         memorized = memorized_checkpoint(Path(tmp) / "memorized")
         results.update(bench_memorized(dev, memorized))

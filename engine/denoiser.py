@@ -1,20 +1,25 @@
-"""The denoising loop: fill a batch of masked holes, one step at a time.
+"""The denoising loop: fill the masked holes of every request in flight, one step at a time.
 
 Reads top to bottom:
-1. `denoise` picks where logits come from (engine/passes.py): a static pass over fixed shapes
-   (the CUDA default, replayed as a CUDA graph), a shrinking eager pass (the CPU default), or a
-   full forward every step (`use_cache` off: the reference path). The cached ones encode the
-   context once for every bucket row (engine/kv_arena.py) and run the head only on the entries
-   that predict hole slots (entry s-1 for slot s when shifted).
-2. Each step samples every masked slot, a transfer strategy (engine/sampler.py) picks which to
-   commit, and the hole is written in place. Once a row commits an end token, its still-masked
-   slots to the right become EOS (DreamOn's pad_eos_to_right): nothing after an end is kept.
-3. Every `check_every` steps the loop reads the hole to the host once (the only host sync of the
-   interval): it stops when no masks remain, and rows whose text the stop mode has already
-   decided are closed. Cancellation and the deadline are host-side flags, checked every step.
-4. With `cache_refresh_every`, the whole context is re-encoded every N steps.
+1. `DenoiseLoop.start` admits a request between passes. Its logits come from one of three
+   places (engine/passes.py): a static pass over fixed shapes shared by every request in flight
+   (the CUDA default, replayed as a CUDA graph; engine/static_batch.py), a shrinking eager pass
+   (the CPU default; requests in flight share it through packed_logits), or a full forward
+   every step (`use_cache` off: the reference path). The cached ones fill the context once per
+   request, from scratch or from the context cache (engine/prefill.py), and run the head only on
+   the entries that predict hole slots (entry s-1 for slot s when shifted).
+2. `DenoiseLoop.iterate` runs ONE pass for all of them; each request (a `RequestState`) samples
+   its masked slots, its transfer rule (engine/committer.py) picks which to commit, and its hole
+   is written in place. Once a row commits an end token, its still-masked slots to the right
+   become EOS (DreamOn's pad_eos_to_right). Every request advances one step per pass.
+3. Every `check_every` steps a request's hole is read to the host (one transfer for all the
+   requests due): it stops when no masks remain, and rows whose text the stop mode has already
+   decided are closed. Cancellation and the deadline are host-side flags, checked every step;
+   a request that ends leaves between passes without disturbing the others.
+4. With `cache_refresh_every`, a request's whole context is re-encoded every N steps.
 
-DreamOn's variable-length loop is engine/dreamon.py.
+`denoise` is the one-request case of the same loop. DreamOn's variable-length loop is
+engine/dreamon.py.
 """
 
 from __future__ import annotations
@@ -27,14 +32,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from engine import sampler
 from engine.api import CompletionRequest
+from engine.committer import DREAM_TOPK_SAMPLERS, TRANSFER, Committer, pad_after_end
 from engine.config import ModelArgs
-from engine.fim import InfillBatch
+from engine.context_cache import ContextCache
+from engine.fim import InfillBatch, lead_specials
 from engine.kv_arena import Layout
-from engine.passes import ShrinkingSource, StaticSource, UncachedSource
+from engine.passes import ShrinkingSource, UncachedSource, packed_logits
+from engine.prefill import context_ids
 
-DREAM_TOPK_SAMPLERS = ("maskgit_plus", "topk_margin", "entropy")
+__all__ = ["DREAM_TOPK_SAMPLERS", "TRANSFER", "Committer", "DenoiseJob", "DenoiseLoop",
+           "Denoised", "RequestState", "StopSignal", "denoise", "pad_after_end"]
 
 
 @dataclass
@@ -68,113 +76,32 @@ class Denoised:
     timed_out: bool = False
     encode_ms: float = 0.0
     denoise_ms: float = 0.0
+    reused_tokens: int = 0  # context tokens whose K/V came from an earlier request
+    speculative_hit: bool = False  # they came from a context prepared "as if accepted"
+    batch_rows: int = 0  # most rows in one pass it shared (its own included)
 
 
-class Committer:
-    """One step's sampling + transfer rule for the request's sampler, per row of the batch."""
+@dataclass
+class DenoiseJob:
+    """Everything one request's denoising needs; the loop owns it once started."""
 
-    def __init__(
-        self,
-        request: CompletionRequest,
-        masked: Tensor,  # (B, Lmax) the initial masks
-        temperatures: list[float],  # per row
-        generator: torch.Generator,
-        end_ids: Tensor,  # (E,) ids that end a span
-        longest: int | None = None,  # the longest real hole (masked may be wider: padding)
-    ):
-        self.request = request
-        self.end_ids = end_ids
-        self.name = request.sampler
-        # All greedy: a plain 0.0 lets the sampler skip the draw (known on the host, no sync).
-        hot = any(t > 0 for t in temperatures)
-        self.temperatures = (
-            torch.tensor(temperatures, device=masked.device) if hot else 0.0
-        )
-        self.generator = generator
-        longest = longest or masked.shape[1]
-        self.steps = longest if self.name in ("threshold", "entropy_bounded") else (
-            request.steps or longest
-        )
-        self.schedule = sampler.dream_schedule(self.steps)
-        is_llada = self.name == "low_confidence"
-        self.quota = sampler.llada_quota(masked, self.steps) if is_llada else None
-        self.rows: Tensor | None = None  # the rows of the current call (None: all)
+    batch: InfillBatch
+    request: CompletionRequest
+    temperatures: list[float]  # per row
+    end_ids: Tensor  # (E,) ids that end a completion (EOS, PAD, ...)
+    banned_ids: Tensor  # ids never written into a hole (MASK itself, untrained padded rows)
+    generator: torch.Generator
+    stop: StopSignal
+    # Whether a row's committed run from its first slot already fixes the text the caller
+    # keeps (a stop mode cut inside it): such a row stops there, its other masked slots become
+    # forced EOS.
+    decided: Callable[[list[int]], bool] | None = None
+    check_every: int | None = None
+    reuse: bool = True  # look the context up in (and add it to) the loop's context cache
 
-    def __call__(self, logits: Tensor, masked: Tensor, step: int, rows: Tensor | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-        """logits (b, Lmax, V) of the batch's `rows` (all B when None), masked (B, Lmax)
-        -> take (B, Lmax) bool, tokens, p(token); rows not given take nothing."""
-        self.rows = rows
-        open_slots = masked if rows is None else masked[rows]
-        temperatures = self.temperatures
-        if rows is not None and isinstance(temperatures, Tensor):
-            temperatures = temperatures[rows]
-        draw = sampler.llada_sample if self.name == "low_confidence" else sampler.sample
-        extra = {} if self.name == "low_confidence" else {"top_p": self.request.top_p}
-        drawn = draw(logits, temperature=temperatures, generator=self.generator, **extra)
-        prob = sampler.token_probability(drawn.probs, drawn.tokens)  # (b, Lmax)
-        take = TRANSFER[self.name](self, drawn, prob, open_slots, step)
-        if rows is None:
-            return take, drawn.tokens, prob
-        full_take = torch.zeros_like(masked)
-        full_tokens = torch.zeros(masked.shape, dtype=drawn.tokens.dtype, device=masked.device)
-        full_prob = torch.zeros(masked.shape, dtype=prob.dtype, device=masked.device)
-        full_take[rows], full_tokens[rows], full_prob[rows] = take, drawn.tokens, prob
-        return full_take, full_tokens, full_prob
-
-
-def _content_first(c: Committer, drawn, masked: Tensor) -> Tensor:
-    """Slots whose draw is an end token wait while their row still has content slots to fill.
-
-    Without this a weak model commits EOS in the hole's last slot first (it is confident there),
-    which makes the slot to its left likelier EOS, and EOS floods the hole right to left: the
-    embedded model returned 1005 empty completions of 1033 (docs/LOG.md). LLaDA-1.5 defers EOS
-    the same way. Only the fast samplers use it; the reference samplers stay as published."""
-    content = masked & ~torch.isin(drawn.tokens, c.end_ids)  # (B, Lmax)
-    return torch.where(content.any(dim=1, keepdim=True), content, masked)
-
-
-# One transfer rule per sampler name: (committer, drawn, p(token), masked, step) -> take.
-def _threshold(c: Committer, drawn, prob, masked, step):
-    return sampler.transfer_threshold(prob, _content_first(c, drawn, masked), c.request.threshold)
-
-
-def _entropy_bounded(c: Committer, drawn, prob, masked, step):
-    return sampler.transfer_entropy_bounded(
-        sampler.neg_entropy(drawn.probs), _content_first(c, drawn, masked),
-        c.request.entropy_bound)
-
-
-def _origin(c: Committer, drawn, prob, masked, step):
-    return sampler.transfer_origin(masked, sampler.dream_reveal_fraction(c.schedule, step),
-                                   c.generator)
-
-
-def _dream_top_k(c: Committer, drawn, prob, masked, step):
-    k = sampler.dream_transfer_count(masked, c.schedule, step)  # (B,) per row
-    return sampler.transfer_top_k(sampler.confidence(c.name, drawn), masked, k)
-
-
-def _llada_low_confidence(c: Committer, drawn, prob, masked, step):
-    quota = c.quota if c.rows is None else c.quota[c.rows]
-    return sampler.transfer_top_k(prob, masked, quota[:, min(step, c.steps - 1)])
-
-
-TRANSFER = {
-    "threshold": _threshold,
-    "entropy_bounded": _entropy_bounded,
-    "origin": _origin,
-    **dict.fromkeys(DREAM_TOPK_SAMPLERS, _dream_top_k),
-    "low_confidence": _llada_low_confidence,
-}
-
-
-def pad_after_end(hole: Tensor, valid: Tensor, end_ids: Tensor, mask_id: int, eos_id: int):
-    """Still-masked slots right of a row's first end token become EOS -> (hole, forced)."""
-    is_end = torch.isin(hole, end_ids) & valid  # (B, Lmax)
-    after_end = (torch.cumsum(is_end.int(), dim=1) - is_end.int()) > 0
-    forced = after_end & valid & (hole == mask_id)
-    return torch.where(forced, torch.full_like(hole, eos_id), hole), forced
+    @property
+    def rows(self) -> int:
+        return len(self.batch.hole_lengths)
 
 
 def default_check_every(device: torch.device, static: bool) -> int:
@@ -184,114 +111,278 @@ def default_check_every(device: torch.device, static: bool) -> int:
     return 2 if static else 1
 
 
-def denoise(
-    model,
-    args: ModelArgs,
-    batch: InfillBatch,
-    request: CompletionRequest,
-    *,
-    temperatures: list[float],  # per-row sampling temperature
-    end_ids: Tensor,  # (E,) ids that end a completion (EOS, PAD, ...)
-    banned_ids: Tensor,  # ids never written into a hole (MASK itself, untrained padded rows)
-    generator: torch.Generator,
-    stop: StopSignal,
-    decided: Callable[[list[int]], bool] | None = None,
-    static_pass: Callable[[Layout], object] | None = None,
-    check_every: int | None = None,
-) -> Denoised:
-    """Denoise every row of `batch`.
+class RequestState:
+    """One request between passes: its hole, masks, confidences and commit schedule."""
 
-    `static_pass(layout) -> StaticPass` selects fixed shapes (engine/graphs.py hands out
-    captured graphs on CUDA); None takes the shrinking eager pass. `decided(tokens)` says
-    whether a row's committed run from its first slot already fixes the text the caller will
-    keep (a stop mode cut inside it): such a row stops there, its other masked slots become
-    forced EOS."""
-    started = time.perf_counter()
-    device = batch.ids.device
-    static = static_pass is not None and request.use_cache
-    layout = Layout.of(batch, args, static)
-    if not request.use_cache:
-        source = UncachedSource(model, batch, layout, banned_ids)
-    elif static:
-        source = StaticSource(model, args, batch, layout, static_pass(layout))
-    else:
-        source = ShrinkingSource(model, args, batch, layout, banned_ids, model.norm.weight.dtype)
-    hole = source.hole  # (R, W): the loop writes the hole here; the next pass reads it
-    n_rows, width = hole.shape
-    hole_valid = torch.zeros(n_rows, width, dtype=torch.bool, device=device)
-    hole_valid[:layout.rows, :layout.lmax] = batch.hole_valid
-    mask_id, eos_id = args.mask_token_id, args.eos_token_id
-    masked = (hole == mask_id) & hole_valid
-    stale = torch.zeros_like(masked)  # slots whose token changed since their K/V were written
-    rows: Tensor | None = None  # shrinking: indices of the rows still denoised (None: all)
+    def __init__(self, job: DenoiseJob, source, layout: Layout, static: bool, started: float,
+                 mask_id: int):
+        self.job, self.source, self.layout = job, source, layout
+        self.started = started
+        batch, request = job.batch, job.request
+        hole = source.hole  # (rows, lmax): the loop writes the hole here; the next pass reads it
+        device = hole.device
+        self.hole_valid = batch.hole_valid
+        self.masked = (hole == mask_id) & self.hole_valid
+        self.stale = torch.zeros_like(self.masked)  # changed since their K/V were written
+        self.rows: Tensor | None = None  # shrinking: the rows still denoised (None: all)
+        self.out = Denoised(hole=hole, confidence=torch.zeros(hole.shape, device=device),
+                            forced=torch.zeros_like(self.hole_valid))
+        self.commit = Committer(request, self.masked, job.temperatures, job.generator,
+                                job.end_ids, longest=layout.lmax)
+        self.per_step: list[Tensor] = []
+        self.every = job.check_every or default_check_every(device, static)
+        self.step = 0
+        self.finished = False
+        self.pending: Tensor | None = source.first  # logits the prefill already made
+        prefilled = source.prefilled
+        if prefilled is not None:
+            self.out.reused_tokens = prefilled.reused
+            self.out.speculative_hit = prefilled.source is not None and \
+                prefilled.source.speculative
+        self.result: Denoised | None = None  # set when it ends, before it leaves
+        self.ticket = None  # the worker's handle (engine/batch_worker.py)
 
-    logits = source.first if source.first is not None else source.logits(masked, stale, rows)
-    if device.type == "cuda":  # one sync per request, so that encode_ms is the real cost
-        torch.cuda.synchronize(device)
-    encode_ms = (time.perf_counter() - started) * 1000.0
-    out = Denoised(hole=hole, confidence=torch.zeros(n_rows, width, device=device),
-                   forced=torch.zeros_like(hole_valid), forward_passes=1)
-    commit = Committer(request, masked, temperatures + [0.0] * (n_rows - len(temperatures)),
-                       generator, end_ids, longest=layout.lmax)
-    per_step: list[Tensor] = []
-    every = check_every or default_check_every(device, static)
-    step = 0
-    while True:
-        take, tokens, prob = commit(logits, masked, step, rows)
+    @property
+    def hole(self) -> Tensor:
+        return self.source.hole
+
+    def advance(self, logits: Tensor, mask_id: int, eos_id: int) -> None:
+        """Commit this step's tokens from `logits` (its open rows, or all)."""
+        out, hole, job = self.out, self.source.hole, self.job
+        if out.forward_passes == 0:
+            if hole.is_cuda:  # one sync per request, so that encode_ms is the real cost
+                torch.cuda.synchronize(hole.device)
+            out.encode_ms = (time.perf_counter() - self.started) * 1000.0
+        out.forward_passes += 1
+        take, tokens, prob = self.commit(logits, self.masked, self.step, self.rows)
         new = torch.where(take, tokens, hole)
         out.confidence = torch.where(take, prob, out.confidence)
-        new, forced = pad_after_end(new, hole_valid, end_ids, mask_id, eos_id)
+        new, forced = pad_after_end(new, self.hole_valid, job.end_ids, mask_id, eos_id)
         out.forced |= forced
-        if source.shrinks:
-            stale |= new != hole
+        if self.source.shrinks:
+            self.stale |= new != hole
         hole.copy_(new)
-        masked = (new == mask_id) & hole_valid
-        per_step.append(take.sum(dim=1) + forced.sum(dim=1))
-        step += 1
-        if step % every == 0:  # the interval's one host read
-            tokens_now, open_now = _to_host(hole, masked)
-            closed = _close_decided(tokens_now, open_now, decided) if decided else []
-            if closed:
-                close = torch.zeros_like(masked)
-                close[closed] = True
-                close &= masked
-                hole.copy_(torch.where(close, torch.full_like(hole, eos_id), hole))
-                out.forced |= close
-                per_step[-1] = per_step[-1] + close.sum(dim=1)
-                masked &= ~close
-            live = [r for r, slots in enumerate(open_now) if any(slots) and r not in closed]
-            if not live:
-                break
-            if source.shrinks and len(live) < (n_rows if rows is None else rows.numel()):
-                still = torch.tensor(live, device=device)
-                local = still if rows is None else torch.searchsorted(rows, still)
-                source.select(local)
-                rows = still
-        if step >= commit.steps:
-            break
-        if stop.halts(out):
-            break
-        if request.cache_refresh_every > 0 and step % request.cache_refresh_every == 0:
-            source.refresh(_full_rows(batch, layout, hole))
-            rows = None
-            stale.zero_()
-        logits = source.logits(masked, stale, rows)
-        out.forward_passes += 1
+        self.masked = (new == mask_id) & self.hole_valid
+        self.per_step.append(take.sum(dim=1) + forced.sum(dim=1))
+        self.step += 1
 
-    out.hole = hole[:layout.rows, :layout.lmax]
-    out.confidence = out.confidence[:layout.rows, :layout.lmax]
-    out.forced = out.forced[:layout.rows, :layout.lmax]
-    commits = torch.stack(per_step, dim=1)[:layout.rows]
-    out.commits = commits.to("cpu", copy=True).tolist()  # one host transfer for the whole run
-    out.encode_ms = encode_ms
-    out.denoise_ms = (time.perf_counter() - started) * 1000.0 - encode_ms
+    @property
+    def due(self) -> bool:
+        return self.step % self.every == 0
+
+    def read(self, tokens_now: list[list[int]], open_now: list[list[bool]], eos_id: int) -> None:
+        """The interval's host read: close decided rows, finish when nothing is open, and let
+        finished rows leave a shrinking batch."""
+        decided = self.job.decided
+        closed = _close_decided(tokens_now, open_now, decided) if decided else []
+        hole, out = self.source.hole, self.out
+        if closed:
+            close = torch.zeros_like(self.masked)
+            close[closed] = True
+            close &= self.masked
+            hole.copy_(torch.where(close, torch.full_like(hole, eos_id), hole))
+            out.forced |= close
+            self.per_step[-1] = self.per_step[-1] + close.sum(dim=1)
+            self.masked &= ~close
+        live = [r for r, slots in enumerate(open_now) if any(slots) and r not in closed]
+        if not live:
+            self.finished = True
+            return
+        n_rows = self.layout.rows
+        if self.source.shrinks and len(live) < (n_rows if self.rows is None else
+                                                self.rows.numel()):
+            still = torch.tensor(live, device=hole.device)
+            local = still if self.rows is None else torch.searchsorted(self.rows, still)
+            self.source.select(local)
+            self.rows = still
+
+    def check_end(self) -> None:
+        """After the step: the schedule's end, cancellation, the deadline."""
+        if not self.finished and (self.step >= self.commit.steps or
+                                  self.job.stop.halts(self.out)):
+            self.finished = True
+
+    def finish(self) -> Denoised:
+        """The request's result, detached from buffers other requests keep using."""
+        out, rows, lmax = self.out, self.layout.rows, self.layout.lmax
+        out.hole = self.source.hole[:rows, :lmax].clone()
+        out.confidence = out.confidence[:rows, :lmax]
+        out.forced = out.forced[:rows, :lmax]
+        if self.per_step:
+            commits = torch.stack(self.per_step, dim=1)[:rows]
+            out.commits = commits.to("cpu", copy=True).tolist()  # one transfer for the run
+        out.denoise_ms = (time.perf_counter() - self.started) * 1000.0 - out.encode_ms
+        return out
+
+
+class DenoiseLoop:
+    """Drives every request in flight, one shared pass per iteration. Not thread-safe: one
+    thread (the engine's worker, or `denoise`'s caller) owns it and the model."""
+
+    def __init__(self, model, args: ModelArgs, *, passes=None, cache: ContextCache | None = None,
+                 dtype: torch.dtype | None = None, banned_ids: Tensor | None = None):
+        self.model, self.args, self.cache = model, args, cache
+        self.dtype = dtype or model.norm.weight.dtype
+        self.static = None
+        if passes is not None:
+            from engine.static_batch import StaticBatch
+
+            self.static = StaticBatch(model, args, passes, banned_ids)
+        self.active: list[RequestState] = []
+
+    @property
+    def rows(self) -> int:
+        return sum(s.job.rows for s in self.active)
+
+    def start(self, job: DenoiseJob) -> RequestState:
+        """Admit a request: fill its context (from the cache when it can) and its first
+        logits where its prefill gives them."""
+        started = time.perf_counter()
+        args, batch, request = self.args, job.batch, job.request
+        static = self.static is not None and request.use_cache
+        layout = Layout.of(batch, args, static)
+        plan = context = None
+        keep = self.cache is not None and job.reuse and request.use_cache
+        if keep:
+            context = context_ids(batch)
+            plan = self.cache.plan(context[0], context[1], len(lead_specials(args)),
+                                   query_from=layout.lead, hole=layout.lmax)
+        if not request.use_cache:
+            source = UncachedSource(self.model, batch, layout, job.banned_ids)
+        elif static:
+            source = self.static.join(batch, layout, plan, context, keep)
+        else:
+            source = ShrinkingSource(self.model, args, batch, layout, job.banned_ids, self.dtype,
+                                     plan, context, keep)
+        try:
+            state = RequestState(job, source, layout, static, started, args.mask_token_id)
+        except BaseException:
+            if static:
+                self.static.leave(source)
+            raise
+        prefilled = source.prefilled
+        if keep and prefilled is not None and prefilled.entry is not None:  # cold: cache it now
+            self.cache.put(prefilled.entry)
+        self.active.append(state)
+        return state
+
+    def iterate(self) -> list[RequestState]:
+        """One pass for every request in flight; returns the ones that ended (and left)."""
+        states = list(self.active)
+        rows = self.rows
+        for s in states:
+            s.out.batch_rows = max(s.out.batch_rows, rows)
+        logits = self._logits([s for s in states if s.pending is None])
+        if self.cache is not None:  # warm requests whose first pass just ran
+            for s in states:
+                entry = self.static.new_entry(s.source) if self._is_static(s) else \
+                    s.source.new_entry()
+                if entry is not None:
+                    self.cache.put(entry, replaces=s.source.prefilled.source)
+        mask_id, eos_id = self.args.mask_token_id, self.args.eos_token_id
+        for s in states:
+            step_logits, s.pending = (s.pending if s.pending is not None else logits[s]), None
+            s.advance(step_logits, mask_id, eos_id)
+        due = [s for s in states if s.due]
+        for s, (tokens_now, open_now) in zip(due, _to_host([(s.hole, s.masked) for s in due]),
+                                             strict=True):
+            s.read(tokens_now, open_now, eos_id)
+        ended = []
+        for s in states:
+            s.check_end()
+            if s.finished:
+                s.result = s.finish()  # before it leaves: its rows are reused at once
+                ended.append(s)
+            else:
+                self._maybe_refresh(s)
+        for s in ended:
+            self.leave(s)
+        return ended
+
+    def leave(self, state: RequestState) -> None:
+        if state in self.active:
+            self.active.remove(state)
+            if self._is_static(state):
+                self.static.leave(state.source)
+
+    def _is_static(self, state: RequestState) -> bool:
+        return self.static is not None and state.source in self.static.members
+
+    def abort(self) -> list[RequestState]:
+        """Drop every request in flight (after a failed pass); returns them."""
+        dropped = list(self.active)
+        for s in dropped:
+            self.leave(s)
+        return dropped
+
+    def _logits(self, states: list[RequestState]) -> dict[RequestState, Tensor]:
+        out: dict[RequestState, Tensor] = {}
+        if not states:
+            return out
+        shrinking = [s for s in states if s.source.shrinks]
+        if shrinking:
+            queries = [s.source.query(s.masked, s.stale, s.rows) for s in shrinking]
+            for s, logits in zip(shrinking, packed_logits(self.model, shrinking[0].job.banned_ids,
+                                                          queries), strict=True):
+                out[s] = logits
+        if self.static is not None and any(s.source in self.static.members for s in states):
+            by_member = self.static.logits()
+            for s in states:
+                if s.source in by_member:
+                    out[s] = by_member[s.source]
+        for s in states:
+            if isinstance(s.source, UncachedSource):
+                out[s] = s.source.logits(s.masked, s.stale, s.rows)
+        return out
+
+    def _maybe_refresh(self, s: RequestState) -> None:
+        every = s.job.request.cache_refresh_every
+        if every <= 0 or s.step % every != 0:
+            return
+        ids = _full_rows(s.job.batch, s.layout, s.hole)
+        if self._is_static(s):
+            self.static.refresh(s.source, ids)
+        else:
+            s.source.refresh(ids)
+        s.rows = None
+        s.stale.zero_()
+
+
+def denoise(model, args: ModelArgs, batch: InfillBatch, request: CompletionRequest, *,
+            temperatures: list[float], end_ids: Tensor, banned_ids: Tensor,
+            generator: torch.Generator, stop: StopSignal,
+            decided: Callable[[list[int]], bool] | None = None, passes=None,
+            check_every: int | None = None, cache: ContextCache | None = None) -> Denoised:
+    """Denoise every row of one request: the loop with a single request in flight.
+
+    `passes` (engine/graphs.PassCache) selects fixed shapes (captured graphs on CUDA); None
+    takes the shrinking eager pass. `cache`: a context cache to reuse from and add to."""
+    loop = DenoiseLoop(model, args, passes=passes, cache=cache, banned_ids=banned_ids)
+    state = loop.start(DenoiseJob(batch, request, temperatures, end_ids, banned_ids, generator,
+                                  stop, decided, check_every))
+    while state in loop.active:
+        loop.iterate()
+    return state.result
+
+
+def _to_host(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[list[list[int]],
+                                                                list[list[bool]]]]:
+    """Holes and open slots of several requests in ONE device-to-host copy (the loop's only
+    sync)."""
+    if not pairs:
+        return []
+    flat = torch.cat([torch.stack((h, m.to(h.dtype))).flatten() for h, m in pairs])
+    values = flat.to("cpu", copy=True).tolist()
+    out, start = [], 0
+    for hole, _ in pairs:
+        rows, width = hole.shape
+        n = rows * width
+        tokens = [values[start + r * width:start + (r + 1) * width] for r in range(rows)]
+        opened = [[bool(x) for x in values[start + n + r * width:start + n + (r + 1) * width]]
+                  for r in range(rows)]
+        out.append((tokens, opened))
+        start += 2 * n
     return out
-
-
-def _to_host(hole: Tensor, masked: Tensor) -> tuple[list[list[int]], list[list[bool]]]:
-    """Hole tokens and open slots in ONE device-to-host copy (the loop's only sync)."""
-    both = torch.stack((hole, masked.to(hole.dtype))).to("cpu", copy=True).tolist()
-    return both[0], [[bool(x) for x in row] for row in both[1]]
 
 
 def _full_rows(batch: InfillBatch, layout: Layout, hole: Tensor) -> Tensor:

@@ -2,7 +2,13 @@
 
 `complete` turns a CompletionRequest into token rows (engine/fim.py), denoises them in one batch
 (engine/denoiser.py) and turns the holes back into ranked text candidates. It may be called from
-a worker thread while another thread sets the cancel event; calls on one Engine are serialised.
+several threads at once, each with its own cancel event: one worker thread owns the model and
+requests in flight together share every denoising pass (engine/batch_worker.py).
+
+Across requests the engine keeps recent contexts' K/V (engine/context_cache.py, `context_reuse`)
+so a keystroke re-encodes only what changed, and after a completion it prepares, when idle,
+the context as if the completion were accepted (`speculate`), so accept + next request starts
+warm.
 """
 
 from __future__ import annotations
@@ -26,11 +32,19 @@ from engine.api import (
     EngineInfo,
     EngineInputError,
 )
-from engine.denoiser import Denoised, StopSignal, denoise
+from engine.batch_worker import BatchWorker, WorkerClosed
+from engine.context_cache import (
+    DEFAULT_BUDGET_BYTES,
+    DEFAULT_MAX_CHANGED,
+    DEFAULT_MAX_REUSES,
+    ContextCache,
+)
+from engine.denoiser import Denoised, DenoiseJob, DenoiseLoop, StopSignal
 from engine.dreamon import denoise_expanding
-from engine.graphs import PassCache
-from engine.kv_arena import common_layouts
+from engine.graphs import REFRESH_BUCKETS, PassCache
+from engine.kv_arena import BATCH_BUCKETS, common_layouts
 from engine.quantize import parameter_count, weight_bytes
+from engine.speculation import speculate_accepted
 from engine.stop_modes import apply_stop
 
 HOLE_BUCKETS = (8, 16, 32, 64)  # unknown span length: rows of these lengths share one batch
@@ -47,6 +61,10 @@ DIFFUCODER_PAD = "<|dlm_pad|>"  # DiffuCoder ends spans with it (models.md §2.1
 SAMPLERS = ("threshold", "entropy_bounded", "origin", "maskgit_plus", "topk_margin", "entropy",
             "low_confidence")
 STOP_MODES = ("line", "block", "free")
+# Rows in one shared pass. A CPU pass costs what its rows cost, so more rows only make every
+# request in it slower; on CUDA the captured batch buckets end at 16 rows.
+CPU_BATCH_ROWS = 32
+GPU_CONTEXT_CACHE_BYTES = 1 << 30
 
 
 def validate(request: CompletionRequest, max_context: int) -> None:
@@ -135,14 +153,26 @@ def _encode(tokenizer, text: str, what: str) -> list[int]:
 
 class Engine:
     def __init__(self, loaded, *, model_spec: str, quant: str, load_ms: float,
-                 static_shapes: bool | None = None, cuda_graphs: bool | None = None):
+                 static_shapes: bool | None = None, cuda_graphs: bool | None = None,
+                 context_reuse: bool = True, context_cache_bytes: int | None = None,
+                 max_reuses: int = DEFAULT_MAX_REUSES, max_changed: int = DEFAULT_MAX_CHANGED,
+                 speculate: bool = True, concurrent: bool = True,
+                 max_batch_rows: int | None = None):
         """static_shapes: fixed-shape passes (default on CUDA: no host sync inside the loop);
-        cuda_graphs: replay those passes as CUDA graphs (default on CUDA)."""
+        cuda_graphs: replay those passes as CUDA graphs (default on CUDA).
+        context_reuse: keep recent contexts' K/V (context_cache_bytes of them; default 256 MiB
+        on the CPU, 1 GiB on a GPU: about 9 2k-token contexts of a 7B model) and reuse them
+        across requests, at most max_reuses hops from a full encode and only when at most
+        max_changed context tokens changed; speculate: prepare the accepted completion's
+        context when idle (needs context_reuse).
+        concurrent: requests from several threads share passes on one worker thread; False
+        runs each call on its caller's thread, one at a time (nothing speculative then).
+        max_batch_rows: rows in one shared pass (default 32 on the CPU, 16 on fixed shapes)."""
         self._loaded = loaded
         self._spec = model_spec
         self._quant = quant
         self._load_ms = load_ms
-        self._lock = threading.Lock()  # one model, one request at a time
+        self._lock = threading.Lock()  # serialises calls when not concurrent, and close()
         tok = loaded.tokenizer
         ends = {loaded.args.eos_token_id, loaded.args.pad_token_id, tok.eos_id, tok.pad_id}
         dlm_pad = tok.backend.token_to_id(DIFFUCODER_PAD)
@@ -163,14 +193,28 @@ class Engine:
         graphs = on_cuda if cuda_graphs is None else cuda_graphs and on_cuda
         self._passes = PassCache(loaded.model, args, loaded.dtype, loaded.device,
                                  self._banned_all, use_graphs=graphs) if static else None
+        if context_cache_bytes is None:
+            context_cache_bytes = GPU_CONTEXT_CACHE_BYTES if on_cuda else DEFAULT_BUDGET_BYTES
+        self._cache = ContextCache(context_cache_bytes, max_reuses, max_changed) \
+            if context_reuse else None
+        self._speculate = speculate and context_reuse and concurrent
+        self._loop = DenoiseLoop(loaded.model, args, passes=self._passes, cache=self._cache,
+                                 dtype=loaded.dtype, banned_ids=self._banned_all)
+        budget = max_batch_rows or (BATCH_BUCKETS[-1] if static else CPU_BATCH_ROWS)
+        if static:
+            budget = min(budget, BATCH_BUCKETS[-1])
+        self._worker = BatchWorker(self._loop, budget) if concurrent else None
+        self.check_every: int | None = None  # steps between host reads (None: the default)
 
     @classmethod
     def load(
         cls, model: str, *, device: str = "cpu", quant: str = "none", dtype: str | None = None,
         static_shapes: bool | None = None, cuda_graphs: bool | None = None, warm: bool = True,
+        **options,
     ) -> Engine:
         """Load a checkpoint. On CUDA (warm=True) the common pass shapes are captured as
-        graphs before this returns, so the first requests do not pay for it."""
+        graphs before this returns, so the first requests do not pay for it. `options`: the
+        constructor's (context_reuse, context_cache_bytes, speculate, concurrent, ...)."""
         from engine.weights import DTYPES, load_model
 
         if quant not in ("none", "int8", "int4", "fp8"):
@@ -180,19 +224,21 @@ class Engine:
         started = time.perf_counter()
         loaded = load_model(model, device=device, dtype=DTYPES.get(dtype), quant=quant)
         engine = cls(loaded, model_spec=model, quant=quant, load_ms=0.0,
-                     static_shapes=static_shapes, cuda_graphs=cuda_graphs)
+                     static_shapes=static_shapes, cuda_graphs=cuda_graphs, **options)
         if warm:
             engine.warm_up()
         engine._load_ms = (time.perf_counter() - started) * 1000.0
         return engine
 
-    def warm_up(self) -> list[tuple[int, int, int]]:
+    def warm_up(self) -> list[tuple[int, int, int, int]]:
         """Capture the pass shapes most requests use (CUDA graphs only); returns them."""
         loaded = self._require()
         if self._passes is None or not self._passes.use_graphs:
             return []
         with self._lock, torch.inference_mode():
-            self._passes.warm_up(common_layouts(loaded.args))
+            # The join shape too: the first pass of a request whose context came from the cache.
+            refresh = (0, REFRESH_BUCKETS[0]) if self._cache is not None else (0,)
+            self._passes.warm_up(common_layouts(loaded.args), refresh)
         return self._passes.shapes
 
     @property
@@ -237,8 +283,31 @@ class Engine:
             load_ms=self._load_ms,
         )
 
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until the worker has nothing left to do, speculative work included (tests and
+        benchmarks use it to start from a settled engine). True when it settled in time."""
+        return self._worker.wait_idle(timeout) if self._worker is not None else True
+
+    def context_stats(self) -> dict[str, int]:
+        """The context cache's counters (all 0 when reuse is off) and the batch figures."""
+        cache, worker = self._cache, self._worker
+        out = dict(hits=0, misses=0, speculative_hits=0, speculative_drops=0, evictions=0,
+                   entries=0, bytes=0)
+        if cache is not None:
+            out.update(hits=cache.hits, misses=cache.misses, evictions=cache.evictions,
+                       speculative_hits=cache.speculative_hits,
+                       speculative_drops=cache.speculative_drops, entries=len(cache),
+                       bytes=cache.nbytes)
+        if worker is not None:
+            out.update(shared_passes=worker.passes, peak_batch_rows=worker.peak_rows)
+        return out
+
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
         with self._lock:
+            if self._cache is not None:
+                self._cache.clear()
             loaded, self._loaded = self._loaded, None
             if loaded is not None and loaded.device.type == "cuda":
                 del loaded
@@ -253,64 +322,67 @@ class Engine:
         Cancelled (the event is set, checked between steps): returns within one step with
         stats.cancelled, text "" and no candidates. Timed out (request.timeout_ms): returns the
         best so far with stats.timed_out, each row cut at its first still-masked slot, so the
-        text holds only tokens the model actually committed (possibly "")."""
+        text holds only tokens the model actually committed (possibly ""). Safe to call from
+        several threads: concurrent calls share passes (the deadline counts the wait too)."""
         started = time.perf_counter()
         stop = StopSignal(
             cancel=cancel,
             deadline=None if request.timeout_ms is None
             else time.monotonic() + request.timeout_ms / 1000.0,
         )
-        validate(request, self._require().args.max_context)  # before queueing on the lock
-        with self._lock:
-            loaded = self._require()
-            args, tok = loaded.args, loaded.tokenizer
-            stats = CompletionStats()
-            if stop.cancelled():
-                stats.cancelled = True
-                return CompletionResult(text="", candidates=[], stats=stats)
+        loaded = self._require()
+        validate(request, loaded.args.max_context)
+        args = loaded.args
+        stats = CompletionStats()
+        if stop.cancelled():
+            stats.cancelled = True
+            return CompletionResult(text="", candidates=[], stats=stats)
 
-            lengths = hole_lengths(request)
-            expanding = args.variant == "dreamon" and args.expand_token_id is not None
+        lengths = hole_lengths(request)
+        expanding = args.variant == "dreamon" and args.expand_token_id is not None
+        if expanding:
+            lengths = [request.span_lengths[0] if request.span_lengths
+                       else min(DREAMON_INITIAL_HOLE, request.max_tokens)]
+        budget = fim.context_budget(args, request.max_tokens if expanding else max(lengths),
+                                    request.max_context_tokens)
+        if budget < 0:
+            raise EngineInputError(
+                f"bad completion request: a {max(lengths)}-token hole and the special tokens "
+                f"do not fit a {request.max_context_tokens or args.max_context}-token window"
+            )
+        prefix_ids, suffix_ids = self._context_ids(request.prefix, request.suffix, budget)
+        stats.prefix_tokens, stats.suffix_tokens = len(prefix_ids), len(suffix_ids)
+        tokenized = time.perf_counter()
+
+        seed = request.seed if request.seed is not None else secrets.randbits(62)
+        generator = torch.Generator(loaded.device).manual_seed(seed)
+        try:
             if expanding:
-                lengths = [request.span_lengths[0] if request.span_lengths
-                           else min(DREAMON_INITIAL_HOLE, request.max_tokens)]
-            budget = fim.context_budget(args, request.max_tokens if expanding else max(lengths),
-                                        request.max_context_tokens)
-            if budget < 0:
-                raise EngineInputError(
-                    f"bad completion request: a {max(lengths)}-token hole and the special tokens "
-                    f"do not fit a {request.max_context_tokens or args.max_context}-token window"
-                )
-            prefix, suffix = fim.precut_text(request.prefix, request.suffix, budget)
-            prefix_ids, suffix_ids = fim.cut_context(_encode(tok, prefix, "prefix"),
-                                                     _encode(tok, suffix, "suffix"), budget)
-            stats.prefix_tokens, stats.suffix_tokens = len(prefix_ids), len(suffix_ids)
-            tokenized = time.perf_counter()
-
-            seed = request.seed if request.seed is not None else secrets.randbits(62)
-            generator = torch.Generator(loaded.device).manual_seed(seed)
-            try:
-                with torch.inference_mode():
-                    if expanding:
-                        done, rows = self._denoise_expanding(
-                            loaded, request, prefix_ids, suffix_ids, lengths[0], generator, stop)
-                    else:
-                        done, rows = self._denoise_buckets(
-                            loaded, request, prefix_ids, suffix_ids, lengths, generator, stop)
-            except torch.OutOfMemoryError:
-                if loaded.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                raise EngineError(
-                    f"out of memory on {loaded.device} for {len(lengths)} hole row(s) and "
-                    f"{len(prefix_ids) + len(suffix_ids)} context tokens; lower max_tokens, "
-                    "num_candidates or max_context_tokens"
-                ) from None
-            denoised = time.perf_counter()
-            candidates, best_row = self._rank(request, done, rows)
-            finished = time.perf_counter()
+                done, rows = self._denoise_expanding(
+                    loaded, request, prefix_ids, suffix_ids, lengths[0], generator, stop)
+            else:
+                done, rows = self._denoise_buckets(
+                    loaded, request, prefix_ids, suffix_ids, lengths, generator, stop)
+        except torch.OutOfMemoryError:
+            if loaded.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise EngineError(
+                f"out of memory on {loaded.device} for {len(lengths)} hole row(s) and "
+                f"{len(prefix_ids) + len(suffix_ids)} context tokens; lower max_tokens, "
+                "num_candidates or max_context_tokens"
+            ) from None
+        if done is None:  # cancelled while it waited for the model
+            stats.cancelled = True
+            return CompletionResult(text="", candidates=[], stats=stats)
+        denoised = time.perf_counter()
+        candidates, best_row = self._rank(request, done, rows)
+        finished = time.perf_counter()
 
         stats.forward_passes = done.forward_passes
         stats.cancelled, stats.timed_out = done.cancelled, done.timed_out
+        stats.reused_context_tokens = done.reused_tokens
+        stats.speculative_hit = done.speculative_hit
+        stats.batch_rows = done.batch_rows
         if best_row is not None:
             stats.tokens_committed_per_step = done.commits[best_row]
             stats.padded_tokens = int(done.forced[best_row].sum())
@@ -327,6 +399,8 @@ class Engine:
         if done.cancelled:  # the caller no longer wants it: nothing partial is returned
             return CompletionResult(text="", candidates=[], stats=stats)
         text = candidates[0].text if candidates else ""
+        if text and not done.timed_out and not expanding and request.use_cache:
+            self._speculate_on(request, text, budget, max(lengths))
         return CompletionResult(text=text, candidates=candidates, stats=stats)
 
     # ---- internals --------------------------------------------------------------------------
@@ -335,6 +409,52 @@ class Engine:
         if self._loaded is None:
             raise EngineError("the engine is closed")
         return self._loaded
+
+    def _context_ids(self, prefix: str, suffix: str, budget: int) -> tuple[list[int], list[int]]:
+        """Token ids of the text before and after the hole, cut to `budget` tokens."""
+        tok = self._require().tokenizer
+        prefix, suffix = fim.precut_text(prefix, suffix, budget)
+        return fim.cut_context(_encode(tok, prefix, "prefix"), _encode(tok, suffix, "suffix"),
+                               budget)
+
+    def _run(self, job: DenoiseJob) -> Denoised | None:
+        """Denoise on the worker (sharing passes), or here when not concurrent."""
+        if self._worker is not None:
+            try:
+                return self._worker.run(job)
+            except WorkerClosed:
+                raise EngineError("the engine is closed") from None
+        with self._lock, torch.inference_mode():
+            self._require()
+            if job.stop.cancelled():
+                return None
+            loop = self._loop
+            try:
+                state = loop.start(job)
+                while state in loop.active:
+                    loop.iterate()
+            finally:
+                loop.abort()
+            return state.result
+
+    def _speculate_on(self, request: CompletionRequest, text: str, budget: int,
+                      hole: int) -> None:
+        """When the worker is idle: the context as if `text` were accepted, into the cache."""
+        if not self._speculate or self._worker is None:
+            return
+        loaded = self._loaded
+        if loaded is None:
+            return
+
+        def task() -> None:
+            if self._loaded is None:
+                return
+            prefix_ids, suffix_ids = self._context_ids(request.prefix + text, request.suffix,
+                                                       budget)
+            speculate_accepted(loaded.model, loaded.args, self._cache, prefix_ids, suffix_ids,
+                               hole, self._banned_all, loaded.dtype, loaded.device)
+
+        self._worker.when_idle(task)
 
     def _denoise_buckets(self, loaded, request, prefix_ids, suffix_ids, lengths, generator, stop):
         rows: list[int] = []
@@ -346,14 +466,12 @@ class Engine:
                 temperatures.append(request.temperature if candidate == 0 else hot)
         batch = fim.build_infill_batch(loaded.args, prefix_ids, suffix_ids, rows, loaded.device)
         end_ids = torch.tensor(sorted(self._end_ids), device=loaded.device)
-        done = denoise(
-            loaded.model, loaded.args, batch, request,
-            temperatures=temperatures,
-            end_ids=end_ids, banned_ids=self._banned_all, generator=generator, stop=stop,
+        job = DenoiseJob(
+            batch, request, temperatures=temperatures, end_ids=end_ids,
+            banned_ids=self._banned_all, generator=generator, stop=stop,
             decided=None if request.stop == "free" else self._stop_decides(request),
-            static_pass=None if self._passes is None else self._passes.get,
-        )
-        return done, rows
+            check_every=self.check_every)
+        return self._run(job), rows
 
     def _stop_decides(self, request: CompletionRequest):
         """A row whose committed run from its first slot is already cut by the stop mode needs
@@ -377,11 +495,18 @@ class Engine:
         tail = batch.ids[0, batch.hole_start + 1:].tolist()
         window = args.max_context if request.max_context_tokens is None else min(
             args.max_context, request.max_context_tokens)
-        done = denoise_expanding(
-            loaded.model, args, lead, tail, request, initial_length=initial, window=window,
-            temperature=request.temperature, generator=generator, stop=stop,
-            device=loaded.device, end_ids=self._end_ids, banned_ids=self._banned_fixed,
-        )
+        def run() -> Denoised:
+            return denoise_expanding(
+                loaded.model, args, lead, tail, request, initial_length=initial, window=window,
+                temperature=request.temperature, generator=generator, stop=stop,
+                device=loaded.device, end_ids=self._end_ids, banned_ids=self._banned_fixed,
+            )
+
+        if self._worker is not None:  # its own loop: it runs with nothing else in flight
+            done = self._worker.run_exclusive(run)
+        else:
+            with self._lock, torch.inference_mode():
+                done = run()
         return done, [int(done.hole.shape[1])]
 
     def _rank(self, request: CompletionRequest, done: Denoised, rows: list[int]):

@@ -380,6 +380,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", "--benchmark-dir", dest="data_dir", type=Path, default=None,
                    help="folder with the benchmark files (default: $MASKFILL_BENCHMARK_DIR, else "
                         "the copy shipped in engine/benchmarks/)")
+    p.add_argument("--context-reuse", choices=["on", "off"], default="on",
+                   help="reuse the previous task's encoded context where it matches (engine)")
     ns = p.parse_args(argv)
     if ns.limit is not None and ns.limit < 1:
         p.error("--limit must be at least 1")
@@ -433,7 +435,8 @@ def run(ns: argparse.Namespace) -> dict:
 
         torch.set_num_threads(ns.threads)
         model_label = resolve_model(ns.model)
-        engine = Engine.load(model_label, device=ns.device, quant=ns.quant)
+        engine = Engine.load(model_label, device=ns.device, quant=ns.quant,
+                             context_reuse=ns.context_reuse == "on")
         model_dir = Path(engine.info().path)
         window = engine.info().max_context
         if suite_name == "latency-1k":
@@ -489,6 +492,7 @@ def run(ns: argparse.Namespace) -> dict:
               "stop": ns.stop or spec.stop, "max_tokens": ns.max_tokens or spec.max_tokens,
               "span_lengths": ns.span_lengths,
               "sampler": ns.sampler, "device": ns.device, "quant": ns.quant,
+              "context_reuse": ns.context_reuse,
               "corpus_overlap": overlap}
     print(json.dumps(record), flush=True)
     return record

@@ -21,6 +21,13 @@ delayed caching on top of Fast-dLLM's dual cache, design/engine.md §2.1).
 All rows share one encode of the longest row (`encode_shared`): a shorter row's suffix sits
 `lmax - L` positions further left, which for RoPE keys is an exact rotation. The context states
 themselves were computed beside the longest hole's masks, the staleness the dual cache accepts.
+
+Across requests (engine/context_cache.py) a context can come from an earlier one instead:
+`fill_reused` writes the cached K/V of the unchanged tokens (keys re-rotated to their new
+positions) and the request's first pass computes the changed ones (engine/prefill.py);
+`snapshot` reads a filled context back out for the cache. Several requests can share one pass:
+on CUDA their rows sit in one arena at a common layout (`Layout.placed`), on the CPU each keeps
+its own arena and `PackedSlots` runs their rows as one packed sequence.
 """
 
 from __future__ import annotations
@@ -90,6 +97,19 @@ class Layout:
         """Hole slots the step's logits cover (query entries that predict a slot)."""
         return self.query - self.shift
 
+    @property
+    def tail(self) -> int:
+        """Context tokens after the hole (suffix and trailing specials)."""
+        return self.context_used - self.lead
+
+    def placed(self, context: int, query: int, length: int) -> Layout:
+        """This request's rows inside a shared arena whose context region is `context` columns
+        and query block `query` entries wide (both at least this request's own)."""
+        return Layout(rows=self.rows, batch=self.rows, shift=self.shift,
+                      hole_start=self.hole_start, lmax=self.lmax,
+                      context_used=self.context_used, context=context, query=query,
+                      length=length)
+
 
 def common_layouts(args: ModelArgs) -> list[Layout]:
     """The static shapes an editor's requests mostly take: the automatic line rows (8/16/24,
@@ -123,6 +143,36 @@ class KVArena:
         return KVArena([k[rows] for k in self.k], [v[rows] for v in self.v], self.bias[rows],
                        self.layout)
 
+    def rows(self, start: int, stop: int, layout: Layout) -> KVArena:
+        """A view of rows [start, stop) (writes land in this arena) under `layout`."""
+        return KVArena([k[start:stop] for k in self.k], [v[start:stop] for v in self.v],
+                       self.bias[start:stop], layout)
+
+
+@dataclass
+class PackedSlots:
+    """Several requests' query rows in one pass, each against its own arena.
+
+    The pass's ids are packed as (1, N): group g owns the next rows_g x width_g entries, writes
+    their K/V into its own KVSlots and attends over its own arena only. So the matmuls (QKV,
+    output, FFN, head) run once over every request's rows while attention costs what each
+    request's context costs, with no copy of any arena when requests join or leave."""
+
+    groups: list[tuple[int, int, KVSlots]]  # (rows, width, slots) in packing order
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        """q (1, N, Hq, D), k/v (1, Hkv, N, D) -> (1, N, Hq * D)."""
+        outs, start = [], 0
+        for rows, width, slots in self.groups:
+            n = rows * width
+            qg = q[:, start:start + n].reshape(rows, width, *q.shape[2:])
+            kg = k[0, :, start:start + n].reshape(k.shape[1], rows, width, -1).transpose(0, 1)
+            vg = v[0, :, start:start + n].reshape(v.shape[1], rows, width, -1).transpose(0, 1)
+            outs.append(slots.attend(qg, kg, vg, layer).reshape(1, n, -1))
+            start += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
 
 def allocate(args: ModelArgs, layout: Layout, dtype: torch.dtype, device) -> KVArena:
     shape = (layout.batch, args.n_kv_heads, layout.length, args.head_dim)
@@ -142,6 +192,52 @@ def key_bias(layout: Layout, hole_lengths: list[int], out: Tensor) -> Tensor:
     out.zero_()
     out[:, 0, 0].masked_fill_(~attended, float("-inf"))
     return out
+
+
+def context_columns(layout: Layout, device) -> Tensor:
+    """(hole_start + tail,) arena column of each context index (lead ids, then tail ids) in
+    the longest row: the prefix in the context region, the lead token(s) in the query block."""
+    n_lead, shift = layout.hole_start, layout.shift
+    return torch.cat((torch.arange(n_lead - shift, device=device),
+                      layout.context + torch.arange(shift, device=device),
+                      layout.lead + torch.arange(layout.tail, device=device)))
+
+
+def context_positions(layout: Layout, hole_lengths: Tensor, index: Tensor) -> Tensor:
+    """(rows, n) true positions of context indices `index` in rows of these hole lengths."""
+    n_lead = layout.hole_start
+    return torch.where(index[None, :] < n_lead, index[None, :],
+                       index[None, :] + hole_lengths[:, None])
+
+
+def fill_reused(arena: KVArena, args: ModelArgs, hole_lengths: Tensor, entry,
+                new_index: Tensor, old_index: Tensor) -> None:
+    """Write a cached entry's K/V of the reused tokens into every row of `arena` (a view of
+    this request's rows), keys rotated from their cached positions to each row's own."""
+    if new_index.numel() == 0:
+        return
+    device = arena.k[0].device
+    layout = arena.layout
+    new_index, old_index = new_index.to(device), old_index.to(device)
+    columns = context_columns(layout, device)[new_index]
+    moved = context_positions(layout, hole_lengths, new_index) - entry.position(old_index)[None]
+    rotate = rope_tables(moved, args.head_dim, args.rope_theta)  # (rows, n, 1, D)
+    rows = hole_lengths.numel()
+    for cached, kept, is_key in ((arena.k, entry.k, True), (arena.v, entry.v, False)):
+        for buffer, kv in zip(cached, kept, strict=True):  # kv (Hkv, T, D)
+            picked = kv[:, old_index].transpose(0, 1)[None].expand(rows, -1, -1, -1)
+            if is_key:
+                picked = apply_rope(picked, rotate)
+            buffer[:rows, :, columns] = picked.transpose(1, 2)
+
+
+def snapshot(arena: KVArena, row: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Copies of one row's context K/V in context-index order (keys at that row's true
+    positions): what the context cache keeps. Read right after the first pass, before any
+    commit, so the states are those beside an all-MASK hole, as a cold encode's are."""
+    columns = context_columns(arena.layout, arena.k[0].device)
+    return ([k[row][:, columns].clone() for k in arena.k],
+            [v[row][:, columns].clone() for v in arena.v])
 
 
 def query_positions(layout: Layout, device) -> Tensor:

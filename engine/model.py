@@ -62,6 +62,19 @@ class KVSlots:
     bias: Tensor  # (B, 1, 1, Lk) additive: 0 where a key is attended, -inf where it is not
     at: slice | Tensor
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        """Write this step's k/v (B, Hkv, L, D) in place, attend q (B, L, Hq, D) over the whole
+        buffer -> (B, L, Hq * D). (engine/kv_arena.PackedSlots: several arenas in one pass.)"""
+        keys, values = self.k[layer], self.v[layer]
+        if isinstance(self.at, slice):
+            keys[:, :, self.at] = k
+            values[:, :, self.at] = v
+        else:
+            index = self.at[:, None, :, None].expand_as(k)
+            keys.scatter_(2, index, k)
+            values.scatter_(2, index, v)
+        return grouped_attention(q, keys, values, self.bias)
+
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float) -> Rope:
     """positions (B, L) -> Rope with (B, L, 1, head_dim) tables (rotate-half layout)."""
@@ -115,18 +128,9 @@ class Attention(nn.Module):
         k = qk[:, :, self.n_heads:].transpose(1, 2)  # (B, Hkv, L, D)
         v = qkv[..., self.qk_width:].view(bsz, seqlen, self.n_kv_heads,
                                           self.head_dim).transpose(1, 2)
-        keys, values = k, v
         if slots is not None:  # write this step's K/V in place, attend over the whole buffer
-            keys, values = slots.k[layer], slots.v[layer]
-            if isinstance(slots.at, slice):
-                keys[:, :, slots.at] = k
-                values[:, :, slots.at] = v
-            else:
-                index = slots.at[:, None, :, None].expand_as(k)
-                keys.scatter_(2, index, k)
-                values.scatter_(2, index, v)
-            bias = slots.bias
-        return self.wo(grouped_attention(q, keys, values, bias)), k, v
+            return self.wo(slots.attend(q, k, v, layer)), k, v
+        return self.wo(grouped_attention(q, k, v, bias)), k, v
 
 
 class FeedForward(nn.Module):

@@ -5,50 +5,68 @@ bias) and holds the arena it attends over. `logits()` runs `model.step` over the
 on the entries that predict hole slots. The graphed run replays exactly that function, captured
 once per shape (engine/graphs.py), so eager and graphed passes cannot drift apart.
 
-The denoising loop writes into `qids` between passes; the request fills `rope`, `bias` and the
-arena once, before the first pass.
+The denoising loop writes into `qids` between passes; the batch fills `rope`, `bias` and the
+arena when requests join or leave (engine/static_batch.py), never between other passes.
+
+The other ways to get a request's logits live here too: `ShrinkingSource` (the CPU default: its
+own arena, only the entries that matter, packed with other requests' by `packed_logits`) and
+`UncachedSource` (a full forward each pass, the reference).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from engine.attention import SDPA_ONLY
 from engine.config import ModelArgs
+from engine.context_cache import ReusePlan
 from engine.kv_arena import (
     KVArena,
     Layout,
+    PackedSlots,
     allocate,
     encode_rows,
-    encode_shared,
     key_bias,
     plan_queries,
     query_ids,
     query_rope,
 )
-from engine.model import Rope
+from engine.model import KVSlots, Rope, rope_tables
+from engine.prefill import fill, joined_entry, masked_head
 
 WARMUP_RUNS = 2  # cuBLAS/attention workspaces are allocated on the first runs, not in a graph
 
 
-def masked_head(model, hidden: Tensor, banned_ids: Tensor) -> Tensor:
-    """hidden (..., dim) -> float32 logits with the ids never written into a hole at -inf."""
-    return model.output(hidden).index_fill_(-1, banned_ids, float("-inf"))
-
-
 class StaticPass:
-    def __init__(self, model, args: ModelArgs, arena: KVArena, banned_ids: Tensor):
+    """One fixed shape's pass. `refresh` > 0 makes it a join pass: `refresh` more entries per
+    row before the query block, for the changed context tokens of requests whose context came
+    from the cache (engine/prefill.py); they write their K/V at the columns in `columns`."""
+
+    def __init__(self, model, args: ModelArgs, arena: KVArena, banned_ids: Tensor,
+                 refresh: int = 0):
         layout = arena.layout
         device = banned_ids.device
         self.model = model
         self.layout: Layout = layout
         self.arena = arena
         self.banned_ids = banned_ids
-        self.qids = torch.zeros(layout.batch, layout.query, dtype=torch.long, device=device)
-        table = (layout.batch, layout.query, 1, args.head_dim)
+        self.refresh = refresh
+        width = refresh + layout.query
+        self.qids = torch.zeros(layout.batch, width, dtype=torch.long, device=device)
+        table = (layout.batch, width, 1, args.head_dim)
         self.rope = Rope(torch.zeros(table, device=device), torch.zeros(table, device=device))
-        self._slots = arena.slots(slice(layout.context, layout.context + layout.query))
+        self.columns: Tensor | None = None
+        if refresh:
+            self.columns = torch.full((layout.batch, width), layout.scratch, dtype=torch.long,
+                                      device=device)
+            self.columns[:, refresh:] = layout.context + torch.arange(layout.query,
+                                                                      device=device)
+            self._slots = arena.slots(self.columns)
+        else:
+            self._slots = arena.slots(slice(layout.context, layout.context + layout.query))
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: Tensor | None = None
 
@@ -74,7 +92,9 @@ class StaticPass:
             hidden = self.model.step(self.qids, self.rope, self._slots)
         finally:
             SDPA_ONLY.reset(token)
-        return masked_head(self.model, hidden[:, :self.layout.slots], self.banned_ids)
+        start = self.refresh
+        return masked_head(self.model, hidden[:, start:start + self.layout.slots],
+                           self.banned_ids)
 
     def capture(self, pool) -> None:
         """Record the pass as a CUDA graph in the shared memory pool. Warm-up runs go on a side
@@ -94,54 +114,28 @@ class StaticPass:
 # ---- where a request's logits come from: one object per strategy, one loop (engine/denoiser.py)
 
 
-def _first_from_encode(model, hidden: Tensor, layout: Layout, banned_ids: Tensor,
-                       width: int) -> Tensor | None:
-    """A one-row request's first logits straight from its encode (the encode saw exactly
-    this row), saving a pass; None for several rows, whose encode was the longest row's."""
-    if layout.rows != 1:
-        return None
-    logits = masked_head(model, hidden[:, layout.lead:layout.lead + layout.lmax], banned_ids)
-    if layout.batch == 1 and width == layout.lmax:
-        return logits
-    padded = logits.new_zeros(layout.batch, width, logits.shape[-1])  # inert rows and entries
-    padded[:1, :layout.lmax] = logits
-    return padded
+@dataclass
+class Query:
+    """One request's share of a shrinking pass: the entries it queries and where they write."""
 
-
-class StaticSource:
-    """Fixed shapes: every pass queries the whole query block, finished rows stay (masked).
-    On CUDA the pass is a replayed graph; no host sync happens inside it."""
-
-    shrinks = False
-
-    def __init__(self, model, args: ModelArgs, batch, layout: Layout, static: StaticPass):
-        self.model, self.batch, self.static = model, batch, static
-        key_bias(layout, batch.hole_lengths, static.bias)
-        rope = query_rope(layout, args, batch.ids.device)
-        static.rope.cos.copy_(rope.cos)
-        static.rope.sin.copy_(rope.sin)
-        static.qids.copy_(query_ids(layout, batch, args.pad_token_id))
-        hidden = encode_shared(model, args, batch, static.arena)
-        self.hole = static.qids[:, layout.shift:layout.shift + layout.slots]  # (batch, slots)
-        self.first = _first_from_encode(model, hidden, layout, static.banned_ids, layout.slots)
-
-    def logits(self, masked: Tensor, stale: Tensor, rows: Tensor | None) -> Tensor:
-        return self.static.logits()
-
-    def refresh(self, ids: Tensor) -> None:
-        encode_rows(self.model, self.batch, ids, self.static.arena)
+    ids: Tensor  # (b, w)
+    rope: Rope  # (b, w, 1, D)
+    slots: KVSlots  # its arena; `at` (b, w) columns
+    predictor: Tensor  # (b, lmax) index into the w entries of the one that predicts slot j
 
 
 class ShrinkingSource:
     """Eager path for the CPU: each pass queries only the entries that matter (open slots,
     their predictors, slots that just changed) and finished rows leave the batch. A CPU pass
     costs what its rows cost, so shrinking them is where the time goes; a GPU pass costs the
-    same for 1 or 64 rows, which is why CUDA takes StaticSource instead."""
+    same for 1 or 64 rows, which is why CUDA takes the static batch instead. Each request keeps
+    its own arena; requests in flight together share passes through `packed_logits`."""
 
     shrinks = True
 
     def __init__(self, model, args: ModelArgs, batch, layout: Layout, banned_ids: Tensor,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, plan: ReusePlan | None = None,
+                 context: tuple[Tensor, Tensor] | None = None, keep: bool = False):
         device = batch.ids.device
         self.model, self.args, self.batch, self.layout = model, args, batch, layout
         self.banned_ids, self.dtype = banned_ids, dtype
@@ -149,23 +143,47 @@ class ShrinkingSource:
         key_bias(layout, batch.hole_lengths, self.arena.bias)
         self.rope = query_rope(layout, args, device)
         self.qids = query_ids(layout, batch, args.pad_token_id)
-        hidden = encode_shared(model, args, batch, self.arena)
+        self.prefilled = fill(model, args, batch, self.arena, banned_ids, plan, context, keep)
         self.hole = self.qids[:, layout.shift:layout.shift + layout.lmax]  # (B, lmax)
-        self.first = _first_from_encode(model, hidden, layout, banned_ids, layout.lmax)
+        self.first = self.prefilled.first
         self._all_rows = torch.arange(layout.rows, device=device)[:, None]
+        self._joined = False
 
-    def logits(self, masked: Tensor, stale: Tensor, rows: Tensor | None) -> Tensor:
-        """(b, lmax, V) for the open `rows` (None: all)."""
+    def query(self, masked: Tensor, stale: Tensor, rows: Tensor | None) -> Query:
+        """The entries of the open `rows` (None: all) this pass must run."""
         layout = self.layout
+        if self.prefilled.join is not None:  # the first pass of a warm request
+            return self._join_query(stale)
         pick = slice(None) if rows is None else rows
         plan = plan_queries(masked[pick], stale[pick], self.batch.hole_valid[pick], layout.shift)
         at = (self._all_rows if rows is None else rows[:, None], plan.offsets)
         columns = torch.where(plan.valid, layout.context + plan.offsets, layout.scratch)
-        hidden = self.model.step(self.qids[at], Rope(self.rope.cos[at], self.rope.sin[at]),
-                                 self.arena.slots(columns))
         stale[pick] = False
-        index = plan.predictor[..., None].expand(-1, -1, hidden.shape[-1])
-        return masked_head(self.model, hidden.gather(1, index), self.banned_ids)
+        return Query(self.qids[at], Rope(self.rope.cos[at], self.rope.sin[at]),
+                     self.arena.slots(columns), plan.predictor)
+
+    def _join_query(self, stale: Tensor) -> Query:
+        """The changed context tokens, then the whole query block (every slot is masked)."""
+        layout, join, args = self.layout, self.prefilled.join, self.args
+        self.prefilled.join = None
+        self._joined = True
+        device, rows, m = self.qids.device, layout.rows, join.width
+        entries = layout.context + torch.arange(layout.query, device=device)
+        changed = rope_tables(join.positions, args.head_dim, args.rope_theta)
+        rope = Rope(torch.cat((changed.cos, self.rope.cos), dim=1),
+                    torch.cat((changed.sin, self.rope.sin), dim=1))
+        predictor = (m + torch.arange(layout.lmax, device=device)).expand(rows, -1)
+        stale.zero_()
+        return Query(torch.cat((join.ids, self.qids), dim=1), rope,
+                     self.arena.slots(torch.cat((join.columns, entries.expand(rows, -1)), 1)),
+                     predictor)
+
+    def new_entry(self):
+        """A warm request's context for the cache, once its first pass ran (then None)."""
+        if not self._joined or self.prefilled.lead is None:
+            return None
+        self._joined = False
+        return joined_entry(self.prefilled, self.arena, self.batch)
 
     def select(self, local: Tensor) -> None:
         self.arena = self.arena.select(local)
@@ -175,6 +193,35 @@ class ShrinkingSource:
         self.arena = allocate(self.args, self.layout, self.dtype, ids.device)
         key_bias(self.layout, self.batch.hole_lengths, self.arena.bias)
         encode_rows(self.model, self.batch, ids, self.arena)
+
+
+def _predicting(hidden: Tensor, predictor: Tensor) -> Tensor:
+    """(b, w, dim) hidden states -> (b, lmax, dim) of the entries that predict each slot."""
+    return hidden.gather(1, predictor[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def packed_logits(model, banned_ids: Tensor, queries: list[Query]) -> list[Tensor]:
+    """ONE pass for several requests' queries: their entries packed into one sequence (the
+    matmuls and the head run once), attention per request over its own arena (PackedSlots)."""
+    if len(queries) == 1:
+        q = queries[0]
+        hidden = model.step(q.ids, q.rope, q.slots)
+        return [masked_head(model, _predicting(hidden, q.predictor), banned_ids)]
+    ids = torch.cat([q.ids.reshape(1, -1) for q in queries], dim=1)
+    dim = queries[0].rope.cos.shape[-1]
+    cos = torch.cat([q.rope.cos.reshape(1, -1, 1, dim) for q in queries], dim=1)
+    sin = torch.cat([q.rope.sin.reshape(1, -1, 1, dim) for q in queries], dim=1)
+    shapes = [tuple(q.ids.shape) for q in queries]
+    hidden = model.step(ids, Rope(cos, sin), PackedSlots(
+        [(b, w, q.slots) for (b, w), q in zip(shapes, queries, strict=True)]))
+    picked, start = [], 0
+    for (b, w), q in zip(shapes, queries, strict=True):
+        part = hidden[0, start:start + b * w].reshape(b, w, -1)
+        picked.append(_predicting(part, q.predictor).reshape(-1, part.shape[-1]))
+        start += b * w
+    logits = masked_head(model, torch.cat(picked), banned_ids)
+    return [chunk.reshape(q.predictor.shape[0], q.predictor.shape[1], -1) for chunk, q in
+            zip(logits.split([p.shape[0] for p in picked]), queries, strict=True)]
 
 
 class UncachedSource:
@@ -187,6 +234,10 @@ class UncachedSource:
         self.ids = batch.ids.clone()
         self.hole = self.ids[:, layout.hole_start:layout.hole_start + layout.lmax]
         self.first = None
+        self.prefilled = None
+
+    def new_entry(self):
+        return None
 
     def logits(self, masked: Tensor, stale: Tensor, rows: Tensor | None) -> Tensor:
         hidden = self.model(self.ids, self.batch.positions, self.batch.key_valid)

@@ -49,6 +49,8 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     engine_endpoint: str | None = None  # remote: http(s) URL; shared: unix:/path or tcp://h:p
     engine_token_file: str | None = None  # token for TCP/HTTP; must be private to the user
     engine_idle_exit_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    # Reuse the last contexts' K/V across keystrokes (in-process engine; README, engine section).
+    context_reuse: bool = True
 
     def serves(self, language_id: str | None) -> bool:
         return not self.languages or (language_id or "") in self.languages

@@ -70,6 +70,7 @@ class LoadSpec:
     endpoint: str | None = None
     token_file: str | None = None
     idle_exit_s: float = 300.0  # an auto-started shared engine's wait after its last client
+    context_reuse: bool = True  # keep recent contexts' K/V across requests (in-process engine)
 
 
 Loader = Callable[[LoadSpec], EngineLike]
@@ -114,7 +115,8 @@ def load_engine(spec: LoadSpec) -> EngineLike:
         )
     from engine.engine import Engine
 
-    engine = Engine.load(model, device=spec.device, quant=spec.quant)
+    engine = Engine.load(model, device=spec.device, quant=spec.quant,
+                         context_reuse=spec.context_reuse)
     engine.use_cpu_threads()  # the server process exists to run this engine
     return engine
 

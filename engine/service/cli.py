@@ -42,6 +42,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--cache-size", type=int, default=256, help="exact-request result cache")
     s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="largest HTTP request body accepted")
+    s.add_argument("--max-in-flight", type=int, default=8,
+                   help="jobs the engine runs at once, batched into shared passes (1: in turn)")
     s.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
 
 
@@ -73,7 +75,8 @@ def build_options(args: argparse.Namespace):
         http=host_port(args.http) if args.http else None,
         token_file=args.token_file, allow_remote=args.allow_remote,
         idle_exit_s=args.idle_exit_s, endpoint_file=args.endpoint_file,
-        cache_size=args.cache_size, max_body_bytes=args.max_body_bytes)
+        cache_size=args.cache_size, max_body_bytes=args.max_body_bytes,
+        max_in_flight=max(1, args.max_in_flight))
 
 
 def run_serve(args: argparse.Namespace) -> int:

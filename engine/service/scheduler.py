@@ -4,7 +4,8 @@ Clients are served fairly in turn: each has its own queue and the thread takes o
 each client with work, round-robin, so one busy window (or an HTTP script) cannot starve the
 others. Newest wins per (client, key): a new job for a key drops that client's pending job for
 it and stops its running one between denoising steps, as the in-process worker does per
-document. Requests from different clients are not batched together yet (Engine speed III).
+document. Up to `max_in_flight` jobs run at once, each on its own thread calling the engine,
+which batches them into shared denoising passes (engine/batch_worker.py).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class FairScheduler:
 
     def __init__(
         self, load: Callable[[], EngineLike], stats: ServiceStats | None = None,
-        cache_size: int = 256,
+        cache_size: int = 256, max_in_flight: int = 1,
     ):
         self.stats = stats or ServiceStats()
         self.cache = ResultCache(cache_size)
@@ -99,7 +100,9 @@ class FairScheduler:
         self._engine: EngineLike | None = None
         self._lock = threading.Condition()
         self._queues: OrderedDict[int, deque[Job]] = OrderedDict()
-        self._running: Job | None = None
+        self._running: list[Job] = []  # jobs the engine is running now
+        self.max_in_flight = max(1, max_in_flight)
+        self._runners: list[threading.Thread] = []
         self._closing = False
         self._ready = threading.Event()  # set once the load succeeded or failed
         self._thread = threading.Thread(target=self._run, name="maskfill-model", daemon=True)
@@ -135,26 +138,27 @@ class FairScheduler:
                 if job.id == job_id:
                     queue.remove(job)
                     self._drop(job)
-            running = self._running
-            if running is not None and running.client == client and running.id == job_id:
-                running.cancel.set()
+            for running in self._running:
+                if running.client == client and running.id == job_id:
+                    running.cancel.set()
 
     def drop_client(self, client: int) -> None:
         """A connection closed: nobody is left to read its answers."""
         with self._lock:
             for job in self._queues.pop(client, ()):
                 self._drop(job)
-            if self._running is not None and self._running.client == client:
-                self._running.cancel.set()
+            for running in self._running:
+                if running.client == client:
+                    running.cancel.set()
 
     @property
     def busy(self) -> bool:
-        """Whether the model thread is running a job right now."""
-        return self._running is not None
+        """Whether the engine is running a job right now."""
+        return bool(self._running)
 
     def queue_depth(self) -> int:
         with self._lock:
-            return sum(len(q) for q in self._queues.values()) + (self._running is not None)
+            return sum(len(q) for q in self._queues.values()) + len(self._running)
 
     def close(self, timeout: float = 10.0) -> None:
         with self._lock:
@@ -163,9 +167,9 @@ class FairScheduler:
                 for job in queue:
                     self._drop(job)
             self._queues.clear()
-            if self._running is not None:
-                self._running.cancel.set()
-            self._lock.notify()
+            for running in self._running:
+                running.cancel.set()
+            self._lock.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -180,9 +184,9 @@ class FairScheduler:
             for older in [j for j in queue if j.key == job.key]:
                 queue.remove(older)
                 self._drop(older)
-            running = self._running
-            if running is not None and running.client == job.client and running.key == job.key:
-                running.cancel.set()
+            for running in self._running:
+                if running.client == job.client and running.key == job.key:
+                    running.cancel.set()
 
     def _drop(self, job: Job) -> None:
         job.cancel.set()
@@ -192,7 +196,8 @@ class FairScheduler:
 
     def _next(self) -> Job | None:
         with self._lock:
-            while not self._closing and not any(self._queues.values()):
+            while not self._closing and (not any(self._queues.values()) or
+                                         len(self._running) >= self.max_in_flight):
                 self._lock.wait()
             if self._closing:
                 return None
@@ -202,7 +207,7 @@ class FairScheduler:
                     self._queues.move_to_end(client)  # the others go first next time
                     if not queue:
                         del self._queues[client]
-                    self._running = job
+                    self._running.append(job)
                     return job
             return None
 
@@ -212,13 +217,15 @@ class FairScheduler:
         try:
             self._load_engine()
             while self.state == "ready" and (job := self._next()) is not None:
-                outcome: tuple[CompletionResult | None, str | None] = (None, "internal error")
-                try:
-                    outcome = self._complete(job)
-                finally:
-                    with self._lock:
-                        self._running = None  # before answering: status must not lag it
-                    _answer(job, *outcome)
+                if self.max_in_flight == 1:
+                    self._serve(job)
+                    continue
+                runner = threading.Thread(target=self._serve, args=(job,),
+                                          name="maskfill-job", daemon=True)
+                self._runners = [t for t in self._runners if t.is_alive()] + [runner]
+                runner.start()
+            for runner in self._runners:  # cancelled by close(): each stops within a step
+                runner.join(30.0)
         finally:
             if self._engine is not None:
                 try:
@@ -228,6 +235,16 @@ class FairScheduler:
                 self._engine = None
             self.state = "closed" if self.state != "failed" else "failed"
             self._ready.set()
+
+    def _serve(self, job: Job) -> None:
+        outcome: tuple[CompletionResult | None, str | None] = (None, "internal error")
+        try:
+            outcome = self._complete(job)
+        finally:
+            with self._lock:
+                self._running.remove(job)  # before answering: status must not lag it
+                self._lock.notify_all()
+            _answer(job, *outcome)
 
     def _load_engine(self) -> None:
         try:

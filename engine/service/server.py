@@ -71,6 +71,8 @@ class ServeOptions:
     endpoint_file: Path | None = None  # JSON of where this engine listens, written 0600
     cache_size: int = 256
     max_body_bytes: int = 1024 * 1024
+    # Jobs handed to the engine at once: it batches them into shared denoising passes.
+    max_in_flight: int = 8
 
 
 def is_loopback(host: str) -> bool:
@@ -284,7 +286,7 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
     token = _token(options)
     scheduler = scheduler or FairScheduler(
         lambda: load_for_service(options.model, options.device, options.quant),
-        cache_size=options.cache_size)
+        cache_size=options.cache_size, max_in_flight=options.max_in_flight)
     service = EngineService(scheduler, token=token, idle_exit_s=options.idle_exit_s)
     closers: list = []
     endpoints: dict[str, Any] = {"pid": os.getpid()}

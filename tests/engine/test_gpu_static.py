@@ -39,7 +39,7 @@ def checkpoint(tmp_path_factory):
 def test_a_graphed_pass_gives_the_eager_pass_logits(checkpoint, dtype):
     from engine.fim import build_infill_batch
     from engine.graphs import PassCache
-    from engine.passes import StaticSource
+    from engine.static_batch import StaticBatch
 
     engine = Engine.load(str(checkpoint), device="cuda", dtype=str(dtype).removeprefix("torch."),
                          warm=False)
@@ -55,9 +55,10 @@ def test_a_graphed_pass_gives_the_eager_pass_logits(checkpoint, dtype):
             for graphs in (False, True):
                 cache = PassCache(model, args, loaded.dtype, loaded.device, engine._banned_all,
                                   use_graphs=graphs)
-                static = cache.get(layout)
+                shared = StaticBatch(model, args, cache, engine._banned_all)
+                shared.join(batch, layout, None, None, keep=False)
+                static = shared.static
                 assert static.graphed == graphs and not cache.failures
-                StaticSource(model, args, batch, layout, static)
                 logits[graphs] = static.logits().clone()
                 logits[graphs, "again"] = static.logits().clone()
         torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)
@@ -76,32 +77,38 @@ def test_graphs_are_captured_at_load_and_reused_per_bucket(checkpoint):
         base = dict(suffix=SUFFIX, span_lengths=(5, 12), max_tokens=12, stop="free")
         first = engine.complete(CompletionRequest(prefix=PREFIX, **base))
         after_first = cache.captures
+        assert after_first <= warmed + 1
+        # Warm from the first: a join pass (captured once per bucket), then the same shape.
         second = engine.complete(CompletionRequest(prefix=PREFIX + "a + ", **base))
-        assert cache.captures == after_first <= warmed + 1  # same bucket: replayed, not recorded
-        assert first.candidates and second.candidates
+        after_second = cache.captures
+        third = engine.complete(CompletionRequest(prefix=PREFIX + "a + b * c - ", **base))
+        assert cache.captures == after_second <= after_first + 1  # replayed, not recorded
+        assert second.stats.reused_context_tokens > 0 and third.stats.reused_context_tokens > 0
+        assert first.candidates and second.candidates and third.candidates
     finally:
         engine.close()
 
 
 def test_the_cuda_loop_syncs_once_per_check_interval(checkpoint, monkeypatch):
-    from engine import denoiser
-
     engine = Engine.load(str(checkpoint), device="cuda")
-    real = denoiser.denoise
-    counted = {}
+    real_iterate = engine._loop.iterate
+    counted = {"syncs": 0}
 
-    def denoise(*args, **kwargs):
+    def iterate():  # counted on the worker thread, where the passes run
         with DispatchCounter() as log:
-            out = real(*args, **kwargs, check_every=4)
-        counted.update(syncs=log.syncs, passes=out.forward_passes)
-        return out
+            ended = real_iterate()
+        counted["syncs"] += log.syncs
+        return ended
 
-    monkeypatch.setattr("engine.engine.denoise", denoise)
+    monkeypatch.setattr(engine._loop, "iterate", iterate)
+    engine.check_every = 4
     try:
-        engine.complete(CompletionRequest(prefix=PREFIX, suffix=SUFFIX, span_lengths=(6, 12),
-                                          max_tokens=12, threshold=1.0, stop="free"))
+        result = engine.complete(CompletionRequest(
+            prefix=PREFIX, suffix=SUFFIX, span_lengths=(6, 12), max_tokens=12, threshold=1.0,
+            stop="free"))
     finally:
         engine.close()
+    counted["passes"] = result.stats.forward_passes
     assert counted["passes"] >= 8
     # One read every 4 steps, the final transfer, and encode_ms's one synchronize (a device
     # sync, not a dispatched op, so it does not count here).
@@ -134,3 +141,29 @@ def test_a_quantized_cuda_engine_completes_through_graphs(checkpoint, mode):
         assert result.stats.forward_passes >= 1 and not result.stats.cancelled
     finally:
         engine.close()
+
+
+def test_concurrent_requests_share_graphed_passes_and_get_their_own_text(memorized_model):
+    """Issue 13 on CUDA: requests in flight together run in one static batch (graphs per
+    bucket), and each gets the text it gets alone; a warm request replays the join graph."""
+    from tests.engine.test_batching import requests_for, run_together, texts
+
+    engine = Engine.load(str(memorized_model), device="cuda", context_reuse=False)
+    try:
+        requests = requests_for(engine)
+        alone = [engine.complete(r) for r in requests]
+        together = run_together(engine, requests)
+        for a, b in zip(alone, together, strict=True):
+            assert texts(b) == texts(a)
+        assert max(b.stats.batch_rows for b in together) > max(a.stats.batch_rows for a in alone)
+        assert not engine.graph_failures
+    finally:
+        engine.close()
+    warm = Engine.load(str(memorized_model), device="cuda")
+    try:
+        base = dict(suffix=SUFFIX, span_lengths=(6,), max_tokens=6, stop="free")
+        warm.complete(CompletionRequest(prefix=PREFIX, **base))
+        again = warm.complete(CompletionRequest(prefix=PREFIX + "a + ", **base))
+        assert again.stats.reused_context_tokens > 0 and not warm.graph_failures
+    finally:
+        warm.close()

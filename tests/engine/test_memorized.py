@@ -112,6 +112,8 @@ def test_block_stop_ends_where_the_completion_dedents_out_of_the_cursor_block(en
 
 def test_cancel_from_another_thread_returns_within_one_step(engine, monkeypatch):
     prefix, _, suffix, n = middle_of(engine, SNIPPETS[4])
+    assert engine.wait_idle()  # no speculation left over from an earlier test takes a step
+    engine._cache.clear()  # a cold request: the encode, then steps
     model = engine._loaded.model
     real_step = model.step
     in_first_step = threading.Event()

@@ -141,3 +141,29 @@ def test_a_failed_load_is_reported_to_every_request():
     assert answers.next() == ("x", None, "the model did not load: CUDA out of memory")
     assert s.state == "failed"
     s.close()
+
+
+def test_several_jobs_run_at_once_when_the_engine_batches(engine):
+    """max_in_flight > 1: the engine (which batches concurrent calls into shared passes) gets
+    several jobs at once, still taken from the clients in turn; newest-wins still cancels."""
+    s = FairScheduler(lambda: engine, max_in_flight=3)
+    try:
+        assert s.wait_loaded(WAIT_S)
+        answers = Answers()
+        for i in range(3):
+            s.submit(answers.job(1, 10 + i, f"a{i}", key=f"doc{i}"))
+        s.submit(answers.job(2, 1, "b0"))
+        started = {engine.started.get(timeout=WAIT_S) for _ in range(3)}
+        assert started == {"a0", "b0", "a1"}  # three in flight, client 2 not behind client 1
+        assert s.busy and s.queue_depth() == 4
+        s.submit(answers.job(1, 20, "a0-newer", key="doc0"))  # stops the running a0
+        prefix, result, _ = answers.next()
+        assert prefix == "a0" and result.stats.cancelled
+        assert engine.started.get(timeout=WAIT_S) in {"a2", "a0-newer"}
+        for _ in range(4):
+            engine.release.release()
+        done = {answers.next()[0] for _ in range(4)}
+        assert done == {"b0", "a1", "a2", "a0-newer"}
+        assert s.queue_depth() == 0
+    finally:
+        s.close()

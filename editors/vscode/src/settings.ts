@@ -27,6 +27,7 @@ export const SERVER_SETTING_KEYS = [
   "engineEndpoint",
   "engineTokenFile",
   "engineIdleExitS",
+  "contextReuse",
 ] as const;
 
 export type ServerSettingKey = (typeof SERVER_SETTING_KEYS)[number];

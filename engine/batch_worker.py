@@ -1,0 +1,236 @@
+"""The thread that owns the model: concurrent requests share each denoising pass.
+
+`Engine.complete` keeps its blocking API: it hands a DenoiseJob to `BatchWorker.run` and waits.
+The worker thread admits waiting jobs between passes, first come first served, while the rows in
+flight stay within a row budget (a job bigger than the budget runs once the batch is empty, so it
+waits its turn but is never starved), then runs one pass for every request in flight
+(engine/denoiser.DenoiseLoop): each advances one step per pass, so a long request cannot hold
+back a short one, and each leaves as soon as it is done, cancelled or past its deadline.
+
+Work that is not a request runs only when nothing is in flight or waiting: an `exclusive` job
+(DreamOn's own loop) and the low-priority `when_idle` task (the speculative next context,
+engine/engine.py), which is one step-sized pass and is dropped when a request arrives first.
+The idle task also waits IDLE_GRACE_S of idleness first: a caller that sends requests back to
+back (a script, an eval) would otherwise find each one queued behind a speculation (measured:
++18 ms a request on the embedded model), while an editor's next request comes a debounce
+(>= 75 ms) after a keystroke, time enough for the grace and the pass.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.denoiser import Denoised, DenoiseJob, DenoiseLoop
+
+log = logging.getLogger(__name__)
+IDLE_GRACE_S = 0.025
+# Workers still running at interpreter exit are stopped first: a daemon thread frozen inside
+# torch at shutdown aborts the process ("terminate called without an active exception").
+_RUNNING: weakref.WeakSet[BatchWorker] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for worker in list(_RUNNING):
+        worker.close(timeout=5.0)
+
+
+class WorkerClosed(RuntimeError):
+    """The worker stopped (the engine was closed) before this job could finish."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    job: DenoiseJob | None  # a request for the shared loop
+    exclusive: Callable[[], object] | None = None  # or work that needs the model alone
+    rows: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+    result: object = None
+    error: BaseException | None = None
+
+    def answer(self, result: object = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class BatchWorker:
+    def __init__(self, loop: DenoiseLoop, row_budget: int, name: str = "maskfill-denoise"):
+        self.loop = loop
+        self.row_budget = row_budget
+        self._cond = threading.Condition()
+        self._waiting: deque[Ticket] = deque()
+        self._idle_task: Callable[[], None] | None = None
+        self._closing = False
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._busy = False  # the model thread is doing something (under _cond)
+        self._idle_since = 0.0  # when the last request left (time.monotonic())
+        self.passes = 0  # shared passes run
+        self.peak_rows = 0  # most rows in one pass
+
+    # ---- any thread
+
+    def run(self, job: DenoiseJob) -> Denoised | None:
+        """Denoise `job` with whatever else is in flight; None when it was cancelled before
+        it reached the model."""
+        return self._submit(Ticket(job=job, rows=job.rows))
+
+    def run_exclusive(self, work: Callable[[], object]) -> object:
+        """Run `work` on the model thread with nothing else in flight."""
+        return self._submit(Ticket(job=None, exclusive=work))
+
+    def when_idle(self, task: Callable[[], None] | None) -> None:
+        """Run `task` once the worker has nothing else to do; replaces an earlier one. A request
+        that arrives first drops it."""
+        with self._cond:
+            self._idle_task = task
+            self._ensure_thread()
+            self._cond.notify()
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until nothing is waiting, in flight or pending at idle (speculation done)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._busy or self._waiting or self.loop.active or self._idle_task:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+            return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _submit(self, ticket: Ticket) -> object:
+        with self._cond:
+            if self._closing:
+                raise WorkerClosed("the engine is closed")
+            self._idle_task = None  # a request arrived: the speculation is moot
+            self._waiting.append(ticket)
+            self._ensure_thread()
+            self._cond.notify()
+        ticket.done.wait()
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.result
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+            self._thread.start()
+            _RUNNING.add(self)
+
+    # ---- the model thread
+
+    def _main(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._turn():
+                    pass
+        finally:
+            with self._cond:
+                waiting, self._waiting = list(self._waiting), deque()
+            for ticket in waiting:
+                ticket.answer(error=WorkerClosed("the engine is closed"))
+            for state in self.loop.abort():
+                state.ticket.answer(error=WorkerClosed("the engine is closed"))
+
+    def _turn(self) -> bool:
+        """One round: admit, then a pass (or exclusive work, or the idle task). False: stop."""
+        admitted, exclusive, idle = self._admit()
+        if admitted is None:
+            return False
+        for ticket in admitted:
+            try:
+                state = self.loop.start(ticket.job)
+            except Exception as error:  # noqa: BLE001 - this request fails, the others go on
+                ticket.answer(error=error)
+                continue
+            state.ticket = ticket
+        if exclusive is not None:
+            try:
+                exclusive.answer(exclusive.exclusive())
+            except Exception as error:  # noqa: BLE001
+                exclusive.answer(error=error)
+            self._idle_since = time.monotonic()
+        if self.loop.active:
+            self.peak_rows = max(self.peak_rows, self.loop.rows)
+            try:
+                ended = self.loop.iterate()
+            except Exception as error:  # noqa: BLE001 - a failed pass fails its requests
+                log.warning("a denoising pass failed: %s", error)
+                for state in self.loop.abort():
+                    state.ticket.answer(error=error)
+                return True
+            self.passes += 1
+            for state in ended:
+                state.ticket.answer(state.result)
+            if not self.loop.active:
+                self._idle_since = time.monotonic()
+        elif idle is not None:
+            try:
+                idle()
+            except Exception:  # noqa: BLE001 - speculation must never hurt a request
+                log.exception("idle task failed")
+        return True
+
+    def _admit(self) -> tuple[list[Ticket] | None, Ticket | None, Callable[[], None] | None]:
+        """Jobs to start now (FIFO within the row budget), exclusive work that may run now,
+        the idle task when there is nothing else; (None, ...) when closing."""
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+            while True:
+                if self._closing:
+                    return None, None, None
+                self._drop_cancelled()
+                if self._waiting or self.loop.active:
+                    break
+                if self._idle_task is not None:
+                    grace = self._idle_since + IDLE_GRACE_S - time.monotonic()
+                    if grace <= 0:
+                        break
+                    self._cond.wait(grace)
+                    continue
+                self._cond.wait()
+            self._busy = True
+            admitted: list[Ticket] = []
+            rows = self.loop.rows
+            while self._waiting:
+                head = self._waiting[0]
+                if head.exclusive is not None:
+                    if self.loop.active or admitted:
+                        break  # it waits for the batch to drain; nobody overtakes it
+                    self._waiting.popleft()
+                    return admitted, head, None
+                if rows and rows + head.rows > self.row_budget:
+                    break  # the first job always fits: an oversize one runs alone
+                admitted.append(self._waiting.popleft())
+                rows += head.rows
+                if rows >= self.row_budget:
+                    break
+            idle = None
+            if not admitted and not self.loop.active and not self._waiting:
+                idle, self._idle_task = self._idle_task, None
+            return admitted, None, idle
+
+    def _drop_cancelled(self) -> None:
+        """Answer waiting jobs whose caller gave up (cancelled before they reached the model)."""
+        for ticket in [t for t in self._waiting if t.job is not None and
+                       t.job.stop.cancelled()]:
+            self._waiting.remove(ticket)
+            ticket.answer(None)

@@ -1,0 +1,195 @@
+"""A real source file typed character by character through the engine, as an editor would.
+
+Lines of one of the engine's own source files are deleted and typed back one key at a time in
+real time (seeded human-like gaps: ~120 ms between keys, longer pauses at line ends and now
+and then). Each keystroke is one automatic completion request, shaped like the server's: a
+context window of whole lines around the cursor, the `auto` stop mode at the cursor, 32 tokens,
+greedy. The server's policy is replayed too (lsp_server/scheduler.py, restated here because the
+engine never imports LSP code): a keystroke cancels the request in flight for the document
+(newest wins), and a request waits an adaptive debounce first, so keys typed faster than that
+never reach the engine.
+
+Reported: requests that reached the engine, how many were cancelled, the share that reused a
+cached context (`reuse_hit_rate`), the latency p50 of the cold and of the warm ones, and the
+accept scenario (a completion accepted, then the next request): how often the context prepared
+"as if accepted" is hit, and that request's latency.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.api import CompletionRequest
+from engine.stop_modes import stop_for_cursor
+
+SOURCE = Path(__file__).with_name("fim.py")
+TYPED_FROM = "def precut_text("  # the function whose lines are typed back
+TYPED_CHARS = 150
+LINES_BEFORE, LINES_AFTER = 200, 60  # the server's context window defaults
+MAX_TOKENS = 32
+# AdaptiveDebounce defaults (lsp_server/settings.py, lsp_server/scheduler.py)
+DEBOUNCE_MIN_MS, DEBOUNCE_MAX_MS, PAUSE_S, SMOOTHING, MARGIN = 75.0, 400.0, 2.0, 0.3, 1.25
+
+
+@dataclass
+class Sent:
+    at: float  # seconds into the replay
+    request: CompletionRequest
+    cancel: threading.Event
+    ms: float | None = None
+    reused: int = 0
+    cancelled: bool = False
+    error: str | None = None
+
+
+def keystroke_gaps(n: int, text: str, seed: int = 7) -> list[float]:
+    """Seconds before each key: lognormal around 120 ms, a pause after a line and every so
+    often (the user reads the suggestion, thinks)."""
+    rng = random.Random(seed)
+    gaps = []
+    for i in range(n):
+        gap = min(0.6, rng.lognormvariate(-2.1, 0.35))
+        if i and text[i - 1] == "\n":
+            gap += 0.7
+        elif rng.random() < 0.04:
+            gap += 0.5
+        gaps.append(gap)
+    return gaps
+
+
+class Debounce:
+    """The server's AdaptiveDebounce for one document, on the replay's clock."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.typical: float | None = None
+
+    def delay_ms(self, now: float) -> float:
+        if self.last is not None:
+            gap_ms = (now - self.last) * 1000
+            if gap_ms > PAUSE_S * 1000:
+                self.typical = None
+            else:
+                previous = gap_ms if self.typical is None else self.typical
+                self.typical = SMOOTHING * gap_ms + (1 - SMOOTHING) * previous
+        self.last = now
+        if self.typical is None:
+            return DEBOUNCE_MIN_MS
+        wanted = self.typical * MARGIN
+        return max(DEBOUNCE_MIN_MS, wanted) if wanted <= DEBOUNCE_MAX_MS else DEBOUNCE_MIN_MS
+
+
+def window(text: str, offset: int) -> tuple[str, str]:
+    """Whole lines around the cursor, as the server's context_window takes them (the engine
+    then cuts them to the model's window)."""
+    start = text.rfind("\n", 0, offset) + 1  # the cursor line's own beginning
+    for _ in range(LINES_BEFORE):
+        if start == 0:
+            break
+        start = text.rfind("\n", 0, start - 1) + 1
+    found = text.find("\n", offset)
+    end = len(text) if found == -1 else found + 1
+    for _ in range(LINES_AFTER):
+        if end >= len(text):
+            break
+        found = text.find("\n", end)
+        end = len(text) if found == -1 else found + 1
+    return text[start:offset], text[offset:end]
+
+
+def request_at(text: str, offset: int) -> CompletionRequest:
+    prefix, suffix = window(text, offset)
+    stop = stop_for_cursor(prefix.rsplit("\n", 1)[-1], suffix.split("\n", 1)[0])
+    return CompletionRequest(prefix=prefix, suffix=suffix, max_tokens=MAX_TOKENS, stop=stop)
+
+
+def replay(engine, chars: int = TYPED_CHARS) -> dict:
+    """Type `chars` characters of SOURCE back in real time; the figures above."""
+    source = SOURCE.read_text(encoding="utf-8")
+    start = source.index(TYPED_FROM)
+    typed = source[start:start + chars]
+    before, after = source[:start], source[start + chars:]
+    gaps = keystroke_gaps(len(typed), typed)
+    debounce = Debounce()
+    sent: list[Sent] = []
+    threads: list[threading.Thread] = []
+    began = time.perf_counter()
+    clock = 0.0
+
+    def run(item: Sent) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = engine.complete(item.request, cancel=item.cancel)
+        except Exception as error:  # noqa: BLE001 - reported, not raised, by the bench
+            item.error = f"{type(error).__name__}: {error}"
+            return
+        item.ms = (time.perf_counter() - t0) * 1000.0
+        item.cancelled = result.stats.cancelled
+        item.reused = result.stats.reused_context_tokens
+
+    def sleep_until(moment: float) -> None:
+        time.sleep(max(0.0, moment - (time.perf_counter() - began)))
+
+    for i in range(len(typed)):
+        clock += gaps[i]
+        sleep_until(clock)
+        if sent:
+            sent[-1].cancel.set()  # this keystroke supersedes the request in flight
+        delay = debounce.delay_ms(clock) / 1000.0
+        next_key = clock + gaps[i + 1] if i + 1 < len(typed) else float("inf")
+        if next_key <= clock + delay:
+            continue  # the next key arrives first: the server never sends this one
+        sleep_until(clock + delay)
+        text = before + typed[:i + 1] + after
+        item = Sent(at=clock + delay, request=request_at(text, len(before) + i + 1),
+                    cancel=threading.Event())
+        sent.append(item)
+        thread = threading.Thread(target=run, args=(item,), daemon=True)
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join(60.0)
+    done = [s for s in sent if s.ms is not None and not s.cancelled]
+    warm = [s.ms for s in done if s.reused]
+    cold = [s.ms for s in done if not s.reused]
+    ran = [s for s in sent if s.ms is not None]
+    return {
+        "replay_keystrokes": len(typed),
+        "replay_requests": len(sent),
+        "replay_cancelled": sum(s.cancelled for s in sent),
+        "replay_completed": len(done),
+        "reuse_hit_rate": sum(1 for s in ran if s.reused) / max(len(ran), 1),
+        "replay_cold_ms_p50": statistics.median(cold) if cold else None,
+        "replay_warm_ms_p50": statistics.median(warm) if warm else None,
+        "replay_errors": sum(s.error is not None for s in sent),
+    }
+
+
+def accept_scenario(engine, tries: int = 8) -> dict:
+    """A completion is shown, accepted (inserted), and the next request follows at the new
+    cursor: with the speculative context ready, that request starts warm."""
+    source = SOURCE.read_text(encoding="utf-8")
+    lines = [i for i, ch in enumerate(source) if ch == "\n"]
+    hits = warm = 0
+    latencies = []
+    for k in range(tries):
+        offset = lines[(k + 1) * len(lines) // (tries + 2)]  # the end of a line
+        first = engine.complete(request_at(source, offset))
+        if not first.text:
+            continue
+        engine.wait_idle()  # a user takes longer than one pass to press Tab
+        accepted = source[:offset] + first.text + source[offset:]
+        started = time.perf_counter()
+        after = engine.complete(request_at(accepted, offset + len(first.text)))
+        latencies.append((time.perf_counter() - started) * 1000.0)
+        hits += after.stats.speculative_hit
+        warm += after.stats.reused_context_tokens > 0
+    n = max(len(latencies), 1)
+    return {"accept_tries": len(latencies), "accept_speculative_hit_rate": hits / n,
+            "accept_warm_rate": warm / n,
+            "accept_next_ms_p50": statistics.median(latencies) if latencies else None}
