@@ -7,7 +7,8 @@ passed beside the request, not inside it, because it cannot be serialised.
 
 from __future__ import annotations
 
-from typing import Literal
+import threading
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -107,3 +108,16 @@ class EngineError(Exception):
 class EngineInputError(EngineError):
     """The request itself cannot be served (text the tokenizer refuses, a hole or context that
     does not fit the window): another device or a retry would not help."""
+
+
+class EngineLike(Protocol):
+    """What a caller needs from an engine: engine.engine.Engine in process, or a client of one
+    in another process (the shared engine's socket, an HTTP FIM endpoint)."""
+
+    def complete(
+        self, request: CompletionRequest, cancel: threading.Event | None = None
+    ) -> CompletionResult: ...
+
+    def info(self) -> EngineInfo: ...
+
+    def close(self) -> None: ...

@@ -145,6 +145,17 @@ def _check_group_size(group_size: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _empty_like_linear(cls, linear: nn.Linear, *extra) -> nn.Module:
+    """A quantized layer of `linear`'s shape on its device (no round trip through host memory),
+    its bias copied; the caller fills in the quantized weight."""
+    with torch.device(linear.weight.device):
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     linear.weight.dtype, *extra)
+    if linear.bias is not None:
+        module.bias.copy_(linear.bias.detach())
+    return module
+
+
 class Int8Linear(nn.Module):
     """nn.Linear with int8 weights (per output channel scale); math in the activation dtype."""
 
@@ -158,14 +169,10 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        with torch.device(linear.weight.device):  # no round trip through host memory
-            module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                         linear.weight.dtype)
+        module = _empty_like_linear(cls, linear)
         q, scale = quantize_int8_rows(linear.weight)
         module.weight_q.copy_(q)
         module.weight_scale.copy_(scale)
-        if linear.bias is not None:
-            module.bias.copy_(linear.bias.detach())
         return module
 
     @property
@@ -233,16 +240,12 @@ class Int4Linear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, group_size: int = 64, symmetric: bool = False
     ) -> Int4Linear:
-        with torch.device(linear.weight.device):  # no round trip through host memory
-            module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                         linear.weight.dtype, group_size, symmetric)
+        module = _empty_like_linear(cls, linear, group_size, symmetric)
         packed, scale, offset = quantize_int4_groups(linear.weight, group_size, symmetric)
         module.weight_packed.copy_(packed)
         module.weight_scale.copy_(scale)
         if offset is not None:
             module.weight_offset.copy_(offset)
-        if linear.bias is not None:
-            module.bias.copy_(linear.bias.detach())
         return module
 
     kernel = "dequant"
@@ -336,14 +339,10 @@ class Fp8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
-        with torch.device(linear.weight.device):  # no round trip through host memory
-            module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                         linear.weight.dtype)
+        module = _empty_like_linear(cls, linear)
         q, scale = qkernels.quantize_fp8_rows(linear.weight.detach())
         module.weight_f8.copy_(q)
         module.weight_scale.copy_(scale)
-        if linear.bias is not None:
-            module.bias.copy_(linear.bias.detach())
         return module
 
     @property

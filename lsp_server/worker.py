@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
@@ -38,6 +38,7 @@ from engine.api import (
     EngineError,
     EngineInfo,
     EngineInputError,
+    EngineLike,
     QuantMode,
 )
 
@@ -46,18 +47,6 @@ log = logging.getLogger(__name__)
 FALLBACK_AFTER_FAILURES = 4  # consecutive failed runs before moving to the fallback device
 MAX_PENDING_JOBS = 2  # waiting jobs, all documents together (one more may be running)
 CLOSE_WAIT_S = 5.0  # close(): the longest wait for the thread to free the model, by default
-
-
-class EngineLike(Protocol):
-    """What the worker needs from engine.engine.Engine."""
-
-    def complete(
-        self, request: CompletionRequest, cancel: threading.Event | None = None
-    ) -> CompletionResult: ...
-
-    def info(self) -> EngineInfo: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)

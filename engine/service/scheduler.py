@@ -16,26 +16,15 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import msgspec
 
-from engine.api import CompletionRequest, CompletionResult, EngineInfo
+from engine.api import CompletionRequest, CompletionResult, EngineInfo, EngineLike
 from engine.service.stats import ServiceStats
 
 log = logging.getLogger(__name__)
 
 Reply = Callable[[CompletionResult | None, "str | None"], None]
-
-
-class EngineLike(Protocol):
-    def complete(
-        self, request: CompletionRequest, cancel: threading.Event | None = None
-    ) -> CompletionResult: ...
-
-    def info(self) -> EngineInfo: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(eq=False)
