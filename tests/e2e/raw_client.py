@@ -20,27 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tests.e2e.server_session import GATED_SERVER, TEST_SETTINGS  # shared with pytest-lsp tests
+
 LIVENESS_S = 60.0  # generous: the shared CI CPU may be busy; this is a liveness bound only
-TEST_SETTINGS = {"timeoutMs": 120000}
 INLINE_CAPABILITIES = {
     "general": {"positionEncodings": ["utf-16"]},
     "textDocument": {"inlineCompletion": {}},
 }
-# The real server, except that its model load waits until the file named by the first
-# argument exists (see tests/e2e/server_session.py).
-GATED_SERVER = """
-import functools, pathlib, sys, time
-import lsp_server.server as server
-from lsp_server import worker
-from lsp_server.__main__ import main
-gate = pathlib.Path(sys.argv.pop(1))
-def gated_load(spec):
-    while not gate.exists():
-        time.sleep(0.02)
-    return worker.load_engine(spec)
-server.create_server = functools.partial(server.create_server, loader=gated_load)
-sys.exit(main())
-"""
 
 
 def frame(message: Any) -> bytes:
