@@ -7,11 +7,14 @@ The loop that calls them is engine/denoiser.py.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from engine import sampler
 from engine.api import CompletionRequest
+from engine.passes import SlotLogits
 
 DREAM_TOPK_SAMPLERS = ("maskgit_plus", "topk_margin", "entropy")
 
@@ -46,30 +49,66 @@ class Committer:
         self.quota = sampler.llada_quota(masked, self.steps) if is_llada else None
         self.rows: Tensor | None = None  # the rows of the current call (None: all)
 
-    def __call__(self, logits: Tensor, masked: Tensor, step: int, rows: Tensor | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-        """logits (b, Lmax, V) of the batch's `rows` (all B when None), masked (B, Lmax)
-        -> take (B, Lmax) bool, tokens, p(token); rows not given take nothing."""
+    @property
+    def greedy(self) -> bool:
+        """Every row argmax: its draw does not depend on which other slots get logits, so a pass
+        may compute logits for the open slots only (engine/passes.SlotLogits)."""
+        return not isinstance(self.temperatures, Tensor)
+
+    def __call__(self, logits: Tensor | SlotLogits, masked: Tensor, step: int,
+                 rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """logits (b, Lmax, V) of the batch's `rows` (all B when None), or SlotLogits of some of
+        their slots; masked (B, Lmax) -> take (B, Lmax) bool, tokens, p(token); rows not given
+        take nothing."""
         self.rows = rows
         open_slots = masked if rows is None else masked[rows]
-        temperatures = self.temperatures
-        if rows is not None and isinstance(temperatures, Tensor):
-            temperatures = temperatures[rows]
-        draw = sampler.llada_sample if self.name == "low_confidence" else sampler.sample
-        extra = {} if self.name == "low_confidence" else {"top_p": self.request.top_p}
-        drawn = draw(logits, temperature=temperatures, generator=self.generator, **extra)
-        prob = sampler.token_probability(drawn.probs, drawn.tokens)  # (b, Lmax)
-        take = TRANSFER[self.name](self, drawn, prob, open_slots, step)
+        drawn = self._draw(logits, open_slots.shape)
+        take = TRANSFER[self.name](self, drawn, open_slots, step)
         if rows is None:
-            return take, drawn.tokens, prob
+            return take, drawn.tokens, drawn.prob
         full_take = torch.zeros_like(masked)
         full_tokens = torch.zeros(masked.shape, dtype=drawn.tokens.dtype, device=masked.device)
-        full_prob = torch.zeros(masked.shape, dtype=prob.dtype, device=masked.device)
-        full_take[rows], full_tokens[rows], full_prob[rows] = take, drawn.tokens, prob
+        full_prob = torch.zeros(masked.shape, dtype=drawn.prob.dtype, device=masked.device)
+        full_take[rows], full_tokens[rows], full_prob[rows] = take, drawn.tokens, drawn.prob
         return full_take, full_tokens, full_prob
 
+    def _draw(self, logits: Tensor | SlotLogits, shape: torch.Size) -> Drawn:
+        """Sample, and score each slot for the transfer rule -> (b, Lmax) tensors. Slots with no
+        logits (closed ones) get token 0 and score 0: the rules never take a closed slot."""
+        temperatures = self.temperatures
+        if self.rows is not None and isinstance(temperatures, Tensor):
+            temperatures = temperatures[self.rows]
+        values = logits.values[None] if isinstance(logits, SlotLogits) else logits
+        draw = sampler.llada_sample if self.name == "low_confidence" else sampler.sample
+        extra = {} if self.name == "low_confidence" else {"top_p": self.request.top_p}
+        sampled = draw(values, temperature=temperatures, generator=self.generator, **extra)
+        prob = sampler.token_probability(sampled.probs, sampled.tokens)
+        score = _slot_score(self.name, sampled, prob)
+        if not isinstance(logits, SlotLogits):
+            return Drawn(sampled.tokens, prob, score)
+        at = (logits.row, logits.slot)
+        tokens = torch.zeros(shape, dtype=sampled.tokens.dtype, device=prob.device)
+        tokens[at] = sampled.tokens[0]
+        dense = [torch.zeros(shape, dtype=prob.dtype, device=prob.device) for _ in range(2)]
+        dense[0][at], dense[1][at] = prob[0], score[0]
+        return Drawn(tokens, *dense)
 
-def _content_first(c: Committer, drawn, masked: Tensor) -> Tensor:
+
+class Drawn(NamedTuple):
+    """One step's draw per slot: (b, Lmax) each."""
+
+    tokens: Tensor
+    prob: Tensor  # p(token) under the distribution it was drawn from
+    score: Tensor  # what the sampler's transfer rule ranks by (higher = surer)
+
+
+def _slot_score(name: str, sampled: sampler.Sampled, prob: Tensor) -> Tensor:
+    if name in ("topk_margin", "entropy", "entropy_bounded"):
+        return sampler.confidence("entropy" if name == "entropy_bounded" else name, sampled)
+    return prob
+
+
+def _content_first(c: Committer, drawn: Drawn, masked: Tensor) -> Tensor:
     """Slots whose draw is an end token wait while their row still has content slots to fill.
 
     Without this a weak model commits EOS in the hole's last slot first (it is confident there),
@@ -80,30 +119,30 @@ def _content_first(c: Committer, drawn, masked: Tensor) -> Tensor:
     return torch.where(content.any(dim=1, keepdim=True), content, masked)
 
 
-# One transfer rule per sampler name: (committer, drawn, p(token), masked, step) -> take.
-def _threshold(c: Committer, drawn, prob, masked, step):
-    return sampler.transfer_threshold(prob, _content_first(c, drawn, masked), c.request.threshold)
+# One transfer rule per sampler name: (committer, drawn, masked, step) -> take.
+def _threshold(c: Committer, drawn: Drawn, masked, step):
+    return sampler.transfer_threshold(drawn.score, _content_first(c, drawn, masked),
+                                      c.request.threshold)
 
 
-def _entropy_bounded(c: Committer, drawn, prob, masked, step):
-    return sampler.transfer_entropy_bounded(
-        sampler.neg_entropy(drawn.probs), _content_first(c, drawn, masked),
-        c.request.entropy_bound)
+def _entropy_bounded(c: Committer, drawn: Drawn, masked, step):
+    return sampler.transfer_entropy_bounded(drawn.score, _content_first(c, drawn, masked),
+                                            c.request.entropy_bound)
 
 
-def _origin(c: Committer, drawn, prob, masked, step):
+def _origin(c: Committer, drawn: Drawn, masked, step):
     return sampler.transfer_origin(masked, sampler.dream_reveal_fraction(c.schedule, step),
                                    c.generator)
 
 
-def _dream_top_k(c: Committer, drawn, prob, masked, step):
+def _dream_top_k(c: Committer, drawn: Drawn, masked, step):
     k = sampler.dream_transfer_count(masked, c.schedule, step)  # (B,) per row
-    return sampler.transfer_top_k(sampler.confidence(c.name, drawn), masked, k)
+    return sampler.transfer_top_k(drawn.score, masked, k)
 
 
-def _llada_low_confidence(c: Committer, drawn, prob, masked, step):
+def _llada_low_confidence(c: Committer, drawn: Drawn, masked, step):
     quota = c.quota if c.rows is None else c.quota[c.rows]
-    return sampler.transfer_top_k(prob, masked, quota[:, min(step, c.steps - 1)])
+    return sampler.transfer_top_k(drawn.score, masked, quota[:, min(step, c.steps - 1)])
 
 
 TRANSFER = {

@@ -321,7 +321,8 @@ class DenoiseLoop:
             return out
         shrinking = [s for s in states if s.source.shrinks]
         if shrinking:
-            queries = [s.source.query(s.masked, s.stale, s.rows) for s in shrinking]
+            queries = [s.source.query(s.masked, s.stale, s.rows, s.commit.greedy)
+                       for s in shrinking]
             for s, logits in zip(shrinking, packed_logits(self.model, shrinking[0].job.banned_ids,
                                                           queries), strict=True):
                 out[s] = logits

@@ -122,6 +122,18 @@ class Query:
     rope: Rope  # (b, w, 1, D)
     slots: KVSlots  # its arena; `at` (b, w) columns
     predictor: Tensor  # (b, lmax) index into the w entries of the one that predicts slot j
+    open: Tensor | None = None  # (b, lmax) bool: the slots that need logits (None: every slot)
+
+
+@dataclass
+class SlotLogits:
+    """Logits of some slots of a request's rows: values[k] for (row[k], slot[k]). A greedy
+    request needs logits only for its still-masked slots; the head and the draw cost what
+    those cost (about half the hole, on average over a request)."""
+
+    values: Tensor  # (K, V)
+    row: Tensor  # (K,)
+    slot: Tensor  # (K,)
 
 
 class ShrinkingSource:
@@ -149,8 +161,10 @@ class ShrinkingSource:
         self._all_rows = torch.arange(layout.rows, device=device)[:, None]
         self._joined = False
 
-    def query(self, masked: Tensor, stale: Tensor, rows: Tensor | None) -> Query:
-        """The entries of the open `rows` (None: all) this pass must run."""
+    def query(self, masked: Tensor, stale: Tensor, rows: Tensor | None,
+              open_only: bool = False) -> Query:
+        """The entries of the open `rows` (None: all) this pass must run. open_only: logits
+        for the still-masked slots only (SlotLogits)."""
         layout = self.layout
         if self.prefilled.join is not None:  # the first pass of a warm request
             return self._join_query(stale)
@@ -160,7 +174,8 @@ class ShrinkingSource:
         columns = torch.where(plan.valid, layout.context + plan.offsets, layout.scratch)
         stale[pick] = False
         return Query(self.qids[at], Rope(self.rope.cos[at], self.rope.sin[at]),
-                     self.arena.slots(columns), plan.predictor)
+                     self.arena.slots(columns), plan.predictor,
+                     masked[pick] if open_only else None)
 
     def _join_query(self, stale: Tensor) -> Query:
         """The changed context tokens, then the whole query block (every slot is masked)."""
@@ -195,18 +210,30 @@ class ShrinkingSource:
         encode_rows(self.model, self.batch, ids, self.arena)
 
 
-def _predicting(hidden: Tensor, predictor: Tensor) -> Tensor:
-    """(b, w, dim) hidden states -> (b, lmax, dim) of the entries that predict each slot."""
-    return hidden.gather(1, predictor[..., None].expand(-1, -1, hidden.shape[-1]))
+def _head_rows(hidden: Tensor, q: Query) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """(b, w, dim) hidden states -> the (n, dim) rows whose logits q needs: the entry that
+    predicts each slot (each open slot when q.open is set, with their (row, slot))."""
+    if q.open is None:
+        index = q.predictor[..., None].expand(-1, -1, hidden.shape[-1])
+        return hidden.gather(1, index).reshape(-1, hidden.shape[-1]), None
+    row, slot = q.open.nonzero(as_tuple=True)  # a host sync: the shrinking path syncs anyway
+    return hidden[row, q.predictor[row, slot]], (row, slot)
 
 
-def packed_logits(model, banned_ids: Tensor, queries: list[Query]) -> list[Tensor]:
+def _shaped(logits: Tensor, q: Query, where: tuple[Tensor, Tensor] | None):
+    if where is None:
+        return logits.reshape(q.predictor.shape[0], q.predictor.shape[1], -1)
+    return SlotLogits(logits, *where)
+
+
+def packed_logits(model, banned_ids: Tensor, queries: list[Query]) -> list[Tensor | SlotLogits]:
     """ONE pass for several requests' queries: their entries packed into one sequence (the
-    matmuls and the head run once), attention per request over its own arena (PackedSlots)."""
+    matmuls and the head run once), attention per request over its own arena (PackedSlots).
+    Each request gets (b, lmax, V) logits, or SlotLogits when its query asks for open slots."""
     if len(queries) == 1:
         q = queries[0]
-        hidden = model.step(q.ids, q.rope, q.slots)
-        return [masked_head(model, _predicting(hidden, q.predictor), banned_ids)]
+        picked, where = _head_rows(model.step(q.ids, q.rope, q.slots), q)
+        return [_shaped(masked_head(model, picked, banned_ids), q, where)]
     ids = torch.cat([q.ids.reshape(1, -1) for q in queries], dim=1)
     dim = queries[0].rope.cos.shape[-1]
     cos = torch.cat([q.rope.cos.reshape(1, -1, 1, dim) for q in queries], dim=1)
@@ -214,14 +241,15 @@ def packed_logits(model, banned_ids: Tensor, queries: list[Query]) -> list[Tenso
     shapes = [tuple(q.ids.shape) for q in queries]
     hidden = model.step(ids, Rope(cos, sin), PackedSlots(
         [(b, w, q.slots) for (b, w), q in zip(shapes, queries, strict=True)]))
-    picked, start = [], 0
+    picked, wheres, start = [], [], 0
     for (b, w), q in zip(shapes, queries, strict=True):
-        part = hidden[0, start:start + b * w].reshape(b, w, -1)
-        picked.append(_predicting(part, q.predictor).reshape(-1, part.shape[-1]))
+        rows, where = _head_rows(hidden[0, start:start + b * w].reshape(b, w, -1), q)
+        picked.append(rows)
+        wheres.append(where)
         start += b * w
     logits = masked_head(model, torch.cat(picked), banned_ids)
-    return [chunk.reshape(q.predictor.shape[0], q.predictor.shape[1], -1) for chunk, q in
-            zip(logits.split([p.shape[0] for p in picked]), queries, strict=True)]
+    return [_shaped(chunk, q, where) for chunk, q, where in
+            zip(logits.split([p.shape[0] for p in picked]), queries, wheres, strict=True)]
 
 
 class UncachedSource:

@@ -63,14 +63,15 @@ def sample(
     A plain 0.0 skips the draw altogether.
     """
     batch, n, vocab = logits.shape
+    if not isinstance(temperature, Tensor) and temperature <= 0:  # greedy: nothing to scale
+        probs = torch.softmax(filter_top_k(filter_top_p(logits.float(), top_p), top_k), dim=-1)
+        return Sampled(probs.argmax(dim=-1), probs)
     temp = _as_row_tensor(temperature, batch, logits.device)  # (B,)
     hot = temp > 0
     scaled = logits.float() / torch.where(hot, temp, torch.ones_like(temp))[:, None, None]
     scaled = filter_top_k(filter_top_p(scaled, top_p), top_k)
     probs = torch.softmax(scaled, dim=-1)  # (B, n, V)
     greedy = probs.argmax(dim=-1)  # (B, n)
-    if not isinstance(temperature, Tensor) and temperature <= 0:
-        return Sampled(greedy, probs)
     drawn = torch.multinomial(probs.reshape(-1, vocab), 1, generator=generator).reshape(batch, n)
     tokens = torch.where(hot[:, None], drawn, greedy)
     return Sampled(tokens, probs)
