@@ -8,9 +8,11 @@ waits its turn but is never starved), then runs one pass for every request in fl
 back a short one, and each leaves as soon as it is done, cancelled or past its deadline.
 
 Work that is not a request runs only when nothing is in flight or waiting: an `exclusive` job
-(DreamOn's own loop) and the low-priority `when_idle` task (the speculative next context,
-engine/engine.py), which is one step-sized pass and is dropped when a request arrives first.
-The idle task also waits IDLE_GRACE_S of idleness first: a caller that sends requests back to
+(DreamOn's own loop) and the low-priority `when_idle` tasks (engine/engine.py: the re-encode of
+a worn reuse chain, engine/context_refresh.py, then the speculative next context), one per
+idle turn, all dropped when a request arrives first. A task that has started runs to its end
+(a speculation is one step-sized pass, a refresh one context encode).
+Idle tasks also wait IDLE_GRACE_S of idleness first: a caller that sends requests back to
 back (a script, an eval) would otherwise find each one queued behind a speculation (measured:
 +18 ms a request on the embedded model), while an editor's next request comes a debounce
 (>= 75 ms) after a keystroke, time enough for the grace and the pass.
@@ -24,7 +26,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +70,8 @@ class BatchWorker:
         self.row_budget = row_budget
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()
-        self._idle_task: Callable[[], None] | None = None
+        # Pending idle tasks by key, in the order they run (dicts keep insertion order).
+        self._idle_tasks: dict[Hashable, Callable[[], None]] = {}
         self._closing = False
         self._name = name
         self._thread: threading.Thread | None = None
@@ -88,11 +91,16 @@ class BatchWorker:
         """Run `work` on the model thread with nothing else in flight."""
         return self._submit(Ticket(job=None, exclusive=work))
 
-    def when_idle(self, task: Callable[[], None] | None) -> None:
-        """Run `task` once the worker has nothing else to do; replaces an earlier one. A request
-        that arrives first drops it."""
+    def when_idle(self, task: Callable[[], None] | None, key: Hashable = "idle",
+                  first: bool = False) -> None:
+        """Run `task` once the worker has nothing else to do. It replaces the pending task of
+        the same `key` (None just removes that one) and runs after the other pending tasks, or
+        before them when `first`. A request that arrives first drops them all."""
         with self._cond:
-            self._idle_task = task
+            self._idle_tasks.pop(key, None)
+            if task is not None:
+                rest = self._idle_tasks
+                self._idle_tasks = {key: task, **rest} if first else {**rest, key: task}
             self._ensure_thread()
             self._cond.notify()
 
@@ -100,7 +108,7 @@ class BatchWorker:
         """Block until nothing is waiting, in flight or pending at idle (speculation done)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._busy or self._waiting or self.loop.active or self._idle_task:
+            while self._busy or self._waiting or self.loop.active or self._idle_tasks:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -119,7 +127,7 @@ class BatchWorker:
         with self._cond:
             if self._closing:
                 raise WorkerClosed("the engine is closed")
-            self._idle_task = None  # a request arrived: the speculation is moot
+            self._idle_tasks = {}  # a request arrived: what was prepared for later is moot
             self._waiting.append(ticket)
             self._ensure_thread()
             self._cond.notify()
@@ -184,7 +192,7 @@ class BatchWorker:
         elif idle is not None:
             try:
                 idle()
-            except Exception:  # noqa: BLE001 - speculation must never hurt a request
+            except Exception:  # noqa: BLE001 - work for later must never hurt a request
                 log.exception("idle task failed")
         return True
 
@@ -200,7 +208,7 @@ class BatchWorker:
                 self._drop_cancelled()
                 if self._waiting or self.loop.active:
                     break
-                if self._idle_task is not None:
+                if self._idle_tasks:
                     grace = self._idle_since + IDLE_GRACE_S - time.monotonic()
                     if grace <= 0:
                         break
@@ -224,8 +232,8 @@ class BatchWorker:
                 if rows >= self.row_budget:
                     break
             idle = None
-            if not admitted and not self.loop.active and not self._waiting:
-                idle, self._idle_task = self._idle_task, None
+            if not admitted and not self.loop.active and not self._waiting and self._idle_tasks:
+                idle = self._idle_tasks.pop(next(iter(self._idle_tasks)))
             return admitted, None, idle
 
     def _drop_cancelled(self) -> None:

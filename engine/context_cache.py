@@ -14,9 +14,13 @@ RoPE is exact; everything else (the changed tokens) is computed by the request's
 
 What is not exact, and why it is bounded: a bidirectional model's reused states saw the old
 text around them (the same staleness the in-request dual cache accepts for the hole). An entry
-that was itself built by reuse counts one more hop; after `max_reuses` hops, or when more than
-`max_changed` tokens changed, the request encodes its context from scratch, which resets the
-count; so does an edit of more than a quarter of the context. docs/LOG.md has the measured
+that was itself built by reuse counts one more hop; an entry `max_reuses` hops from a full
+encode is worn: no request reuses it. When a request leaves a worn entry, the engine's worker
+re-encodes that context from scratch when idle (engine/context_refresh.py) and `replace`s it
+with the fresh 0-hop entry, so the next keystroke stays warm and one hop from exact; a request
+that arrives first drops the refresh and, finding only the worn entry, encodes from scratch
+itself, which resets the count too. More than `max_changed` changed tokens, or an edit of
+more than a quarter of the context, also encode from scratch. docs/LOG.md has the measured
 agreement with cold requests.
 
 Keys are token ids, never document names: the engine knows nothing of files or editors.
@@ -161,6 +165,7 @@ class ContextCache:
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
         self.speculative_hits = self.speculative_drops = 0
+        self.refreshes = 0  # worn entries replaced by a fresh encode
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -185,7 +190,7 @@ class ContextCache:
         with self._lock:
             best: ReusePlan | None = None
             for entry in self._entries.values():
-                if entry.reuses >= self.max_reuses or entry.hole != hole:
+                if self.worn(entry) or entry.hole != hole:
                     continue
                 found = match(entry, lead, tail, n_specials, query_from, self.window)
                 if found.edited > limit or found.reused == 0:
@@ -197,6 +202,40 @@ class ContextCache:
             if best is not None:
                 self._entries.move_to_end(id(best.entry))
             return best
+
+    def worn(self, entry: CachedContext) -> bool:
+        """Too many hops from a full encode to be reused."""
+        return entry.reuses >= self.max_reuses
+
+    def find(self, lead: Tensor, tail: Tensor, hole: int) -> CachedContext | None:
+        """The entry asked for (not speculative) that holds exactly this context, if any."""
+        with self._lock:
+            for entry in reversed(self._entries.values()):
+                if not entry.speculative and entry.hole == hole and \
+                        torch.equal(entry.lead, lead) and torch.equal(entry.tail, tail):
+                    return entry
+            return None
+
+    def holds(self, entry: CachedContext) -> bool:
+        with self._lock:
+            return self._entries.get(id(entry)) is entry
+
+    def replace(self, worn: CachedContext, fresh: CachedContext) -> bool:
+        """Put `fresh` (the same context, encoded from scratch) in the place of `worn`; False
+        (and nothing stored) when `worn` is gone already: evicted, or superseded by a newer
+        request's entry. Speculations grown from `worn` now count as grown from `fresh`."""
+        with self._lock:
+            if self._entries.get(id(worn)) is not worn:
+                return False
+            self._entries = OrderedDict(
+                (id(fresh), fresh) if entry is worn else (key, entry)
+                for key, entry in self._entries.items())
+            for entry in self._entries.values():
+                if entry.parent is worn:
+                    entry.parent = fresh
+            self.refreshes += 1
+            self._evict()
+            return True
 
     def _count(self, best: ReusePlan | None) -> None:
         if best is None:
@@ -220,11 +259,14 @@ class ContextCache:
             if size > self.budget_bytes:
                 return
             self._entries[id(entry)] = entry
-            total = sum(e.nbytes for e in self._entries.values())
-            while total > self.budget_bytes:
-                _, old = self._entries.popitem(last=False)
-                total -= old.nbytes
-                self.evictions += 1
+            self._evict()
+
+    def _evict(self) -> None:
+        total = sum(e.nbytes for e in self._entries.values())
+        while total > self.budget_bytes:
+            _, old = self._entries.popitem(last=False)
+            total -= old.nbytes
+            self.evictions += 1
 
     def promote(self, entry: CachedContext) -> None:
         """A speculative entry a request has used is an ordinary one from now on."""

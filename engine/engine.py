@@ -6,9 +6,10 @@ several threads at once, each with its own cancel event: one worker thread owns 
 requests in flight together share every denoising pass (engine/batch_worker.py).
 
 Across requests the engine keeps recent contexts' K/V (engine/context_cache.py, `context_reuse`)
-so a keystroke re-encodes only what changed, and after a completion it prepares, when idle,
-the context as if the completion were accepted (`speculate`), so accept + next request starts
-warm.
+so a keystroke re-encodes only what changed. When idle, the worker re-encodes a context whose
+reuse chain just reached its hop limit (`refresh_worn`, engine/context_refresh.py), so the next
+keystroke stays warm, and prepares the context as if the completion were accepted
+(`speculate`), so accept + next request starts warm.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from engine.context_cache import (
     DEFAULT_MAX_REUSES,
     ContextCache,
 )
+from engine.context_refresh import refresh_context
 from engine.denoiser import Denoised, DenoiseJob, DenoiseLoop, StopSignal
 from engine.dreamon import denoise_expanding
 from engine.graphs import REFRESH_BUCKETS, PassCache
 from engine.kv_arena import BATCH_BUCKETS, common_layouts
+from engine.prefill import context_ids
 from engine.quantize import parameter_count, weight_bytes
 from engine.speculation import speculate_accepted
 from engine.stop_modes import apply_stop
@@ -156,17 +159,19 @@ class Engine:
                  static_shapes: bool | None = None, cuda_graphs: bool | None = None,
                  context_reuse: bool = True, context_cache_bytes: int | None = None,
                  max_reuses: int = DEFAULT_MAX_REUSES, max_changed: int = DEFAULT_MAX_CHANGED,
-                 speculate: bool = True, concurrent: bool = True,
+                 speculate: bool = True, refresh_worn: bool = True, concurrent: bool = True,
                  max_batch_rows: int | None = None):
         """static_shapes: fixed-shape passes (default on CUDA: no host sync inside the loop);
         cuda_graphs: replay those passes as CUDA graphs (default on CUDA).
         context_reuse: keep recent contexts' K/V (context_cache_bytes of them; default 256 MiB
         on the CPU, 1 GiB on a GPU: about 9 2k-token contexts of a 7B model) and reuse them
         across requests, at most max_reuses hops from a full encode and only when at most
-        max_changed context tokens changed; speculate: prepare the accepted completion's
-        context when idle (needs context_reuse).
+        max_changed context tokens changed; refresh_worn: when a request's context is
+        max_reuses hops from a full encode, encode it afresh when idle, so the next request
+        stays warm; speculate: prepare the accepted completion's context when idle (both need
+        context_reuse and concurrent).
         concurrent: requests from several threads share passes on one worker thread; False
-        runs each call on its caller's thread, one at a time (nothing speculative then).
+        runs each call on its caller's thread, one at a time (nothing in the background then).
         max_batch_rows: rows in one shared pass (default 32 on the CPU, 16 on fixed shapes)."""
         self._loaded = loaded
         self._spec = model_spec
@@ -198,6 +203,7 @@ class Engine:
         self._cache = ContextCache(context_cache_bytes, max_reuses, max_changed) \
             if context_reuse else None
         self._speculate = speculate and context_reuse and concurrent
+        self._refresh_worn = refresh_worn and context_reuse and concurrent
         self._loop = DenoiseLoop(loaded.model, args, passes=self._passes, cache=self._cache,
                                  dtype=loaded.dtype, banned_ids=self._banned_all)
         budget = max_batch_rows or (BATCH_BUCKETS[-1] if static else CPU_BATCH_ROWS)
@@ -284,20 +290,21 @@ class Engine:
         )
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
-        """Block until the worker has nothing left to do, speculative work included (tests and
-        benchmarks use it to start from a settled engine). True when it settled in time."""
+        """Block until the worker has nothing left to do, background work (refresh,
+        speculation) included (tests and benchmarks use it to start from a settled engine).
+        True when it settled in time."""
         return self._worker.wait_idle(timeout) if self._worker is not None else True
 
     def context_stats(self) -> dict[str, int]:
         """The context cache's counters (all 0 when reuse is off) and the batch figures."""
         cache, worker = self._cache, self._worker
-        out = dict(hits=0, misses=0, speculative_hits=0, speculative_drops=0, evictions=0,
-                   entries=0, bytes=0)
+        out = dict(hits=0, misses=0, speculative_hits=0, speculative_drops=0, refreshes=0,
+                   evictions=0, entries=0, bytes=0)
         if cache is not None:
             out.update(hits=cache.hits, misses=cache.misses, evictions=cache.evictions,
                        speculative_hits=cache.speculative_hits,
-                       speculative_drops=cache.speculative_drops, entries=len(cache),
-                       bytes=cache.nbytes)
+                       speculative_drops=cache.speculative_drops, refreshes=cache.refreshes,
+                       entries=len(cache), bytes=cache.nbytes)
         if worker is not None:
             out.update(shared_passes=worker.passes, peak_batch_rows=worker.peak_rows)
         return out
@@ -454,7 +461,26 @@ class Engine:
             speculate_accepted(loaded.model, loaded.args, self._cache, prefix_ids, suffix_ids,
                                hole, self._banned_all, loaded.dtype, loaded.device)
 
-        self._worker.when_idle(task)
+        self._worker.when_idle(task, key="speculate")
+
+    def _refresh_if_worn(self, batch: fim.InfillBatch, request: CompletionRequest) -> None:
+        """When the context this request left in the cache is worn (max_reuses hops from a
+        full encode): encode it afresh when the worker is idle, ahead of any speculation (it
+        may grow from the fresh entry; engine/context_refresh.py)."""
+        if not self._refresh_worn or not request.use_cache or self._loaded is None:
+            return
+        loaded, cache = self._loaded, self._cache
+        lead, tail = context_ids(batch)
+        worn = cache.find(lead, tail, batch.max_hole)
+        if worn is None or worn.reuses == 0 or not cache.worn(worn):
+            return  # (0 hops: max_reuses 0 turns reuse off; a fresh encode would change nothing)
+
+        def task() -> None:
+            if self._loaded is not None:
+                refresh_context(loaded.model, loaded.args, cache, worn, self._banned_all,
+                                loaded.dtype, loaded.device)
+
+        self._worker.when_idle(task, key=worn, first=True)
 
     def _denoise_buckets(self, loaded, request, prefix_ids, suffix_ids, lengths, generator, stop):
         rows: list[int] = []
@@ -471,7 +497,10 @@ class Engine:
             banned_ids=self._banned_all, generator=generator, stop=stop,
             decided=None if request.stop == "free" else self._stop_decides(request),
             check_every=self.check_every)
-        return self._run(job), rows
+        done = self._run(job)
+        if done is not None:  # cancelled or not, its first pass left its context in the cache
+            self._refresh_if_worn(batch, request)
+        return done, rows
 
     def _stop_decides(self, request: CompletionRequest):
         """A row whose committed run from its first slot is already cut by the stop mode needs

@@ -10,9 +10,10 @@ engine never imports LSP code): a keystroke cancels the request in flight for th
 never reach the engine.
 
 Reported: requests that reached the engine, how many were cancelled, the share that reused a
-cached context (`reuse_hit_rate`), the latency p50 of the cold and of the warm ones, and the
-accept scenario (a completion accepted, then the next request): how often the context prepared
-"as if accepted" is hit, and that request's latency.
+cached context (`reuse_hit_rate`), the latency p50 of the cold and of the warm ones, how many
+worn reuse chains the engine re-encoded in the background (`replay_refreshes`,
+engine/context_refresh.py), and the accept scenario (a completion accepted, then the next
+request): how often the context prepared "as if accepted" is hit, and that request's latency.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def replay(engine, chars: int = TYPED_CHARS) -> dict:
     debounce = Debounce()
     sent: list[Sent] = []
     threads: list[threading.Thread] = []
+    refreshes_before = engine.context_stats().get("refreshes", 0)
     began = time.perf_counter()
     clock = 0.0
 
@@ -154,6 +156,7 @@ def replay(engine, chars: int = TYPED_CHARS) -> dict:
         threads.append(thread)
     for thread in threads:
         thread.join(60.0)
+    engine.wait_idle()  # a refresh the last request left counts too
     done = [s for s in sent if s.ms is not None and not s.cancelled]
     warm = [s.ms for s in done if s.reused]
     cold = [s.ms for s in done if not s.reused]
@@ -167,6 +170,7 @@ def replay(engine, chars: int = TYPED_CHARS) -> dict:
         "replay_cold_ms_p50": statistics.median(cold) if cold else None,
         "replay_warm_ms_p50": statistics.median(warm) if warm else None,
         "replay_errors": sum(s.error is not None for s in sent),
+        "replay_refreshes": engine.context_stats().get("refreshes", 0) - refreshes_before,
     }
 
 

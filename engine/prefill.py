@@ -25,10 +25,14 @@ from engine.context_cache import CachedContext, ReusePlan
 from engine.fim import InfillBatch
 from engine.kv_arena import (
     KVArena,
+    Layout,
+    allocate,
     context_columns,
     context_positions,
     encode_shared,
     fill_reused,
+    key_bias,
+    query_ids,
     query_positions,
     snapshot,
 )
@@ -142,3 +146,16 @@ def prefill(model, args: ModelArgs, batch: InfillBatch, arena: KVArena, qids: Te
         done.entry = joined_entry(done, arena, batch)
     done.join = None
     return done
+
+
+def entry_alone(model, args: ModelArgs, batch: InfillBatch, banned_ids: Tensor,
+                plan: ReusePlan | None, dtype: torch.dtype, device) -> CachedContext:
+    """`batch`'s context for the cache, prefilled outside the denoising loop on an eager arena
+    of its own (no logits): warm from `plan` (a speculation) or, with None, the cold encode
+    (a refresh)."""
+    layout = Layout.of(batch, args, static=False)
+    arena = allocate(args, layout, dtype, device)
+    key_bias(layout, batch.hole_lengths, arena.bias)
+    qids = query_ids(layout, batch, args.pad_token_id)
+    return prefill(model, args, batch, arena, qids, banned_ids, plan, context_ids(batch),
+                   keep=True, head=False).entry

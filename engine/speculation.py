@@ -1,9 +1,10 @@
 """The next completion's context, prepared before it is asked for.
 
 After a completion is returned, the likeliest next request is the same place with the completion
-accepted: prefix + completion, same suffix. When the engine's worker has nothing else to do it
-builds that context from the one just used (a warm prefill over the accepted tokens: one
-step-sized pass, engine/prefill.py) and keeps it in the context cache marked speculative. A
+accepted: prefix + completion, same suffix. When the engine's worker has nothing else to do
+(a worn context it would grow from is re-encoded first, engine/context_refresh.py) it builds
+that context from the one just used (a warm prefill over the accepted tokens: one step-sized
+pass, engine/prefill.py) and keeps it in the context cache marked speculative. A
 request that matches it starts warm; once the user types something else instead (a request
 that continues from the context the speculation grew from), the cache drops it
 (ContextCache.plan). It never encodes from scratch: when the accepted text cannot reuse the
@@ -18,8 +19,8 @@ from torch import Tensor
 from engine.config import ModelArgs
 from engine.context_cache import CachedContext, ContextCache
 from engine.fim import build_infill_batch, lead_specials
-from engine.kv_arena import Layout, allocate, key_bias, query_ids
-from engine.prefill import context_ids, prefill
+from engine.kv_arena import Layout
+from engine.prefill import context_ids, entry_alone
 
 
 def speculate_accepted(model, args: ModelArgs, cache: ContextCache, prefix_ids: list[int],
@@ -33,11 +34,7 @@ def speculate_accepted(model, args: ModelArgs, cache: ContextCache, prefix_ids: 
     plan = cache.plan(lead, tail, len(lead_specials(args)), layout.lead, hole, count=False)
     if plan is None or plan.changed.numel() == 0:
         return None
-    arena = allocate(args, layout, dtype, device)
-    key_bias(layout, batch.hole_lengths, arena.bias)
-    qids = query_ids(layout, batch, args.pad_token_id)
-    entry = prefill(model, args, batch, arena, qids, banned_ids, plan, (lead, tail), keep=True,
-                    head=False).entry
+    entry = entry_alone(model, args, batch, banned_ids, plan, dtype, device)
     entry.speculative, entry.parent = True, plan.entry
     cache.put(entry)
     return entry

@@ -166,8 +166,11 @@ def test_reuse_gives_the_completion_a_cold_request_gives_on_the_memorized_model(
 
 
 def test_a_chain_of_edits_is_encoded_afresh_every_max_reuses(memorized, monkeypatch):
+    """With nothing in the background, the request after a worn entry encodes from scratch
+    (tests/engine/test_context_refresh.py: the background refresh that avoids it)."""
     engine = memorized["warm"]
     monkeypatch.setattr(engine, "_speculate", False)  # a speculation would be one more hop
+    monkeypatch.setattr(engine, "_refresh_worn", False)
     engine.wait_idle()
     limit = engine._cache.max_reuses
     warm = []
@@ -232,7 +235,7 @@ def test_a_request_that_arrives_first_drops_the_speculation_it_would_wait_for(me
     worker.when_idle(lambda: ran.append("late"))  # queued behind nothing: it runs
     assert engine.wait_idle() and ran == ["late"]
     with worker._cond:  # queue a speculation, then a request, before the worker looks
-        worker._idle_task = lambda: ran.append("speculation")
+        worker._idle_tasks["speculate"] = lambda: ran.append("speculation")
     engine.complete(CompletionRequest(prefix=PREFIX, suffix=SUFFIX, span_lengths=(4,),
                                       max_tokens=4, stop="free"))
     assert engine.wait_idle() and ran == ["late"]
