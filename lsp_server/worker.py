@@ -10,9 +10,9 @@ submitting a job for a document drops its pending one and flags its running one 
 Event is checked by the engine between denoising steps) and starts once that one has stopped,
 so a burst of keystrokes costs at most a couple of model runs.
 
-The queue is bounded across documents too: beyond MAX_PENDING_JOBS waiting jobs (those running
-aside) the oldest is dropped, so a request never waits behind a backlog of work nobody is
-looking at any more.
+The queue is bounded across documents too: beyond MAX_PENDING_JOBS waiting jobs (running ones,
+and those an idle runner takes at once, not counted) the oldest is dropped, so a request never
+waits behind a backlog of work nobody is looking at any more.
 
 The model is never freed or replaced under a runner: a (re)load drops the waiting jobs, flags
 the running ones and waits for their runners to return before it frees the old model, and so
