@@ -121,3 +121,10 @@ class EngineLike(Protocol):
     def info(self) -> EngineInfo: ...
 
     def close(self) -> None: ...
+
+    @property
+    def concurrent_calls(self) -> bool:
+        """Whether calls from several threads at once are worth making: the engine shares
+        passes between them or serves each on its own. False: callers send one at a time
+        (the engine stays correct either way)."""
+        ...

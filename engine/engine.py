@@ -289,6 +289,11 @@ class Engine:
             load_ms=self._load_ms,
         )
 
+    @property
+    def concurrent_calls(self) -> bool:
+        """EngineLike: calls from several threads share passes (concurrent=True)."""
+        return self._worker is not None
+
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until the worker has nothing left to do, background work (refresh,
         speculation) included (tests and benchmarks use it to start from a settled engine).

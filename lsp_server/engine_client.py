@@ -64,7 +64,12 @@ def _client_name() -> str:
 
 
 class SharedEngine:
-    """EngineLike over a connection to `maskfill-engine serve`, restarted when it dies."""
+    """EngineLike over a connection to `maskfill-engine serve`, restarted when it dies.
+
+    Concurrent calls share the connection (it routes each answer to its call by id) and the
+    engine batches them with the other windows' requests."""
+
+    concurrent_calls = True
 
     def __init__(self, spec, model: str):
         self._spec = spec
@@ -111,11 +116,15 @@ class SharedEngine:
             connection = self._connection
             if connection is None or not connection.alive:
                 self._connection = None
+                if connection is not None:
+                    connection.close()  # lost: free its socket before the next one
                 connection = self._connect()  # restarts the engine if it is gone
         try:
             return connection.complete(request, cancel)
         except EngineGone as exc:
-            self._connection = None
+            with self._lock:  # another call may already have connected a new one: keep it
+                if self._connection is connection:
+                    self._connection = None
             raise EngineError(f"the shared engine stopped ({exc}); it is restarted for the "
                               "next request") from None
 
@@ -160,7 +169,10 @@ class RemoteEngine:
     """EngineLike over an HTTP FIM endpoint in Mercury Coder's shape (ours or a hosted one).
 
     Each call runs its HTTP exchange on a helper thread so that a set cancel Event can abort
-    it at once: the connection is closed, which our engine sees and turns into a cancel."""
+    it at once: the connection is closed, which our engine sees and turns into a cancel. Each
+    call has its own connection, so concurrent calls are independent."""
+
+    concurrent_calls = True
 
     def __init__(self, url: str, token: str | None, model: str | None):
         parsed = urllib.parse.urlparse(url)

@@ -171,7 +171,8 @@ class MaskfillServer(LanguageServer):
         )
 
     def _engine_event(self, kind: str, payload: dict[str, Any]) -> None:
-        """Called on the worker thread: hop onto the event loop before talking to the client."""
+        """Called on the worker thread (or a job's runner): hop onto the event loop before talking
+        to the client."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._on_engine_event, kind, payload)
 
@@ -349,6 +350,7 @@ class MaskfillServer(LanguageServer):
             "cacheHits": self.service.cache.hits,
             "typedThroughHits": self.service.typed.hits,
             "superseded": self.service.latest.superseded,
+            "jobsInFlight": self.worker.jobs_in_flight,
             **self.worker.stats.snapshot(),
         }
 

@@ -1,19 +1,31 @@
-"""One thread owns the model: it loads it, runs completion jobs one at a time, and frees it.
+"""One thread owns the model: it loads it, hands completion jobs to runners, and frees it.
 
 Keeping the engine off the asyncio loop lets the server answer `initialize`, `didChange` and
-cancellations while a model loads or denoises. Newest wins per document: submitting a job for a
-document drops the pending one and flags the running one (its cancel Event is checked by the
-engine between denoising steps), so a burst of keystrokes costs at most a couple of model runs.
+cancellations while a model loads or denoises. When the engine takes concurrent calls
+(`concurrent_calls`: the in-process engine shares its denoising passes between them, the shared
+engine and a remote endpoint serve each on its own), up to MAX_IN_FLIGHT jobs run at once, each
+on its own runner thread, so documents of one window are served together instead of in turn;
+any other engine gets one job at a time, on the owning thread. Newest wins per document:
+submitting a job for a document drops its pending one and flags its running one (its cancel
+Event is checked by the engine between denoising steps) and starts once that one has stopped,
+so a burst of keystrokes costs at most a couple of model runs.
 
-The queue is bounded across documents too: beyond MAX_PENDING_JOBS waiting jobs the oldest is
-dropped, so a request never waits behind a backlog of work nobody is looking at any more.
+The queue is bounded across documents too: beyond MAX_PENDING_JOBS waiting jobs (running ones,
+and those an idle runner takes at once, not counted) the oldest is dropped, so a request never
+waits behind a backlog of work nobody is looking at any more.
+
+The model is never freed or replaced under a runner: a (re)load drops the waiting jobs, flags
+the running ones and waits for their runners to return before it frees the old model, and so
+does close() before it frees the model.
 
 When a run fails (out of memory, say) the job is retried once with half the span budget; if
 that fails too, the job answers nothing. A transient failure never moves the model: only a load
 failure, or FALLBACK_AFTER_FAILURES failed runs in a row with no success between them, moves
-it to the configured fallback device (until the next load, e.g. a settings change). A request
-the engine refuses as bad input (EngineInputError: text it cannot tokenize, a context that does
-not fit) is answered with nothing and counts as no failure: it says nothing about the device.
+it to the configured fallback device (until the next load, e.g. a settings change). That move
+happens on the owning thread once the runners still on the old device have returned, and the
+job that tipped it over is retried there first. A request the engine refuses as bad input
+(EngineInputError: text it cannot tokenize, a context that does not fit) is answered with
+nothing and counts as no failure: it says nothing about the device.
 """
 
 from __future__ import annotations
@@ -45,7 +57,10 @@ from engine.api import (
 log = logging.getLogger(__name__)
 
 FALLBACK_AFTER_FAILURES = 4  # consecutive failed runs before moving to the fallback device
-MAX_PENDING_JOBS = 2  # waiting jobs, all documents together (one more may be running)
+# Jobs running at once on an engine that takes concurrent calls: the documents a window shows
+# side by side, each a few rows of a shared pass (the CPU engine's pass budget is 32 rows).
+MAX_IN_FLIGHT = 4
+MAX_PENDING_JOBS = 2  # waiting jobs, all documents together (beyond the running ones)
 CLOSE_WAIT_S = 5.0  # close(): the longest wait for the thread to free the model, by default
 
 
@@ -63,7 +78,8 @@ class LoadSpec:
 
 
 Loader = Callable[[LoadSpec], EngineLike]
-# (kind, payload): load-begin, load-end, load-failed, engine-error; called on the worker thread.
+# (kind, payload): load-begin, load-end, load-failed, engine-error; called on the worker thread
+# (engine-error also on a job's runner thread).
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
@@ -119,19 +135,63 @@ class Job:
 
 
 class WorkerStats:
-    """Counters for maskfill.status and the bench; written by the worker thread only."""
+    """Counters for maskfill.status and the bench; runner threads update them concurrently."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self.model_runs = 0  # engine.complete calls started
         self.dropped = 0  # jobs cancelled or superseded before reaching the model
         self.cancelled_runs = 0  # runs stopped between denoising steps
         self.failures = 0
         self.forward_passes = 0
         self.committed_tokens = 0
+        self.peak_in_flight = 0  # most jobs running at once
+        self.peak_batch_rows = 0  # most rows a finished run shared a pass with (its own included)
         self.engine_ms: deque[float] = deque(maxlen=1024)  # finished runs, newest last
 
+    def record_start(self) -> None:
+        with self._lock:
+            self.model_runs += 1
+
+    def record_drop(self) -> None:
+        with self._lock:
+            self.dropped += 1
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self.failures += 1
+
+    def record_in_flight(self, jobs: int) -> None:
+        with self._lock:
+            self.peak_in_flight = max(self.peak_in_flight, jobs)
+
+    def record_result(self, result: CompletionResult, elapsed_ms: float, cancelled: bool) -> None:
+        with self._lock:
+            if cancelled:
+                self.cancelled_runs += 1
+                return
+            self.engine_ms.append(elapsed_ms)
+            self.forward_passes += result.stats.forward_passes
+            self.committed_tokens += result.stats.model_tokens
+            self.peak_batch_rows = max(self.peak_batch_rows, result.stats.batch_rows)
+
     def snapshot(self) -> dict[str, Any]:
-        latencies = sorted(self.engine_ms)
+        with self._lock:
+            latencies = sorted(self.engine_ms)
+            recent = [round(ms, 3) for ms in self.engine_ms]
+            counts = {
+                "modelRuns": self.model_runs,
+                "droppedJobs": self.dropped,
+                "cancelledRuns": self.cancelled_runs,
+                "failures": self.failures,
+                "peakJobsInFlight": self.peak_in_flight,
+                "peakBatchRows": self.peak_batch_rows,
+                "forwardPassesPerToken": (
+                    round(self.forward_passes / self.committed_tokens, 3)
+                    if self.committed_tokens
+                    else None
+                ),
+            }
 
         def percentile(p: float) -> float | None:
             if not latencies:
@@ -139,19 +199,20 @@ class WorkerStats:
             return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 2)
 
         return {
-            "modelRuns": self.model_runs,
-            "droppedJobs": self.dropped,
-            "cancelledRuns": self.cancelled_runs,
-            "failures": self.failures,
+            **counts,
             "latencyMsP50": round(statistics.median(latencies), 2) if latencies else None,
             "latencyMsP95": percentile(0.95),
-            "forwardPassesPerToken": (
-                round(self.forward_passes / self.committed_tokens, 3)
-                if self.committed_tokens
-                else None
-            ),
-            "recentEngineMs": [round(ms, 3) for ms in self.engine_ms],
+            "recentEngineMs": recent,
         }
+
+
+@dataclass(frozen=True)
+class Run:
+    """A job handed to a runner, with the request to try and which try it is."""
+
+    job: Job
+    request: CompletionRequest
+    attempt: int = 0  # 0: as asked; 1: half the span; 2: on the fallback device (the last)
 
 
 class EngineWorker:
@@ -162,11 +223,14 @@ class EngineWorker:
         self._on_event = on_event or (lambda kind, payload: None)
         self._lock = threading.Condition()
         self._pending: OrderedDict[str, Job] = OrderedDict()
-        self._running: Job | None = None
+        self._running: list[Job] = []  # on a runner now; a flagged one may still be stopping
+        self._resume: deque[Run] = deque()  # retried first, once the fallback reload is done
         self._load_request: LoadSpec | None = None
+        self._fallback_request: LoadSpec | None = None  # asked for by a runner (see docstring)
         self._closing = False
         self._engine: EngineLike | None = None
         self._spec: LoadSpec | None = None
+        self._max_in_flight = 1  # for the loaded engine; changed only while no runner runs
         self.state = "unloaded"  # unloaded | loading | ready | failed | closed
         self.info: EngineInfo | None = None
         self.error: str | None = None
@@ -186,17 +250,23 @@ class EngineWorker:
     def device(self) -> str | None:
         return self._spec.device if self._spec else None
 
+    @property
+    def jobs_in_flight(self) -> int:
+        """Jobs on a runner now (flagged ones still stopping included)."""
+        with self._lock:
+            return len(self._running)
+
     def load(self, spec: LoadSpec) -> None:
-        """(Re)load in the background; pending jobs are dropped (they were for the old model)."""
+        """(Re)load in the background; waiting jobs are dropped and running ones stopped (they
+        were for the old model), and the old model is freed once their runners returned."""
         with self._lock:
             self._load_request = spec
+            self._fallback_request = None  # the new load decides the device
             self.state = "loading"
-            for job in self._pending.values():
-                self._drop(job)
-            self._pending.clear()
-            if self._running is not None:
-                self._running.cancel.set()
-            self._lock.notify()
+            self._drop_waiting()
+            for job in self._running:
+                job.cancel.set()
+            self._lock.notify_all()
 
     def submit(self, key: str, request: CompletionRequest) -> Job:
         job = Job(key=key, request=request)
@@ -207,27 +277,28 @@ class EngineWorker:
             previous = self._pending.pop(key, None)
             if previous is not None:
                 self._drop(previous)
-            if self._running is not None and self._running.key == key:
-                self._running.cancel.set()
+            for older in [*self._running, *(run.job for run in self._resume)]:
+                if older.key == key:
+                    older.cancel.set()  # a flagged job waiting to resume is dropped at its turn
             self._pending[key] = job
-            while len(self._pending) > MAX_PENDING_JOBS:  # newest wins across documents too
+            # Newest wins across documents too; a job an idle runner takes at once is not waiting.
+            while len(self._pending) > MAX_PENDING_JOBS + self._idle_runners():
                 _, oldest = self._pending.popitem(last=False)
                 self._drop(oldest)
-            self._lock.notify()
+            self._lock.notify_all()
         return job
 
     def close(self, timeout: float = CLOSE_WAIT_S) -> None:
-        """Stop the thread and free the model (engine.close()), waiting at most `timeout`
-        seconds for it (0: do not wait). A load in progress is not waited for: the thread
-        frees what it loaded when the load returns (or the process ends first)."""
+        """Stop the thread and free the model (engine.close()) once the running jobs, flagged
+        here, have returned, waiting at most `timeout` seconds for it (0: do not wait). A load
+        in progress is not waited for: the thread frees what it loaded when the load returns
+        (or the process ends first)."""
         with self._lock:
             self._closing = True
-            for job in self._pending.values():
-                self._drop(job)
-            self._pending.clear()
-            if self._running is not None:
-                self._running.cancel.set()
-            self._lock.notify()
+            self._drop_waiting()
+            for job in self._running:
+                job.cancel.set()
+            self._lock.notify_all()
         if timeout > 0 and not self._in_loader and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -236,41 +307,86 @@ class EngineWorker:
     def _drop(self, job: Job) -> None:
         job.cancel.set()
         _resolve(job, None)
-        self.stats.dropped += 1
+        self.stats.record_drop()
 
-    def _next_task(self) -> LoadSpec | Job | None:
+    def _drop_waiting(self) -> None:
+        """Drop every job not running yet (lock held)."""
+        for job in self._pending.values():
+            self._drop(job)
+        self._pending.clear()
+        for run in self._resume:
+            self._drop(run.job)
+        self._resume.clear()
+
+    def _idle_runners(self) -> int:
+        """Runners free to take a job now (lock held): none while a reload waits."""
+        if self._load_request is not None or self._fallback_request is not None:
+            return 0
+        return max(0, self._max_in_flight - len(self._running) - len(self._resume))
+
+    def _next_task(self) -> LoadSpec | Run | None:
         with self._lock:
-            while not self._closing and self._load_request is None and not self._pending:
+            while True:
+                if self._closing:
+                    return None
+                reload = self._load_request or self._fallback_request
+                if reload is not None:
+                    if not self._running:  # never free or replace the model under a runner
+                        self._load_request = self._fallback_request = None
+                        return reload
+                elif len(self._running) < self._max_in_flight and (run := self._take()):
+                    self._running.append(run.job)
+                    self.stats.record_in_flight(len(self._running))
+                    return run
                 self._lock.wait()
-            if self._closing:
-                return None
-            if self._load_request is not None:
-                spec, self._load_request = self._load_request, None
-                return spec
-            _, job = self._pending.popitem(last=False)
-            self._running = job
-            return job
+
+    def _take(self) -> Run | None:
+        """The next job to start (lock held): one resumed after the fallback reload, else the
+        oldest waiting job whose document has no run still stopping. One run per document at
+        a time keeps a burst of keystrokes at a couple of runs, as newest-wins intends."""
+        if self._resume:
+            return self._resume.popleft()
+        stopping = {job.key for job in self._running}
+        key = next((key for key in self._pending if key not in stopping), None)
+        if key is None:
+            return None
+        job = self._pending.pop(key)
+        return Run(job, job.request)
 
     def _run(self) -> None:
         try:
             while (task := self._next_task()) is not None:
-                try:
-                    if isinstance(task, LoadSpec):
+                if isinstance(task, LoadSpec):
+                    try:
                         self._load(task)
-                    else:
-                        self._complete(task)
-                except Exception:  # a bug in one task must not take the model thread down
-                    log.exception("engine worker task failed")
-                    if isinstance(task, Job):
-                        self._drop(task)
-                finally:
-                    with self._lock:
-                        self._running = None
+                    except Exception:  # a bug in a load must not take the model thread down
+                        log.exception("engine worker load failed")
+                elif self._max_in_flight == 1:  # one at a time: on this thread, as before
+                    self._serve(task)
+                else:
+                    threading.Thread(target=self._serve, args=(task,), name="maskfill-job",
+                                     daemon=True).start()
         finally:
+            with self._lock:  # close() flagged them: each returns within a denoising step
+                while self._running:
+                    self._lock.wait()
             self._free()
             self.state = "closed"
 
+    def _serve(self, run: Run) -> None:
+        """One job, on a runner thread (or the worker thread when one runs at a time)."""
+        try:
+            self._complete(run)
+        except Exception:  # a bug in one job must not take its thread (or the worker) down
+            log.exception("engine worker job failed")
+            self._drop(run.job)
+        finally:
+            with self._lock:
+                self._running.remove(run.job)
+                self._lock.notify_all()
+
     def _free(self) -> None:
+        self._max_in_flight = 1
         if self._engine is not None:
             try:
                 self._engine.close()
@@ -304,8 +420,11 @@ class EngineWorker:
                 self._in_loader = False
             with self._lock:
                 superseded = self._load_request is not None or self._closing
-            self._engine, self._spec = engine, attempt
-            self._failures_in_a_row = 0
+                self._engine, self._spec = engine, attempt
+                # An engine that does not say it takes concurrent calls gets one at a time.
+                concurrent = bool(getattr(engine, "concurrent_calls", False))
+                self._max_in_flight = MAX_IN_FLIGHT if concurrent else 1
+                self._failures_in_a_row = 0
             self.info = engine.info()
             self.error = None
             self.state = "ready" if not superseded else self.state
@@ -326,61 +445,70 @@ class EngineWorker:
         message = f"maskfill could not load the model ({self.error})"
         self._on_event("load-failed", {"message": message})
 
-    def _complete(self, job: Job) -> None:
-        if job.cancel.is_set() or self._engine is None:
+    # -- a runner thread -----------------------------------------------------------------
+
+    def _complete(self, run: Run) -> None:
+        job, request, attempt = run.job, run.request, run.attempt
+        engine = self._engine  # not replaced while this job is in self._running
+        if job.cancel.is_set() or engine is None:
             self._drop(job)  # flagged jobs never reach the model
             return
-        request = job.request
-        for attempt in range(3):
+        while True:
             try:
-                result = self._timed_run(job, request)
+                result = self._timed_run(engine, job, request)
             except EngineInputError as exc:  # this request alone is bad: not the device's fault
                 log.warning("completion refused: %s", _one_line(exc))
                 break
             except Exception as exc:  # any engine failure must leave the server serving
-                self.stats.failures += 1
-                self._failures_in_a_row += 1
+                self.stats.record_failure()
+                with self._lock:
+                    self._failures_in_a_row += 1
+                    repeated = self._failures_in_a_row >= FALLBACK_AFTER_FAILURES
                 message = _one_line(exc)
                 log.warning("completion failed (attempt %d): %s", attempt + 1, message)
                 self._on_event("engine-error", {"message": f"maskfill: {message}"})
-                request = self._smaller_or_fallback(request, attempt)
-                if request is None or job.cancel.is_set():
+                if job.cancel.is_set():
                     break
-                continue
-            self._failures_in_a_row = 0
+                if attempt == 0 and request.max_tokens > 1:  # first retry: half the span budget
+                    request = msgspec.structs.replace(
+                        request, max_tokens=max(1, request.max_tokens // 2), span_lengths=None
+                    )
+                    attempt = 1
+                    continue
+                if attempt == 1 and repeated and self._retry_on_fallback(Run(job, request, 2)):
+                    return
+                break
+            with self._lock:
+                self._failures_in_a_row = 0
             _resolve(job, result)
             return
         self._drop(job)
 
-    def _timed_run(self, job: Job, request: CompletionRequest) -> CompletionResult:
-        assert self._engine is not None
-        self.stats.model_runs += 1
+    def _timed_run(self, engine: EngineLike, job: Job,
+                   request: CompletionRequest) -> CompletionResult:
+        self.stats.record_start()
         started = time.perf_counter()
-        result = self._engine.complete(request, job.cancel)
+        result = engine.complete(request, job.cancel)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        if result.stats.cancelled or job.cancel.is_set():
-            self.stats.cancelled_runs += 1
-        else:
-            self.stats.engine_ms.append(elapsed_ms)
-            self.stats.forward_passes += result.stats.forward_passes
-            self.stats.committed_tokens += result.stats.model_tokens
+        cancelled = result.stats.cancelled or job.cancel.is_set()
+        self.stats.record_result(result, elapsed_ms, cancelled)
         return result
 
-    def _smaller_or_fallback(
-        self, request: CompletionRequest, attempt: int
-    ) -> CompletionRequest | None:
-        """First retry: half the span budget. Second: reload on the fallback device, but only
-        after repeated failures (see the module docstring); otherwise give up on this job."""
-        if attempt == 0 and request.max_tokens > 1:
-            return msgspec.structs.replace(
-                request, max_tokens=max(1, request.max_tokens // 2), span_lengths=None
-            )
-        spec = self._spec
-        repeated = self._failures_in_a_row >= FALLBACK_AFTER_FAILURES
-        if attempt >= 1 and repeated and spec and spec.fallback_device not in (None, spec.device):
-            self._load(dataclasses.replace(spec, device=spec.fallback_device))
-            return request if self._engine is not None else None
-        return None
+    def _retry_on_fallback(self, run: Run) -> bool:
+        """After repeated failures: ask the worker thread to move the model to the fallback
+        device (a runner never loads: others may still be running on this model) and queue
+        `run` to go first there. False when there is no other device, or a load or close
+        already decides what happens next."""
+        with self._lock:
+            spec = self._spec
+            if (self._closing or self._load_request is not None or spec is None
+                    or spec.fallback_device in (None, spec.device)):
+                return False
+            if self._fallback_request is None:
+                self._fallback_request = dataclasses.replace(spec, device=spec.fallback_device)
+            self._resume.append(run)
+            self._lock.notify_all()
+            return True
 
 
 def _resolve(job: Job, value: CompletionResult | None) -> None:

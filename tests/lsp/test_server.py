@@ -96,6 +96,7 @@ def test_status_reports_the_loaded_model():
         status = server.status()
         assert status["loadState"] == "ready" and status["device"] == "cpu"
         assert status["modelRuns"] == 0 and status["latencyMsP50"] is None
+        assert status["jobsInFlight"] == 0 and status["peakJobsInFlight"] == 0
     finally:
         server.free()
         assert server.worker.state == "closed"

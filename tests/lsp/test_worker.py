@@ -17,7 +17,13 @@ from engine.api import (
     EngineInfo,
     EngineInputError,
 )
-from lsp_server.worker import FALLBACK_AFTER_FAILURES, MAX_PENDING_JOBS, EngineWorker, LoadSpec
+from lsp_server.worker import (
+    FALLBACK_AFTER_FAILURES,
+    MAX_IN_FLIGHT,
+    MAX_PENDING_JOBS,
+    EngineWorker,
+    LoadSpec,
+)
 
 OUT_OF_MEMORY = EngineError("out of memory (probe)")
 
@@ -298,3 +304,244 @@ def test_close_does_not_wait_for_a_load_in_progress():
     assert worker._in_loader and not gate.is_set()  # returned while the load still runs
     gate.set()
     wait_until(lambda: worker.state == "closed")  # the thread frees what it loaded
+
+
+# -- several jobs at once (an engine with concurrent_calls) ---------------------------------
+
+
+class OverlapProbe:
+    """Stands in for an engine to observe which calls are in flight *together*: each call holds
+    until the test releases its tag (the request's prefix) or its cancel Event is set; a
+    `stubborn` tag ignores its cancel (a long denoising step) and holds until released."""
+
+    def __init__(self, device="cpu", concurrent=True, failing=(), hold=True):
+        self.concurrent_calls = concurrent
+        self.device = device
+        self.failing = tuple(failing)  # tags that raise OUT_OF_MEMORY
+        self.hold = hold
+        self.stubborn: set[str] = set()
+        self._lock = threading.Lock()
+        self._events: dict[tuple[str, str], threading.Event] = {}
+        self.seen: list[CompletionRequest] = []
+        self.threads: list[str] = []
+        self.active = 0
+        self.most_at_once = 0
+        self.closed = False
+        self.active_at_close: int | None = None
+
+    def event(self, kind: str, tag: str) -> threading.Event:
+        with self._lock:
+            return self._events.setdefault((kind, tag), threading.Event())
+
+    def started(self, tag: str, timeout=5.0) -> bool:
+        return self.event("started", tag).wait(timeout)
+
+    def release(self, *tags: str) -> None:
+        for tag in tags:
+            self.event("release", tag).set()
+
+    def complete(self, request, cancel=None):
+        tag = request.prefix
+        with self._lock:
+            self.seen.append(request)
+            self.threads.append(threading.current_thread().name)
+            if tag.startswith(self.failing) and self.failing:
+                raise OUT_OF_MEMORY
+            self.active += 1
+            self.most_at_once = max(self.most_at_once, self.active)
+        self.event("started", tag).set()
+        release = self.event("release", tag)
+        try:
+            while self.hold and not release.wait(0.002):
+                if cancel is not None and cancel.is_set() and tag not in self.stubborn:
+                    break
+        finally:
+            with self._lock:
+                self.active -= 1
+        cancelled = bool(cancel and cancel.is_set())
+        return CompletionResult(text="", candidates=[], stats=CompletionStats(cancelled=cancelled))
+
+    info = SchedulingProbe.info
+
+    def close(self):
+        with self._lock:
+            self.closed = True
+            self.active_at_close = self.active
+
+
+def overlap_worker(**probe_options):
+    probes: list[OverlapProbe] = []
+
+    def loader(spec):
+        probes.append(OverlapProbe(spec.device, **probe_options))
+        return probes[-1]
+
+    worker = EngineWorker(loader)
+    worker.load(LoadSpec(model="probe"))
+    wait_until(lambda: worker.ready)
+    return worker, probes
+
+
+def test_two_documents_run_at_the_same_time():
+    worker, (probe,) = overlap_worker()
+    a = worker.submit("a", request("a"))
+    b = worker.submit("b", request("b"))
+    assert probe.started("a") and probe.started("b")  # b started while a still held
+    assert probe.active == 2 and worker.jobs_in_flight == 2
+    probe.release("a", "b")
+    assert a.future.result(5) is not None and b.future.result(5) is not None
+    assert not a.future.result().stats.cancelled and not b.future.result().stats.cancelled
+    status = worker.stats.snapshot()
+    assert status["modelRuns"] == 2 and status["peakJobsInFlight"] == 2
+    assert status["droppedJobs"] == 0 and status["cancelledRuns"] == 0
+    assert all(name == "maskfill-job" for name in probe.threads)  # runners, not the worker
+    worker.close()
+
+
+def test_a_document_waits_while_max_in_flight_jobs_run():
+    worker, (probe,) = overlap_worker()
+    tags = [f"doc{i}" for i in range(MAX_IN_FLIGHT)]
+    running = [worker.submit(tag, request(tag)) for tag in tags]
+    assert all(probe.started(tag) for tag in tags)
+    late = worker.submit("late", request("late"))
+    assert "late" not in [r.prefix for r in probe.seen]  # every runner is taken
+    probe.release("doc0")
+    assert running[0].future.result(5) is not None
+    assert probe.started("late")  # took the freed runner
+    assert probe.most_at_once == MAX_IN_FLIGHT
+    probe.release(*tags, "late")
+    assert all(job.future.result(5) is not None for job in [*running, late])
+    assert worker.stats.snapshot()["peakJobsInFlight"] == MAX_IN_FLIGHT
+    worker.close()
+
+
+def test_beyond_the_running_jobs_the_queue_keeps_only_the_newest():
+    worker, (probe,) = overlap_worker()
+    tags = [f"doc{i}" for i in range(MAX_IN_FLIGHT)]
+    running = [worker.submit(tag, request(tag)) for tag in tags]
+    assert all(probe.started(tag) for tag in tags)
+    queued = [worker.submit(f"q{i}", request(f"q{i}")) for i in range(10)]
+    assert all(job.future.result(5) is None for job in queued[:-MAX_PENDING_JOBS])
+    probe.release(*tags, *(f"q{i}" for i in range(10)))
+    assert all(job.future.result(5) is not None for job in running + queued[-MAX_PENDING_JOBS:])
+    assert sorted(r.prefix for r in probe.seen) == sorted(tags + ["q8", "q9"])
+    worker.close()
+
+
+def test_newest_wins_stops_only_that_documents_running_job():
+    worker, (probe,) = overlap_worker()
+    probe.stubborn.add("a1")  # still stopping until released
+    a = worker.submit("a", request("a1"))
+    b = worker.submit("b", request("b1"))
+    assert probe.started("a1") and probe.started("b1")
+    newer = worker.submit("a", request("a2"))
+    assert a.cancel.is_set() and not b.cancel.is_set()
+    assert "a2" not in [r.prefix for r in probe.seen]  # one run per document at a time
+    probe.release("a1")
+    assert a.future.result(5).stats.cancelled
+    assert probe.started("a2")  # runs beside b, which keeps going
+    assert not b.future.done() and not b.cancel.is_set()
+    probe.release("b1", "a2")
+    assert not b.future.result(5).stats.cancelled
+    assert not newer.future.result(5).stats.cancelled
+    assert worker.stats.cancelled_runs == 1
+    worker.close()
+
+
+def test_reload_stops_every_running_job_and_frees_the_old_model_after_them():
+    worker, probes = overlap_worker()
+    old = probes[0]
+    old.stubborn.add("a")  # a long step: it returns only when released
+    a = worker.submit("a", request("a"))
+    tags = [f"b{i}" for i in range(1, MAX_IN_FLIGHT)]
+    others = [worker.submit(tag, request(tag)) for tag in tags]
+    assert all(old.started(tag) for tag in ["a", *tags])  # every runner is taken
+    waiting = [worker.submit(f"w{i}", request(f"w{i}")) for i in range(MAX_PENDING_JOBS)]
+    worker.load(LoadSpec(model="probe", device="cpu"))
+    assert all(job.cancel.is_set() for job in [a, *others])
+    assert all(job.future.result(5).stats.cancelled for job in others)
+    assert all(job.future.result(5) is None for job in waiting)  # for the old model: dropped
+    assert len(probes) == 1 and not old.closed  # a's runner still uses the old model
+    old.release("a")
+    assert a.future.result(5).stats.cancelled
+    wait_until(lambda: worker.ready and len(probes) == 2)
+    assert old.closed and old.active_at_close == 0
+    assert {r.prefix for r in old.seen} == {"a", *tags}  # the waiting ones never ran
+    worker.close()
+
+
+def test_an_engine_without_concurrent_calls_gets_one_call_at_a_time():
+    worker, (probe,) = overlap_worker(concurrent=False)
+    a = worker.submit("a", request("a"))
+    b = worker.submit("b", request("b"))
+    assert probe.started("a")
+    assert [r.prefix for r in probe.seen] == ["a"] and worker.jobs_in_flight == 1
+    probe.release("a")
+    assert probe.started("b")
+    probe.release("b")
+    assert a.future.result(5) is not None and b.future.result(5) is not None
+    assert probe.most_at_once == 1
+    assert probe.threads == ["maskfill-engine", "maskfill-engine"]  # on the owning thread
+    worker.close()
+
+
+def test_repeated_failures_move_the_model_after_the_other_runners_returned():
+    probes: list[OverlapProbe] = []
+    active_at_load: list[int] = []
+
+    def loader(spec):
+        if spec.device == "cuda":
+            probe = OverlapProbe("cuda", failing=("bad",))
+        else:
+            active_at_load.append(probes[0].active)
+            probe = OverlapProbe("cpu", hold=False)
+        probes.append(probe)
+        return probe
+
+    worker = EngineWorker(loader)
+    worker.load(LoadSpec(model="probe", device="cuda", fallback_device="cpu"))
+    wait_until(lambda: worker.ready)
+    cuda = probes[0]
+    good = worker.submit("good", request("good"))
+    assert cuda.started("good")
+    assert worker.submit("bad1", request("bad1")).future.result(5) is None  # failures 1, 2
+    moved = worker.submit("bad2", request("bad2", max_tokens=32))  # failures 3, 4: repeated
+    wait_until(lambda: worker.stats.failures == FALLBACK_AFTER_FAILURES
+               and worker.jobs_in_flight == 1)  # bad2's runner returned; good still runs
+    assert len(probes) == 1 and not cuda.closed and not moved.future.done()
+    later = worker.submit("c", request("c"))  # waits for the move instead of failing on cuda
+    assert len(probes) == 1
+    cuda.release("good")
+    assert not good.future.result(5).stats.cancelled  # the move did not stop a running job
+    assert moved.future.result(5) is not None and later.future.result(5) is not None
+    assert [p.device for p in probes] == ["cuda", "cpu"] and worker.device == "cpu"
+    assert active_at_load == [0] and cuda.closed and cuda.active_at_close == 0
+    assert sorted((r.prefix, r.max_tokens) for r in probes[1].seen) == [("bad2", 16), ("c", 32)]
+    assert "c" not in [r.prefix for r in cuda.seen]
+    worker.close()
+
+
+def test_close_stops_running_jobs_and_frees_the_model_after_them():
+    worker, (probe,) = overlap_worker()
+    probe.stubborn.add("a")
+    a = worker.submit("a", request("a"))
+    b = worker.submit("b", request("b"))
+    assert probe.started("a") and probe.started("b")
+    worker.close(timeout=0)
+    assert a.cancel.is_set() and b.cancel.is_set()
+    assert b.future.result(5).stats.cancelled
+    assert not probe.closed and worker.state != "closed"  # a's runner still uses the model
+    assert worker.submit("c", request("c")).future.result(5) is None
+    probe.release("a")
+    assert a.future.result(5).stats.cancelled
+    wait_until(lambda: worker.state == "closed")
+    assert probe.closed and probe.active_at_close == 0
+
+
+def test_close_waits_for_the_runners_it_stopped():
+    worker, (probe,) = overlap_worker()
+    jobs = [worker.submit(tag, request(tag)) for tag in ("a", "b")]
+    assert probe.started("a") and probe.started("b")
+    worker.close()  # returns once the model is freed
+    assert probe.closed and probe.active_at_close == 0 and worker.state == "closed"
+    assert all(job.future.result(0).stats.cancelled for job in jobs)
