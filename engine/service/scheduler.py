@@ -36,6 +36,7 @@ class Job:
     key: str = ""
     cancel: threading.Event = field(default_factory=threading.Event)
     answered: bool = False
+    in_model: bool = False  # past the last check that drops it: a cancel now stops a run
 
 
 class ResultCache:
@@ -142,8 +143,9 @@ class FairScheduler:
 
     @property
     def busy(self) -> bool:
-        """Whether the engine is running a job right now."""
-        return bool(self._running)
+        """Whether the engine is running a job right now (one taken from the queue but not yet
+        handed to the engine does not count: a cancel then drops it instead of stopping a run)."""
+        return any(job.in_model for job in self._running)
 
     def queue_depth(self) -> int:
         with self._lock:
@@ -253,6 +255,7 @@ class FairScheduler:
             self.stats.record_outcome("dropped")
             return None, None
         assert self._engine is not None
+        job.in_model = True
         started = time.perf_counter()
         try:
             result = self._engine.complete(job.request, job.cancel)
