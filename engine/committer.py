@@ -87,11 +87,7 @@ class Committer:
         if not isinstance(logits, SlotLogits):
             return Drawn(sampled.tokens, prob, score)
         at = (logits.row, logits.slot)
-        tokens = torch.zeros(shape, dtype=sampled.tokens.dtype, device=prob.device)
-        tokens[at] = sampled.tokens[0]
-        dense = [torch.zeros(shape, dtype=prob.dtype, device=prob.device) for _ in range(2)]
-        dense[0][at], dense[1][at] = prob[0], score[0]
-        return Drawn(tokens, *dense)
+        return Drawn(*(_scattered(part[0], at, shape) for part in (sampled.tokens, prob, score)))
 
 
 class Drawn(NamedTuple):
@@ -100,6 +96,12 @@ class Drawn(NamedTuple):
     tokens: Tensor
     prob: Tensor  # p(token) under the distribution it was drawn from
     score: Tensor  # what the sampler's transfer rule ranks by (higher = surer)
+
+
+def _scattered(values: Tensor, at: tuple[Tensor, Tensor], shape: torch.Size) -> Tensor:
+    out = values.new_zeros(shape)
+    out[at] = values
+    return out
 
 
 def _slot_score(name: str, sampled: sampler.Sampled, prob: Tensor) -> Tensor:
