@@ -10,8 +10,9 @@ back a short one, and each leaves as soon as it is done, cancelled or past its d
 Work that is not a request runs only when nothing is in flight or waiting: an `exclusive` job
 (DreamOn's own loop) and the low-priority `when_idle` tasks (engine/engine.py: the re-encode of
 a worn reuse chain, engine/context_refresh.py, then the speculative next context), one per
-idle turn, all dropped when a request arrives first. A task that has started runs to its end
-(a speculation is one step-sized pass, a refresh one context encode).
+idle turn, all dropped when a request arrives first. A started speculation runs to its end (one
+step-sized pass); a started refresh stops between two layers of its encode when a request
+arrives (model.ENCODE_GATE), so a request waits one layer at most.
 Idle tasks also wait IDLE_GRACE_S of idleness first: a caller that sends requests back to
 back (a script, an eval) would otherwise find each one queued behind a speculation (measured:
 +18 ms a request on the embedded model), while an editor's next request comes a debounce
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.denoiser import Denoised, DenoiseJob, DenoiseLoop
+from engine.model import ENCODE_GATE, EncodeInterrupted
 
 log = logging.getLogger(__name__)
 IDLE_GRACE_S = 0.025
@@ -79,6 +81,7 @@ class BatchWorker:
         self._idle_since = 0.0  # when the last request left (time.monotonic())
         self.passes = 0  # shared passes run
         self.peak_rows = 0  # most rows in one pass
+        self.interrupted = 0  # idle tasks stopped mid-encode by a request
 
     # ---- any thread
 
@@ -190,11 +193,26 @@ class BatchWorker:
             if not self.loop.active:
                 self._idle_since = time.monotonic()
         elif idle is not None:
-            try:
-                idle()
-            except Exception:  # noqa: BLE001 - work for later must never hurt a request
-                log.exception("idle task failed")
+            self._run_idle(idle)
         return True
+
+    def _run_idle(self, task: Callable[[], None]) -> None:
+        """Run an idle task; an encode inside it stops between layers once a request waits."""
+        token = ENCODE_GATE.set(self._gate)
+        try:
+            task()
+        except EncodeInterrupted:
+            self.interrupted += 1  # the request re-encodes what it needs; nothing is lost
+        except Exception:  # noqa: BLE001 - work for later must never hurt a request
+            log.exception("idle task failed")
+        finally:
+            ENCODE_GATE.reset(token)
+
+    def _gate(self, hidden: torch.Tensor) -> None:
+        if hidden.is_cuda:  # the host runs ahead of the device: check where the device is
+            torch.cuda.current_stream(hidden.device).synchronize()
+        if self._waiting or self._closing:
+            raise EncodeInterrupted
 
     def _admit(self) -> tuple[list[Ticket] | None, Ticket | None, Callable[[], None] | None]:
         """Jobs to start now (FIFO within the row budget), exclusive work that may run now,

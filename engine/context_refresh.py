@@ -8,11 +8,11 @@ idle, encodes that same context from scratch, through the very prefill a cold re
 (engine/prefill.py), and puts the 0-hop entry in the worn one's place. The next request then
 reuses it warm, one hop from exact.
 
-When: at the hop limit itself, not before. Refreshing a hop earlier would buy slack for a
-refresh that a request drops, but a request arriving mid-refresh (a started encode runs to its
-end) would then wait for work it did not need, its chain being still usable. At the limit the
-refresh only does what that chain's next request would otherwise do itself: arriving
-mid-refresh it waits at most the cold encode it was going to pay, and then starts warm.
+When: at the hop limit itself, where the chain's next request would otherwise encode cold on
+its own path. A refresh that has started stops between two layers of its encode as soon as a
+request arrives (the worker's ENCODE_GATE, engine/batch_worker.py), so it delays a request by
+one layer at most; the interrupted refresh is dropped, and if that request is the chain's next
+one it encodes cold and leaves a fresh entry itself.
 
 It runs before the speculative next context (engine/speculation.py): a speculation grows from
 the entry its text continues, and cannot grow from a worn one (it would be worn at birth), so

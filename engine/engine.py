@@ -311,7 +311,8 @@ class Engine:
                        speculative_drops=cache.speculative_drops, refreshes=cache.refreshes,
                        entries=len(cache), bytes=cache.nbytes)
         if worker is not None:
-            out.update(shared_passes=worker.passes, peak_batch_rows=worker.peak_rows)
+            out.update(shared_passes=worker.passes, peak_batch_rows=worker.peak_rows,
+                       idle_interrupted=worker.interrupted)
         return out
 
     def close(self) -> None:

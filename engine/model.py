@@ -23,6 +23,8 @@ cached K/V, design/engine.md §2.1).
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,17 @@ from torch import Tensor, nn
 
 from engine.attention import grouped_attention
 from engine.config import ModelArgs
+
+
+class EncodeInterrupted(Exception):
+    """Raised between two layers of an encode by the ENCODE_GATE of the work running it."""
+
+
+# Set while background work (engine/batch_worker.py: a worn context's re-encode) runs an
+# encode: called with the hidden states between layers, it raises EncodeInterrupted when a
+# request is waiting, so that work delays a request by one layer at most, not one encode.
+ENCODE_GATE: contextvars.ContextVar[Callable[[Tensor], None] | None] = \
+    contextvars.ContextVar("encode_gate", default=None)
 
 
 @dataclass
@@ -223,7 +236,10 @@ class Transformer(nn.Module):
         # Unpadded rows need no bias at all, which lets SDPA pick its fastest kernel.
         bias = None if key_valid is None else attention_bias(key_valid, h.dtype)
         kept = ContextKV(k=[], v=[]) if keep_kv else None
+        gate = ENCODE_GATE.get()
         for i, layer in enumerate(self.layers):
+            if gate is not None and i:
+                gate(h)
             h, k, v = layer(h, rope, bias, None, i)
             if kept is not None:
                 kept.k.append(k)

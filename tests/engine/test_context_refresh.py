@@ -4,6 +4,7 @@ item 1, "refresh fully after N reuses", off the keystroke path."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from engine.api import CompletionRequest
 from engine.batch_worker import BatchWorker
 from engine.context_cache import CachedContext, ContextCache
 from engine.engine import Engine
+from engine.model import ENCODE_GATE
 from tests.fixtures.memorized import SNIPPETS, split_middle
 
 MAX_REUSES = 2  # a short chain: cold, 2 warm hops, worn
@@ -249,3 +251,67 @@ def test_idle_tasks_run_refresh_first_newest_speculation_and_a_request_drops_the
         assert worker.wait_idle() and ran == ["request"]
     finally:
         worker.close()
+
+
+def test_a_request_that_arrives_mid_refresh_stops_its_encode_between_layers(engines,
+                                                                           monkeypatch):
+    engine, cold = engines["warm"], engines["cold"]
+    cache, worker = engine._cache, engine._worker
+    assert engine.args.n_layers > 1 and engine.wait_idle()
+    cache.clear()
+    counted, interrupted = cache.refreshes, worker.interrupted
+    started, layers = threading.Event(), []
+    real = engine_module.refresh_context
+
+    def refresh_once_a_request_waits(*args):
+        started.set()
+        while not worker._waiting:  # the request below is queued behind this refresh
+            time.sleep(0.001)
+        gate = ENCODE_GATE.get()  # the worker's: it raises once a request waits
+
+        def counted_gate(hidden):
+            layers.append(1)
+            gate(hidden)
+
+        token = ENCODE_GATE.set(counted_gate)
+        try:
+            return real(*args)
+        finally:
+            ENCODE_GATE.reset(token)
+
+    monkeypatch.setattr(engine_module, "refresh_context", refresh_once_a_request_waits)
+    requests = typing_chain(engine.tokenizer, MAX_REUSES + 2)
+    for request in requests[:MAX_REUSES]:
+        engine.complete(request)
+        assert engine.wait_idle()
+    engine.complete(requests[MAX_REUSES])  # leaves the worn entry: its refresh is queued
+    assert started.wait(30)
+    after = requests[MAX_REUSES + 1]
+    answer = {}
+    waiting = threading.Thread(target=lambda: answer.update(result=engine.complete(after)))
+    waiting.start()
+    waiting.join(60)
+    # The encode stopped at its first layer boundary; the request ran as it would have without
+    # any refresh (cold: its chain is worn) and left a fresh entry itself.
+    assert layers == [1] and worker.interrupted == interrupted + 1
+    assert cache.refreshes == counted and engine.context_stats()["idle_interrupted"] >= 1
+    assert answer["result"].stats.reused_context_tokens == 0
+    assert answer["result"].text == cold.complete(after).text
+    assert engine.wait_idle() and entry_for(engine, after).reuses == 0
+
+
+def test_the_encode_gate_runs_between_layers_only_while_set(engines):
+    model = engines["cold"]._loaded.model
+    ids = torch.tensor([engines["cold"].tokenizer.encode("def f(x):\n    return x\n")])
+    positions = torch.arange(ids.shape[1])[None]
+    seen = []
+    with torch.inference_mode():
+        whole, _ = model.encode(ids, positions)
+        token = ENCODE_GATE.set(lambda hidden: seen.append(hidden.shape))
+        try:
+            gated, _ = model.encode(ids, positions)
+        finally:
+            ENCODE_GATE.reset(token)
+        model.encode(ids, positions)
+    assert len(seen) == model.args.n_layers - 1  # between layers, not before or after
+    assert torch.equal(gated, whole)
