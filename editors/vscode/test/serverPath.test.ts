@@ -99,3 +99,19 @@ describe("isExecutableFile", () => {
     expect(isExecutableFile(path.join(dir, "missing"))).toBe(false);
   });
 });
+
+describe("in a remote window", () => {
+  it("says that maskfill.serverPath is read from Remote settings, not User settings", () => {
+    const r = resolveServer(lookup({ workspaceFolders: ["/w"], remote: "ssh-remote" }, []));
+    expect(r.ok).toBe(false);
+    if (!r.ok) {
+      expect(r.message).toContain("Cannot find maskfill-lsp (looked in /w/.venv, PATH)");
+      expect(r.message).toContain(
+        "This is a remote window (ssh-remote): VS Code reads maskfill.serverPath from Remote settings" +
+          " or the workspace's settings, not from User settings.",
+      );
+    }
+    const local = resolveServer(lookup({ workspaceFolders: ["/w"] }, []));
+    if (!local.ok) expect(local.message).not.toContain("remote window");
+  });
+});
