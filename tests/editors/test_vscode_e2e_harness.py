@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 from tests.editors.vscode_e2e import lsp_tap, processes
-from tests.editors.vscode_e2e.bench import served
+from tests.editors.vscode_e2e.bench import Served, served
 from tests.editors.vscode_e2e.toolchain import missing_parts
 
 
@@ -76,7 +76,10 @@ def test_the_tap_passes_bytes_unchanged_and_times_inline_requests(tmp_path: Path
     reply = {"jsonrpc": "2.0", "id": 7, "result": {"items": [{"insertText": "x"}]}}
     assert proc.stdout == frame(reply)
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [(r["dir"], r["id"]) for r in records] == [("in", 7), ("out", 7)]
+    assert [(r["dir"], r["id"], r["method"]) for r in records] == [
+        ("in", 7, lsp_tap.INLINE),
+        ("out", 7, lsp_tap.INLINE),
+    ]
     assert records[1]["items"] == 1
     assert records[0]["t"] <= records[1]["t"]
 
@@ -86,14 +89,15 @@ def test_a_keystroke_is_matched_to_the_last_answer_with_items_before_the_ghost()
         {"dir": "in", "id": 1, "method": lsp_tap.INLINE, "t": 900.0},  # before the key press
         {"dir": "out", "id": 1, "items": 1, "t": 950.0},
         {"dir": "in", "id": 2, "method": lsp_tap.INLINE, "t": 1010.0},
-        {"dir": "out", "id": 2, "items": 0, "t": 1100.0},  # empty: not what was shown
-        {"dir": "in", "id": 3, "method": lsp_tap.INLINE, "t": 1120.0},
+        {"dir": "in", "id": 2, "method": "cancel", "t": 1050.0},
+        {"dir": "out", "id": 2, "items": 0, "t": 1100.0},  # cancelled, empty: not what was shown
+        {"dir": "in", "id": 3, "method": lsp_tap.INLINE, "selection": True, "t": 1120.0},
         {"dir": "out", "id": 3, "items": 1, "t": 1300.0},
         {"dir": "in", "id": 4, "method": lsp_tap.INLINE, "t": 1350.0},
         {"dir": "out", "id": 4, "items": 1, "t": 1500.0},  # after the ghost appeared
     ]
-    assert served(records, key_at=1000.0, ghost_at=1320.0) == (180.0, 3)
-    assert served(records, key_at=1000.0, ghost_at=None) == (None, 3)
+    assert served(records, key_at=1000.0, ghost_at=1320.0) == Served(180.0, 3, 1, True)
+    assert served(records, key_at=1000.0, ghost_at=None) == Served(None, 3, 1, False)
 
 
 def test_missing_parts_say_how_to_get_them(tmp_path: Path) -> None:

@@ -4,8 +4,11 @@ requests the editor made, while the bytes pass unchanged.
 
     python -m tests.editors.vscode_e2e.lsp_tap LOG -- maskfill-lsp --stdio
 
-LOG gets one JSON line per message of interest: {"dir": "in"|"out", "id", "method", "items", "t"}
-with `t` in epoch milliseconds (the clock the browser's performance.timeOrigin uses).
+LOG gets one JSON line per request of the editor ({"dir": "in", "id", "method", "t"}; inline
+completions also say whether VS Code's suggest widget had an item "selection"), per cancellation
+("method": "cancel") and per answer ({"dir": "out", "id", "method", "t"}, with "items" for inline
+completions and "error" when it failed); `t` in epoch milliseconds (the clock the browser's
+performance.timeOrigin uses).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class Recorder:
     def __init__(self, log: IO[str]):
         self.log = log
         self.lock = threading.Lock()
-        self.inline_ids: set[Any] = set()
+        self.asked: dict[Any, str] = {}  # the editor's request ids -> methods
 
     def note(self, record: dict[str, Any]) -> None:
         with self.lock:
@@ -51,22 +54,34 @@ class Recorder:
 
     def from_editor(self, body: bytes, at: float) -> None:
         message = json.loads(body)
-        if message.get("method") == INLINE:
-            with self.lock:
-                self.inline_ids.add(message["id"])
-            self.note({"dir": "in", "id": message["id"], "method": INLINE, "t": at})
-        elif message.get("method") == "$/cancelRequest":
+        method = message.get("method")
+        if method == "$/cancelRequest":
             self.note({"dir": "in", "id": message["params"]["id"], "method": "cancel", "t": at})
+        elif method is not None and "id" in message:  # a request (not a notification)
+            with self.lock:
+                self.asked[message["id"]] = method
+            record = {"dir": "in", "id": message["id"], "method": method, "t": at}
+            if method == INLINE:  # whether VS Code's suggest widget had an item selected
+                context = message.get("params", {}).get("context", {})
+                record["selection"] = context.get("selectedCompletionInfo") is not None
+            self.note(record)
 
     def from_server(self, body: bytes, at: float) -> None:
         message = json.loads(body)
+        if "method" in message:  # the server's own notification or request
+            return
         with self.lock:
-            ours = "method" not in message and message.get("id") in self.inline_ids
-        if ours:
+            method = self.asked.pop(message.get("id"), None)
+        if method is None:
+            return
+        record = {"dir": "out", "id": message["id"], "method": method, "t": at}
+        if message.get("error"):
+            record["error"] = message["error"]
+        if method == INLINE:
             result = message.get("result") or {}
-            items = len(result.get("items", [])) if isinstance(result, dict) else len(result)
-            error = message.get("error")
-            self.note({"dir": "out", "id": message["id"], "items": items, "error": error, "t": at})
+            items = result.get("items", []) if isinstance(result, dict) else result
+            record["items"] = len(items)
+        self.note(record)
 
 
 def relay(source: IO[bytes], sink: IO[bytes], seen) -> None:
