@@ -60,7 +60,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   let settings = currentSettings();
   let server: MaskfillClient | undefined;
   const remote = remoteName();
-  if (remote !== undefined) log.info(`remote window (${remote}): maskfill.serverPath comes from Remote settings`);
+  if (remote !== undefined) log.info(`remote window (${remote}): the server runs on that machine`);
 
   const render = (): void => {
     const view = status.view();

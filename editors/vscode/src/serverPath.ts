@@ -53,14 +53,14 @@ function venvCandidates(lookup: ServerLookup): string[] {
   );
 }
 
-// A remote window applies a machine-overridable setting such as maskfill.serverPath from Remote
-// settings or the workspace, never from User settings (a path is one machine's): a path put in
-// User settings is not seen there, so the message says where it goes.
+// In a remote window (code-server, SSH, WSL, a container) the server runs on the remote machine:
+// a path from User settings may name a file of another machine. Remote settings take precedence
+// there, so that is where this machine's path goes.
 function remoteNote(lookup: ServerLookup): string {
   if (lookup.remote === undefined) return "";
   return (
-    ` This is a remote window (${lookup.remote}): VS Code reads maskfill.serverPath from Remote settings` +
-    ` or the workspace's settings, not from User settings.`
+    ` This is a remote window (${lookup.remote}): set this machine's maskfill.serverPath in Remote settings,` +
+    ` which take precedence over User settings.`
   );
 }
 

@@ -325,14 +325,14 @@ describe("activate", () => {
     expect(h.state.clients[0].clientOptions.initializationFailedHandler(new Error("x"))).toBe(false);
   });
 
-  it("in a remote window, says that maskfill.serverPath comes from Remote settings and opens them", async () => {
+  it("in a remote window, says that this machine's path goes in Remote settings and opens them", async () => {
     h.state.remoteName = "ssh-remote";
     h.state.config.serverPath = "";
     h.state.choice = "Set Server Path";
     await activate(context());
     expect(h.state.errors[0]).toContain("Cannot find maskfill-lsp");
     expect(h.state.errors[0]).toContain(
-      "This is a remote window (ssh-remote): VS Code reads maskfill.serverPath from Remote settings",
+      "This is a remote window (ssh-remote): set this machine's maskfill.serverPath in Remote settings",
     );
     await vi.waitFor(() =>
       expect(h.state.executed).toContainEqual([

@@ -101,16 +101,21 @@ describe("isExecutableFile", () => {
 });
 
 describe("in a remote window", () => {
-  it("says that maskfill.serverPath is read from Remote settings, not User settings", () => {
-    const r = resolveServer(lookup({ workspaceFolders: ["/w"], remote: "ssh-remote" }, []));
-    expect(r.ok).toBe(false);
-    if (!r.ok) {
-      expect(r.message).toContain("Cannot find maskfill-lsp (looked in /w/.venv, PATH)");
-      expect(r.message).toContain(
-        "This is a remote window (ssh-remote): VS Code reads maskfill.serverPath from Remote settings" +
-          " or the workspace's settings, not from User settings.",
-      );
+  it("says that this machine's path goes in Remote settings", () => {
+    const note =
+      "This is a remote window (ssh-remote): set this machine's maskfill.serverPath in Remote settings," +
+      " which take precedence over User settings.";
+    const missing = resolveServer(lookup({ workspaceFolders: ["/w"], remote: "ssh-remote" }, []));
+    expect(missing.ok).toBe(false);
+    if (!missing.ok) {
+      expect(missing.message).toContain("Cannot find maskfill-lsp (looked in /w/.venv, PATH)");
+      expect(missing.message).toContain(note);
     }
+    // A path from User settings that names another machine's file.
+    const elsewhere = resolveServer(
+      lookup({ configuredPath: "/Users/me/bin/maskfill-lsp", remote: "ssh-remote" }, []),
+    );
+    if (!elsewhere.ok) expect(elsewhere.message).toContain(note);
     const local = resolveServer(lookup({ workspaceFolders: ["/w"] }, []));
     if (!local.ok) expect(local.message).not.toContain("remote window");
   });

@@ -206,17 +206,44 @@ def frame_text(frame) -> str:
         return ""
 
 
-def test_server_path_in_user_settings_of_a_remote_window(vscode: Callable[..., VSCode]) -> None:
-    """code-server is a remote window: VS Code applies the machine-overridable
-    maskfill.serverPath from Remote settings, not from User settings. The message says so and
-    Set Server Path opens the Remote settings; a path put there starts the server."""
+def test_server_path_in_user_settings_works_in_a_remote_window(
+    vscode: Callable[..., VSCode], memorized_model: Path
+) -> None:
+    """code-server is a remote window. While maskfill.serverPath was machine-overridable, VS Code
+    dropped its User value there, at start-up or once it rewrote User/settings.json ("Cannot
+    find maskfill-lsp"; 3 of 3 in the issue, most runs here, not all). Window-scoped, it is
+    read where users put it, at start and after Restart Server."""
     vs = vscode(path_env=path_without_the_server())
-    vs.server.set_user_settings({"maskfill.serverPath": str(VENV_SERVER), **TEST_SETTINGS})
+    vs.server.set_user_settings(
+        {
+            "maskfill.serverPath": str(VENV_SERVER),
+            "maskfill.model": str(memorized_model),
+            **TEST_SETTINGS,
+        }
+    )
+    (vs.server.workspace / FILE).write_text("x = 1\n", encoding="utf-8")
+    bench = vs.launch()
+    bench.open_file(FILE)
+    bench.wait_status(READY)
+    bench.command("maskfill: Restart Server")
+    bench.wait(
+        lambda: vs.server.output_channel().count("(found via setting)") == 2, "a restart", 60
+    )
+    bench.wait_status(READY)
+    assert not [n for n in bench.notes() if "maskfill" in n.message], bench.notes()
+
+
+def test_a_missing_server_in_a_remote_window_points_at_remote_settings(
+    vscode: Callable[..., VSCode],
+) -> None:
+    """Nothing found in a remote window: the message says that this machine's path goes in
+    Remote settings; Set Server Path opens them at the setting, and a path typed there starts
+    the server."""
+    vs = vscode(path_env=path_without_the_server())
     (vs.server.workspace / FILE).write_text("x = 1\n", encoding="utf-8")
     bench = vs.launch()
     note = bench.wait_note("Cannot find maskfill-lsp")
-    assert "Remote settings" in note.message, note
-    assert "not from User settings" in note.message, note
+    assert "set this machine's maskfill.serverPath in Remote settings" in note.message, note
     assert note.buttons == ["Install Guide", "Set Server Path", "Show Output"], note
 
     # Set Server Path opens the Settings on the Remote tab at the setting; the user types the
