@@ -1,0 +1,35 @@
+"""The session routers living in this process, for the ingress's /metrics and /health.
+
+Serve ships a router class to each process by value (cloudpickle), so router.py's own module
+globals are per copy; this module is imported normally, hence shared by every copy."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+ROUTERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _routers(app_name: str, deployment: str) -> list:
+    return [r for r in list(ROUTERS)
+            if r._deployment_id.app_name == app_name and r._deployment_id.name == deployment]
+
+
+def replica_stats(app_name: str, deployment: str) -> dict[str, dict[str, Any]]:
+    """The stats each live replica of `deployment` last published (record_routing_stats),
+    by replica id, as this process's routers see them ({} before the first request)."""
+    out: dict[str, dict[str, Any]] = {}
+    for router in _routers(app_name, deployment):
+        for replica_id, replica in router.curr_replicas.items():
+            out[replica_id.unique_id] = dict(replica.routing_stats or {})
+    return out
+
+
+def router_counters(app_name: str, deployment: str) -> dict[str, int]:
+    """Routing decisions by reason (home, remembered, spill, two-choice), summed."""
+    out: dict[str, int] = {}
+    for router in _routers(app_name, deployment):
+        for reason, count in router.reasons.items():
+            out[reason] = out.get(reason, 0) + count
+    return out
