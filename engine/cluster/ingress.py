@@ -61,7 +61,7 @@ class FimIngress:
 
     async def __call__(self, request: Request) -> Response:
         try:
-            path, method = request.url.path, request.method
+            path, method = _route_path(request), request.method
             if path == "/health" and method == "GET":
                 return await self.health()
             self._authorize(request)
@@ -177,6 +177,14 @@ class FimIngress:
                    "routed": router_counters(self.app_name, self.engine_deployment)}
         text = render(replica_stats(self.app_name, self.engine_deployment), ingress)
         return Response(text, media_type=None, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _route_path(request: Request) -> str:
+    """The path below the application's route prefix (Serve sets it as the root path)."""
+    path, root = request.scope.get("path", "/"), request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path if path.startswith("/") else "/" + path
 
 
 def _cause(exc: RayTaskError) -> str:

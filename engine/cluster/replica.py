@@ -92,8 +92,10 @@ class FimEngine:
         if len(self.models) == 1:
             self._new_slot(self.default)  # RUNNING means ready to answer
         else:
-            self._load = serve.multiplexed(max_num_models_per_replica=max_models)(
-                self._load_slot)
+            async def load(name: str) -> _Unloading:  # a plain function: Serve keeps its
+                return await self._load_slot(name)  # model cache on the function object
+
+            self._load = serve.multiplexed(max_num_models_per_replica=max_models)(load)
 
     def _new_slot(self, name: str) -> ModelSlot:
         slot = ModelSlot(name, self.models[name], **self._slot_options)
@@ -102,9 +104,8 @@ class FimEngine:
             self.slots[name] = slot
         return slot
 
-    async def _load_slot(self, name: str) -> ModelSlot:
-        slot = await asyncio.to_thread(self._new_slot, name)
-        return _Unloading(slot, self)  # type: ignore[return-value]
+    async def _load_slot(self, name: str) -> _Unloading:
+        return _Unloading(await asyncio.to_thread(self._new_slot, name), self)
 
     async def _slot(self) -> ModelSlot:
         if len(self.models) == 1:
