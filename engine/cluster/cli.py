@@ -113,11 +113,6 @@ def build_options(args: argparse.Namespace, token: str):
 def run_cluster(args: argparse.Namespace) -> int:
     from engine.service.server import host_port, is_loopback
 
-    try:
-        import ray
-        from ray import serve
-    except ImportError:
-        raise EngineError("`cluster` needs Ray Serve: pip install 'maskfill[cluster]'") from None
     host, port = host_port(args.http)
     if not is_loopback(host) and not args.allow_remote:
         raise EngineError(f"{args.http} is not a loopback address; pass --allow-remote to bind "
@@ -129,6 +124,11 @@ def run_cluster(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     if args.haproxy:
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    try:  # after the environment is set: Ray reads parts of it at import
+        import ray
+        from ray import serve
+    except ImportError:
+        raise EngineError("`cluster` needs Ray Serve: pip install 'maskfill[cluster]'") from None
     from engine.cluster.app import APP_NAME, build_app
 
     local = args.address is None
