@@ -33,3 +33,23 @@ def router_counters(app_name: str, deployment: str) -> dict[str, int]:
         for reason, count in router.reasons.items():
             out[reason] = out.get(reason, 0) + count
     return out
+
+
+def replica_pids(app_name: str, deployment: str = "FimEngine",
+                 timeout_s: float = 30.0) -> dict[str, int]:
+    """Replica id -> process id, as the replicas publish it (tests and the bench kill one).
+    Builds a router in this process by one handle call, then waits for every running
+    replica's first published stats."""
+    import time
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app_name)
+    handle.health.remote().result(timeout_s=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = replica_stats(app_name, deployment)
+        pids = {replica: s["pid"] for replica, s in stats.items() if "pid" in s}
+        if (stats and len(pids) == len(stats)) or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.25)

@@ -18,6 +18,7 @@ from collections import Counter
 import pytest
 
 from engine.api import CompletionRequest
+from engine.cluster.registry import replica_pids
 from engine.service.http_api import FimRequest, to_engine_request
 from tests.cluster.conftest import TOKEN, Cluster
 from tests.service.conftest import fim_answer
@@ -227,25 +228,6 @@ def test_a_caller_that_hangs_up_stops_its_job(cluster):
     assert cancelled() == before + 1
 
 
-def replica_pids(app: str) -> dict[str, int]:
-    """Engine replica -> pid, from the stats replicas publish (read through a router built in
-    this process by one handle call)."""
-    from ray import serve
-
-    from engine.cluster.registry import replica_stats
-
-    handle = serve.get_deployment_handle("FimEngine", app_name=app)
-    handle.health.remote().result(timeout_s=30)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        stats = replica_stats(app, "FimEngine")
-        pids = {r: s["pid"] for r, s in stats.items() if "pid" in s}
-        if len(pids) == 2:
-            return pids
-        time.sleep(0.5)
-    raise AssertionError(f"replicas did not publish their pids: {stats}")
-
-
 def test_a_replica_killed_mid_request_is_answered_by_the_other_and_replaced(cluster):
     from ray import serve
 
@@ -253,7 +235,7 @@ def test_a_replica_killed_mid_request_is_answered_by_the_other_and_replaced(clus
     expected = fim_answer(cluster.model, engine_request(body))
     status, headers, _ = post(cluster, body_at(1), "doomed")
     victim = headers["x-maskfill-replica"]
-    pid = replica_pids(cluster.app)[victim]
+    pid = replica_pids(cluster.app)[victim]  # the pids the replicas publish
     reply: dict = {}
     thread = threading.Thread(target=lambda: reply.update(r=post(cluster, body, "doomed")))
     thread.start()
