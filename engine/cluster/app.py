@@ -8,7 +8,8 @@ is the plain entry point.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import msgspec
 
@@ -57,12 +58,36 @@ class ClusterOptions(msgspec.Struct, kw_only=True, frozen=True):
     health_check_timeout_s: float = 10.0
     graceful_shutdown_timeout_s: float = 20.0  # drain: in-flight completions finish first
     env: dict[str, str] = msgspec.field(default_factory=dict)  # replicas' extra environment
+    # "routed": FimIngress -> SessionAffinityRouter -> FimEngine (load guard, retry on another
+    # replica); "direct": the engine replicas take HTTP themselves (direct.py), one hop less.
+    topology: Literal["routed", "direct"] = "routed"
+    haproxy: bool = False  # Serve's HAProxy ingress is on (it refuses a router on the ingress)
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("at least one model is needed")
         if self.replicas < 1 or self.ingress_replicas < 1:
             raise ValueError("replicas and ingress_replicas must be >= 1")
+        if self.topology == "direct" and len(self.models) > 1:
+            raise ValueError("the direct topology serves one checkpoint (no multiplexing)")
+
+
+def haproxy_env(topology: str, folder: Path) -> dict[str, str]:
+    """Cluster-wide settings for Serve's HAProxy ingress, read when Serve starts. Its files
+    go to `folder` (private; Serve's default is a shared /tmp folder with a world-writable
+    admin socket). In front of the direct topology HAProxy does the routing: it hashes the
+    session header onto the replicas, and may replay a request whose replica closed the
+    connection without answering (FIM is idempotent)."""
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+           "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+           "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+           "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock"),
+           "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+           "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state")}
+    if topology == "direct":
+        env.update(RAY_SERVE_HAPROXY_BALANCE_ALGORITHM="hdr(x-session-id)",
+                   RAY_SERVE_HAPROXY_RETRY_ON="conn-failure empty-response")
+    return env
 
 
 def engine_actor_options(options: ClusterOptions) -> dict[str, Any]:
@@ -75,17 +100,29 @@ def engine_actor_options(options: ClusterOptions) -> dict[str, Any]:
 
 
 def build_app(options: ClusterOptions):
-    """The Application to `serve.run`: FimIngress at "/" in front of FimEngine."""
+    """The Application to `serve.run`: FimIngress at "/" in front of FimEngine, or (direct)
+    DirectFimEngine alone."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
+    from engine.cluster.direct import DirectFimEngine
     from engine.cluster.ingress import FimIngress
     from engine.cluster.replica import FimEngine
 
-    scaling: dict[str, Any] = (
+    direct = options.topology == "direct"
+    deployment: dict[str, Any] = (
         {"autoscaling_config": options.autoscaling.to_serve()} if options.autoscaling
         else {"num_replicas": options.replicas})
-    engine = serve.deployment(FimEngine).options(
+    if not (direct and options.haproxy):
+        deployment["request_router_config"] = RequestRouterConfig(
+            request_router_class=ROUTER_CLASS,
+            request_router_kwargs={"abs_slack": options.abs_slack,
+                                   "rel_slack": options.rel_slack},
+            request_routing_stats_period_s=options.routing_stats_period_s)
+    engine_options = dict(device=options.device, quant=options.quant,
+                          cache_size=options.cache_size, max_in_flight=options.max_in_flight,
+                          max_models=options.max_models_per_replica)
+    engine = serve.deployment(DirectFimEngine if direct else FimEngine).options(
         name="FimEngine",
         ray_actor_options=engine_actor_options(options),
         max_ongoing_requests=options.max_ongoing_requests,
@@ -93,15 +130,12 @@ def build_app(options: ClusterOptions):
         health_check_timeout_s=options.health_check_timeout_s,
         graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=1.0,
-        request_router_config=RequestRouterConfig(
-            request_router_class=ROUTER_CLASS,
-            request_router_kwargs={"abs_slack": options.abs_slack,
-                                   "rel_slack": options.rel_slack},
-            request_routing_stats_period_s=options.routing_stats_period_s),
-        **scaling,
-    ).bind(options.models, device=options.device, quant=options.quant,
-           cache_size=options.cache_size, max_in_flight=options.max_in_flight,
-           max_models=options.max_models_per_replica)
+        **deployment,
+    )
+    if direct:
+        return engine.bind(options.models, token_digest=options.token_digest,
+                           max_body_bytes=options.max_body_bytes, **engine_options)
+    engine = engine.bind(options.models, **engine_options)
     ingress = serve.deployment(FimIngress).options(
         name="FimIngress",
         num_replicas=options.ingress_replicas,

@@ -30,6 +30,7 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -264,7 +265,8 @@ def replay_cluster(client: Client, sessions: list[Session], killer: Killer) -> N
     _run_all(type_session, sessions)
 
 
-def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool) -> dict:
+def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool,
+                  topology: str) -> dict:
     temp = Path(tempfile.mkdtemp(prefix="mfbench-"))
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
@@ -272,12 +274,13 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
         auth.write_text(secrets.token_hex(16))
         auth.chmod(0o600)
         os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(auth))
+    from engine.cluster.app import APP_NAME, ClusterOptions, build_app, haproxy_env
+
     if haproxy:
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        os.environ.update(haproxy_env(topology, temp))
     import ray
     from ray import serve
 
-    from engine.cluster.app import APP_NAME, ClusterOptions, build_app
     from engine.cluster.contract import token_digest
 
     port = free_port()
@@ -287,7 +290,8 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         options = ClusterOptions(models={"embedded": model}, token_digest=token_digest(token),
-                                 replicas=2, cpus_per_replica=1.0)
+                                 replicas=2, cpus_per_replica=1.0, topology=topology,
+                                 haproxy=haproxy)
         serve.run(build_app(options), name=APP_NAME, route_prefix="/")
         if haproxy:
             time.sleep(5.0)  # HAProxy lists the replicas a little after serve.run returns
@@ -305,6 +309,7 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _wait_running(serve, app: str, replicas: int, since: float | None) -> float | None:
@@ -381,7 +386,8 @@ TARGETS = {  # key: (target, higher is better)
 
 
 def print_table(out: dict, ingress: str) -> None:
-    print(f"maskfill cluster bench: 2 replicas, embedded model, {ingress} ingress")
+    print(f"maskfill cluster bench: 2 replicas, embedded model, {ingress} ingress, "
+          f"{out['topology']} topology")
     for key, value in out.items():
         target = TARGETS.get(key)
         mark = ""
@@ -394,7 +400,7 @@ def print_table(out: dict, ingress: str) -> None:
         print(f"  {key:<36} {value}{mark}")
 
 
-def run(documents: int, keys: int, haproxy: bool) -> dict:
+def run(documents: int, keys: int, haproxy: bool, topology: str) -> dict:
     from engine.embedded_model import default_model_path
     from engine.service import paths
 
@@ -406,13 +412,16 @@ def run(documents: int, keys: int, haproxy: bool) -> dict:
     token_file = folder / "token"
     token = paths.ensure_token(token_file)
     print(f"sessions: {documents} documents x {keys} keys", file=sys.stderr)
-    one = replay_one_engine(str(model), build_sessions(documents, keys))
-    print(f"one engine: {one}", file=sys.stderr)
-    shared = shared_engine_probe(str(model), token_file, token)
-    sessions = build_sessions(documents, keys)
-    cluster = cluster_phase(str(model), sessions, token, haproxy)
-    out = {"ingress": "haproxy" if haproxy else "proxy", **figures(sessions, one, shared, cluster)}
-    return out
+    try:
+        one = replay_one_engine(str(model), build_sessions(documents, keys))
+        print(f"one engine: {one}", file=sys.stderr)
+        shared = shared_engine_probe(str(model), token_file, token)
+        sessions = build_sessions(documents, keys)
+        cluster = cluster_phase(str(model), sessions, token, haproxy, topology)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"ingress": "haproxy" if haproxy else "proxy", "topology": topology,
+            **figures(sessions, one, shared, cluster)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,11 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--documents", type=int, default=4, choices=range(1, len(DOCUMENTS) + 1))
     parser.add_argument("--keys", type=int, default=55, help="keys typed per document")
     parser.add_argument("--haproxy", action="store_true", help="Serve's HAProxy ingress")
+    parser.add_argument("--direct", action="store_true",
+                        help="the direct topology (engine replicas take HTTP)")
     parser.add_argument("--quick", action="store_true", help="2 documents x 12 keys (smoke)")
     args = parser.parse_args(argv)
     documents, keys = (2, 12) if args.quick else (args.documents, args.keys)
     try:
-        out = run(documents, keys, args.haproxy)
+        out = run(documents, keys, args.haproxy, "direct" if args.direct else "routed")
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

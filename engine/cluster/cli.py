@@ -61,6 +61,9 @@ def add_cluster_parser(sub) -> None:
     c.add_argument("--haproxy", action="store_true", help="low-latency ingress: Serve's "
                    "HAProxy instead of its Python proxy (local cluster; on an existing one, "
                    "start it with RAY_SERVE_ENABLE_HA_PROXY=1)")
+    c.add_argument("--direct", action="store_true", help="engine replicas take HTTP "
+                   "themselves, one hop less; with --haproxy, HAProxy hashes x-session-id "
+                   "(no load guard; one checkpoint)")
     c.add_argument("--detach", action="store_true", help="deploy and exit (needs --address)")
     c.add_argument("-v", "--verbose", action="store_true", help="Ray's logs on stderr")
 
@@ -105,7 +108,8 @@ def build_options(args: argparse.Namespace, token: str):
             device=args.device, quant=args.quant, replicas=args.replicas,
             autoscaling=autoscaling, cpus_per_replica=args.cpus_per_replica,
             gpus_per_replica=args.gpus_per_replica, max_ongoing_requests=args.max_ongoing,
-            ingress_replicas=args.ingress_replicas)
+            ingress_replicas=args.ingress_replicas,
+            topology="direct" if args.direct else "routed", haproxy=args.haproxy)
     except ValueError as exc:
         raise EngineError(str(exc)) from None
 
@@ -123,7 +127,10 @@ def run_cluster(args: argparse.Namespace) -> int:
     options = build_options(args, token)
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     if args.haproxy:
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        from engine.cluster.app import haproxy_env
+
+        folder = paths.private_dir(paths.runtime_dir() / "haproxy")
+        os.environ.update(haproxy_env(options.topology, folder))
     try:  # after the environment is set: Ray reads parts of it at import
         import ray
         from ray import serve

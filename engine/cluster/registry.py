@@ -1,4 +1,5 @@
-"""The session routers living in this process, for the ingress's /metrics and /health.
+"""The session routers living in this process, for the ingress's /metrics and /health; and
+the replicas' process ids, for tests and the bench (which kill one).
 
 Serve ships a router class to each process by value (cloudpickle), so router.py's own module
 globals are per copy; this module is imported normally, hence shared by every copy."""
@@ -37,19 +38,19 @@ def router_counters(app_name: str, deployment: str) -> dict[str, int]:
 
 def replica_pids(app_name: str, deployment: str = "FimEngine",
                  timeout_s: float = 30.0) -> dict[str, int]:
-    """Replica id -> process id, as the replicas publish it (tests and the bench kill one).
-    Builds a router in this process by one handle call, then waits for every running
-    replica's first published stats."""
+    """Replica id -> process id of the running replicas (tests and the bench kill one):
+    `health` calls through a handle until every running replica has answered once."""
     import time
 
     from ray import serve
 
     handle = serve.get_deployment_handle(deployment, app_name=app_name)
-    handle.health.remote().result(timeout_s=timeout_s)
     deadline = time.monotonic() + timeout_s
-    while True:
-        stats = replica_stats(app_name, deployment)
-        pids = {replica: s["pid"] for replica, s in stats.items() if "pid" in s}
-        if (stats and len(pids) == len(stats)) or time.monotonic() > deadline:
-            return pids
-        time.sleep(0.25)
+    pids: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        running = serve.status().applications[app_name].deployments[deployment]
+        answer = handle.health.remote().result(timeout_s=timeout_s)
+        pids[answer["replica"]] = answer["pid"]
+        if len(pids) >= running.replica_states.get("RUNNING", 0):
+            break
+    return pids

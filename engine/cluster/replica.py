@@ -117,17 +117,19 @@ class FimEngine:
 
     async def complete(self, payload: bytes) -> bytes:
         """One FIM request (msgpack EngineCall) -> msgpack EngineAnswer."""
+        answer = await self.answer(msgspec.msgpack.decode(payload, type=EngineCall))
+        return msgspec.msgpack.encode(answer)
+
+    async def answer(self, call: EngineCall) -> EngineAnswer:
         started = time.perf_counter()
-        call = msgspec.msgpack.decode(payload, type=EngineCall)
         slot = await self._slot()
         result, error = await self._run(slot, call)
         if result is not None and result.stats.reused_context_tokens > 0:
             slot.warm += 1
         info = slot.scheduler.info
-        answer = EngineAnswer(result=result, error=error, model=info.model if info else slot.spec,
-                              replica=self.replica,
-                              engine_ms=(time.perf_counter() - started) * 1000.0)
-        return msgspec.msgpack.encode(answer)
+        return EngineAnswer(result=result, error=error, model=info.model if info else slot.spec,
+                            replica=self.replica,
+                            engine_ms=(time.perf_counter() - started) * 1000.0)
 
     async def _run(self, slot: ModelSlot, call: EngineCall
                    ) -> tuple[CompletionResult | None, str | None]:
@@ -151,7 +153,7 @@ class FimEngine:
     async def health(self) -> dict[str, Any]:
         """What /health reports for this replica."""
         states = {name: slot.scheduler.state for name, slot in self.slots.items()}
-        return {"replica": self.replica, "models": states}
+        return {"replica": self.replica, "pid": os.getpid(), "models": states}
 
     def check_health(self) -> None:
         with self._lock:
