@@ -212,8 +212,11 @@ def shared_engine_probe(model: str, token_file: Path, token: str) -> float:
 class Killer:
     """Kills, once, the replica serving some session's request in flight."""
 
-    def __init__(self, pids: dict[str, int], sessions: list[Session], total: int):
-        self.pids, self.sessions, self.total = pids, sessions, total
+    def __init__(self, app: str, pids: dict[str, int], sessions: list[Session], total: int):
+        self.app, self.pids, self.sessions, self.total = app, pids, sessions, total
+        self.watcher: threading.Thread | None = None
+        self.noticed = False  # Serve saw the replica die
+        self.replacement_s: float | None = None
         self.done = 0
         self.lock = threading.Lock()
         self.victim: str | None = None
@@ -243,6 +246,24 @@ class Killer:
         for key in in_flight:
             key.in_flight_at_kill = True
         self.in_flight = in_flight
+        self.watcher = threading.Thread(target=self._watch_replacement, daemon=True)
+        self.watcher.start()
+
+    def _watch_replacement(self, timeout_s: float = 180.0) -> None:
+        """Seconds from the kill until Serve runs as many replicas as before."""
+        from ray import serve
+
+        assert self.killed_at is not None
+        while time.monotonic() - self.killed_at < timeout_s:
+            deployments = serve.status().applications[self.app].deployments
+            if deployments["FimEngine"].replica_states.get("RUNNING", 0) >= len(self.pids):
+                # the dead one is gone from RUNNING once Serve noticed: wait for that first
+                if self.noticed:
+                    self.replacement_s = time.monotonic() - self.killed_at
+                    return
+            else:
+                self.noticed = True
+            time.sleep(0.25)
 
 
 def replay_cluster(client: Client, sessions: list[Session], killer: Killer) -> None:
@@ -301,27 +322,16 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
         total = sum(len(s.keys) for s in sessions)
         from engine.cluster.registry import replica_pids
 
-        killer = Killer(replica_pids(APP_NAME), sessions, total)
+        killer = Killer(APP_NAME, replica_pids(APP_NAME), sessions, total)
         replay_cluster(client, sessions, killer)
-        replaced_s = _wait_running(serve, APP_NAME, 2, killer.killed_at)
+        if killer.watcher is not None:
+            killer.watcher.join()
         return {"probe_ms_p50": probe, "ready_s": ready_s, "killer": killer,
-                "replacement_s": replaced_s}
+                "replacement_s": killer.replacement_s}
     finally:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _wait_running(serve, app: str, replicas: int, since: float | None) -> float | None:
-    if since is None:
-        return None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        states = serve.status().applications[app].deployments["FimEngine"].replica_states
-        if states.get("RUNNING", 0) >= replicas:
-            return time.monotonic() - since
-        time.sleep(0.25)
-    return None
 
 
 # -- figures -------------------------------------------------------------------------------

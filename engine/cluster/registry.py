@@ -43,13 +43,17 @@ def replica_pids(app_name: str, deployment: str = "FimEngine",
     import time
 
     from ray import serve
+    from ray.exceptions import RayActorError
 
     handle = serve.get_deployment_handle(deployment, app_name=app_name)
     deadline = time.monotonic() + timeout_s
     pids: dict[str, int] = {}
     while time.monotonic() < deadline:
         running = serve.status().applications[app_name].deployments[deployment]
-        answer = handle.health.remote().result(timeout_s=timeout_s)
+        try:
+            answer = handle.health.remote().result(timeout_s=timeout_s)
+        except RayActorError:  # a replica that just died: the router drops it
+            continue
         pids[answer["replica"]] = answer["pid"]
         if len(pids) >= running.replica_states.get("RUNNING", 0):
             break
