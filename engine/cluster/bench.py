@@ -9,10 +9,10 @@ engine, with keystroke sessions replayed over HTTP and one replica killed mid-lo
    fast model). The documents are typed at the same time.
 2. One engine: the same sessions on engine.engine.Engine in this process -> its warm rate
    (requests whose context K/V came from an earlier request).
-3. Overhead probe, same requests on both fronts: the single shared engine
-   (`maskfill-engine serve --http`) and the cluster each answer a set of requests from their
-   exact-request cache (every request sent once first), so a round trip is transport and
-   routing only: `router_overhead_ms_p50` = cluster p50 - shared engine p50.
+3. Overhead probe, same requests on both fronts, taking turns: the single shared engine
+   (`maskfill-engine serve --http`, running beside the cluster) and the cluster each answer a
+   set of requests from their exact-request cache (every request sent once first), so a round
+   trip is transport and routing only: `router_overhead_ms_p50` = cluster p50 - shared p50.
 4. The cluster replays the sessions (x-session-id: the document); when about 40% are done, the
    replica serving a session's request in flight is killed (SIGKILL). Every request in flight
    on it must still get an answer (from the other replica, on the ingress's retry).
@@ -44,6 +44,7 @@ from pathlib import Path
 
 from engine.api import CompletionRequest, EngineError
 from engine.keystroke_replay import request_at
+from engine.service.bench import stop_engine
 from engine.service.http_api import FimRequest, stop_strings, to_engine_request
 
 ENGINE_DIR = Path(__file__).resolve().parents[1]
@@ -163,18 +164,22 @@ def probe_bodies() -> list[dict]:
              "max_tokens": 8} for i in range(PROBE_REQUESTS)]
 
 
-def overhead_probe(client: Client, sessions: bool) -> float:
-    """p50 of round trips answered from the exact-request cache."""
+def overhead_probe(shared: Client, cluster: Client) -> tuple[float, float]:
+    """p50 round trips (shared engine, cluster) of requests answered from the exact-request
+    cache, the two fronts taking turns request by request (the machine's load then weighs on
+    both alike)."""
     bodies = probe_bodies()
-    for i, body in enumerate(bodies):  # fill the cache (on each session's home replica)
-        status = client.post(body, f"probe-{i}" if sessions else None)[0]
-        if status != 200:
-            raise EngineError(f"probe request answered {status}")
-    times = []
+    for i, body in enumerate(bodies):  # fill the caches (the cluster's: on the home replica)
+        for client, session in ((shared, None), (cluster, f"probe-{i}")):
+            status = client.post(body, session)[0]
+            if status != 200:
+                raise EngineError(f"probe request answered {status}")
+    times: dict[int, list[float]] = {0: [], 1: []}
     for _ in range(PROBE_ROUNDS):
         for i, body in enumerate(bodies):
-            times.append(client.post(body, f"probe-{i}" if sessions else None)[3])
-    return statistics.median(times)
+            times[0].append(shared.post(body)[3])
+            times[1].append(cluster.post(body, f"probe-{i}")[3])
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def free_port() -> int:
@@ -183,28 +188,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shared_engine_probe(model: str, token_file: Path, token: str) -> float:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--model", model, "--no-socket",
-         "--http", f"127.0.0.1:{port}", "--token-file", str(token_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        if not process.stdout.readline():
+class SharedEngine:
+    """`maskfill-engine serve --http` on the embedded model, for the overhead probe."""
+
+    def __init__(self, model: str, token_file: Path, token: str):
+        port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "engine", "serve", "--model", model, "--no-socket",
+             "--http", f"127.0.0.1:{port}", "--token-file", str(token_file)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.client = Client(port, token)
+        if not self.process.stdout.readline():
+            self.close()
             raise EngineError("the shared engine did not start")
         deadline = time.monotonic() + 120
-        client = Client(port, token)
-        while client.post(probe_bodies()[0])[0] == 503 and time.monotonic() < deadline:
+        while self.client.post(probe_bodies()[0])[0] == 503 and time.monotonic() < deadline:
             time.sleep(0.2)  # the model is loading
-        return overhead_probe(client, sessions=False)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(30)
-        process.stdout.close()
+
+    def close(self) -> None:
+        stop_engine(self.process)
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -287,7 +289,7 @@ def replay_cluster(client: Client, sessions: list[Session], killer: Killer) -> N
 
 
 def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool,
-                  topology: str) -> dict:
+                  topology: str, shared: SharedEngine) -> dict:
     temp = Path(tempfile.mkdtemp(prefix="mfbench-"))
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
@@ -318,7 +320,7 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
             time.sleep(5.0)  # HAProxy lists the replicas a little after serve.run returns
         ready_s = time.monotonic() - started
         client = Client(port, token)
-        probe = overhead_probe(client, sessions=True)
+        shared_probe, probe = overhead_probe(shared.client, client)
         total = sum(len(s.keys) for s in sessions)
         from engine.cluster.registry import replica_pids
 
@@ -326,7 +328,8 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
         replay_cluster(client, sessions, killer)
         if killer.watcher is not None:
             killer.watcher.join()
-        return {"probe_ms_p50": probe, "ready_s": ready_s, "killer": killer,
+        return {"probe_ms_p50": probe, "shared_probe_ms_p50": shared_probe,
+                "ready_s": ready_s, "killer": killer,
                 "replacement_s": killer.replacement_s}
     finally:
         serve.shutdown()
@@ -349,7 +352,7 @@ def _share(flags) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
 
-def figures(sessions: list[Session], one: dict, shared_probe: float, cluster: dict) -> dict:
+def figures(sessions: list[Session], one: dict, cluster: dict) -> dict:
     keys = [k for s in sessions for k in s.keys]
     answered = [k for k in keys if k.status == 200]
     sticky = []
@@ -369,9 +372,10 @@ def figures(sessions: list[Session], one: dict, shared_probe: float, cluster: di
         "warm_rate_one_engine": round(one["warm_rate"], 4),
         "warm_rate_ratio_vs_one_replica": round(warm_cluster / one["warm_rate"], 4)
         if one["warm_rate"] else None,
-        "router_overhead_ms_p50": round(cluster["probe_ms_p50"] - shared_probe, 2),
+        "router_overhead_ms_p50": round(cluster["probe_ms_p50"] - cluster["shared_probe_ms_p50"],
+                                        2),
         "cluster_probe_ms_p50": round(cluster["probe_ms_p50"], 2),
-        "shared_engine_probe_ms_p50": round(shared_probe, 2),
+        "shared_engine_probe_ms_p50": round(cluster["shared_probe_ms_p50"], 2),
         "cluster_overhead_ms_p50_replay": round(statistics.median(overheads), 2)
         if overheads else None,
         "cluster_ms_p50": round(statistics.median([k.ms for k in answered]), 1)
@@ -425,13 +429,16 @@ def run(documents: int, keys: int, haproxy: bool, topology: str) -> dict:
     try:
         one = replay_one_engine(str(model), build_sessions(documents, keys))
         print(f"one engine: {one}", file=sys.stderr)
-        shared = shared_engine_probe(str(model), token_file, token)
-        sessions = build_sessions(documents, keys)
-        cluster = cluster_phase(str(model), sessions, token, haproxy, topology)
+        shared = SharedEngine(str(model), token_file, token)
+        try:
+            sessions = build_sessions(documents, keys)
+            cluster = cluster_phase(str(model), sessions, token, haproxy, topology, shared)
+        finally:
+            shared.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return {"ingress": "haproxy" if haproxy else "proxy", "topology": topology,
-            **figures(sessions, one, shared, cluster)}
+            **figures(sessions, one, cluster)}
 
 
 def main(argv: list[str] | None = None) -> int:

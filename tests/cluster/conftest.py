@@ -1,7 +1,9 @@
-"""One real local Ray cluster for the whole test session (in-process `ray.init`, 2 CPUs,
-loopback), with the maskfill application deployed: 2 engine replicas of a tiny random
-checkpoint behind the FIM ingress. Starting it costs ~30 s on a 2-core machine, so every
-cluster test shares it; teardown checks that no Ray process is left.
+"""One real local Ray cluster (in-process `ray.init`, 2 CPUs, loopback), with the maskfill
+application deployed: 2 engine replicas of a tiny random checkpoint behind the FIM ingress.
+Starting it costs ~30 s on a 2-core machine, so every cluster test shares it: they all live in
+test_cluster.py and the fixture is module-scoped, so the cluster (about 1.2 GB and a dozen
+processes) is gone before the rest of the suite runs. Teardown checks that no Ray process is
+left.
 
 Ray's token auth is on with a token in a private temp folder (nothing lands in ~/.ray). Ray
 reads the auth mode when it is first imported, so this module must not import it at load."""
@@ -59,7 +61,7 @@ class Cluster:
         return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     from tests.fixtures.checkpoints import make_tiny_checkpoint
 
