@@ -71,7 +71,7 @@ GPU_CONTEXT_CACHE_BYTES = 1 << 30
 
 
 def validate(request: CompletionRequest, max_context: int) -> None:
-    """Refuse nonsense with one clear line (msgspec Structs do not check types on creation)."""
+    """Refuse nonsense with one clear line (dataclasses do not check types on creation)."""
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise EngineInputError(f"bad completion request: {message}")
