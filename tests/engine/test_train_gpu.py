@@ -29,7 +29,8 @@ def test_pipeline_writes_a_checkpoint_that_loads_and_completes(tmp_path, capsys)
             "total_s"} <= summary["phases_s"].keys()
 
     files = sorted(f.name for f in out.iterdir())
-    assert files == sorted(["TRAINING.md", train_gpu.ARCHIVE, "model.safetensors"])
+    assert files == sorted(["TRAINING.md", train_gpu.ARCHIVE, "model.safetensors",
+                            train_gpu.PROGRESS])
     assert len(files) <= train_gpu.MAX_FILES
     assert all((out / f).stat().st_size <= train_gpu.MAX_FILE_BYTES for f in files)
     report = (out / "TRAINING.md").read_text()
