@@ -176,3 +176,40 @@ def test_callers_never_touch_a_device_tensor(fake_device_engine):
         for name in ("hole", "confidence", "forced"):
             tensor = getattr(done, name)
             assert tensor.device == HOST and where.of(tensor) == HOST_TENSOR, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphs_captured_on_demand_while_callers_wait_stay_on(memorized_model):
+    """On CUDA, with no shape captured at load: four callers at once make the worker capture
+    new shapes mid-flight. No capture fails (graphs stay on), and every answer is the one the
+    same request gets alone."""
+    engine = Engine.load(str(memorized_model), device="cuda", warm=False)
+    try:
+        requests = _requests(engine)
+        alone = [engine.complete(r).text for r in requests]
+        fresh = Engine.load(str(memorized_model), device="cuda", warm=False)
+        try:
+            answers: dict[int, str] = {}
+            errors: list[BaseException] = []
+            start = threading.Barrier(len(requests))
+
+            def caller(i: int) -> None:
+                try:
+                    start.wait()
+                    answers[i] = fresh.complete(requests[i]).text
+                except BaseException as error:  # noqa: BLE001 - reported below
+                    errors.append(error)
+
+            threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(requests))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert not errors, errors
+            assert fresh.graph_failures == []
+            assert [answers[i] for i in range(len(requests))] == alone
+        finally:
+            fresh.close()
+    finally:
+        engine.close()
