@@ -144,32 +144,41 @@ def _requests(engine: Engine) -> list[CompletionRequest]:
     return out
 
 
-@pytest.mark.parametrize("fake_device_engine", [False, True], indirect=True,
-                         ids=["shrinking", "static-shapes"])
-def test_callers_never_touch_a_device_tensor(fake_device_engine):
-    engine, where, results = fake_device_engine
-    requests = _requests(engine)
-    answers: dict[int, str] = {}
+def at_once(work, count: int) -> list:
+    """work(i) on `count` threads started together (they share passes on the worker); the
+    results in order. A caller's exception fails the test."""
+    answers: dict[int, object] = {}
     errors: list[BaseException] = []
-    start = threading.Barrier(len(requests))
+    start = threading.Barrier(count)
 
-    def caller(i: int) -> None:  # several at once: they share passes on the worker
+    def caller(i: int) -> None:
         try:
             start.wait()
-            with Recorder(where, CALLER):
-                answers[i] = engine.complete(requests[i]).text
-                answers[i] += engine.complete(requests[i]).text  # warm: from the context cache
+            answers[i] = work(i)
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(requests))]
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert not errors, errors
-    assert len(answers) == len(requests) and all(answers.values())
-    assert engine.context_stats()["hits"] > 0  # the second round reused contexts
+    return [answers[i] for i in range(count)]
+
+
+@pytest.mark.parametrize("fake_device_engine", [False, True], indirect=True,
+                         ids=["shrinking", "static-shapes"])
+def test_callers_never_touch_a_device_tensor(fake_device_engine):
+    engine, where, results = fake_device_engine
+    requests = _requests(engine)
+
+    def cold_then_warm(i: int) -> str:  # the second time from the context cache
+        with Recorder(where, CALLER):
+            return engine.complete(requests[i]).text + engine.complete(requests[i]).text
+
+    assert all(at_once(cold_then_warm, len(requests)))
+    assert engine.context_stats()["hits"] > 0
     assert where.violations == []
     assert len(results) == 2 * len(requests)
     for done in results:
@@ -188,28 +197,12 @@ def test_graphs_captured_on_demand_while_callers_wait_stay_on(memorized_model):
     try:
         requests = _requests(engine)
         alone = [engine.complete(r).text for r in requests]
-        fresh = Engine.load(str(memorized_model), device="cuda", warm=False)
-        try:
-            answers: dict[int, str] = {}
-            errors: list[BaseException] = []
-            start = threading.Barrier(len(requests))
-
-            def caller(i: int) -> None:
-                try:
-                    start.wait()
-                    answers[i] = fresh.complete(requests[i]).text
-                except BaseException as error:  # noqa: BLE001 - reported below
-                    errors.append(error)
-
-            threads = [threading.Thread(target=caller, args=(i,)) for i in range(len(requests))]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            assert not errors, errors
-            assert fresh.graph_failures == []
-            assert [answers[i] for i in range(len(requests))] == alone
-        finally:
-            fresh.close()
     finally:
         engine.close()
+    fresh = Engine.load(str(memorized_model), device="cuda", warm=False)
+    try:
+        together = at_once(lambda i: fresh.complete(requests[i]).text, len(requests))
+        assert fresh.graph_failures == []
+        assert together == alone
+    finally:
+        fresh.close()
