@@ -8,7 +8,8 @@ and pytest, but not the LSP server's packages nor the pytest plugins of its test
 (design/gpu-runbook.md). `download` saves the cp312 manylinux (or pure) wheels of the pins below
 into an ignored folder that a device call carries; `install` puts those the interpreter lacks
 (missing, or older than the pin) into DIR with `pip install --no-index --no-deps --target`,
-and prints one JSON line: what it installed, and what stays missing. Stdlib only.
+and prints one JSON line: what it installed, and what stays missing (then it exits 1). Stdlib
+only.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def install(target: Path, folder: Path = DEFAULT_DIR) -> dict:
         (files.append(wheel) if wheel else absent.append(name))
     report: dict = {"target": str(target), "installed": [], "missing": absent,
                     "refused": refused}
+    if absent:
+        report["error"] = f"no wheel of {', '.join(absent)} in {folder} (make gpu-wheels here, " \
+                          "then carry the folder)"
     if files:
         target.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(
@@ -105,7 +109,7 @@ def install(target: Path, folder: Path = DEFAULT_DIR) -> dict:
             report["installed"] = [f.name for f in files]
         else:
             report["error"] = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
-            report["missing"] += [n for n in names if n not in absent]
+            report["missing"] = names
     return report
 
 
