@@ -159,18 +159,18 @@ def run_step(step: dict, cap: float, log, env: dict) -> dict:
     except Stopped as stop:
         result.update(status="killed", error=f"stopped by {stop} while running")
     finally:
-        ended = process_tree.end_step(token, proc.pid if proc else None,
-                                      keep_status_of=proc.pid if proc else None)
+        leader = proc.pid if proc is not None else None
+        ended = process_tree.end_step(token, leader, keep_status_of=leader)
         if proc is not None:
             proc.wait()
         if reader is not None:
             reader.join(timeout=5)
-    rc = proc.returncode if proc is not None else None
+    rc, leader = (proc.returncode, proc.pid) if proc is not None else (None, None)
     if not result:
         result = {"status": "ok"} if rc == 0 else {"status": "failed",
                                                    "error": f"exit status {rc}"}
     result.update(rc=rc, cap_s=round(cap), seconds=round(time.monotonic() - started, 1))
-    leftovers = [pid for pid in ended if pid != proc.pid]
+    leftovers = [pid for pid in ended if pid != leader]
     if leftovers:
         result["processes_ended"] = len(leftovers)
     figures = _last_json(lines)

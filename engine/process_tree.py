@@ -86,9 +86,10 @@ def carrying(token: str) -> set[int]:
 
 def end_step(token: str, leader: int | None, keep_status_of: int | None = None,
              timeout: float = 5.0) -> list[int]:
-    """SIGKILL every process of a step: the leader's group, this process's descendants and
-    every process carrying the token; reap the ones that are our children (except
-    keep_status_of, whose exit status its Popen reads). Returns the pids ended."""
+    """SIGKILL every process of a step: the leader's group, this process's descendants (the
+    caller runs one step at a time, so they are all the step's) and every process carrying the
+    token; reap the ones that are our children (except keep_status_of, whose exit status its
+    Popen reads). Returns the pids ended."""
     me = os.getpid()
     if leader is not None:
         with contextlib.suppress(OSError):
