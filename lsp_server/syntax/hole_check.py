@@ -30,6 +30,7 @@ MAX_LINE_CUTS = 24  # token-boundary cuts of the first line tried before giving 
 FILLERS: dict[str, tuple[str, ...]] = {"python": ("", "pass", "x")}
 DEFAULT_FILLERS = ("", "x", "0")
 EMPTY_BODY_TYPES = frozenset({"block"})  # a zero-width one is a body left empty
+INDENTED = frozenset({"python"})  # grammars whose blocks are set by indentation
 _BOUNDARY = re.compile(r"(?<=\w)(?=\W)|(?<=\W)(?=\w)|(?<=[^\w\s])(?=[^\w\s])")
 
 
@@ -69,17 +70,31 @@ class HoleCheck:
         if self._parser is None:
             return
         self._empty = self._parser.parse(self._before + self._after)
-        for filler in FILLERS.get(grammar or "", DEFAULT_FILLERS):
-            tree = self._tree_with(utf8(filler)) if filler else self._empty
-            size = len(utf8(filler))
-            end = self.hole + size
-            found = _errors(tree.root_node) + _empty_blocks(
-                tree.root_node, self.hole - WINDOW, end + WINDOW
-            )
-            if all(self._error_key(e, end) is not None for e in found):
+        for filler in self._fillers(before, after):
+            inserted = utf8(filler)
+            tree = self._tree_with(inserted) if filler else self._empty
+            end = self.hole + len(inserted)
+            if all(self._error_key(e, end) is not None for e in self._problems(tree, inserted)):
                 self.filler = filler
-                self._reference = self._signature(tree, size)
+                self._reference = self._signature(tree, inserted)
                 break
+
+    def _fillers(self, before: str, after: str) -> list[str]:
+        """Reference fillers to try; for a hole at the start of a line of an indented
+        language, `pass` also at the indentations the block around it suggests."""
+        fillers = list(FILLERS.get(self.grammar or "", DEFAULT_FILLERS))
+        if self.grammar in INDENTED and (not before or before.endswith("\n")):
+            above = next((ln for ln in reversed(before.split("\n")) if ln.strip()), "")
+            below = next((ln for ln in after.split("\n") if ln.strip()), "")
+            above_indent = above[: len(above) - len(above.lstrip())]
+            unit = "\t" if above_indent.startswith("\t") else "    "
+            for indent in (above_indent + unit, above_indent, below[: len(below) - len(
+                    below.lstrip())]):
+                # A suffix that starts with code on the hole's line needs a line break.
+                filler = f"{indent}pass" + ("" if after.startswith(("\n", "\r")) else "\n")
+                if indent and filler not in fillers:
+                    fillers.append(filler)
+        return fillers
 
     @property
     def has_opinion(self) -> bool:
@@ -99,12 +114,21 @@ class HoleCheck:
         )
         return self._parser.parse(self._before + inserted + self._after, tree)
 
-    def _signature(self, tree, size: int):
-        """(errors, shape) of a tree whose hole holds `size` bytes."""
+    def _problems(self, tree, inserted: bytes) -> list:
+        """Error nodes, plus what tree-sitter-python lets pass and Python refuses: an empty
+        block body, a statement indented off its block's column."""
         root = tree.root_node
-        hole_end = self.hole + size
-        found = _errors(root) + _empty_blocks(root, self.hole - WINDOW, hole_end + WINDOW)
-        errors = frozenset(self._error_key(e, hole_end) for e in found)
+        low, high = self.hole - WINDOW, self.hole + len(inserted) + WINDOW
+        found = _errors(root) + _empty_blocks(root, low, high)
+        if self.grammar in INDENTED:
+            found += _indent_errors(root, self._before + inserted + self._after, low, high)
+        return found
+
+    def _signature(self, tree, inserted: bytes):
+        """(errors, shape) of a tree whose hole holds `inserted`."""
+        root = tree.root_node
+        hole_end = self.hole + len(inserted)
+        errors = frozenset(self._error_key(e, hole_end) for e in self._problems(tree, inserted))
         first_checked = hole_end + self._unchecked_after
         shape = (
             tuple(_prefix_leaves(root, self.hole)),
@@ -130,7 +154,7 @@ class HoleCheck:
         inserted = utf8(candidate)
         self.checks += 1
         tree = self._tree_with(inserted)
-        errors, shape = self._signature(tree, len(inserted))
+        errors, shape = self._signature(tree, inserted)
         reference_errors, reference_shape = self._reference
         if any(key is None or key not in reference_errors for key in errors):
             return False
@@ -199,6 +223,43 @@ def _empty_blocks(root, low: int, high: int) -> list:
             if node.type in EMPTY_BODY_TYPES and not node.is_missing:
                 found.append(node)
             continue
+        stack.extend(node.children)
+    return found
+
+
+def _line_indent(source: bytes, byte: int) -> bytes | None:
+    """The blanks before `byte` on its line, or None when code precedes it there."""
+    head = source[source.rfind(b"\n", 0, byte) + 1 : byte]
+    return None if head.strip() else head
+
+
+def _indent_errors(root, source: bytes, low: int, high: int) -> list:
+    """Statements of a block (or the module) overlapping [low, high] that start their line at
+    another indentation than the block's first one, or not deeper than the block's owner:
+    Python's "unexpected indent" and "unindent does not match", which tree-sitter accepts."""
+    found, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if node.end_byte < low or node.start_byte > high:
+            continue
+        if node.type in ("block", "module"):
+            owner = node.parent
+            floor = None
+            if owner is not None:
+                floor = _line_indent(source, owner.start_byte)
+            column = b"" if node.type == "module" else None
+            for child in node.named_children:
+                if child.type == "comment":
+                    continue
+                indent = _line_indent(source, child.start_byte)
+                if indent is None:
+                    continue
+                if column is None:
+                    column = indent
+                    if floor is not None and len(indent) <= len(floor):
+                        found.append(child)
+                elif indent != column:
+                    found.append(child)
         stack.extend(node.children)
     return found
 
