@@ -32,6 +32,7 @@ IDLE_S = 1.0
 OWN_LINES_BEFORE = 200  # the request's own context (settings contextLinesBefore/After)
 OWN_LINES_AFTER = 60
 MIN_WINDOW_LINES = 5  # a window cut to fit the budget keeps at least this many lines
+SOURCES = frozenset({"imports", "windows", "recent"})
 
 
 class OpenDocument(Protocol):
@@ -105,9 +106,11 @@ class ContextGatherer:
         budget_tokens: int,
         own_lines: tuple[int, int] | None = None,
         language_id: str | None = None,
+        sources: frozenset[str] = SOURCES,
     ) -> ContextBlock:
         """The extra context for a request at code-point `offset` of `uri`'s `text`.
-        `own_lines`: the 0-based first and last line the request's own context covers."""
+        `own_lines`: the 0-based first and last line the request's own context covers;
+        `sources`: which of SOURCES to use (all by default; evaluations compare them)."""
         if budget_tokens <= 0:
             return ContextBlock()
         started = self._clock()
@@ -124,14 +127,18 @@ class ContextGatherer:
             return (self._clock() - started) * 1000.0
 
         picked: list[Snippet] = []
-        if language == "python":
+        if language == "python" and "imports" in sources:
             picked.extend(self._import_snippets(lines, line, path, docs))
-        if spent_ms() < self._time_budget_ms:
+        if "windows" not in sources:
+            pass
+        elif spent_ms() < self._time_budget_ms:
             picked.extend(self._window_snippets(lines[own_lines[0] : line + 1], own, docs,
                                                 language))
         else:
             self.out_of_time += 1
-        if spent_ms() < self._time_budget_ms:
+        if "recent" not in sources:
+            pass
+        elif spent_ms() < self._time_budget_ms:
             picked.extend(self._recent_snippets(own, docs))
         else:
             self.out_of_time += 1

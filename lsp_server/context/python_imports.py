@@ -155,11 +155,22 @@ class ImportResolver:
     def definitions_near(
         self, lines: list[str], line: int, current: Path | None, limit: int = 8
     ) -> list[Definition]:
-        """Definitions of the imported names used near `line`, nearest use first."""
+        """Definitions of the imported names used near `line` (nearest use first), then of
+        those imported and not used before `line` yet."""
         imports = parse_imports(lines)
         out: list[Definition] = []
         seen: set[tuple[Path, str]] = set()
-        for dotted in used_names(lines, line):
+        near = used_names(lines, line)
+        # Then names imported but not used before the cursor yet: what is about to be used
+        # (the cursor may be on the very first use, which the hole does not show).
+        used_before = set()
+        for text in lines[: line + 1]:
+            if not text.lstrip().startswith(("import ", "from ")):
+                used_before.update(_DOTTED.findall(text.split("#", 1)[0]))
+        used_heads = {name.split(".")[0] for name in used_before}
+        pending = [local for local, imp in imports.items()
+                   if local not in used_heads and imp.name is not None]
+        for dotted in [*near, *pending]:
             head, *rest = dotted.split(".")
             imported = imports.get(head)
             if imported is None:
