@@ -49,7 +49,9 @@ class HoleCheck:
     """Checks candidates for one hole: `before` + candidate + `after` is the whole file (or the
     part of it the model saw). Build once per request; `accepts`/`truncate` per candidate."""
 
-    def __init__(self, grammar: str | None, before: str, after: str):
+    def __init__(self, grammar: str | None, before: str, after: str, tree=None):
+        """`tree`: a parse of `before + after` already at hand (the document's own tree when
+        the hole's context is the whole document), saving the one full parse."""
         self.grammar = grammar
         self._parser = new_parser(grammar)
         self._before = utf8(before)
@@ -69,7 +71,7 @@ class HoleCheck:
         )
         if self._parser is None:
             return
-        self._empty = self._parser.parse(self._before + self._after)
+        self._empty = tree if tree is not None else self._parser.parse(self._before + self._after)
         for filler in self._fillers(before, after):
             inserted = utf8(filler)
             tree = self._tree_with(inserted) if filler else self._empty
