@@ -199,3 +199,15 @@ def test_block_is_byte_identical_between_keystrokes(workspace, clock):
     clock.now += 1.5
     request(cursor)
     assert stable.gathers == gathers + 3
+
+
+def test_time_budget_skips_the_later_sources(workspace, clock):
+    workspace.write("geometry/__init__.py", "")
+    workspace.write("geometry/shapes.py", SHAPES)
+    workspace.open("geometry/shapes.py")
+    doc = workspace.open("main.py", MAIN)
+    gatherer = ContextGatherer([workspace.root], workspace.documents, clock, time_budget_ms=0.0)
+    gatherer.edited(workspace.open("other.py", _filler("y", 40, "delta")).uri, 10)
+    block = gatherer.gather(doc.uri, doc.source, len(doc.source), 2000)
+    assert {s.why.split(":")[0] for s in block.snippets} == {"import"}
+    assert gatherer.out_of_time == 2  # windows and recent edits skipped
