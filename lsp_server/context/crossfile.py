@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None and args.limit < len(items):
         items = [items[i * len(items) // args.limit] for i in range(args.limit)]
     engine = Engine.load(resolve_model(args.model), device="cpu")
+    model = engine.info().model
     results = {}
     try:
         with tempfile.TemporaryDirectory() as folder:
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for condition, s in results.items():
         print(f"{condition:<10}{s['tasks']:>6}{s['exact_match']:>8.3f}{s['edit_similarity']:>8.3f}"
               f"{s['identifier_em']:>8.3f}{s['identifier_f1']:>8.3f}")
-    print(json.dumps({"model": engine.info().model, "budget_tokens": args.budget,
+    print(json.dumps({"model": model, "budget_tokens": args.budget,
                       "conditions": results}))
     return 0
 
