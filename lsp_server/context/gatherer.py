@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +25,7 @@ from lsp_server.context.recent_edits import RecentEdits
 from lsp_server.context.snippet import ContextBlock, Snippet, estimate_tokens
 from lsp_server.context.windows import WindowIndex
 from lsp_server.context.workspace_files import WorkspaceFiles
+from lsp_server.documents import CHARS_PER_TOKEN
 from lsp_server.syntax.languages import grammar_for
 
 TIME_BUDGET_MS = 20.0
@@ -46,6 +48,7 @@ class OpenDocument(Protocol):
     def source(self) -> str: ...
 
 
+@lru_cache(maxsize=4096)
 def uri_path(uri: str) -> Path | None:
     try:
         path = to_fs_path(uri)
@@ -82,15 +85,18 @@ class ContextGatherer:
     def opened(self, uri: str) -> None:
         self._touched[uri] = self._clock()
         self.generation += 1
+        self.files.forget_paths()
 
     def closed(self, uri: str) -> None:
         self._touched.pop(uri, None)
         self._windows.forget(uri)
         self._recent.forget(uri)
         self.generation += 1
+        self.files.forget_paths()
 
     def saved(self, uri: str) -> None:
         self.generation += 1
+        self.files.forget_paths()
 
     def edited(self, uri: str, line: int) -> None:
         now = self._clock()
@@ -132,8 +138,10 @@ class ContextGatherer:
         if "windows" not in sources:
             pass
         elif spent_ms() < self._time_budget_ms:
-            picked.extend(self._window_snippets(lines[own_lines[0] : line + 1], own, docs,
-                                                language))
+            picked.extend(self._window_snippets(
+                lines[own_lines[0] : line + 1], own, docs, language,
+                lambda: spent_ms() < self._time_budget_ms,
+            ))
         else:
             self.out_of_time += 1
         if "recent" not in sources:
@@ -174,7 +182,7 @@ class ContextGatherer:
                                found.end_line, f"import:{found.name}"))
         return out
 
-    def _window_snippets(self, target_lines, own, docs, language) -> list[Snippet]:
+    def _window_snippets(self, target_lines, own, docs, language, time_left) -> list[Snippet]:
         order = sorted(docs.values(), key=lambda d: -self._touched.get(d.uri, 0.0))
         files = []
         for doc in order:
@@ -182,7 +190,7 @@ class ContextGatherer:
                 continue
             files.append((doc.uri, doc.version, lambda doc=doc: doc.source))
         out = []
-        for scored in self._windows.best(target_lines, files, own):
+        for scored in self._windows.best(target_lines, files, own, time_left=time_left):
             window = scored.window
             text = "\n".join(scored.lines[window.start : window.end]).rstrip("\n")
             out.append(Snippet(self._display_path(window.key), text, window.start + 1,
@@ -226,16 +234,18 @@ def _fit(snippets: list[Snippet], budget_tokens: int) -> list[Snippet]:
 
 
 def _shorten(snippet: Snippet, budget_tokens: int) -> Snippet | None:
-    lines = snippet.text.split("\n")
-    while len(lines) >= MIN_WINDOW_LINES:
-        text = "\n".join(lines)
-        if estimate_tokens(text) + (snippet.tokens - estimate_tokens(snippet.text)) <= (
-            budget_tokens
-        ):
-            return Snippet(snippet.path, text, snippet.start_line,
-                           snippet.start_line + len(lines) - 1, snippet.why)
-        lines.pop()
-    return None
+    """The snippet's first lines that fit `budget_tokens`, or None under MIN_WINDOW_LINES."""
+    room = (budget_tokens - (snippet.tokens - estimate_tokens(snippet.text))) * CHARS_PER_TOKEN
+    kept, size = [], -1
+    for line in snippet.text.split("\n"):
+        size += len(line) + 1
+        if size > room:
+            break
+        kept.append(line)
+    if len(kept) < MIN_WINDOW_LINES:
+        return None
+    return Snippet(snippet.path, "\n".join(kept), snippet.start_line,
+                   snippet.start_line + len(kept) - 1, snippet.why)
 
 
 class StableContext:

@@ -22,6 +22,7 @@ SOURCE_FOLDERS = ("", "src", "lib")  # where an absolute import's top package ma
 
 _IMPORT = re.compile(r"^\s*import\s+(.+)$")
 _FROM = re.compile(r"^\s*from\s+(\.*)([\w.]*)\s+import\s+(.+)$")
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 _DOTTED = re.compile(r"(?<![\w.])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
 _TOP_DEF = re.compile(r"^(?:async\s+def|def|class)\s+([A-Za-z_]\w*)")
 _TOP_ASSIGN = re.compile(r"^([A-Za-z_]\w*)\s*(?::[^=]*)?=(?!=)")
@@ -124,10 +125,16 @@ class ImportResolver:
             for root in self.files.roots:
                 bases.extend(root / folder if folder else root for folder in SOURCE_FOLDERS)
         for base in bases:
+            if self.files.inside(base) is None:  # a relative import climbing out of the root
+                continue
             target = base.joinpath(*parts) if parts else base
             for candidate in (target.with_suffix(".py") if parts else None,
                               target / "__init__.py"):
-                if candidate is not None and self.files.inside(candidate) and candidate.is_file():
+                # stat first (most candidates do not exist), then the containment check that
+                # every read goes through
+                if candidate is not None and candidate.is_file() and self.files.inside(
+                    candidate
+                ):
                     return candidate
         return None
 
@@ -163,13 +170,12 @@ class ImportResolver:
         near = used_names(lines, line)
         # Then names imported but not used before the cursor yet: what is about to be used
         # (the cursor may be on the very first use, which the hole does not show).
-        used_before = set()
-        for text in lines[: line + 1]:
-            if not text.lstrip().startswith(("import ", "from ")):
-                used_before.update(_DOTTED.findall(text.split("#", 1)[0]))
-        used_heads = {name.split(".")[0] for name in used_before}
-        pending = [local for local, imp in imports.items()
-                   if local not in used_heads and imp.name is not None]
+        pending = [local for local, imp in imports.items() if imp.name is not None]
+        if pending:
+            code = "\n".join(text for text in lines[: line + 1]
+                             if not text.lstrip().startswith(("import ", "from ")))
+            used_heads = set(_IDENTIFIER.findall(code))
+            pending = [local for local in pending if local not in used_heads]
         for dotted in [*near, *pending]:
             head, *rest = dotted.split(".")
             imported = imports.get(head)

@@ -73,10 +73,19 @@ class WindowIndex:
     def forget(self, key: str) -> None:
         self._files.pop(key, None)
 
-    def index(self, key: str, version: object, text: Callable[[], str]) -> _FileIndex:
-        """The document's windows; `text` is read only when the version changed."""
+    def index(
+        self,
+        key: str,
+        version: object,
+        text: Callable[[], str],
+        may_build: Callable[[], bool] = lambda: True,
+    ) -> _FileIndex | None:
+        """The document's windows; `text` is read only when the version changed. None when
+        they must be built and `may_build()` says no (out of time: a later call builds them)."""
         entry = self._files.get(key)
         if entry is None or entry.version != version or version is None:
+            if not may_build():
+                return None
             entry = self._files[key] = _FileIndex(key, version, text())
         return entry
 
@@ -86,16 +95,22 @@ class WindowIndex:
         files: list[tuple[str, object, Callable[[], str]]],
         own: tuple[str, int, int] | None,
         top: int = TOP_WINDOWS,
+        time_left: Callable[[], bool] = lambda: True,
     ) -> list[Scored]:
         """The `top` windows most similar to `target_lines`, one per file, best first.
         `files`: (key, version, text getter) in priority order (at most MAX_FILES are read); `own`:
-        (key, first, last line) of the request's own context, whose windows are skipped."""
+        (key, first, last line) of the request's own context, whose windows are skipped;
+        `time_left`: whether a file may still be indexed now."""
         target = identifiers(target_lines[-TARGET_LINES:])
         if not target:
             return []
         best_per_file: list[Scored] = []
         for key, version, text in files[:MAX_FILES]:
-            entry = self.index(key, version, text)
+            # Indexing a 2k-line file costs ~20 ms: out of time, files not indexed yet wait
+            # for a later request; those already indexed still count.
+            entry = self.index(key, version, text, may_build=time_left)
+            if entry is None:
+                continue
             sizes = entry.sizes
             size = len(target)
             scores = [

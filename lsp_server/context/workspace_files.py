@@ -7,27 +7,47 @@ import os
 from pathlib import Path
 
 MAX_FILE_BYTES = 1_000_000
+MAX_REMEMBERED = 4096  # resolved paths remembered
 
 
 class WorkspaceFiles:
     def __init__(self, roots: list[Path]):
         self.roots = [Path(os.path.realpath(root)) for root in roots]
         self._cache: dict[Path, tuple[tuple[int, int], str]] = {}
+        self._inside: dict[str, Path | None] = {}
 
     def inside(self, path: Path) -> Path | None:
-        """`path` resolved, when it and every link on the way stay within a root."""
+        """`path` resolved, when it and every link on the way stay within a root.
+
+        Remembered per path until `forget_paths` (the gatherer calls it when a document
+        opens, closes or is saved): a link retargeted since can only lead to the file it led
+        to before, inside the root, since reads use the resolved path."""
+        key = str(path)
+        if key in self._inside:
+            return self._inside[key]
         try:
             real = Path(os.path.realpath(path))
         except (OSError, ValueError):
-            return None
-        for root in self.roots:
-            if real == root or root in real.parents:
-                return real
-        return None
+            real = None
+        found = None
+        if real is not None:
+            for root in self.roots:
+                if real == root or root in real.parents:
+                    found = real
+                    break
+        if len(self._inside) > MAX_REMEMBERED:
+            self._inside.clear()
+        self._inside[key] = found
+        return found
+
+    def forget_paths(self) -> None:
+        self._inside.clear()
 
     def relative(self, path: Path) -> str:
         """`path` relative to its workspace folder, "/"-separated (the display path)."""
-        real = Path(os.path.realpath(path))
+        real = self.inside(path)
+        if real is None:
+            return Path(path).name
         for root in self.roots:
             if real == root or root in real.parents:
                 return real.relative_to(root).as_posix()

@@ -211,3 +211,24 @@ def test_time_budget_skips_the_later_sources(workspace, clock):
     block = gatherer.gather(doc.uri, doc.source, len(doc.source), 2000)
     assert {s.why.split(":")[0] for s in block.snippets} == {"import"}
     assert gatherer.out_of_time == 2  # windows and recent edits skipped
+
+
+def test_out_of_time_files_are_indexed_over_later_requests(workspace):
+    class Ticking:  # every reading of the clock is a millisecond later
+        now = 0.0
+
+        def __call__(self):
+            self.now += 0.001
+            return self.now
+
+    for i in range(8):
+        workspace.open(f"mod{i}.py", _filler(f"v{i}", 200, "alpha"))
+    doc = workspace.open("main.py", "x = alpha + 1\n")
+    gatherer = ContextGatherer([workspace.root], workspace.documents, Ticking(),
+                               time_budget_ms=4.0)
+    indexed = []
+    for _ in range(6):
+        gatherer.gather(doc.uri, doc.source, len(doc.source), 2000)
+        indexed.append(len(gatherer._windows._files))
+    assert 0 < indexed[0] < 9  # the first request did not index every open file
+    assert indexed == sorted(indexed) and indexed[-1] == 9  # later ones caught up
