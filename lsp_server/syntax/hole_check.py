@@ -31,6 +31,7 @@ FILLERS: dict[str, tuple[str, ...]] = {"python": ("", "pass", "x")}
 DEFAULT_FILLERS = ("", "x", "0")
 EMPTY_BODY_TYPES = frozenset({"block"})  # a zero-width one is a body left empty
 INDENTED = frozenset({"python"})  # grammars whose blocks are set by indentation
+HEADER_FILLER = "if x:"
 _BOUNDARY = re.compile(r"(?<=\w)(?=\W)|(?<=\W)(?=\w)|(?<=[^\w\s])(?=[^\w\s])")
 
 
@@ -58,7 +59,10 @@ class HoleCheck:
         self._after = utf8(after)
         self.hole = len(self._before)  # byte offset of the hole
         self.checks = 0  # parses done for candidates
-        self.filler: str | None = None
+        self.filler: str | None = None  # the first reference's filler
+        # (header?, signature) of each reference: the file with a filler that leaves no
+        # error at the hole; at most one with a block header and one without.
+        self._references: list[tuple[bool, tuple]] = []
         # Where the suffix's checked nodes begin: its whole first line when the hole starts a
         # line (text written before it must end with a line break, not swallow it), else
         # after that line (a mid-line candidate may rightly regroup the line's rest:
@@ -76,27 +80,40 @@ class HoleCheck:
             inserted = utf8(filler)
             tree = self._tree_with(inserted) if filler else self._empty
             end = self.hole + len(inserted)
+            header = filler.strip() == HEADER_FILLER
+            if any(kind == header for kind, _ in self._references):
+                continue
             if all(self._error_key(e, end) is not None for e in self._problems(tree, inserted)):
-                self.filler = filler
-                self._reference = self._signature(tree, inserted)
-                break
+                if self.filler is None:
+                    self.filler = filler
+                self._references.append((header, self._signature(tree, inserted, header)))
+                if len(self._references) == 2:
+                    break
 
     def _fillers(self, before: str, after: str) -> list[str]:
-        """Reference fillers to try; for a hole at the start of a line of an indented
-        language, `pass` also at the indentations the block around it suggests."""
+        """Reference fillers to try. For a hole at the start of a line of an indented
+        language, also `pass` at the indentations the lines around suggest, and a block
+        header (`if x:`) for when the lines below are indented as a body of something in
+        the hole; the header comes first when they are deeper than a body there would be."""
         fillers = list(FILLERS.get(self.grammar or "", DEFAULT_FILLERS))
-        if self.grammar in INDENTED and (not before or before.endswith("\n")):
-            above = next((ln for ln in reversed(before.split("\n")) if ln.strip()), "")
-            below = next((ln for ln in after.split("\n") if ln.strip()), "")
-            above_indent = above[: len(above) - len(above.lstrip())]
-            unit = "\t" if above_indent.startswith("\t") else "    "
-            for indent in (above_indent + unit, above_indent, below[: len(below) - len(
-                    below.lstrip())]):
-                # A suffix that starts with code on the hole's line needs a line break.
-                filler = f"{indent}pass" + ("" if after.startswith(("\n", "\r")) else "\n")
-                if indent and filler not in fillers:
-                    fillers.append(filler)
-        return fillers
+        if self.grammar not in INDENTED or (before and not before.endswith("\n")):
+            return fillers
+        above = next((ln for ln in reversed(before[-4096:].split("\n")) if ln.strip()), "")
+        below = next((ln for ln in after[:4096].split("\n") if ln.strip()), "")
+        above_indent = above[: len(above) - len(above.lstrip())]
+        below_indent = below[: len(below) - len(below.lstrip())]
+        unit = "\t" if (above_indent + below_indent).startswith("\t") else "    "
+        body = above_indent + unit if above.rstrip().endswith(":") else above_indent
+        # A suffix that starts with code on the hole's line needs a line break.
+        end = "" if after.startswith(("\n", "\r")) else "\n"
+        passes = [f"{indent}pass{end}" for indent in dict.fromkeys(
+            (above_indent + unit, above_indent, below_indent)) if indent]
+        header_indent = below_indent[: -len(unit)] if below_indent.endswith(unit) else ""
+        headers = [f"{indent}{HEADER_FILLER}\n" for indent in dict.fromkeys(
+            (header_indent, above_indent, above_indent + unit))]
+        if len(below_indent.expandtabs(4)) > len(body.expandtabs(4)):
+            return [*headers, *fillers, *passes]
+        return [*fillers, *passes, *headers]
 
     @property
     def has_opinion(self) -> bool:
@@ -126,15 +143,17 @@ class HoleCheck:
             found += _indent_errors(root, self._before + inserted + self._after, low, high)
         return found
 
-    def _signature(self, tree, inserted: bytes):
-        """(errors, shape) of a tree whose hole holds `inserted`."""
+    def _signature(self, tree, inserted: bytes, header: bool):
+        """(errors, shape) of a tree whose hole holds `inserted`; `header`: compare the
+        types of nodes starting in the hole loosely (_suffix_leaves)."""
         root = tree.root_node
         hole_end = self.hole + len(inserted)
         errors = frozenset(self._error_key(e, hole_end) for e in self._problems(tree, inserted))
         first_checked = hole_end + self._unchecked_after
         shape = (
             tuple(_prefix_leaves(root, self.hole)),
-            tuple(_suffix_leaves(root, self.hole, hole_end, first_checked, self._lead)),
+            tuple(_suffix_leaves(root, self.hole, hole_end, first_checked, self._lead,
+                                 header)),
         )
         return errors, shape
 
@@ -156,11 +175,38 @@ class HoleCheck:
         inserted = utf8(candidate)
         self.checks += 1
         tree = self._tree_with(inserted)
-        errors, shape = self._signature(tree, inserted)
-        reference_errors, reference_shape = self._reference
-        if any(key is None or key not in reference_errors for key in errors):
+        opens = self._opens_block(candidate)
+        signatures: dict[bool, tuple] = {}
+        for header, (reference_errors, reference_shape) in self._references:
+            if header not in signatures:
+                signatures[header] = self._signature(tree, inserted, header)
+            errors, shape = signatures[header]
+            if any(key is None or key not in reference_errors for key in errors):
+                continue
+            # A candidate that opens what the suffix continues (see _opens_block) needs no
+            # shape match.
+            if opens or shape == reference_shape:
+                return True
+        return False
+
+    def _opens_block(self, candidate: str) -> bool:
+        """The candidate's last line opens a block or a bracket (`else:`, `for ...:`, `{`,
+        `foo(`) and the suffix's next line is indented deeper than it: then the suffix was
+        meant as its body or its rest, and only the error check applies. A line opening a
+        block over a suffix at its own depth (`int g() {` above `}`) keeps the shape check.
+        """
+        last = next((ln for ln in reversed(candidate.split("\n")) if ln.strip()), "")
+        code = last.split(" #")[0].rstrip() if self.grammar in INDENTED else last.rstrip()
+        openers = (":", "(", "[", "{") if self.grammar in INDENTED else ("(", "[", "{")
+        if not code.endswith(openers):
             return False
-        return shape == reference_shape
+        after = self._after[:4096].decode("utf-8", "replace")
+        if not candidate.endswith("\n"):
+            line_rest, newline, after = after.partition("\n")
+            if line_rest.strip() or not newline:
+                return False
+        below = next((ln for ln in after.split("\n") if ln.strip()), "")
+        return _width(below) > _width(last)
 
     def truncate(self, candidate: str) -> Cut:
         """Drop trailing lines until accepted; then cut the first line at token boundaries.
@@ -181,6 +227,11 @@ class HoleCheck:
             if self.accepts(first[:end]):
                 return Cut(first[:end], True, len(lines) - 1)
         return Cut(candidate, False)
+
+
+def _width(line: str) -> int:
+    expanded = line.expandtabs(4)
+    return len(expanded) - len(expanded.lstrip())
 
 
 def _line_cuts(line: str) -> list[int]:
@@ -281,12 +332,15 @@ def _prefix_leaves(root, hole: int):
         stack.extend(reversed(node.children))
 
 
-def _suffix_leaves(root, hole: int, hole_end: int, first: int, lead: int):
+def _suffix_leaves(root, hole: int, hole_end: int, first: int, lead: int, header: bool):
     """Tokens starting at or after byte `first` and within WINDOW bytes of the hole's end:
     (start, end) relative to hole_end, type, and the chain of their ancestors' types, each
     tagged with where it starts: "p" before the hole; "x" in the hole or at the suffix's
     first token (`lead` bytes of blanks after the hole), which a candidate may rightly
-    move (a block starting one statement earlier); else the offset into the suffix."""
+    move (a block starting one statement earlier); else the offset into the suffix. With
+    `header` (the hole holds a block header the suffix is the body of), ancestors starting in
+    the hole keep only their tag: the candidate's `for`/`while`/`def` stands where the
+    reference has `if x:`."""
     limit = hole_end + WINDOW
     stack = [(root, ())]
     while stack:
@@ -299,5 +353,6 @@ def _suffix_leaves(root, hole: int, hole_end: int, first: int, lead: int):
                 yield (start - hole_end, end - hole_end, node.type, chain)
             continue
         where = "p" if start < hole else "x" if start <= hole_end + lead else start - hole_end
-        chain = (*chain, (node.type, where))
+        kind = "*" if header and hole <= start < hole_end else node.type
+        chain = (*chain, (kind, where))
         stack.extend((child, chain) for child in reversed(node.children))

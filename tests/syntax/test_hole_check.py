@@ -53,3 +53,19 @@ def test_cut_rows_cuts_once_per_text_and_a_cut_counts_as_ended():
     assert ranked.rows[-1].parses is False and ranked.rows[-1].text == ")"
     first_checks = ranked.checks
     assert first_checks == check.checks and first_checks < 2 * 3 + 24  # duplicates not re-cut
+
+
+def test_every_humaneval_single_line_reference_is_kept_as_it_is():
+    """The cut must never lower HumanEval single-line pass@1: each reference line, in its
+    hole, is accepted unchanged (a handful of holes get no opinion, which changes nothing)."""
+    from engine.eval import load_tasks
+
+    tasks, _ = load_tasks("humaneval-single")
+    no_opinion = 0
+    for task in tasks:
+        cut = HoleCheck("python", task.prompt, task.suffix).truncate(task.canonical)
+        if cut.parses is None:
+            no_opinion += 1
+        assert cut.text == task.canonical, task.task_id
+        assert cut.parses is not False, task.task_id
+    assert no_opinion < len(tasks) // 50
