@@ -31,6 +31,14 @@ FILLERS: dict[str, tuple[str, ...]] = {"python": ("", "pass", "x")}
 DEFAULT_FILLERS = ("", "x", "0")
 EMPTY_BODY_TYPES = frozenset({"block"})  # a zero-width one is a body left empty
 INDENTED = frozenset({"python"})  # grammars whose blocks are set by indentation
+# Python nodes that may hold a block: the walks for empty bodies and indentation go through
+# these only, not into expressions (a few dozen nodes near the hole instead of thousands).
+BLOCK_HOLDERS = frozenset({
+    "module", "block", "if_statement", "for_statement", "while_statement", "try_statement",
+    "with_statement", "match_statement", "function_definition", "class_definition",
+    "decorated_definition", "elif_clause", "else_clause", "except_clause",
+    "except_group_clause", "finally_clause", "case_clause",
+})
 HEADER_FILLER = "if x:"
 _BOUNDARY = re.compile(r"(?<=\w)(?=\W)|(?<=\W)(?=\w)|(?<=[^\w\s])(?=[^\w\s])")
 
@@ -111,7 +119,9 @@ class HoleCheck:
         header_indent = below_indent[: -len(unit)] if below_indent.endswith(unit) else ""
         headers = [f"{indent}{HEADER_FILLER}\n" for indent in dict.fromkeys(
             (header_indent, above_indent, above_indent + unit))]
-        if len(below_indent.expandtabs(4)) > len(body.expandtabs(4)):
+        if _width(below) <= _width(above):
+            return [*fillers, *passes]  # nothing below the hole could be a header's body
+        if _width(below) > _width(body):
             return [*headers, *fillers, *passes]
         return [*fillers, *passes, *headers]
 
@@ -264,19 +274,30 @@ def _errors(root) -> list:
     return found
 
 
+def _children_in(node, low: int, high: int):
+    """The node's children overlapping [low, high], found without listing all of them (a
+    class or module body may hold hundreds)."""
+    if node.child_count == 0:
+        return
+    cursor = node.walk()
+    found = (cursor.goto_first_child_for_byte(low) is not None if low > node.start_byte
+             else cursor.goto_first_child())
+    while found and cursor.node.start_byte <= high:
+        yield cursor.node
+        found = cursor.goto_next_sibling()
+
+
 def _empty_blocks(root, low: int, high: int) -> list:
     """Zero-width `block` nodes overlapping [low, high]: tree-sitter-python parses `if a:`
     with nothing under it as an empty block, without an error; here it counts as one."""
     found, stack = [], [root]
     while stack:
         node = stack.pop()
-        if node.end_byte < low or node.start_byte > high:
-            continue
         if node.start_byte == node.end_byte:
             if node.type in EMPTY_BODY_TYPES and not node.is_missing:
                 found.append(node)
             continue
-        stack.extend(node.children)
+        stack.extend(c for c in _children_in(node, low, high) if c.type in BLOCK_HOLDERS)
     return found
 
 
@@ -287,33 +308,37 @@ def _line_indent(source: bytes, byte: int) -> bytes | None:
 
 
 def _indent_errors(root, source: bytes, low: int, high: int) -> list:
-    """Statements of a block (or the module) overlapping [low, high] that start their line at
-    another indentation than the block's first one, or not deeper than the block's owner:
-    Python's "unexpected indent" and "unindent does not match", which tree-sitter accepts."""
+    """Statements of a block (or the module) within [low, high] that start their line at
+    another indentation than the block's first statement, or a first statement not deeper
+    than the block's owner: Python's "unexpected indent" and "unindent does not match",
+    which tree-sitter accepts."""
     found, stack = [], [root]
     while stack:
         node = stack.pop()
-        if node.end_byte < low or node.start_byte > high:
-            continue
         if node.type in ("block", "module"):
-            owner = node.parent
-            floor = None
-            if owner is not None:
-                floor = _line_indent(source, owner.start_byte)
             column = b"" if node.type == "module" else None
-            for child in node.named_children:
-                if child.type == "comment":
+            first = None
+            if column is None:
+                child = node.named_child(0) if node.named_child_count else None
+                while child is not None and (
+                    child.type == "comment" or _line_indent(source, child.start_byte) is None
+                ):
+                    child = child.next_named_sibling
+                if child is not None:
+                    first, column = child, _line_indent(source, child.start_byte)
+                    owner = node.parent
+                    floor = _line_indent(source, owner.start_byte) if owner else None
+                    if floor is not None and len(column) <= len(floor) and (
+                        low <= child.start_byte <= high
+                    ):
+                        found.append(child)
+            for child in _children_in(node, low, high):
+                if not child.is_named or child.type == "comment" or child == first:
                     continue
                 indent = _line_indent(source, child.start_byte)
-                if indent is None:
-                    continue
-                if column is None:
-                    column = indent
-                    if floor is not None and len(indent) <= len(floor):
-                        found.append(child)
-                elif indent != column:
+                if indent is not None and column is not None and indent != column:
                     found.append(child)
-        stack.extend(node.children)
+        stack.extend(c for c in _children_in(node, low, high) if c.type in BLOCK_HOLDERS)
     return found
 
 
@@ -329,7 +354,7 @@ def _prefix_leaves(root, hole: int):
             if node.start_byte < node.end_byte < hole:
                 yield (node.start_byte, node.end_byte, node.type)
             continue
-        stack.extend(reversed(node.children))
+        stack.extend(reversed(list(_children_in(node, low, hole))))
 
 
 def _suffix_leaves(root, hole: int, hole_end: int, first: int, lead: int, header: bool):
@@ -355,4 +380,4 @@ def _suffix_leaves(root, hole: int, hole_end: int, first: int, lead: int, header
         where = "p" if start < hole else "x" if start <= hole_end + lead else start - hole_end
         kind = "*" if header and hole <= start < hole_end else node.type
         chain = (*chain, (kind, where))
-        stack.extend((child, chain) for child in reversed(node.children))
+        stack.extend((child, chain) for child in reversed(list(_children_in(node, first, limit))))
