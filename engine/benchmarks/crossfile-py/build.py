@@ -197,7 +197,8 @@ def read_wheel(wheel: Path) -> tuple[str, str, dict[str, str], dict[str, bytes]]
         for name in sorted(archive.namelist()):
             if ".dist-info/" in name:
                 leaf = name.split("/")[-1]
-                if "/licenses/" in name or leaf.upper().startswith(("LICEN", "COPYING", "NOTICE")):
+                in_licenses = "licenses" in name.split("/")[:-1]
+                if in_licenses or leaf.upper().startswith(("LICEN", "COPYING", "NOTICE")):
                     licences[leaf] = archive.read(name)
             elif name.endswith(".py"):
                 sources[name] = archive.read(name).decode("utf-8")
