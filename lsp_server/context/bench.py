@@ -17,22 +17,15 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from pygls.uris import from_fs_path
 
 from lsp_server.context import ContextGatherer, StableContext
+from lsp_server.context.gatherer import OpenFile
 
 LINES = 2000
 
-
-@dataclass
-class _Doc:
-    uri: str
-    language_id: str
-    version: int
-    source: str
 
 
 def _stdlib_files(count: int) -> list[Path]:
@@ -71,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             target = root / f"{path.parent.name}_{path.name}" if path.parent != Path(
                 sysconfig.get_paths()["stdlib"]) else root / path.name
             target.write_text(text, encoding="utf-8")
-            docs.append(_Doc(from_fs_path(str(target)), "python", 1, text))
+            docs.append(OpenFile(from_fs_path(str(target)), "python", 1, text))
         # No time budget here: the bench measures a whole gathering, not what fits in 20 ms.
         gatherer = ContextGatherer([root], lambda: docs, time_budget_ms=float("inf"))
         for doc in docs:

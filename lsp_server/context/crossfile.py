@@ -14,13 +14,12 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from pygls.uris import from_fs_path
 
 from engine.crossfile import CONDITIONS, CrossfileSet, Item, load_set, run
-from lsp_server.context.gatherer import ContextGatherer
+from lsp_server.context.gatherer import ContextGatherer, OpenFile
 from lsp_server.context.python_imports import parse_imports
 from lsp_server.context.snippet import estimate_tokens
 from lsp_server.context.windows import MAX_FILES
@@ -32,13 +31,6 @@ SOURCES_OF = {
 }
 ORACLE_LINES_ABOVE = 10
 
-
-@dataclass
-class _Doc:
-    uri: str
-    language_id: str
-    version: int
-    source: str
 
 
 class ConditionContext:
@@ -60,7 +52,7 @@ class ConditionContext:
             self._written.add(package)
         return root
 
-    def _open_documents(self, item: Item, root: Path, text: str) -> list[_Doc]:
+    def _open_documents(self, item: Item, root: Path, text: str) -> list[OpenFile]:
         files = self.data.files[item.package]
         imported = []
         for imp in parse_imports(text.split("\n")).values():
@@ -70,10 +62,10 @@ class ConditionContext:
                 if module and stem.endswith(module) and path not in imported:
                     imported.append(path)
         order = [*imported, *sorted(p for p in files if p not in imported)]
-        docs = [_Doc(from_fs_path(str(root / item.path)), "python", 1, text)]
+        docs = [OpenFile(from_fs_path(str(root / item.path)), "python", 1, text)]
         for path in order:
             if path != item.path and len(docs) < MAX_FILES:
-                docs.append(_Doc(from_fs_path(str(root / path)), "python", 1, files[path]))
+                docs.append(OpenFile(from_fs_path(str(root / path)), "python", 1, files[path]))
         return docs
 
     def extra_for(self, item: Item, condition: str) -> list[tuple[str, str]]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from pygls.uris import from_fs_path
 
-from lsp_server.context.gatherer import ContextGatherer, _language
+from lsp_server.context.gatherer import ContextGatherer, OpenFile, _language
 from lsp_server.context.snippet import ContextBlock
 from lsp_server.context.windows import MAX_FILES
 from lsp_server.context.workspace_files import MAX_FILE_BYTES
@@ -24,13 +23,6 @@ DEFAULT_BUDGET = 256
 MAX_SCANNED = 5000  # files looked at under the root, at most
 SKIPPED_FOLDERS = frozenset({"node_modules", "__pycache__", "site-packages", "dist", "build"})
 
-
-@dataclass
-class _Doc:
-    uri: str
-    language_id: str | None
-    version: int
-    source: str
 
 
 class ExplainError(Exception):
@@ -81,10 +73,11 @@ def explain(root: Path, file: Path, line: int, col: int, budget: int) -> Context
         raise ExplainError(f"--col {col} is outside line {line} (1..{len(lines[line - 1]) + 1})")
     offset = sum(len(text_line) + 1 for text_line in lines[: line - 1]) + col - 1
     language = _language(None, file)
-    docs = [_Doc(from_fs_path(str(file)), None, 1, text)]
+    docs = [OpenFile(from_fs_path(str(file)), None, 1, text)]
     for path in _open_documents(root, file, language):
         try:
-            docs.append(_Doc(from_fs_path(str(path)), None, 1, path.read_text(encoding="utf-8")))
+            text_of_path = path.read_text(encoding="utf-8")
+            docs.append(OpenFile(from_fs_path(str(path)), None, 1, text_of_path))
         except (OSError, UnicodeDecodeError):
             continue
     gatherer = ContextGatherer([root], lambda: docs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
@@ -46,6 +47,16 @@ class OpenDocument(Protocol):
 
     @property
     def source(self) -> str: ...
+
+
+@dataclass
+class OpenFile:
+    """An open document held without an editor (the CLI, the bench, the evaluations)."""
+
+    uri: str
+    language_id: str | None
+    version: int
+    source: str
 
 
 @lru_cache(maxsize=4096)
