@@ -8,13 +8,13 @@ TORCH  ?= torch==2.13.0
 # venv (design/gpu-runbook.md): targets then skip the venv set-up.
 SETUP  := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP),)
 TRAIN_OUT     ?= $(if $(OUT),$(OUT)/train-gpu,runs/train-gpu)
-TRAIN_MINUTES ?= 8
+TRAIN_MINUTES ?= 6# of the 7.5 minutes everything ends by: one device call (<= 540 s)
 TRAIN_PRESET  ?= gpu
 TRAIN_DEVICE  ?= cuda
 TRAIN_ARGS    ?=# more python -m engine.train_gpu flags, e.g. --compile off, --batch-rows 64
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-gpu gpu-check lint fix bench bench-gpu eval train train-gpu vsix bench-cluster
+.PHONY: help setup run test test-gpu gpu-check gpu-wheels lint fix bench bench-gpu eval train train-gpu vsix bench-cluster
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -38,8 +38,11 @@ test: $(STAMP) ## run every test (GPU-only tests skip without CUDA; each skip's 
 test-gpu: $(SETUP) ## run only the GPU tests
 	$(PY) -m pytest -q -m gpu -rs
 
-gpu-check: $(SETUP) ## on a GPU: GPU tests, 7B-shape bench per quant mode, server bench; fails loudly
-	$(PY) -m engine.gpu_check
+gpu-check: $(SETUP) ## on a GPU, one call (<= 540 s): 7B bench, GPU tests, server bench (GPU_CHECK_ARGS=--dry-run: the plan)
+	$(PY) -m engine.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-wheels: ## here: the wheels a lent GPU image lacks, into .whl (a device call carries it)
+	$(if $(wildcard $(PY)),$(PY),python3) -m engine.gpu_wheels download --dest .whl
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check .
@@ -59,7 +62,7 @@ eval: $(STAMP) ## FIM benchmarks with the embedded model (HumanEval single-line 
 train: $(STAMP) ## train the embedded model (see engine/train.py --help)
 	$(PY) -m engine.train
 
-train-gpu: $(SETUP) ## one CUDA GPU: corpus, TRAIN_MINUTES of training, export, 100-task eval -> TRAIN_OUT
+train-gpu: $(SETUP) ## one CUDA GPU, one call: corpus, TRAIN_MINUTES of training, export, eval -> TRAIN_OUT (TRAIN_ARGS=--dry-run: the plan)
 	$(PY) -m engine.train_gpu --out $(TRAIN_OUT) --minutes $(TRAIN_MINUTES) --preset $(TRAIN_PRESET) \
 		--device $(TRAIN_DEVICE) $(if $(TRAIN_TOTAL_MINUTES),--total-minutes $(TRAIN_TOTAL_MINUTES)) $(TRAIN_ARGS)
 

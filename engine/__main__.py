@@ -8,6 +8,8 @@ file, a model that does not fit) ends in one line on stderr and a non-zero exit,
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import re
 import sys
@@ -125,8 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_complete(args: argparse.Namespace) -> int:
-    import msgspec
-
     from engine.engine import Engine
 
     model = args.model or _default_model()
@@ -148,7 +148,7 @@ def run_complete(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     if args.json:
-        print(msgspec.json.encode(result).decode())
+        print(json.dumps(dataclasses.asdict(result), ensure_ascii=False, separators=(",", ":")))
         return 0
     s = result.stats
     print(result.text)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgspec
 
@@ -55,7 +55,7 @@ class ResultCache:
         )
         if not deterministic:
             return None
-        return msgspec.msgpack.encode(msgspec.structs.replace(request, timeout_ms=None))
+        return msgspec.msgpack.encode(replace(request, timeout_ms=None))
 
     def get(self, key: bytes) -> CompletionResult | None:
         with self._lock:
