@@ -10,13 +10,12 @@ returns; the application keeps running on the cluster.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
-
-import msgspec
 
 from engine.api import EngineError
 from engine.service import paths
@@ -155,7 +154,7 @@ def run_cluster(args: argparse.Namespace) -> int:
     endpoints = {"http": f"http://{shown}:{port}", "app": APP_NAME,
                  "replicas": options.replicas if options.autoscaling is None else "auto",
                  "models": list(options.models), "ray": context.address_info.get("address")}
-    print(msgspec.json.encode(endpoints).decode(), flush=True)
+    print(json.dumps(endpoints, separators=(",", ":")), flush=True)
     if args.detach:
         return 0
     stop = threading.Event()
