@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from engine.api import EngineError
+from engine.extras import install_hint
 from engine.service import paths
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -31,7 +32,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--lock", type=Path, default=None, help=argparse.SUPPRESS)
     s.add_argument("--tcp", metavar="HOST:PORT", help="also serve the socket protocol on TCP")
     s.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP FIM API, /health and "
-                   "/metrics (needs `pip install 'maskfill[serve]'`)")
+                   "/metrics (needs aiohttp and prometheus-client: "
+                   f"`{install_hint('serve')}`)".replace("%", "%%"))
     s.add_argument("--token-file", type=Path, default=None, help="token for TCP and HTTP "
                    "clients; created (0600) when missing (default: <runtime folder>/token)")
     s.add_argument("--allow-remote", action="store_true",
@@ -89,8 +91,8 @@ def run_serve(args: argparse.Namespace) -> int:
             import aiohttp  # noqa: F401
             import prometheus_client  # noqa: F401
         except ImportError:
-            raise EngineError("--http needs aiohttp and prometheus-client: "
-                              "pip install 'maskfill[serve]'") from None
+            raise EngineError("--http needs aiohttp and prometheus-client; install them into "
+                              f"this environment: {install_hint('serve')}") from None
     from engine.service.server import serve
 
     try:
