@@ -147,9 +147,11 @@ def snippet_with_hole(model: Path) -> tuple[str, str, str]:
 def start_nvim(tmp_path: Path, memorized_model: Path) -> Iterator[Callable[..., Nvim]]:
     started: list[Nvim] = []
 
-    def start(text: str, *, inline: bool, cmd: list[str] | None = None, path: str | None = None):
+    def start(text: str, *, inline: bool, cmd: list[str] | None = None, path: str | None = None,
+              setup: bool = True):
         """`cmd`: the plugin's server command (default: the real server with the memorized
-        model; [] leaves the plugin's own default). `path`: PATH for Neovim."""
+        model; [] leaves the plugin's own default). `path`: PATH for Neovim. `setup`: False
+        configures Neovim as the README's alternative to setup() does."""
         file = tmp_path / "example.py"
         file.write_text(text, encoding="utf-8")
         if cmd is None:
@@ -165,6 +167,9 @@ def start_nvim(tmp_path: Path, memorized_model: Path) -> Iterator[Callable[..., 
             "HF_HUB_OFFLINE": "1",
         }
         env.pop("MASKFILL_CMD", None)
+        env.pop("MASKFILL_NO_SETUP", None)
+        if not setup:
+            env["MASKFILL_NO_SETUP"] = "1"
         if cmd:
             env["MASKFILL_CMD"] = json.dumps(cmd)
         if path is not None:
@@ -254,6 +259,34 @@ def test_inline_suggestion_is_shown_and_accepted(
         lambda: f"buffer: {nvim.probe('buffer')}",
     )
     assert nvim.probe("buffer")["mode"] == "i"  # <Tab> accepted; it did not insert a tab
+
+
+def test_without_setup_the_readme_lines_accept_with_tab_and_feed_the_statusline(
+    start_nvim: Callable[..., Nvim], memorized_model: Path
+) -> None:
+    """Issue 21.6: with only vim.lsp.enable (the README's alternative to setup()), <Tab> inserted
+    indentation over the ghost text and statusline() stayed empty. The README's lines accept
+    with <Tab>, and the status handler comes with the lsp/ config itself."""
+    prefix, middle, suffix = snippet_with_hole(memorized_model)
+    nvim = start_nvim(prefix + suffix, inline=True, setup=False)
+    assert nvim.probe("config")["commands"] == {"status": False, "toggle": False}  # no setup()
+    wait_until_ready(nvim)
+    wait_for(lambda: nvim.probe("attached")["statusline"] == "maskfill: ready", 10,
+             "statusline", nvim.diagnostics)
+
+    nvim.send(cursor_keys(prefix) + "i")
+    ghost = wait_for(
+        lambda: nvim.probe("ghost"), SUGGESTION_TIMEOUT_S, "the inline suggestion",
+        nvim.diagnostics,
+    )
+    nvim.send("<Tab>")
+    expected = (prefix + middle + suffix).split("\n")[:-1]
+    wait_for(
+        lambda: nvim.probe("buffer")["lines"] == expected,
+        10,
+        f"the accepted suggestion (ghost text was {ghost!r})",
+        lambda: f"buffer: {nvim.probe('buffer')}",
+    )
 
 
 def test_trigger_key_asks_for_candidates_to_cycle(
