@@ -75,8 +75,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"])
 
 
+def program_name(argv0: str | None = None) -> str:
+    """What the user typed: the console script (`maskfill-engine`), else `python -m engine`."""
+    name = Path(argv0 if argv0 is not None else sys.argv[0]).name
+    if name.lower().endswith(".exe"):  # the Windows launcher
+        name = name[:-4]
+    return "python -m engine" if not name or name.endswith(".py") or name == "-c" else name
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=program_name(), description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser(
