@@ -200,6 +200,26 @@ def cursor_keys(prefix: str) -> str:
     return f"<Esc>:call cursor({row}, {col + 1})<CR>"
 
 
+def show_and_accept(nvim: Nvim, prefix: str, middle: str, suffix: str) -> None:
+    """Enter insert mode in the hole (InsertEnter makes Neovim ask for an inline completion),
+    wait for the ghost text, press <Tab>: the buffer must hold the memorized snippet."""
+    nvim.send(cursor_keys(prefix) + "i")
+    ghost = wait_for(
+        lambda: nvim.probe("ghost"),
+        SUGGESTION_TIMEOUT_S,
+        "the inline suggestion",
+        nvim.diagnostics,
+    )
+    nvim.send("<Tab>")
+    expected = (prefix + middle + suffix).split("\n")[:-1]  # the file ends with a newline
+    wait_for(
+        lambda: nvim.probe("buffer")["lines"] == expected,
+        10,
+        f"the accepted suggestion (ghost text was {ghost!r})",
+        lambda: f"buffer: {nvim.probe('buffer')}",
+    )
+
+
 def test_setup_registers_the_server_toggle_and_tab_fallback(
     start_nvim: Callable[..., Nvim],
 ) -> None:
@@ -238,26 +258,7 @@ def test_inline_suggestion_is_shown_and_accepted(
     # The server's maskfill/didChangeStatus notification reached the plugin.
     wait_for(lambda: nvim.probe("attached")["statusline"] == "maskfill: ready", 10, "statusline")
 
-    # Enter insert mode in the hole: InsertEnter makes Neovim ask for an inline completion.
-    nvim.send(cursor_keys(prefix) + "i")
-    ghost = wait_for(
-        lambda: nvim.probe("ghost"),
-        SUGGESTION_TIMEOUT_S,
-        "the inline suggestion",
-        nvim.diagnostics,
-    )
-    nvim.send("<Tab>")
-    expected = (prefix + middle + suffix).split("\n")[:-1]  # the file ends with a newline
-
-    def accepted() -> bool:
-        return nvim.probe("buffer")["lines"] == expected
-
-    wait_for(
-        accepted,
-        10,
-        f"the accepted suggestion (ghost text was {ghost!r})",
-        lambda: f"buffer: {nvim.probe('buffer')}",
-    )
+    show_and_accept(nvim, prefix, middle, suffix)
     assert nvim.probe("buffer")["mode"] == "i"  # <Tab> accepted; it did not insert a tab
 
 
@@ -274,19 +275,7 @@ def test_without_setup_the_readme_lines_accept_with_tab_and_feed_the_statusline(
     wait_for(lambda: nvim.probe("attached")["statusline"] == "maskfill: ready", 10,
              "statusline", nvim.diagnostics)
 
-    nvim.send(cursor_keys(prefix) + "i")
-    ghost = wait_for(
-        lambda: nvim.probe("ghost"), SUGGESTION_TIMEOUT_S, "the inline suggestion",
-        nvim.diagnostics,
-    )
-    nvim.send("<Tab>")
-    expected = (prefix + middle + suffix).split("\n")[:-1]
-    wait_for(
-        lambda: nvim.probe("buffer")["lines"] == expected,
-        10,
-        f"the accepted suggestion (ghost text was {ghost!r})",
-        lambda: f"buffer: {nvim.probe('buffer')}",
-    )
+    show_and_accept(nvim, prefix, middle, suffix)
 
 
 def test_trigger_key_asks_for_candidates_to_cycle(

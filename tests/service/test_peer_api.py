@@ -18,24 +18,13 @@ from engine.api import EngineInfo
 from engine.service import peer_api
 from engine.service.http_api import build_app
 from engine.service.peer_api import model_name
-from engine.service.scheduler import FairScheduler
 from engine.service.server import EngineService
 from tests.fixtures import peer_requests as peers
 from tests.service.conftest import fim_answer, memorized_hole
+from tests.service.test_http_api import _scheduler  # a loaded, ready FairScheduler
 
 TOKEN = "peer-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _scheduler(model: Path) -> FairScheduler:
-    import torch
-
-    from engine.engine import Engine
-
-    torch.set_num_threads(1)
-    scheduler = FairScheduler(lambda: Engine.load(str(model)))
-    assert scheduler.wait_loaded(120) and scheduler.state == "ready", scheduler.error
-    return scheduler
 
 
 @pytest.fixture(scope="module")
