@@ -4,6 +4,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.maskfill-installed
 TORCH  ?= torch==2.13.0
+# Tried first for torch (its CPU build); unreachable: pip's usual sources. Empty: skip it.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # `make gpu-check PY=python3` and `make train-gpu PY=python3` run on a lent GPU machine without a
 # venv (design/gpu-runbook.md): targets then skip the venv set-up.
 SETUP  := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP),)
@@ -21,8 +23,9 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	# torch first, pinned: a bare `torch` in a fresh venv resolves to a multi-GB CUDA build.
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	# torch first, pinned, the CPU build where TORCH_INDEX answers: a bare `torch` in a fresh venv
+	# resolves to a multi-GB CUDA build (engine/install_torch.py says which build it got).
+	$(PY) -m engine.install_torch --spec "$(TORCH)" --index "$(TORCH_INDEX)"
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 

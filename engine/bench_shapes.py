@@ -281,7 +281,12 @@ def bench_autoregressive(args: ModelArgs, device: torch.device, dtype: torch.dty
                          reps: int) -> dict:
     """The same-shape AR peer: transformers' generate, 32 new tokens after the 2k prompt,
     static KV cache, greedy, eager (no torch.compile)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    try:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+    except ImportError:
+        from engine.extras import install_hint
+
+        raise RuntimeError(f"it needs transformers: {install_hint('bench')}") from None
 
     config = Qwen2Config(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,

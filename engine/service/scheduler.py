@@ -110,6 +110,7 @@ class FairScheduler:
         cache_key = ResultCache.key(job.request)
         if cache_key is not None and (hit := self.cache.get(cache_key)) is not None:
             self.stats.record_cache(True)
+            self.stats.record_outcome("cached")  # a request like any other in /metrics
             self._supersede(job)
             _answer(job, hit, None)
             return
