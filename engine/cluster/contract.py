@@ -37,7 +37,7 @@ class EngineAnswer(msgspec.Struct, kw_only=True):
 
     result: CompletionResult | None
     error: str | None
-    model: str  # EngineInfo.model of the answering checkpoint (what the HTTP API echoes)
+    model: str  # the answering checkpoint's name as the HTTP API echoes it (peer_api.model_name)
     replica: str
     engine_ms: float  # time in the replica, queue included
 

@@ -1,7 +1,9 @@
 """`FimFront`: the HTTP FIM contract of engine/service/http_api.py inside a Serve replica
 (starlette request in, response out): `POST /v1/fim/completions` in Mercury's shape,
 `GET /health`, `GET /metrics`, a Bearer token on every route but /health, clear 4xx errors
-naming the field, bodies over the limit refused as they stream in.
+naming the field (OpenAI's error shape plus the status as `code`), bodies over the limit
+refused as they stream in, `stream: true` answered as server-sent events as the shared engine
+does. The shared engine's peer routes (/v1/completions, /infill) are not served here yet.
 
 A subclass says how a checked request reaches an engine (`dispatch`) and what /health and
 /metrics report: FimIngress (ingress.py) hands it to an engine replica through a Serve handle;
@@ -14,18 +16,29 @@ Answers carry `x-maskfill-replica` (which replica answered), `x-maskfill-attempt
 
 from __future__ import annotations
 
+import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engine.cluster import contract
 from engine.cluster.contract import FIM_PATH, SESSION_HEADER, EngineAnswer, EngineCall
 from engine.service.http_api import ApiError, stop_strings, to_engine_request, to_response
 from engine.service.metrics import CONTENT_TYPE
+from engine.service.peer_api import completion_events
 
 
 def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse({"error": {"message": exc.message, "type": exc.kind}},
-                        status_code=exc.status, headers=exc.headers)
+    body = {"error": {"message": exc.message, "type": exc.kind, "code": exc.status}}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+def event_stream(answer: dict, headers: dict[str, str]) -> StreamingResponse:
+    """`stream: true`: the answer as the shared engine streams it (peer_api's events, then
+    OpenAI's end marker)."""
+    events = completion_events(answer, usage=False, chat_delta=True)
+    lines = [b"data: " + msgspec.json.encode(e) + b"\n\n" for e in events]
+    return StreamingResponse(iter([*lines, b"data: [DONE]\n\n"]), media_type="text/event-stream",
+                             headers={**headers, "Cache-Control": "no-cache"})
 
 
 def metrics_response(text: bytes) -> Response:
@@ -90,8 +103,6 @@ class FimFront:
 
     async def fim(self, request: Request) -> Response:
         body = contract.decode_body(await self._read(request))
-        if body.stream:
-            raise ApiError(400, "stream: streaming is not supported; send stream=false")
         stops = stop_strings(body.stop)
         model = self.model_id(body.model)
         body = contract.pin_seed(body)
@@ -111,8 +122,10 @@ class FimFront:
         headers = {"x-maskfill-replica": answer.replica, "x-maskfill-attempts": str(attempts),
                    "x-maskfill-reused-tokens": str(stats.reused_context_tokens),
                    "x-maskfill-engine-ms": f"{answer.engine_ms:.2f}"}
-        return JSONResponse(to_response(answer.result, stops, body.model or answer.model),
-                            headers=headers)
+        response = to_response(answer.result, stops, body.model or answer.model)
+        if body.stream:  # Continue's OpenAI adapter always streams FIM
+            return event_stream(response, headers)
+        return JSONResponse(response, headers=headers)
 
     def model_id(self, requested: str | None) -> str | None:
         """The multiplexed model id for a request: None with one checkpoint (any `model` is

@@ -27,6 +27,7 @@ from ray import serve
 
 from engine.api import CompletionResult, EngineError
 from engine.cluster.contract import EngineAnswer, EngineCall
+from engine.service.peer_api import model_name
 from engine.service.scheduler import FairScheduler, Job
 from engine.service.server import load_for_service
 from engine.service.stats import ServiceStats
@@ -126,8 +127,7 @@ class FimEngine:
         result, error = await self._run(slot, call)
         if result is not None and result.stats.reused_context_tokens > 0:
             slot.warm += 1
-        info = slot.scheduler.info
-        return EngineAnswer(result=result, error=error, model=info.model if info else slot.spec,
+        return EngineAnswer(result=result, error=error, model=model_name(slot.scheduler.info),
                             replica=self.replica,
                             engine_ms=(time.perf_counter() - started) * 1000.0)
 

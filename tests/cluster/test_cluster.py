@@ -85,8 +85,21 @@ def test_answers_in_the_shared_engines_shape_with_the_engines_answer(cluster):
     usage = data["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
     assert headers["x-maskfill-attempts"] == "1" and headers["x-maskfill-replica"]
-    status, _, raw = post(cluster, body, "doc-parity")  # no model: the checkpoint is echoed
-    assert json.loads(raw)["model"] == str(cluster.model)
+    status, _, raw = post(cluster, body, "doc-parity")  # no model: the checkpoint's name
+    assert json.loads(raw)["model"] == cluster.model.name
+
+
+def test_stream_true_answers_as_server_sent_events(cluster):
+    body = {"prompt": "def add(a, b):\n", "suffix": "\n", "max_tokens": 16}
+    _, _, plain = post(cluster, body, "doc-stream")
+    status, headers, raw = post(cluster, {**body, "stream": True}, "doc-stream")
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    lines = [ln for ln in raw.decode().split("\n\n") if ln]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
+    text = json.loads(plain)["choices"][0]["text"]
+    assert [e["choices"][0]["text"] for e in events] == [text]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": text}
 
 
 @pytest.mark.parametrize(("payload", "message"), [
@@ -94,13 +107,13 @@ def test_answers_in_the_shared_engines_shape_with_the_engines_answer(cluster):
     (b'{"suffix": "x"}', "missing required field `prompt`"),
     (b'{"prompt": "x", "max_tokens": 100000}', "$.max_tokens"),
     (b'{"prompt": "x", "stop": ["a", ""]}', "must not be empty"),
-    (b'{"prompt": "x", "stream": true}', "streaming is not supported"),
 ])
 def test_bad_bodies_get_a_400_naming_the_problem(cluster, payload, message):
     status, _, raw = post(cluster, payload)
     assert status == 400, raw
     error = json.loads(raw)["error"]
     assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert error["code"] == 400
 
 
 def test_the_token_is_required_and_oversized_bodies_refused(cluster):
