@@ -16,7 +16,7 @@ TRAIN_DEVICE  ?= cuda
 TRAIN_ARGS    ?=# more python -m engine.train_gpu flags, e.g. --compile off, --batch-rows 64
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-gpu gpu-check gpu-wheels lint fix bench bench-gpu eval train train-gpu vsix
+.PHONY: help setup run test test-gpu gpu-check gpu-wheels lint fix bench bench-gpu eval train train-gpu vsix bench-cluster
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -71,3 +71,6 @@ train-gpu: $(SETUP) ## one CUDA GPU, one call: corpus, TRAIN_MINUTES of training
 
 vsix: ## package the VS Code extension
 	cd editors/vscode && npm ci && npm run package
+
+bench-cluster: $(STAMP) ## local Ray cluster, 2 replicas: sessions over HTTP, a replica killed; table + JSON
+	$(PY) -m engine.cluster.bench

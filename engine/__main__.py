@@ -1,4 +1,5 @@
-"""Command line: `python -m engine complete ...`, `... bench ...`, `... serve ...`, `... token`.
+"""Command line: `python -m engine complete ...`, `... bench ...`, `... serve ...`, `... token`,
+`... cluster ...`.
 
 Every failure a user can cause (missing or corrupt checkpoint, bad position, unreadable
 file, a model that does not fit) ends in one line on stderr and a non-zero exit, never a traceback.
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from engine.api import CompletionRequest, EngineError
+from engine.cluster.cli import add_cluster_parser, run_cluster
 from engine.service.cli import add_serve_parser, add_token_parser, run_serve, run_token
 from engine.stop_modes import stop_for_cursor
 
@@ -129,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--skip-ar", action="store_true", help="--shape: no autoregressive peer")
     add_serve_parser(sub)
     add_token_parser(sub)
+    add_cluster_parser(sub)
     return parser
 
 
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "token":
             return run_token(args)
+        if args.command == "cluster":
+            return run_cluster(args)
         if args.shape is not None:
             from engine.bench_shapes import main_shape_bench
 

@@ -311,11 +311,12 @@ def pick_fields(answer: dict[str, Any], paths: list[str]) -> dict[str, Any]:
     return picked
 
 
-async def stream_completion(request: web.Request, answer: dict[str, Any], *, usage: bool,
-                            chat_delta: bool = False) -> web.StreamResponse:
-    """An OpenAI completion as server-sent events: one chunk per choice with all its text.
-    chat_delta: the text also as `delta.content`, for clients that read chat-style chunks
-    (Continue's OpenAI adapter reads /v1/fim/completions that way)."""
+def completion_events(answer: dict[str, Any], *, usage: bool,
+                      chat_delta: bool = False) -> list[dict[str, Any]]:
+    """An OpenAI completion as server-sent event payloads: one chunk per choice with all its
+    text. chat_delta: the text also as `delta.content`, for clients that read chat-style chunks
+    (Continue's OpenAI adapter reads /v1/fim/completions that way). Transport-free: the Ray
+    Serve front (engine/cluster/front.py) streams the same events."""
     events = []
     for choice in answer["choices"]:
         choice = dict(choice)
@@ -324,6 +325,12 @@ async def stream_completion(request: web.Request, answer: dict[str, Any], *, usa
         events.append({**{k: v for k, v in answer.items() if k != "usage"}, "choices": [choice]})
     if usage:
         events.append({**{k: v for k, v in answer.items() if k != "choices"}, "choices": []})
+    return events
+
+
+async def stream_completion(request: web.Request, answer: dict[str, Any], *, usage: bool,
+                            chat_delta: bool = False) -> web.StreamResponse:
+    events = completion_events(answer, usage=usage, chat_delta=chat_delta)
     return await send_events(request, events, done=True)
 
 
