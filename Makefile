@@ -4,17 +4,19 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.maskfill-installed
 TORCH  ?= torch==2.13.0
+# Tried first for torch (its CPU build); unreachable: pip's usual sources. Empty: skip it.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # `make gpu-check PY=python3` and `make train-gpu PY=python3` run on a lent GPU machine without a
 # venv (design/gpu-runbook.md): targets then skip the venv set-up.
 SETUP  := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP),)
 TRAIN_OUT     ?= $(if $(OUT),$(OUT)/train-gpu,runs/train-gpu)
-TRAIN_MINUTES ?= 8
+TRAIN_MINUTES ?= 6# of the 7.5 minutes everything ends by: one device call (<= 540 s)
 TRAIN_PRESET  ?= gpu
 TRAIN_DEVICE  ?= cuda
 TRAIN_ARGS    ?=# more python -m engine.train_gpu flags, e.g. --compile off, --batch-rows 64
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-gpu gpu-check lint fix bench bench-gpu eval train train-gpu vsix
+.PHONY: help setup run test test-gpu gpu-check gpu-wheels lint fix bench bench-gpu eval train train-gpu vsix bench-cluster
 .PHONY: test-vscode bench-vscode
 
 help: ## list the targets
@@ -22,8 +24,9 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	# torch first, pinned: a bare `torch` in a fresh venv resolves to a multi-GB CUDA build.
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	# torch first, pinned, the CPU build where TORCH_INDEX answers: a bare `torch` in a fresh venv
+	# resolves to a multi-GB CUDA build (engine/install_torch.py says which build it got).
+	$(PY) -m engine.install_torch --spec "$(TORCH)" --index "$(TORCH_INDEX)"
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -39,8 +42,11 @@ test: $(STAMP) ## run every test (GPU-only tests skip without CUDA; each skip's 
 test-gpu: $(SETUP) ## run only the GPU tests
 	$(PY) -m pytest -q -m gpu -rs
 
-gpu-check: $(SETUP) ## on a GPU: GPU tests, 7B-shape bench per quant mode, server bench; fails loudly
-	$(PY) -m engine.gpu_check
+gpu-check: $(SETUP) ## on a GPU, one call (<= 540 s): 7B bench, GPU tests, server bench (GPU_CHECK_ARGS=--dry-run: the plan)
+	$(PY) -m engine.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-wheels: ## here: the wheels a lent GPU image lacks, into .whl (a device call carries it)
+	$(if $(wildcard $(PY)),$(PY),python3) -m engine.gpu_wheels download --dest .whl
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check .
@@ -60,12 +66,15 @@ eval: $(STAMP) ## FIM benchmarks with the embedded model (HumanEval single-line 
 train: $(STAMP) ## train the embedded model (see engine/train.py --help)
 	$(PY) -m engine.train
 
-train-gpu: $(SETUP) ## one CUDA GPU: corpus, TRAIN_MINUTES of training, export, 100-task eval -> TRAIN_OUT
+train-gpu: $(SETUP) ## one CUDA GPU, one call: corpus, TRAIN_MINUTES of training, export, eval -> TRAIN_OUT (TRAIN_ARGS=--dry-run: the plan)
 	$(PY) -m engine.train_gpu --out $(TRAIN_OUT) --minutes $(TRAIN_MINUTES) --preset $(TRAIN_PRESET) \
 		--device $(TRAIN_DEVICE) $(if $(TRAIN_TOTAL_MINUTES),--total-minutes $(TRAIN_TOTAL_MINUTES)) $(TRAIN_ARGS)
 
 vsix: ## package the VS Code extension
 	cd editors/vscode && npm ci && npm run package
+
+bench-cluster: $(STAMP) ## local Ray cluster, 2 replicas: sessions over HTTP, a replica killed; table + JSON
+	$(PY) -m engine.cluster.bench
 
 # A real VS Code: code-server and node 24 from npm into .cache/vscode-e2e (reused; no root),
 # the system's Chromium (Debian `chromium`), Playwright from the vscode-e2e extra.

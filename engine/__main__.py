@@ -1,4 +1,5 @@
-"""Command line: `python -m engine complete ...`, `... bench ...` and `... serve ...`.
+"""Command line: `python -m engine complete ...`, `... bench ...`, `... serve ...`, `... token`,
+`... cluster ...`.
 
 Every failure a user can cause (missing or corrupt checkpoint, bad position, unreadable
 file, a model that does not fit) ends in one line on stderr and a non-zero exit, never a traceback.
@@ -7,13 +8,16 @@ file, a model that does not fit) ends in one line on stderr and a non-zero exit,
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import re
 import sys
 from pathlib import Path
 
 from engine.api import CompletionRequest, EngineError
-from engine.service.cli import add_serve_parser, run_serve
+from engine.cluster.cli import add_cluster_parser, run_cluster
+from engine.service.cli import add_serve_parser, add_token_parser, run_serve, run_token
 from engine.stop_modes import stop_for_cursor
 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # beyond this a "source file" is not something we complete in
@@ -73,8 +77,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"])
 
 
+def program_name(argv0: str | None = None) -> str:
+    """What the user typed: the console script (`maskfill-engine`), else `python -m engine`."""
+    name = Path(argv0 if argv0 is not None else sys.argv[0]).name
+    if name.lower().endswith(".exe"):  # the Windows launcher
+        name = name[:-4]
+    return "python -m engine" if not name or name.endswith(".py") or name == "-c" else name
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=program_name(), description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser(
@@ -118,12 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "an sm89+ GPU)")
     b.add_argument("--skip-ar", action="store_true", help="--shape: no autoregressive peer")
     add_serve_parser(sub)
+    add_token_parser(sub)
+    add_cluster_parser(sub)
     return parser
 
 
 def run_complete(args: argparse.Namespace) -> int:
-    import msgspec
-
     from engine.engine import Engine
 
     model = args.model or _default_model()
@@ -145,7 +157,7 @@ def run_complete(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     if args.json:
-        print(msgspec.json.encode(result).decode())
+        print(json.dumps(dataclasses.asdict(result), ensure_ascii=False, separators=(",", ":")))
         return 0
     s = result.stats
     print(result.text)
@@ -169,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_complete(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "token":
+            return run_token(args)
+        if args.command == "cluster":
+            return run_cluster(args)
         if args.shape is not None:
             from engine.bench_shapes import main_shape_bench
 

@@ -1,16 +1,18 @@
 """Typed boundary between the engine and its callers (CLI, LSP server, bench, eval).
 
-Everything here is a msgspec.Struct so it can cross a process boundary unchanged. The engine
-never imports LSP code; the server never builds tensors. Cancellation (a threading.Event) is
-passed beside the request, not inside it, because it cannot be serialised.
+Everything here is a stdlib dataclass: msgspec encodes and decodes dataclasses as it does
+Structs (the same msgpack/JSON bytes, field by field in order), so the wire is unchanged, while
+the engine and its GPU entry points import with only torch and the model libraries installed
+(a lent GPU machine has no msgspec; design/gpu-runbook.md). Copy with `dataclasses.replace`.
+The engine never imports LSP code; the server never builds tensors. Cancellation (a
+threading.Event) is passed beside the request, not inside it, because it cannot be serialised.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
-
-import msgspec
 
 StopMode = Literal["line", "block", "free"]
 SamplerName = Literal[
@@ -25,7 +27,8 @@ SamplerName = Literal[
 QuantMode = Literal["none", "int8", "int4", "fp8"]
 
 
-class CompletionRequest(msgspec.Struct, kw_only=True, frozen=True):
+@dataclass(kw_only=True, frozen=True)
+class CompletionRequest:
     """One fill-in-the-middle job: text before and after the cursor plus decoding knobs."""
 
     prefix: str
@@ -47,20 +50,22 @@ class CompletionRequest(msgspec.Struct, kw_only=True, frozen=True):
     timeout_ms: float | None = None  # deadline relative to the call's start
 
 
-class Candidate(msgspec.Struct, kw_only=True, frozen=True):
+@dataclass(kw_only=True, frozen=True)
+class Candidate:
     text: str
     mean_confidence: float  # mean probability of the committed tokens
     span_length: int  # hole length (tokens) this candidate came from
     ended: bool  # an end token closed the span before its last slot
 
 
-class CompletionStats(msgspec.Struct, kw_only=True):
+@dataclass(kw_only=True)
+class CompletionStats:
     forward_passes: int = 0
     # slots filled per step, including EOS written by the pad-to-the-right rule (padded_tokens)
-    tokens_committed_per_step: list[int] = msgspec.field(default_factory=list)
+    tokens_committed_per_step: list[int] = field(default_factory=list)
     padded_tokens: int = 0  # of those, end tokens the rule wrote rather than the model
     # milliseconds per phase: tokenize, encode, denoise, decode, total
-    timings_ms: dict[str, float] = msgspec.field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
     mean_confidence: float = 0.0
     prefix_tokens: int = 0
     suffix_tokens: int = 0
@@ -82,13 +87,15 @@ class CompletionStats(msgspec.Struct, kw_only=True):
         return self.committed_tokens - self.padded_tokens
 
 
-class CompletionResult(msgspec.Struct, kw_only=True):
+@dataclass(kw_only=True)
+class CompletionResult:
     text: str  # best candidate after stop-mode trimming ("" when cancelled)
     candidates: list[Candidate]
     stats: CompletionStats
 
 
-class EngineInfo(msgspec.Struct, kw_only=True, frozen=True):
+@dataclass(kw_only=True, frozen=True)
+class EngineInfo:
     model: str  # what the user asked for (path or repo id)
     path: str  # resolved checkpoint folder
     family: str  # "dream" | "llada"

@@ -9,7 +9,9 @@
   (each encoded from scratch). What a shared pass cannot share on a CPU is attention: each
   request's queries attend over its own context, so the ratio falls as the context grows.
 - the keystroke replay (engine/keystroke_replay.py) on the embedded model: reuse_hit_rate, cold
-  and warm latency p50, and the accept scenario.
+  and warm latency p50 of the requests that completed in real time, and the accept scenario;
+  then the same requests paired (replay_paired_*): each on an engine with context reuse and one
+  without, back to back, which is what reuse buys per request.
 
 Measured, never asserted (tests check behaviour).
 """
@@ -128,20 +130,31 @@ def bench_replay(device: torch.device) -> dict[str, float]:
     the server runs it)."""
     from engine.embedded_model import default_model_path
     from engine.engine import Engine
-    from engine.keystroke_replay import accept_scenario, replay
+    from engine.keystroke_replay import accept_scenario, paired, replay
 
     path = default_model_path()
     if path is None:
         return {}
     threads = torch.get_num_threads()
     engine = Engine.load(str(path), device=str(device))
+    reached: list = []
     try:
         engine.use_cpu_threads()
-        out = replay(engine)
+        out = replay(engine, reached=reached)
         out.update(accept_scenario(engine))
         stats = engine.context_stats()
         out["replay_peak_batch_rows"] = stats.get("peak_batch_rows", 0)
     finally:
         engine.close()
+    # The same requests again, paired: fresh engines (nothing cached from the replay), one with
+    # context reuse and one without.
+    warm = Engine.load(str(path), device=str(device))
+    cold = Engine.load(str(path), device=str(device), context_reuse=False)
+    try:
+        warm.use_cpu_threads()
+        out.update(paired(warm, cold, reached))
+    finally:
+        warm.close()
+        cold.close()
         torch.set_num_threads(threads)
     return out

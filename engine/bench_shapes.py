@@ -281,7 +281,12 @@ def bench_autoregressive(args: ModelArgs, device: torch.device, dtype: torch.dty
                          reps: int) -> dict:
     """The same-shape AR peer: transformers' generate, 32 new tokens after the 2k prompt,
     static KV cache, greedy, eager (no torch.compile)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    try:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+    except ImportError:
+        from engine.extras import install_hint
+
+        raise RuntimeError(f"it needs transformers: {install_hint('bench')}") from None
 
     config = Qwen2Config(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
@@ -330,7 +335,8 @@ def floors(args: ModelArgs, device: torch.device, out: dict) -> None:
 
 
 def run_shape_bench(shape: str, device: str, quants: list[str], reps: int,
-                    with_ar: bool = True) -> dict:
+                    with_ar: bool = True, progress: Callable[[dict], None] | None = None) -> dict:
+    """Every mode, then the AR peer; `progress` gets the result so far after each of them."""
     dev = torch.device(device)
     args = SHAPES[shape]()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -354,6 +360,8 @@ def run_shape_bench(shape: str, device: str, quants: list[str], reps: int,
             reference = figures.pop("first_pass_logits")
         out["errors"].extend(f"{mode}: {v}" for k, v in figures.items() if k.startswith("error"))
         out["modes"].append(figures)
+        if progress is not None:
+            progress(out)
     if with_ar:
         try:
             out["autoregressive"] = bench_autoregressive(args, dev, dtype, max(3, reps // 2))
@@ -412,7 +420,8 @@ def print_table(result: dict) -> None:
 
 
 def main_shape_bench(shape: str, device: str, quants: str, quick: bool, with_ar: bool) -> int:
-    """CLI entry: table, then one JSON line; exit 1 when any figure failed."""
+    """CLI entry: a JSON line (marked partial) after each mode, the table, then one JSON line
+    of everything; exit 1 when any figure failed."""
     import json
 
     from engine.api import EngineError
@@ -426,7 +435,11 @@ def main_shape_bench(shape: str, device: str, quants: str, quick: bool, with_ar:
         raise EngineError("--device cuda asked for, but torch sees no CUDA device")
     if dev.type == "cpu" and "fp8" in modes:
         modes.remove("fp8")  # e4m3 matmuls only pay on Ada/Hopper GPUs
-    result = run_shape_bench(shape, device, modes, reps=5 if quick else 10, with_ar=with_ar)
+    def partial(so_far: dict) -> None:  # a run killed at its time cap keeps the modes it measured
+        print(json.dumps({**so_far, "partial": True}, default=str), flush=True)
+
+    result = run_shape_bench(shape, device, modes, reps=5 if quick else 10, with_ar=with_ar,
+                             progress=partial)
     print_table(result)
     print(json.dumps(result, default=str))
     return 1 if result["errors"] else 0

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -67,6 +67,10 @@ class StopSignal:
 
 @dataclass
 class Denoised:
+    """A request's outcome. Its tensors are on the CPU: whoever reads them (the engine's caller,
+    on its own thread) must not touch the device while the model's thread may be capturing a
+    CUDA graph there."""
+
     hole: Tensor  # (B, Lmax) final ids of the hole columns (MASK where never committed)
     confidence: Tensor  # (B, Lmax) p(token) when it was committed, 0 if never sampled
     forced: Tensor  # (B, Lmax) bool, EOS written by the pad-to-right rule, not by the model
@@ -83,14 +87,18 @@ class Denoised:
 
 @dataclass
 class DenoiseJob:
-    """Everything one request's denoising needs; the loop owns it once started."""
+    """Everything one request's denoising needs; the loop owns it once started.
+
+    A caller on another thread builds it on the CPU (batch, end_ids, a seed instead of a
+    generator); the loop moves it to the model's device when it starts it (`on`), on the
+    thread that runs the model."""
 
     batch: InfillBatch
     request: CompletionRequest
     temperatures: list[float]  # per row
     end_ids: Tensor  # (E,) ids that end a completion (EOS, PAD, ...)
-    banned_ids: Tensor  # ids never written into a hole (MASK itself, untrained padded rows)
-    generator: torch.Generator
+    banned_ids: Tensor  # ids never written into a hole, on the model's device
+    generator: torch.Generator | None  # None: one seeded with `seed` on the model's device
     stop: StopSignal
     # Whether a row's committed run from its first slot already fixes the text the caller
     # keeps (a stop mode cut inside it): such a row stops there, its other masked slots become
@@ -98,10 +106,19 @@ class DenoiseJob:
     decided: Callable[[list[int]], bool] | None = None
     check_every: int | None = None
     reuse: bool = True  # look the context up in (and add it to) the loop's context cache
+    seed: int = 0
 
     @property
     def rows(self) -> int:
         return len(self.batch.hole_lengths)
+
+    def on(self, device: torch.device) -> DenoiseJob:
+        """This job with its tensors and its generator on `device`."""
+        generator = self.generator
+        if generator is None:
+            generator = torch.Generator(device).manual_seed(self.seed)
+        return replace(self, batch=self.batch.to(device), end_ids=self.end_ids.to(device),
+                       generator=generator)
 
 
 def default_check_every(device: torch.device, static: bool) -> int:
@@ -203,14 +220,16 @@ class RequestState:
             self.finished = True
 
     def finish(self) -> Denoised:
-        """The request's result, detached from buffers other requests keep using."""
+        """The request's result on the CPU (one transfer), detached from the buffers other
+        requests keep using."""
         out, rows, lmax = self.out, self.layout.rows, self.layout.lmax
-        out.hole = self.source.hole[:rows, :lmax].clone()
-        out.confidence = out.confidence[:rows, :lmax]
-        out.forced = out.forced[:rows, :lmax]
+        parts = [self.source.hole[:rows, :lmax], out.confidence[:rows, :lmax],
+                 out.forced[:rows, :lmax]]
         if self.per_step:
-            commits = torch.stack(self.per_step, dim=1)[:rows]
-            out.commits = commits.to("cpu", copy=True).tolist()  # one transfer for the run
+            parts.append(torch.stack(self.per_step, dim=1)[:rows])
+        out.hole, out.confidence, out.forced, *commits = _to_cpu(parts)
+        if commits:
+            out.commits = commits[0].tolist()
         out.denoise_ms = (time.perf_counter() - self.started) * 1000.0 - out.encode_ms
         return out
 
@@ -238,13 +257,15 @@ class DenoiseLoop:
         """Admit a request: fill its context (from the cache when it can) and its first
         logits where its prefill gives them."""
         started = time.perf_counter()
-        args, batch, request = self.args, job.batch, job.request
+        args, request = self.args, job.request
         static = self.static is not None and request.use_cache
-        layout = Layout.of(batch, args, static)
-        plan = context = None
         keep = self.cache is not None and job.reuse and request.use_cache
+        context = context_ids(job.batch) if keep else None  # (read before the batch moves)
+        job = job.on(job.banned_ids.device)
+        batch = job.batch
+        layout = Layout.of(batch, args, static)
+        plan = None
         if keep:
-            context = context_ids(batch)
             plan = self.cache.plan(context[0], context[1], len(lead_specials(args)),
                                    query_from=layout.lead, hole=layout.lmax)
         if not request.use_cache:
@@ -383,6 +404,24 @@ def _to_host(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[list[list[int]],
                   for r in range(rows)]
         out.append((tokens, opened))
         start += 2 * n
+    return out
+
+
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _to_cpu(tensors: list[Tensor]) -> list[Tensor]:
+    """CPU copies of small tensors in ONE device-to-host transfer: packed as int64 (a float by
+    its bits, so exactly), split and cast back on the host."""
+    def bits(t: Tensor) -> Tensor:
+        return t.view(_SAME_WIDTH_INT[t.element_size()]) if t.is_floating_point() else t
+
+    flat = torch.cat([bits(t).reshape(-1).long() for t in tensors]).to("cpu", copy=True)
+    out, start = [], 0
+    for t in tensors:
+        part = flat[start:start + t.numel()].view(t.shape)
+        start += t.numel()
+        out.append(part.to(bits(t).dtype).view(t.dtype))
     return out
 
 

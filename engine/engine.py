@@ -71,7 +71,7 @@ GPU_CONTEXT_CACHE_BYTES = 1 << 30
 
 
 def validate(request: CompletionRequest, max_context: int) -> None:
-    """Refuse nonsense with one clear line (msgspec Structs do not check types on creation)."""
+    """Refuse nonsense with one clear line (dataclasses do not check types on creation)."""
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise EngineInputError(f"bad completion request: {message}")
@@ -237,14 +237,25 @@ class Engine:
         return engine
 
     def warm_up(self) -> list[tuple[int, int, int, int]]:
-        """Capture the pass shapes most requests use (CUDA graphs only); returns them."""
+        """Capture the pass shapes most requests use (CUDA graphs only); returns them. They are
+        captured on the thread that runs every pass (the worker's, when there is one)."""
         loaded = self._require()
         if self._passes is None or not self._passes.use_graphs:
             return []
-        with self._lock, torch.inference_mode():
-            # The join shape too: the first pass of a request whose context came from the cache.
-            refresh = (0, REFRESH_BUCKETS[0]) if self._cache is not None else (0,)
+        # The join shape too: the first pass of a request whose context came from the cache.
+        refresh = (0, REFRESH_BUCKETS[0]) if self._cache is not None else (0,)
+
+        def capture() -> None:
             self._passes.warm_up(common_layouts(loaded.args), refresh)
+
+        if self._worker is not None:
+            try:
+                self._worker.run_exclusive(capture)
+            except WorkerClosed:
+                raise EngineError("the engine is closed") from None
+        else:
+            with self._lock, torch.inference_mode():
+                capture()
         return self._passes.shapes
 
     @property
@@ -368,14 +379,13 @@ class Engine:
         tokenized = time.perf_counter()
 
         seed = request.seed if request.seed is not None else secrets.randbits(62)
-        generator = torch.Generator(loaded.device).manual_seed(seed)
         try:
             if expanding:
                 done, rows = self._denoise_expanding(
-                    loaded, request, prefix_ids, suffix_ids, lengths[0], generator, stop)
+                    loaded, request, prefix_ids, suffix_ids, lengths[0], seed, stop)
             else:
                 done, rows = self._denoise_buckets(
-                    loaded, request, prefix_ids, suffix_ids, lengths, generator, stop)
+                    loaded, request, prefix_ids, suffix_ids, lengths, seed, stop)
         except torch.OutOfMemoryError:
             if loaded.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -488,7 +498,10 @@ class Engine:
 
         self._worker.when_idle(task, key=worn, first=True)
 
-    def _denoise_buckets(self, loaded, request, prefix_ids, suffix_ids, lengths, generator, stop):
+    def _denoise_buckets(self, loaded, request, prefix_ids, suffix_ids, lengths, seed, stop):
+        """The job is built on the CPU and moved to the device by the thread that runs the
+        model (DenoiseLoop.start), which hands back a CPU result: this caller's thread never
+        touches the device, where that thread may be capturing a CUDA graph."""
         rows: list[int] = []
         temperatures: list[float] = []
         for candidate in range(request.num_candidates):
@@ -496,11 +509,10 @@ class Engine:
             for n in lengths:
                 rows.append(n)
                 temperatures.append(request.temperature if candidate == 0 else hot)
-        batch = fim.build_infill_batch(loaded.args, prefix_ids, suffix_ids, rows, loaded.device)
-        end_ids = torch.tensor(sorted(self._end_ids), device=loaded.device)
+        batch = fim.build_infill_batch(loaded.args, prefix_ids, suffix_ids, rows)
         job = DenoiseJob(
-            batch, request, temperatures=temperatures, end_ids=end_ids,
-            banned_ids=self._banned_all, generator=generator, stop=stop,
+            batch, request, temperatures=temperatures, end_ids=torch.tensor(sorted(self._end_ids)),
+            banned_ids=self._banned_all, generator=None, seed=seed, stop=stop,
             decided=None if request.stop == "free" else self._stop_decides(request),
             check_every=self.check_every)
         done = self._run(job)
@@ -522,15 +534,15 @@ class Engine:
 
         return decided
 
-    def _denoise_expanding(self, loaded, request, prefix_ids, suffix_ids, initial, generator,
-                           stop):
+    def _denoise_expanding(self, loaded, request, prefix_ids, suffix_ids, initial, seed, stop):
         args = loaded.args
         batch = fim.build_infill_batch(args, prefix_ids, suffix_ids, [1], "cpu")
         lead = batch.ids[0, : batch.hole_start].tolist()
         tail = batch.ids[0, batch.hole_start + 1:].tolist()
         window = args.max_context if request.max_context_tokens is None else min(
             args.max_context, request.max_context_tokens)
-        def run() -> Denoised:
+        def run() -> Denoised:  # on the model's thread: the device is touched only there
+            generator = torch.Generator(loaded.device).manual_seed(seed)
             return denoise_expanding(
                 loaded.model, args, lead, tail, request, initial_length=initial, window=window,
                 temperature=request.temperature, generator=generator, stop=stop,

@@ -11,7 +11,7 @@ dedents out of the block the cursor is in, "free" only at the end token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -93,6 +93,13 @@ class InfillBatch:
     def hole(self) -> Tensor:
         """(B, Lmax) view of the hole columns (suffix tokens where hole_valid is False)."""
         return self.ids[:, self.hole_start:self.hole_start + self.max_hole]
+
+    def to(self, device: torch.device) -> InfillBatch:
+        """The same rows on `device` (itself when they are there already)."""
+        if self.ids.device == device:
+            return self
+        return replace(self, ids=self.ids.to(device), positions=self.positions.to(device),
+                       key_valid=self.key_valid.to(device), hole_valid=self.hole_valid.to(device))
 
 
 def build_infill_batch(

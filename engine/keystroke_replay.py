@@ -10,10 +10,17 @@ engine never imports LSP code): a keystroke cancels the request in flight for th
 never reach the engine.
 
 Reported: requests that reached the engine, how many were cancelled, the share that reused a
-cached context (`reuse_hit_rate`), the latency p50 of the cold and of the warm ones, how many
-worn reuse chains the engine re-encoded in the background (`replay_refreshes`,
-engine/context_refresh.py), and the accept scenario (a completion accepted, then the next
-request): how often the context prepared "as if accepted" is hit, and that request's latency.
+cached context (`reuse_hit_rate`), the latency p50 of the cold and of the warm ones that
+completed (and how many each p50 rests on), how many worn reuse chains the engine re-encoded in
+the background (`replay_refreshes`, engine/context_refresh.py), and the accept scenario (a
+completion accepted, then the next request): how often the context prepared "as if accepted" is
+hit, and that request's latency.
+
+The real-time cold and warm p50s compare *different* requests: a few cold ones (the first, or
+after a pause or a worn chain) against the warm rest, with different pass counts, some sharing
+the model with a request just superseded or with background work; warm came out above cold in
+one `make bench` (docs/LOG.md, 2026-12-06). What reuse buys is `paired`: the same requests, in
+typing order, each timed on an engine that reuses contexts and on one that never does.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.api import CompletionRequest
+from engine.api import CompletionRequest, CompletionStats
 from engine.stop_modes import stop_for_cursor
 
 SOURCE = Path(__file__).with_name("fim.py")
@@ -46,6 +53,7 @@ class Sent:
     reused: int = 0
     cancelled: bool = False
     error: str | None = None
+    stats: CompletionStats | None = None
 
 
 def keystroke_gaps(n: int, text: str, seed: int = 7) -> list[float]:
@@ -109,8 +117,10 @@ def request_at(text: str, offset: int) -> CompletionRequest:
     return CompletionRequest(prefix=prefix, suffix=suffix, max_tokens=MAX_TOKENS, stop=stop)
 
 
-def replay(engine, chars: int = TYPED_CHARS) -> dict:
-    """Type `chars` characters of SOURCE back in real time; the figures above."""
+def replay(engine, chars: int = TYPED_CHARS, reached: list[CompletionRequest] | None = None
+           ) -> dict:
+    """Type `chars` characters of SOURCE back in real time; the figures above. `reached`, when
+    given, receives the requests that reached the engine, in order (for `paired`)."""
     source = SOURCE.read_text(encoding="utf-8")
     start = source.index(TYPED_FROM)
     typed = source[start:start + chars]
@@ -133,6 +143,7 @@ def replay(engine, chars: int = TYPED_CHARS) -> dict:
         item.ms = (time.perf_counter() - t0) * 1000.0
         item.cancelled = result.stats.cancelled
         item.reused = result.stats.reused_context_tokens
+        item.stats = result.stats
 
     def sleep_until(moment: float) -> None:
         time.sleep(max(0.0, moment - (time.perf_counter() - began)))
@@ -157,6 +168,8 @@ def replay(engine, chars: int = TYPED_CHARS) -> dict:
     for thread in threads:
         thread.join(60.0)
     engine.wait_idle()  # a refresh the last request left counts too
+    if reached is not None:
+        reached.extend(s.request for s in sent)
     done = [s for s in sent if s.ms is not None and not s.cancelled]
     warm = [s.ms for s in done if s.reused]
     cold = [s.ms for s in done if not s.reused]
@@ -169,8 +182,59 @@ def replay(engine, chars: int = TYPED_CHARS) -> dict:
         "reuse_hit_rate": sum(1 for s in ran if s.reused) / max(len(ran), 1),
         "replay_cold_ms_p50": statistics.median(cold) if cold else None,
         "replay_warm_ms_p50": statistics.median(warm) if warm else None,
+        "replay_cold_completed": len(cold),  # what each p50 rests on
+        "replay_warm_completed": len(warm),
+        # different requests, different work: passes dominate this model's requests
+        "replay_cold_passes_p50": passes_p50([s for s in done if not s.reused]),
+        "replay_warm_passes_p50": passes_p50([s for s in done if s.reused]),
         "replay_errors": sum(s.error is not None for s in sent),
         "replay_refreshes": engine.context_stats().get("refreshes", 0) - refreshes_before,
+    }
+
+
+def passes_p50(items: list[Sent]) -> float | None:
+    passes = [s.stats.forward_passes for s in items if s.stats is not None]
+    return statistics.median(passes) if passes else None
+
+
+def paired(warm_engine, cold_engine, requests: list[CompletionRequest]) -> dict:
+    """Each request timed on both engines back to back (alternating which goes first), so a
+    pair shares the machine's load. Every request completes and the engine settles before the
+    next (background refresh and speculation done, as in a pause between keys), so each warm
+    request follows its predecessor's context; the cold engine has context reuse off. The
+    first request has no predecessor and is left out."""
+    rows = []
+    for index, request in enumerate(requests):
+        order = (warm_engine, cold_engine) if index % 2 == 0 else (cold_engine, warm_engine)
+        timed = {}
+        for engine in order:
+            started = time.perf_counter()
+            result = engine.complete(request)
+            timed[id(engine)] = ((time.perf_counter() - started) * 1000.0, result)
+            engine.wait_idle()
+        if index:
+            rows.append((timed[id(warm_engine)], timed[id(cold_engine)]))
+    if not rows:
+        return {}
+
+    def p50(values) -> float:
+        return statistics.median(values)
+
+    warm = [w for (w, _), _ in rows]
+    cold = [c for _, (c, _) in rows]
+    encode = [(w.stats.timings_ms["encode"], c.stats.timings_ms["encode"])
+              for (_, w), (_, c) in rows]
+    return {
+        "replay_paired_requests": len(rows),
+        "replay_paired_warm_rate": sum((w.stats.reused_context_tokens > 0)
+                                       for (_, w), _ in rows) / len(rows),
+        "replay_paired_cold_ms_p50": p50(cold),
+        "replay_paired_warm_ms_p50": p50(warm),
+        "replay_paired_speedup_p50": p50([c / w for w, c in zip(warm, cold, strict=True)]),
+        "replay_paired_cold_encode_ms_p50": p50([c for _, c in encode]),
+        "replay_paired_warm_encode_ms_p50": p50([w for w, _ in encode]),
+        # the reused context is an approximation: how often the text is the cold one's
+        "replay_paired_same_text": sum(w.text == c.text for (_, w), (_, c) in rows) / len(rows),
     }
 
 

@@ -106,7 +106,9 @@ class StaticPass:
                 self._forward()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: what other threads do meanwhile cannot invalidate this capture (they
+        # should not touch the device anyway: engine/engine.py builds jobs on the CPU).
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             self._logits = self._forward()
         self._graph = graph
 

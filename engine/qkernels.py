@@ -7,7 +7,8 @@ weights stored in 8 or 4 bits are only faster if the matmul reads them in that w
 - int8 (W8A8, dynamic): each activation row gets its own scale, `torch._int_mm` multiplies
   int8 by int8 into int32, and the two scales are applied after.
 - fp8 (W8A8, e4m3, Ada/Hopper): the same with `torch._scaled_mm`, whose epilogue applies the
-  row-wise scales and the bias.
+  row-wise scales; the bias is added after it (a bias epilogue with row-wise scales may be
+  refused by cuBLASLt, which would leave fp8 on the slow path for nothing).
 - int4 (W4A16, bf16 activations): `torch._weight_int4pack_mm`, tinygemm's layout; a group of
   64/128 weights shares a scale and a zero point.
 
@@ -67,11 +68,15 @@ def fp8_linear(x: Tensor, weight_f8: Tensor, weight_scale: Tensor, bias: Tensor 
     x_scale = _row_absmax(x2).div_(FP8_MAX)  # (M, 1)
     xq = _pad_rows((x2 / x_scale).to(FP8), _round_up(rows, SCALED_MM_ALIGN))
     x_scale = _pad_rows(x_scale, xq.shape[0])
-    # cuBLAS takes a bias only with a 16-bit output: a float32 model gets bf16, then its dtype.
+    # A 16-bit output: the CUTLASS row-wise kernel (sm89, or cuBLAS before 12.9) writes only
+    # that; a float32 model gets bf16, then its dtype.
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     out = torch._scaled_mm(xq, weight_f8.t(), scale_a=x_scale, scale_b=weight_scale[None, :],
-                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
-    return out[:rows].to(x.dtype).view(*lead, -1)
+                           out_dtype=out_dtype)
+    out = out[:rows].to(x.dtype)
+    if bias is not None:
+        out = out.add_(bias)
+    return out.view(*lead, -1)
 
 
 def quantize_fp8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:

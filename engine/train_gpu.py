@@ -1,7 +1,7 @@
 """`make train-gpu`: train, export and evaluate the embedded model in one timed script.
 
-    python -m engine.train_gpu --out DIR [--minutes 8] [--total-minutes 10] [--preset gpu]
-                               [--device cuda] [--eval-tasks 100]
+    python -m engine.train_gpu --out DIR [--minutes 6] [--total-minutes 7.5] [--preset gpu]
+                               [--device cuda] [--eval-tasks 100] [--dry-run]
 
 Built for one call of a lent GPU machine (design/gpu-runbook.md): no network, the machine's own
 Python installation as the corpus, at most 8 files of at most 16 MiB coming back. Phases, each
@@ -17,9 +17,14 @@ timed and logged:
    next to the shards and the folder is a complete checkpoint: `tar xzf checkpoint-rest.tar.gz`.
 
 It never skips a phase quietly: a failure prints which phase broke and why and exits 1, leaving
-DIR/train-gpu.log (written as the run goes, so a killed call returns it too) and, when training got
-as far as saving, the checkpoint. The work folder (run state, tokenized corpus) stays outside DIR
-(--work).
+DIR/train-gpu.log (written line by line as the run goes, so a killed call returns it too) and,
+when training got as far as saving, the checkpoint. DIR/train-gpu.json, the run's record (its
+plan, each phase's status and seconds, the environment, the summary), is rewritten at every
+phase change. The work folder (run state, tokenized corpus) stays outside DIR (--work).
+
+The defaults fit ONE device call of at most 540 s worst case, start-up included: everything
+ends by --total-minutes (7.5), the eval subprocess at most 30 s past it, then the last pack.
+`--dry-run` prints that plan, its last line one JSON object with `worst_case_s`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,14 @@ import time
 import traceback
 from pathlib import Path
 
+from engine.run_record import JsonRecord
+
+BUDGET_S = 540.0  # one device call, worst case, start-up included (design/gpu-runbook.md)
+STARTUP_S = 20.0  # make, the interpreter, torch's import
+EVAL_GRACE_S = 30.0  # engine.eval may run this long past the deadline (run_eval)
+PACK_S = 15.0  # the last pack, after the eval
+DEFAULT_TOTAL_MINUTES = 7.5
+PROGRESS = "train-gpu.json"
 MAX_FILES = 8  # what one device call brings back
 MAX_FILE_BYTES = 16 * 2**20
 ARCHIVE = "checkpoint-rest.tar.gz"
@@ -75,10 +88,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "runs/train-gpu); must be empty or absent")
     p.add_argument("--work", type=Path, default=None,
                    help="run folder: state, tokenized corpus (default: a new temporary folder)")
-    p.add_argument("--minutes", type=float, default=8.0, help="training wall-clock budget")
-    p.add_argument("--total-minutes", type=float, default=None,
+    p.add_argument("--minutes", type=float, default=6.0, help="training wall-clock budget")
+    p.add_argument("--total-minutes", type=float, default=DEFAULT_TOTAL_MINUTES,
                    help="everything (corpus, training, export, eval) ends by then; the training "
-                        "budget shrinks to fit (default: --minutes + 2)")
+                        f"budget shrinks to fit (default {DEFAULT_TOTAL_MINUTES:g}: one device "
+                        "call)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and its worst case (one JSON line last); run nothing")
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     p.add_argument("--device", default="cuda", help="cuda (fails without CUDA) or cpu")
     p.add_argument("--eval-tasks", type=int, default=100,
@@ -92,14 +108,67 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="corpus processes (default: one per CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-every", type=int, default=25, help="steps per loss-curve point")
-    ns = p.parse_args(argv)
-    if ns.total_minutes is None:
-        ns.total_minutes = ns.minutes + 2.0
-    return ns
+    return p.parse_args(argv)
+
+
+def plan(ns: argparse.Namespace) -> dict:
+    """The phases' caps: training ends by the total minus the eval's reserve, the eval by the
+    total (plus its grace), then the last pack."""
+    total = ns.total_minutes * 60
+    reserve = eval_reserve_s(ns)
+    phases = [{"name": "environment, corpus, training, export", "cap_s": round(total - reserve, 1)},
+              {"name": "pack, eval", "cap_s": round(reserve + EVAL_GRACE_S, 1)},
+              {"name": "pack", "cap_s": PACK_S}]
+    return {"budget_s": BUDGET_S, "startup_s": STARTUP_S,
+            "worst_case_s": STARTUP_S + sum(p["cap_s"] for p in phases),
+            "minutes": ns.minutes, "total_minutes": ns.total_minutes, "phases": phases}
+
+
+def print_plan(ns: argparse.Namespace) -> int:
+    planned = plan(ns)
+    print(f"{'phase':<40} {'cap s':>7}")
+    print(f"{'(start-up)':<40} {STARTUP_S:>7.0f}")
+    for phase in planned["phases"]:
+        print(f"{phase['name']:<40} {phase['cap_s']:>7.0f}")
+    print(f"worst case {planned['worst_case_s']:.0f} s of a {BUDGET_S:.0f} s device call")
+    print(json.dumps({"dry_run": True, **planned}))
+    return 0 if planned["worst_case_s"] <= BUDGET_S else 1
+
+
+class Progress(JsonRecord):
+    """train-gpu.json: the plan, then each phase as it starts and ends."""
+
+    def __init__(self, path: Path, ns: argparse.Namespace, started: float):
+        super().__init__(path, {"plan": plan(ns), "phases": [], "finished": False})
+        self.started = started
+        self.write()
+
+    def begin(self, name: str) -> str:
+        self._close("done")
+        self.data["phases"].append({"name": name, "status": "running",
+                                    "started_s": self._now()})
+        self.write()
+        return name
+
+    def end(self, ok: bool, error: str | None = None, **facts) -> None:
+        self._close("done" if ok else "failed")
+        if error:
+            self.data["error"] = error
+        self.data.update(facts, finished=True, ok=ok, seconds=self._now())
+        self.write()
+
+    def _close(self, status: str) -> None:
+        if self.data["phases"] and self.data["phases"][-1]["status"] == "running":
+            self.data["phases"][-1].update(status=status, ended_s=self._now())
+
+    def _now(self) -> float:
+        return round(time.time() - self.started, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
+    if ns.dry_run:
+        return print_plan(ns)
     started = time.time()
     if ns.out.exists() and any(ns.out.iterdir()):
         print(f"error: {ns.out} is not empty", file=sys.stderr)
@@ -112,31 +181,36 @@ def main(argv: list[str] | None = None) -> int:
     log_path = ns.out / LOG
     phase, state, env, record = "setup", None, {}, None
     phases: dict[str, float] = {}
-    with log_path.open("w", encoding="utf-8") as log_file:
+    progress = Progress(ns.out / PROGRESS, ns, started)
+    with log_path.open("w", encoding="utf-8", buffering=1) as log_file:  # line-buffered
         real_stderr = sys.stderr
         sys.stderr = Tee(real_stderr, log_file)
         try:
             say(f"work folder {work}, output {ns.out}")
-            phase = "environment"
+            phase = progress.begin("environment")
             env = environment(ns.device)
             say("environment: " + json.dumps(env))
+            progress.data["environment"] = env
 
-            phase = "training"  # corpus selection, tokenization, training and export
+            # corpus selection, tokenization, training and export
+            phase = progress.begin("training")
             stop_by = started + ns.total_minutes * 60 - eval_reserve_s(ns)
             checkpoint = run_training(ns, run, stop_by)
             state = json.loads((run / "state" / "train_state.json").read_text())
             phases.update(state.get("phases", {}))
 
-            phase = "pack"  # before the eval: a failing eval cannot lose the weights
+            progress.data["training"] = {k: state.get(k) for k in ("step", "tokens", "compile")}
+            phase = progress.begin("pack")  # before the eval: a failing eval cannot lose weights
             finish_record(ns, env, state, phases, None, checkpoint, work, started)
             pack(checkpoint, work, ns.out)
 
-            phase = "eval"
+            phase = progress.begin("eval")
             t = time.monotonic()
             record = run_eval(ns, checkpoint, work, deadline=started + ns.total_minutes * 60)
             phases["eval_s"] = round(time.monotonic() - t, 2)
+            progress.data["eval"] = record
 
-            phase = "pack"
+            phase = progress.begin("pack")
             summary = finish_record(ns, env, state, phases, record, checkpoint, work, started)
             # The log is in the archive now; the plain copy is removed below.
             files = [f for f in pack(checkpoint, work, ns.out) if f.name != LOG]
@@ -145,11 +219,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({**summary, "out": str(ns.out),
                               "files": [f.name for f in files]}), flush=True)
             ok = True
+            progress.end(True, summary=summary)
         except BaseException as exc:  # report every failure, then exit non-zero
             ok = False
             say(f"FAILED in phase {phase} after {time.time() - started:.0f} s: "
                 f"{type(exc).__name__}: {exc}")
             traceback.print_exc(file=sys.stderr)
+            progress.end(False, f"{phase}: {type(exc).__name__}: {exc}")
             salvage(run, work, ns.out, phase)
         finally:
             sys.stderr.flush()

@@ -37,6 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "quant kernels, model, memory fit), print one line per finding and exit: 1 if something "
         "needed is broken",
     )
+    explain = parser.add_argument_group(
+        "context", "print what the server would send as extra context at a cursor, then exit"
+    )
+    explain.add_argument("--explain-context", action="store_true",
+                         help="needs --root, --file, --line and --col; last line: JSON")
+    explain.add_argument("--root", help="the workspace folder")
+    explain.add_argument("--file", help="the file the cursor is in")
+    explain.add_argument("--line", type=int, help="the cursor's line (1-based)")
+    explain.add_argument("--col", type=int, help="the cursor's column (1-based, characters)")
+    explain.add_argument("--budget", type=int, help="extra-context tokens (default 256: a "
+                         "4k-window model's share; the embedded model's is 0)")
     transport = parser.add_mutually_exclusive_group()
     transport.add_argument("--stdio", action="store_true", help="serve over stdin/stdout (default)")
     transport.add_argument("--tcp", metavar="HOST:PORT", help="serve one client on a loopback port")
@@ -110,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     """Serve, then end the process (os._exit) with the LSP exit code; returns only on a
     command-line error."""
     args = parse_args(argv)
+    if args.explain_context:
+        missing = [f"--{k}" for k in ("root", "file", "line", "col") if getattr(args, k) is None]
+        if missing:
+            print(f"maskfill-lsp: --explain-context needs {', '.join(missing)}", file=sys.stderr)
+            return 2
+        from lsp_server.context.explain import main as explain
+
+        return explain(args.root, args.file, args.line, args.col, args.budget)
     if args.check:
         from lsp_server.doctor import main as check
 

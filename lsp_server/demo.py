@@ -3,8 +3,10 @@
 Starts `maskfill-lsp` over stdio, opens lsp_server/sample/sample.py (its `<CURSOR>` marker is
 removed and becomes the cursor) and waits for the model to load. Then it asks twice, as an editor
 does: an automatic request (what appears as you type: one greedy suggestion) and a manual one (the
-manual trigger: several candidates). The output is the same on every run: the first suggestion is
-greedy and the extra candidates are sampled with a seed taken from the context. Timings follow,
+manual trigger: several candidates). The output is the same on every run, however busy the machine:
+the first suggestion is greedy, the extra candidates are sampled with a seed taken from the
+context, and the demo lifts the per-request deadline (an editor's `timeoutMs` cuts a slow run at
+whatever the model had committed by then, which depends on the machine's load). Timings follow,
 with what the engine ran. Exits non-zero with one clear line when anything fails.
 
     python -m lsp_server.demo [--model PATH] [--device cpu] [--file F] [-v]
@@ -31,7 +33,11 @@ from lsp_server.settings import Settings
 SAMPLE = Path(__file__).parent / "sample" / "sample.py"
 MARKER = "<CURSOR>"
 # No debounce: the round trips below are the model and the protocol, not a wait for typing.
-DEMO_SETTINGS = {"debounceMinMs": 0, "debounceMaxMs": 0}
+# No deadline that load can reach: a run cut at `timeoutMs` returns what the model had committed
+# by then, so under load the text changed from run to run (issue 21.5).
+DEMO_TIMEOUT_MS = 600_000
+DEMO_SETTINGS = {"debounceMinMs": 0, "debounceMaxMs": 0, "timeoutMs": DEMO_TIMEOUT_MS}
+CONTEXT_LINES = 3  # shown above and below the cursor
 WIDTH = 100
 
 
@@ -100,6 +106,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "file": path,
         "position": position,
+        "lines": lines,
+        "cursor": cursor,
         "stop": stop_for_cursor(line[:cursor], line[cursor:]),
         "initialize_ms": initialize_ms,
         "automatic": automatic,
@@ -125,6 +133,29 @@ def print_text(text: str, label: str = "") -> None:
         print(f"  {label if index == 0 else ' ' * len(label)}| {line}")
 
 
+def print_context(lines: list[str], line: int, cursor: int) -> None:
+    """The lines around the cursor, numbered as editors number them, with a caret under it."""
+    first, last = max(0, line - CONTEXT_LINES), min(len(lines), line + CONTEXT_LINES + 1)
+    width = len(str(last))
+    for index in range(first, last):
+        print(f"  {index + 1:>{width}} | {lines[index]}".rstrip())
+        if index == line:
+            caret = " " * len(lines[index][:cursor].expandtabs())
+            print(f"  {'':>{width}} | {caret}^ cursor")
+
+
+def first_candidate(automatic: Answer, manual: Answer) -> str:
+    """What the manual trigger's first candidate is, as this run shows it."""
+    if not manual.texts:
+        return ""
+    if automatic.texts and manual.texts[0] == automatic.texts[0]:
+        return "the first is the greedy one, the suggestion shown as you type; "
+    # Both are the best greedy row (same context, same hole lengths); a bigger batch and the
+    # context reused from the first request change the rounding, which can tip a close call.
+    return ("the first is the best greedy row of this bigger batch (it differs from the "
+            "suggestion shown as you type: rounding in a bigger pass tipped a close call); ")
+
+
 def report(outcome: dict[str, Any]) -> None:
     status, position, stop = outcome["status"], outcome["position"], outcome["stop"]
     automatic, manual = outcome["automatic"], outcome["manual"]
@@ -139,6 +170,8 @@ def report(outcome: dict[str, Any]) -> None:
         f"{position.character + 1} (stop mode {stop}, as the editors' default `auto` picks it)"
     )
     print()
+    print_context(outcome["lines"], position.line, outcome["cursor"])
+    print()
     print("Shown as you type (an automatic request: one suggestion, greedy):")
     if automatic.texts:
         print_text(automatic.texts[0])
@@ -149,9 +182,10 @@ def report(outcome: dict[str, Any]) -> None:
 
     say(
         "On the manual trigger (Alt+\\ in VS Code, <C-Space> in Neovim): up to "
-        f"{Settings().num_candidates} candidates to cycle; the first is the greedy one, the others "
-        f"are sampled (temperature {EXTRA_CANDIDATE_TEMPERATURE}) with a seed taken from the code "
-        "around the cursor, so they too are the same on every run:"
+        f"{Settings().num_candidates} candidates to cycle (duplicates collapse); "
+        f"{first_candidate(automatic, manual)}the others are sampled (temperature "
+        f"{EXTRA_CANDIDATE_TEMPERATURE}) with a seed taken from the code around the cursor, so "
+        "they too are the same on every run:"
     )
     for index, text in enumerate(manual.texts, 1):
         print_text(text, f"{index} ")
@@ -196,7 +230,10 @@ def timings(outcome: dict[str, Any]) -> None:
         )
     say(
         f"One-line holes (text after the cursor) try {'/'.join(map(str, line_lengths))} tokens "
-        "and finish sooner. Editors also wait for a pause in typing (debounce), off here.",
+        "and finish sooner. Editors also wait for a pause in typing (debounce), off here, and "
+        f"give each request {settings.timeout_ms / 1000:g} s (timeoutMs), then show what the "
+        "model committed by then; the demo waits for every run to finish, so its text does not "
+        "depend on how busy the machine is.",
         "  ",
     )
 

@@ -148,6 +148,15 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
+def load_dtype(loaded: Any, target: Any) -> str:
+    """The dtype the loader would give these weights on `target` (float32 on a CPU, where it
+    fits: faster there than the published 16-bit)."""
+    from engine import weights
+
+    args, tensors = loaded
+    return str(weights._default_dtype(args, tensors, target)).removeprefix("torch.")
+
+
 def check_memory(loaded: Any, target: Any, quant: str) -> list[Finding]:
     """Weights at the dtype and width the loader would use, against free memory (engine.weights)."""
     import torch
@@ -197,10 +206,14 @@ def run_checks(model: str | None, device: str, quant: str) -> list[Finding]:
     needed_on = str(target) if target is not None and target.type == "cuda" else None
     findings += [f for f in (device_problem, check_quant(torch, quant, target)) if f]
     findings.append(check_xformers(cuda_here, needed_on))
+    kernel = len(findings)
     findings.append(check_quant_kernel(quant, needed_on))
     model_finding, loaded = check_model(model)
     findings.append(model_finding)
     if loaded is not None and target is not None:
+        if quant == "none":  # the width the memory line counts, not a guess
+            findings[kernel] = Finding(
+                "info", "quant", f"none: unquantized {load_dtype(loaded, target)} weights")
         findings += check_memory(loaded, target, quant)
     elif loaded is not None:
         findings.append(Finding("info", "memory", f"not checked: {device} is not usable here"))

@@ -163,8 +163,8 @@ def xformers_call_finding(
 def check_quant_kernel(quant: str, needed_on: str | None) -> Finding:
     """Whether the quant mode's fast CUDA matmul runs here (int8 _int_mm, int4 tinygemm, fp8
     _scaled_mm). Without it the layers still work, dequantizing: slower than 16-bit weights."""
-    if quant == "none":
-        return Finding("info", "quant", "none: 16-bit weights")
+    if quant == "none":  # (run_checks names the dtype once it has read the model)
+        return Finding("info", "quant", "none: unquantized weights")
     if needed_on is None:
         return Finding("info", "quant", f"{quant} on the CPU dequantizes each layer (saves memory, "
                        "not time); the fast kernels are CUDA's")

@@ -9,6 +9,7 @@ torch is never imported here: the engine process or the remote server owns the m
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import logging
@@ -19,8 +20,6 @@ import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from engine.api import (
     Candidate,
@@ -214,7 +213,7 @@ class RemoteEngine:
             raise EngineError(f"the remote engine at {self.url} is unreachable: {exc}") from None
         finally:
             connection.close()
-        self._info = msgspec.structs.replace(
+        self._info = dataclasses.replace(
             self._info, load_ms=(time.perf_counter() - started) * 1000)
 
     def body(self, request: CompletionRequest) -> dict[str, Any]:

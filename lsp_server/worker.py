@@ -470,7 +470,7 @@ class EngineWorker:
                 if job.cancel.is_set():
                     break
                 if attempt == 0 and request.max_tokens > 1:  # first retry: half the span budget
-                    request = msgspec.structs.replace(
+                    request = dataclasses.replace(
                         request, max_tokens=max(1, request.max_tokens // 2), span_lengths=None
                     )
                     attempt = 1

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from engine.api import EngineError
+from engine.extras import install_hint
 from engine.service import paths
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -31,7 +32,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--lock", type=Path, default=None, help=argparse.SUPPRESS)
     s.add_argument("--tcp", metavar="HOST:PORT", help="also serve the socket protocol on TCP")
     s.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP FIM API, /health and "
-                   "/metrics (needs `pip install 'maskfill[serve]'`)")
+                   "/metrics (needs aiohttp and prometheus-client: "
+                   f"`{install_hint('serve')}`)".replace("%", "%%"))
     s.add_argument("--token-file", type=Path, default=None, help="token for TCP and HTTP "
                    "clients; created (0600) when missing (default: <runtime folder>/token)")
     s.add_argument("--allow-remote", action="store_true",
@@ -89,8 +91,8 @@ def run_serve(args: argparse.Namespace) -> int:
             import aiohttp  # noqa: F401
             import prometheus_client  # noqa: F401
         except ImportError:
-            raise EngineError("--http needs aiohttp and prometheus-client: "
-                              "pip install 'maskfill[serve]'") from None
+            raise EngineError("--http needs aiohttp and prometheus-client; install them into "
+                              f"this environment: {install_hint('serve')}") from None
     from engine.service.server import serve
 
     try:
@@ -106,3 +108,28 @@ def _embedded_model() -> str | None:
         return None
     path = default_model_path()
     return str(path) if path is not None else None
+
+
+def add_token_parser(sub) -> None:
+    t = sub.add_parser(
+        "token", help="print the path of the token file HTTP and TCP clients must present",
+        description="Print the path of the engine's token file (`cat` it for the token: "
+        "curl -H \"Authorization: Bearer $(cat \"$(maskfill-engine token)\")\" ...). The "
+        "default is `token` in the runtime folder: $MASKFILL_RUNTIME_DIR, else "
+        "$XDG_RUNTIME_DIR/maskfill, else <tmp>/maskfill-<uid>. Exits 1 when there is no "
+        "usable token there yet (an engine serving --tcp or --http creates it).")
+    t.add_argument("--token-file", type=Path, default=None,
+                   help="the --token-file an engine was started with")
+
+
+def run_token(args: argparse.Namespace) -> int:
+    """The path on stdout, so `$(cat "$(maskfill-engine token)")` works wherever it lives; the
+    token itself is never printed (it would land in scrollback and logs)."""
+    path = args.token_file or paths.runtime_dir() / paths.TOKEN_FILE_NAME
+    if not path.exists():
+        print(f"error: no token file at {path} yet: `maskfill-engine serve --http ...` (or "
+              "--tcp) creates it", file=sys.stderr)
+        return 1
+    paths.read_token(path)  # refuses one that others can read, or that is empty
+    print(path)
+    return 0

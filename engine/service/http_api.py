@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import secrets
 import time
 from typing import TYPE_CHECKING, Annotated, Any
@@ -24,6 +25,8 @@ from engine.service.scheduler import Job
 
 if TYPE_CHECKING:
     from engine.service.server import EngineService
+
+log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT_MS = 30_000.0  # the engine's deadline for one HTTP request
 MAX_STOP_SEQUENCES = 8
@@ -115,11 +118,27 @@ class FimApi:
 
     @web.middleware
     async def errors(self, request: web.Request, handler):
+        """Every error is JSON, OpenAI's shape plus llama-server's numeric `code`: ours, the
+        router's 404/405, aiohttp's own refusals, and a bug's 500 (logged, never echoed)."""
         try:
             return await handler(request)
         except ApiError as exc:
-            body = {"error": {"message": exc.message, "type": exc.kind}}
-            return web.json_response(body, status=exc.status, headers=exc.headers)
+            status, message, kind, headers = exc.status, exc.message, exc.kind, exc.headers
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            status, message, headers = exc.status, exc.reason, None
+            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            if exc.status == 404:
+                message = f"no route {request.path} (see the README: HTTP FIM API)"
+            elif exc.status == 405:
+                message = f"{request.method} is not allowed on {request.path}"
+                headers = {"Allow": exc.headers.get("Allow", "")}
+        except Exception:  # noqa: BLE001 - a bug must still answer in JSON
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            status, message, kind, headers = 500, "internal error (logged)", "server_error", None
+        body = {"error": {"message": message, "type": kind, "code": status}}
+        return web.json_response(body, status=status, headers=headers)
 
     @web.middleware
     async def auth(self, request: web.Request, handler):
@@ -143,29 +162,33 @@ class FimApi:
         response.headers["Content-Type"] = CONTENT_TYPE
         return response
 
-    async def fim(self, request: web.Request) -> web.Response:
+    async def read_body(self, request: web.Request) -> bytes:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise _error(413, f"body of {request.content_length} bytes is over the "
                          f"{self.max_body_bytes}-byte limit")
         try:
-            raw = await request.read()  # aiohttp stops reading past client_max_size
+            return await request.read()  # aiohttp stops reading past client_max_size
         except web.HTTPRequestEntityTooLarge:
             raise _error(413, f"body is over the {self.max_body_bytes}-byte limit") from None
+
+    async def fim(self, request: web.Request) -> web.StreamResponse:
+        from engine.service.peer_api import model_name, stream_completion
+
+        raw = await self.read_body(request)
         try:
             body = msgspec.json.decode(raw, type=FimRequest)
         except msgspec.DecodeError as exc:
             raise _error(400, f"bad request body: {exc}") from None
-        if body.stream:
-            raise _error(400, "stream: streaming is not supported; send "
-                         "stream=false")
         stops = stop_strings(body.stop)
         scheduler = self.service.scheduler
         if scheduler.state != "ready":
             raise _error(503, f"the model is {scheduler.state}"
                          + (f": {scheduler.error}" if scheduler.error else ""), "server_error")
         result = await self._run(request, to_engine_request(body, stops))
-        model = scheduler.info.model if scheduler.info else "maskfill"
-        return web.json_response(to_response(result, stops, body.model or model))
+        answer = to_response(result, stops, body.model or model_name(scheduler.info))
+        if body.stream:  # Continue's OpenAI adapter always streams FIM
+            return await stream_completion(request, answer, usage=False, chat_delta=True)
+        return web.json_response(answer)
 
     async def _run(self, request: web.Request, engine_request: CompletionRequest):
         loop = asyncio.get_running_loop()
@@ -205,6 +228,9 @@ def build_app(service: EngineService, max_body_bytes: int = 1024 * 1024) -> web.
     api = FimApi(service, max_body_bytes)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[api.errors, api.auth])
     app.router.add_post("/v1/fim/completions", api.fim)
+    from engine.service.peer_api import add_peer_routes  # (it imports this module)
+
+    add_peer_routes(app, api)  # /v1/completions, /infill
     app.router.add_get("/health", api.health)
     app.router.add_get("/metrics", api.metrics)
     return app

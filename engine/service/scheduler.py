@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgspec
 
@@ -55,7 +55,7 @@ class ResultCache:
         )
         if not deterministic:
             return None
-        return msgspec.msgpack.encode(msgspec.structs.replace(request, timeout_ms=None))
+        return msgspec.msgpack.encode(replace(request, timeout_ms=None))
 
     def get(self, key: bytes) -> CompletionResult | None:
         with self._lock:
@@ -110,6 +110,7 @@ class FairScheduler:
         cache_key = ResultCache.key(job.request)
         if cache_key is not None and (hit := self.cache.get(cache_key)) is not None:
             self.stats.record_cache(True)
+            self.stats.record_outcome("cached")  # a request like any other in /metrics
             self._supersede(job)
             _answer(job, hit, None)
             return

@@ -290,6 +290,8 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
     service = EngineService(scheduler, token=token, idle_exit_s=options.idle_exit_s)
     closers: list = []
     endpoints: dict[str, Any] = {"pid": os.getpid()}
+    if token is not None:  # where a client reads it (`maskfill-engine token` prints it too)
+        endpoints["token_file"] = str(_token_file(options))
     try:
         if options.socket is not None:
             endpoints["socket"] = await _serve_unix(service, options.socket, closers)
@@ -341,8 +343,11 @@ def _token(options: ServeOptions) -> str | None:
                               "it (clients will need the token)")
     if not remote:
         return None
-    token_file = options.token_file or paths.runtime_dir() / paths.TOKEN_FILE_NAME
-    return paths.ensure_token(token_file)
+    return paths.ensure_token(_token_file(options))
+
+
+def _token_file(options: ServeOptions) -> Path:
+    return options.token_file or paths.runtime_dir() / paths.TOKEN_FILE_NAME
 
 
 async def _serve_unix(service: EngineService, path: Path, closers: list) -> str:

@@ -10,7 +10,8 @@ from typing import Any
 
 # Seconds; an interactive completion is judged in tens to hundreds of milliseconds.
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
-OUTCOMES = ("ok", "cancelled", "dropped", "timed_out", "error")
+# cached: answered from the exact-request cache, no model run (still a request served).
+OUTCOMES = ("ok", "cached", "cancelled", "dropped", "timed_out", "error")
 
 
 class ServiceStats:

@@ -147,9 +147,11 @@ def snippet_with_hole(model: Path) -> tuple[str, str, str]:
 def start_nvim(tmp_path: Path, memorized_model: Path) -> Iterator[Callable[..., Nvim]]:
     started: list[Nvim] = []
 
-    def start(text: str, *, inline: bool, cmd: list[str] | None = None, path: str | None = None):
+    def start(text: str, *, inline: bool, cmd: list[str] | None = None, path: str | None = None,
+              setup: bool = True):
         """`cmd`: the plugin's server command (default: the real server with the memorized
-        model; [] leaves the plugin's own default). `path`: PATH for Neovim."""
+        model; [] leaves the plugin's own default). `path`: PATH for Neovim. `setup`: False
+        configures Neovim as the README's alternative to setup() does."""
         file = tmp_path / "example.py"
         file.write_text(text, encoding="utf-8")
         if cmd is None:
@@ -165,6 +167,9 @@ def start_nvim(tmp_path: Path, memorized_model: Path) -> Iterator[Callable[..., 
             "HF_HUB_OFFLINE": "1",
         }
         env.pop("MASKFILL_CMD", None)
+        env.pop("MASKFILL_NO_SETUP", None)
+        if not setup:
+            env["MASKFILL_NO_SETUP"] = "1"
         if cmd:
             env["MASKFILL_CMD"] = json.dumps(cmd)
         if path is not None:
@@ -193,6 +198,26 @@ def cursor_keys(prefix: str) -> str:
     row = prefix.count("\n") + 1
     col = len(prefix.rsplit("\n", 1)[-1].encode("utf-8"))  # Neovim columns are bytes
     return f"<Esc>:call cursor({row}, {col + 1})<CR>"
+
+
+def show_and_accept(nvim: Nvim, prefix: str, middle: str, suffix: str) -> None:
+    """Enter insert mode in the hole (InsertEnter makes Neovim ask for an inline completion),
+    wait for the ghost text, press <Tab>: the buffer must hold the memorized snippet."""
+    nvim.send(cursor_keys(prefix) + "i")
+    ghost = wait_for(
+        lambda: nvim.probe("ghost"),
+        SUGGESTION_TIMEOUT_S,
+        "the inline suggestion",
+        nvim.diagnostics,
+    )
+    nvim.send("<Tab>")
+    expected = (prefix + middle + suffix).split("\n")[:-1]  # the file ends with a newline
+    wait_for(
+        lambda: nvim.probe("buffer")["lines"] == expected,
+        10,
+        f"the accepted suggestion (ghost text was {ghost!r})",
+        lambda: f"buffer: {nvim.probe('buffer')}",
+    )
 
 
 def test_setup_registers_the_server_toggle_and_tab_fallback(
@@ -233,27 +258,24 @@ def test_inline_suggestion_is_shown_and_accepted(
     # The server's maskfill/didChangeStatus notification reached the plugin.
     wait_for(lambda: nvim.probe("attached")["statusline"] == "maskfill: ready", 10, "statusline")
 
-    # Enter insert mode in the hole: InsertEnter makes Neovim ask for an inline completion.
-    nvim.send(cursor_keys(prefix) + "i")
-    ghost = wait_for(
-        lambda: nvim.probe("ghost"),
-        SUGGESTION_TIMEOUT_S,
-        "the inline suggestion",
-        nvim.diagnostics,
-    )
-    nvim.send("<Tab>")
-    expected = (prefix + middle + suffix).split("\n")[:-1]  # the file ends with a newline
-
-    def accepted() -> bool:
-        return nvim.probe("buffer")["lines"] == expected
-
-    wait_for(
-        accepted,
-        10,
-        f"the accepted suggestion (ghost text was {ghost!r})",
-        lambda: f"buffer: {nvim.probe('buffer')}",
-    )
+    show_and_accept(nvim, prefix, middle, suffix)
     assert nvim.probe("buffer")["mode"] == "i"  # <Tab> accepted; it did not insert a tab
+
+
+def test_without_setup_the_readme_lines_accept_with_tab_and_feed_the_statusline(
+    start_nvim: Callable[..., Nvim], memorized_model: Path
+) -> None:
+    """Issue 21.6: with only vim.lsp.enable (the README's alternative to setup()), <Tab> inserted
+    indentation over the ghost text and statusline() stayed empty. The README's lines accept
+    with <Tab>, and the status handler comes with the lsp/ config itself."""
+    prefix, middle, suffix = snippet_with_hole(memorized_model)
+    nvim = start_nvim(prefix + suffix, inline=True, setup=False)
+    assert nvim.probe("config")["commands"] == {"status": False, "toggle": False}  # no setup()
+    wait_until_ready(nvim)
+    wait_for(lambda: nvim.probe("attached")["statusline"] == "maskfill: ready", 10,
+             "statusline", nvim.diagnostics)
+
+    show_and_accept(nvim, prefix, middle, suffix)
 
 
 def test_trigger_key_asks_for_candidates_to_cycle(

@@ -4,9 +4,9 @@ whoever joins, leaves or is cancelled beside it."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
-import msgspec
 import pytest
 import torch
 
@@ -103,7 +103,7 @@ def test_batched_requests_each_get_the_text_they_get_alone(engine):
 
 def test_a_cancelled_request_in_a_batch_does_not_disturb_its_neighbours(engine, monkeypatch):
     others = requests_for(engine)
-    slow = msgspec.structs.replace(others[1], threshold=1.0)  # one slot a pass: many passes
+    slow = dataclasses.replace(others[1], threshold=1.0)  # one slot a pass: many passes
     requests = [slow] + others
     alone = [engine.complete(r) for r in requests]
     assert alone[0].stats.forward_passes > 4
@@ -128,7 +128,7 @@ def test_a_cancelled_request_in_a_batch_does_not_disturb_its_neighbours(engine, 
 def test_a_deadline_ends_its_own_request_only(engine):
     requests = requests_for(engine)
     alone = [engine.complete(r) for r in requests]
-    late = msgspec.structs.replace(requests[1], timeout_ms=1e-6)
+    late = dataclasses.replace(requests[1], timeout_ms=1e-6)
     together = run_together(engine, [late] + requests[2:])
     assert together[0].stats.timed_out
     for a, b in zip(alone[2:], together[1:], strict=True):

@@ -155,3 +155,20 @@ def test_help_names_the_stop_default_and_the_column_base():
     text = " ".join(proc.stdout.split())
     assert "{auto,line,block,free}" in text and "default: auto" in text
     assert "COL is 0-based" in text and "VS Code's 'Col 9' is --col 8" in text
+
+
+@pytest.mark.parametrize("how, usage", [
+    ("script", "usage: maskfill-engine "),
+    ("module", "usage: python -m engine "),
+])
+def test_help_names_the_command_the_user_typed(how: str, usage: str) -> None:
+    """Issue 21.6: `maskfill-engine --help` said `usage: python -m engine`."""
+    script = Path(sys.executable).parent / "maskfill-engine"
+    if how == "script" and not script.exists():
+        pytest.skip("the maskfill-engine console script is not installed beside this python")
+    command = [str(script)] if how == "script" else [sys.executable, "-m", "engine"]
+    for args in (["--help"], ["serve", "--help"]):
+        proc = subprocess.run([*command, *args], capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(usage), proc.stdout[:200]

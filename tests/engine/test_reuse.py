@@ -239,3 +239,37 @@ def test_a_request_that_arrives_first_drops_the_speculation_it_would_wait_for(me
     engine.complete(CompletionRequest(prefix=PREFIX, suffix=SUFFIX, span_lengths=(4,),
                                       max_tokens=4, stop="free"))
     assert engine.wait_idle() and ran == ["late"]
+
+
+@pytest.mark.slow
+def test_the_paired_replay_times_the_same_requests_warm_and_cold(memorized_model):
+    """Issue 21.7: the real-time replay's cold and warm p50s compare different requests, so
+    `make bench` pairs them: the requests that reached the engine, each on an engine that
+    reuses its predecessor's context and on one that never reuses, back to back."""
+    from engine.keystroke_replay import paired, replay
+
+    live = Engine.load(str(memorized_model))
+    reached: list[CompletionRequest] = []
+    try:
+        figures = replay(live, chars=24, reached=reached)
+    finally:
+        live.close()
+    assert len(reached) == figures["replay_requests"] >= 3
+    assert figures["replay_cold_completed"] + figures["replay_warm_completed"] == \
+        figures["replay_completed"]
+
+    warm = Engine.load(str(memorized_model))
+    cold = Engine.load(str(memorized_model), context_reuse=False)
+    try:
+        out = paired(warm, cold, reached)
+        assert out["replay_paired_requests"] == len(reached) - 1  # the first has no predecessor
+        assert out["replay_paired_warm_rate"] == 1.0  # every later request reused a context
+        assert cold.context_stats()["hits"] == 0
+        assert warm.context_stats()["hits"] >= len(reached) - 1
+        for key in ("cold_ms_p50", "warm_ms_p50", "speedup_p50", "cold_encode_ms_p50",
+                    "warm_encode_ms_p50"):
+            assert out[f"replay_paired_{key}"] > 0, key
+        assert 0.0 <= out["replay_paired_same_text"] <= 1.0
+    finally:
+        warm.close()
+        cold.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,8 @@ def test_pipeline_writes_a_checkpoint_that_loads_and_completes(tmp_path, capsys)
             "total_s"} <= summary["phases_s"].keys()
 
     files = sorted(f.name for f in out.iterdir())
-    assert files == sorted(["TRAINING.md", train_gpu.ARCHIVE, "model.safetensors"])
+    assert files == sorted(["TRAINING.md", train_gpu.ARCHIVE, "model.safetensors",
+                            train_gpu.PROGRESS])
     assert len(files) <= train_gpu.MAX_FILES
     assert all((out / f).stat().st_size <= train_gpu.MAX_FILE_BYTES for f in files)
     report = (out / "TRAINING.md").read_text()
@@ -82,3 +84,43 @@ def test_a_failure_during_training_still_returns_the_weights_and_the_log(tmp_pat
     assert {"model.safetensors", train_gpu.ARCHIVE, "TRAINING.md"} <= {
         f.name for f in out.iterdir()}
     assert "steps: 2," in (out / "TRAINING.md").read_text()
+
+
+def test_a_killed_run_leaves_its_record_and_log(tmp_path):
+    """Killed mid-training (a device call's hard end), train-gpu.json is valid and holds the
+    plan, the finished environment phase and the phase under way; the log holds the lines
+    written so far (a real subprocess, killed with SIGKILL)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "engine.train_gpu", *TINY, "--out", str(out),
+                             "--work", str(tmp_path / "work"), "--steps", "100000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+
+    def phases() -> list[dict]:
+        try:
+            return json.loads((out / train_gpu.PROGRESS).read_text())["phases"]
+        except (OSError, ValueError, KeyError):
+            return []
+
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p["name"] == "training" for p in phases()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+        proc.wait()
+    record = json.loads((out / train_gpu.PROGRESS).read_text())
+    assert record["plan"]["worst_case_s"] <= 540 and record["finished"] is False
+    assert [(p["name"], p["status"]) for p in record["phases"]] == [
+        ("environment", "done"), ("training", "running")]
+    assert record["environment"]["device"] == "cpu"
+    assert "environment: {" in (out / train_gpu.LOG).read_text()

@@ -54,6 +54,10 @@ def test_on_a_cpu_machine_it_says_there_is_no_cuda_and_is_ready():
     assert model.startswith("ok    model     embedded model"), model
     assert "M parameters" in model
     assert line(lines, "memory").startswith("ok    memory    about ")
+    # The quant line and the memory line name the same width (issue 21.6: "16-bit weights"
+    # above "float32"): the embedded model is published bfloat16 and loads as float32 on a CPU.
+    assert line(lines, "quant") == "info  quant     none: unquantized float32 weights", lines
+    assert "(float32, quant none)" in line(lines, "memory")
     assert lines[-1] == "ok    ready: maskfill-lsp can serve completions on cpu"
 
 

@@ -5,6 +5,7 @@ limited to ~100 bytes) whose engines are stopped at teardown, and a helper that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -151,7 +152,6 @@ def fim_answer(model: Path, request) -> str:
     """What the engine itself answers for `request` shaped as the FIM API sends it (no exact
     hole length: the engine tries its buckets up to max_tokens). Which bucket wins is the
     engine's business; the API must pass that answer through unchanged."""
-    import msgspec
     import torch
 
     from engine.engine import Engine
@@ -159,6 +159,6 @@ def fim_answer(model: Path, request) -> str:
     torch.set_num_threads(1)
     engine = Engine.load(str(model))
     try:
-        return engine.complete(msgspec.structs.replace(request, span_lengths=None)).text
+        return engine.complete(dataclasses.replace(request, span_lengths=None)).text
     finally:
         engine.close()

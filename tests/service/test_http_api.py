@@ -94,7 +94,6 @@ async def test_stop_sequences_cut_the_text(api, memorized_model):
     (b'{"prompt": "x", "temperature": -1}', "$.temperature"),
     (b'{"prompt": "x", "n": 0}', "$.n"),
     (b'{"prompt": "x", "stop": ["a", ""]}', "must not be empty"),
-    (b'{"prompt": "x", "stream": true}', "streaming is not supported"),
     (b'{"prompt": "\\ud800"}', "bad request body"),  # a lone surrogate
     (b'{"prompt": "x", "max_tokens": 300}', "does not fit the model window"),  # engine check
 ])

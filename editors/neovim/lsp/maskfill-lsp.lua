@@ -4,4 +4,10 @@
 return {
   cmd = { 'maskfill-lsp', '--stdio' },
   root_markers = { '.git' },
+  -- The server's state for require('maskfill').statusline(), with or without setup().
+  handlers = {
+    ['maskfill/didChangeStatus'] = function(...)
+      return require('maskfill').on_server_status(...)
+    end,
+  },
 }

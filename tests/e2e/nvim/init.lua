@@ -14,14 +14,31 @@ vim.notify = function(message, level, opts)
   return notify(message, level, opts)
 end
 
-require('maskfill').setup({
-  -- Unset: the plugin's default command (maskfill-lsp on PATH).
-  cmd = vim.env.MASKFILL_CMD and vim.json.decode(vim.env.MASKFILL_CMD) or nil,
-  inline = vim.env.MASKFILL_INLINE ~= '0',
-  -- No engine deadline: on a busy CI machine a 3 s deadline would cut the denoising short and
-  -- the memorized text would come out partial, depending on load rather than on the code.
-  settings = { timeoutMs = 600000 },
-})
+-- No engine deadline: on a busy CI machine a 3 s deadline would cut the denoising short and
+-- the memorized text would come out partial, depending on load rather than on the code.
+local settings = { timeoutMs = 600000 }
+if vim.env.MASKFILL_NO_SETUP == '1' then
+  -- editors/neovim/README.md's alternative to setup(): the config from lsp/maskfill-lsp.lua,
+  -- inline completion turned on and Neovim's documented accept-or-Tab key, nothing else.
+  vim.lsp.config('maskfill-lsp', {
+    cmd = vim.env.MASKFILL_CMD and vim.json.decode(vim.env.MASKFILL_CMD) or nil,
+    init_options = settings,
+  })
+  vim.lsp.enable('maskfill-lsp')
+  vim.lsp.inline_completion.enable()
+  vim.keymap.set('i', '<Tab>', function()
+    if not vim.lsp.inline_completion.get() then
+      return '<Tab>'
+    end
+  end, { expr = true, desc = 'Accept the inline completion' })
+else
+  require('maskfill').setup({
+    -- Unset: the plugin's default command (maskfill-lsp on PATH).
+    cmd = vim.env.MASKFILL_CMD and vim.json.decode(vim.env.MASKFILL_CMD) or nil,
+    inline = vim.env.MASKFILL_INLINE ~= '0',
+    settings = settings,
+  })
+end
 
 local function ghost_marks()
   local ns = vim.api.nvim_get_namespaces()['nvim.lsp.inline_completion']

@@ -66,7 +66,8 @@ function M.statusline()
 end
 
 -- (A failed load also arrives as window/showMessage, which Neovim shows; no second message.)
-local function on_server_status(_, params)
+-- Public: lsp/maskfill-lsp.lua routes the notification here when setup() was never called.
+function M.on_server_status(_, params)
   M.server_status = params
   vim.api.nvim_exec_autocmds('User', { pattern = 'MaskfillStatus', modeline = false })
 end
@@ -79,7 +80,7 @@ function M.lsp_config(opts)
     filetypes = opts.filetypes,
     -- An empty Lua table would be sent as a JSON list; the server wants an object.
     init_options = next(opts.settings) and opts.settings or vim.empty_dict(),
-    handlers = { ['maskfill/didChangeStatus'] = on_server_status },
+    handlers = { ['maskfill/didChangeStatus'] = M.on_server_status },
   }
   if not (opts.inline and has_inline_api()) then
     -- The server answers textDocument/completion only for clients without inline completion

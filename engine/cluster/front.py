@@ -1,0 +1,148 @@
+"""`FimFront`: the HTTP FIM contract of engine/service/http_api.py inside a Serve replica
+(starlette request in, response out): `POST /v1/fim/completions` in Mercury's shape,
+`GET /health`, `GET /metrics`, a Bearer token on every route but /health, clear 4xx errors
+naming the field (OpenAI's error shape plus the status as `code`), bodies over the limit
+refused as they stream in, `stream: true` answered as server-sent events as the shared engine
+does. The shared engine's peer routes (/v1/completions, /infill) are not served here yet.
+
+A subclass says how a checked request reaches an engine (`dispatch`) and what /health and
+/metrics report: FimIngress (ingress.py) hands it to an engine replica through a Serve handle;
+DirectFimEngine (direct.py) is the engine replica itself.
+
+Answers carry `x-maskfill-replica` (which replica answered), `x-maskfill-attempts`,
+`x-maskfill-reused-tokens` (context K/V reused from an earlier request: warm when > 0) and
+`x-maskfill-engine-ms` (time spent in the replica).
+"""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from engine.cluster import contract
+from engine.cluster.contract import FIM_PATH, SESSION_HEADER, EngineAnswer, EngineCall
+from engine.service.http_api import ApiError, stop_strings, to_engine_request, to_response
+from engine.service.metrics import CONTENT_TYPE
+from engine.service.peer_api import completion_events
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    body = {"error": {"message": exc.message, "type": exc.kind, "code": exc.status}}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+def event_stream(answer: dict, headers: dict[str, str]) -> StreamingResponse:
+    """`stream: true`: the answer as the shared engine streams it (peer_api's events, then
+    OpenAI's end marker)."""
+    events = completion_events(answer, usage=False, chat_delta=True)
+    lines = [b"data: " + msgspec.json.encode(e) + b"\n\n" for e in events]
+    return StreamingResponse(iter([*lines, b"data: [DONE]\n\n"]), media_type="text/event-stream",
+                             headers={**headers, "Cache-Control": "no-cache"})
+
+
+def metrics_response(text: bytes) -> Response:
+    return Response(text, media_type=None, headers={"Content-Type": CONTENT_TYPE})
+
+
+class FimFront:
+    def __init__(self, *, token_digest: bytes, models: list[str], max_body_bytes: int):
+        self.token_digest = token_digest
+        self.served_models = list(models)
+        self.max_body_bytes = max_body_bytes
+
+    # -- what a subclass provides --------------------------------------------------------
+
+    async def dispatch(self, call: EngineCall, key: str | None,
+                       model: str | None) -> tuple[EngineAnswer, int]:
+        """Run the call on an engine: (answer, attempts it took)."""
+        raise NotImplementedError
+
+    async def health_route(self) -> Response:
+        raise NotImplementedError
+
+    def metrics_route(self) -> Response:
+        raise NotImplementedError
+
+    # -- the contract ------------------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            path, method = route_path(request), request.method
+            if path == "/health" and method == "GET":
+                return await self.health_route()
+            self._authorize(request)
+            if path == FIM_PATH and method == "POST":
+                return await self.fim(request)
+            if path == "/metrics" and method == "GET":
+                return self.metrics_route()
+            raise ApiError(404, f"no route {method} {path} (POST {FIM_PATH}, GET /health, "
+                           "GET /metrics)", "not_found_error")
+        except ApiError as exc:
+            return error_response(exc)
+
+    def _authorize(self, request: Request) -> None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not contract.token_ok(self.token_digest, token.strip()):
+            raise ApiError(401, "missing or wrong token (send `Authorization: Bearer <token>`; "
+                           "the token is in the engine's token file)", "authentication_error",
+                           {"WWW-Authenticate": "Bearer"})
+
+    async def _read(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise ApiError(413, f"body of {declared} bytes is over the "
+                           f"{self.max_body_bytes}-byte limit")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it comes: never read past the limit
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise ApiError(413, f"body is over the {self.max_body_bytes}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def fim(self, request: Request) -> Response:
+        body = contract.decode_body(await self._read(request))
+        stops = stop_strings(body.stop)
+        model = self.model_id(body.model)
+        body = contract.pin_seed(body)
+        key = contract.session_key(self.token_digest,
+                                   request.headers.get(SESSION_HEADER) or body.session)
+        call = EngineCall(request=to_engine_request(body, stops),
+                          client=contract.scheduler_client(key))
+        answer, attempts = await self.dispatch(call, key, model)
+        if answer.error is not None:
+            if answer.error.startswith("bad completion request"):
+                raise ApiError(400, answer.error)
+            raise ApiError(500, answer.error, "server_error")
+        if answer.result is None:
+            raise ApiError(503, "the request was dropped (engine shutting down)",
+                           "server_error")
+        stats = answer.result.stats
+        headers = {"x-maskfill-replica": answer.replica, "x-maskfill-attempts": str(attempts),
+                   "x-maskfill-reused-tokens": str(stats.reused_context_tokens),
+                   "x-maskfill-engine-ms": f"{answer.engine_ms:.2f}"}
+        response = to_response(answer.result, stops, body.model or answer.model)
+        if body.stream:  # Continue's OpenAI adapter always streams FIM
+            return event_stream(response, headers)
+        return JSONResponse(response, headers=headers)
+
+    def model_id(self, requested: str | None) -> str | None:
+        """The multiplexed model id for a request: None with one checkpoint (any `model` is
+        echoed, as on one engine); with several, a served name or the first by default."""
+        if len(self.served_models) < 2:
+            return None
+        if requested is None:
+            return self.served_models[0]
+        if requested not in self.served_models:
+            raise ApiError(400, f"model: {requested!r} is not served here (served: "
+                           f"{', '.join(self.served_models)})")
+        return requested
+
+
+def route_path(request: Request) -> str:
+    """The path below the application's route prefix (Serve sets it as the root path)."""
+    path, root = request.scope.get("path", "/"), request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path if path.startswith("/") else "/" + path

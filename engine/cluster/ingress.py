@@ -1,0 +1,100 @@
+"""`FimIngress`: the cluster's HTTP front (front.py's contract) in front of the engine
+replicas, reached through a Serve handle keyed by the request's session for
+SessionAffinityRouter.
+
+A request whose replica dies while serving it (or before) is sent once more and the router
+picks another replica: FIM is deterministic for greedy decoding and sampled requests carry a
+seed fixed before the first try, so the answer is the one the dead replica would have given.
+A caller that hangs up cancels the request on the replica (the engine stops between steps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.handle import DeploymentHandle
+from starlette.responses import JSONResponse, Response
+
+from engine.cluster.contract import EngineAnswer, EngineCall
+from engine.cluster.front import FimFront, metrics_response
+from engine.cluster.metrics import render
+from engine.cluster.registry import replica_stats, router_counters
+from engine.service.http_api import ApiError
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 2  # the first try and one retry on another replica
+HEALTH_TIMEOUT_S = 10.0
+
+
+class FimIngress(FimFront):
+    def __init__(self, engine: DeploymentHandle, *, token_digest: bytes, models: list[str],
+                 max_body_bytes: int = 1024 * 1024):
+        from ray import serve
+
+        super().__init__(token_digest=token_digest, models=models,
+                         max_body_bytes=max_body_bytes)
+        self.engine = engine
+        self.app_name = serve.get_replica_context().app_name
+        self.engine_deployment = engine.deployment_name
+        self.retries = 0
+
+    async def dispatch(self, call: EngineCall, key: str | None,
+                       model: str | None) -> tuple[EngineAnswer, int]:
+        payload = msgspec.msgpack.encode(call)
+        options: dict[str, Any] = {}
+        if key:
+            options["session_id"] = key
+        if model:
+            options["multiplexed_model_id"] = model
+        handle = self.engine.options(**options) if options else self.engine
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                raw = await handle.complete.remote(payload)
+                return msgspec.msgpack.decode(raw, type=EngineAnswer), attempt
+            except RayActorError as exc:  # the replica died (or is unreachable)
+                if attempt == ATTEMPTS:
+                    raise ApiError(503, "the engine replicas serving this request died "
+                                   f"({ATTEMPTS} tries); retry shortly", "server_error") from None
+                self.retries += 1
+                log.warning("engine replica lost mid-request, sending it again: %s",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            except RayTaskError as exc:  # the replica raised: a model that did not load
+                raise ApiError(503, f"the engine could not serve this request: "
+                               f"{_cause(exc)}", "server_error") from None
+        raise AssertionError("unreachable")
+
+    async def health_route(self) -> Response:
+        """One round trip to an engine replica: 200 once one can answer."""
+        try:
+            replica = await asyncio.wait_for(self.engine.health.remote(), HEALTH_TIMEOUT_S)
+        except (asyncio.TimeoutError, RayActorError, RayTaskError) as exc:
+            body = {"status": "unavailable", "state": "unavailable",
+                    "error": f"no engine replica answered: {type(exc).__name__}"}
+            return JSONResponse(body, status_code=503)
+        replicas = len(replica_stats(self.app_name, self.engine_deployment))
+        return health_answer(replica["models"], replicas)
+
+    def metrics_route(self) -> Response:
+        ingress = {"retries": self.retries,
+                   "routed": router_counters(self.app_name, self.engine_deployment)}
+        return metrics_response(render(replica_stats(self.app_name, self.engine_deployment),
+                                       ingress))
+
+
+def health_answer(models: dict[str, str], replicas: int) -> JSONResponse:
+    """/health's body from one replica's model states: 200 once a model is ready."""
+    states = set(models.values()) or {"loading"}
+    state = "ready" if "ready" in states else sorted(states)[0]
+    body = {"status": "ok" if state == "ready" else state, "state": state, "replicas": replicas}
+    return JSONResponse(body, status_code=200 if state == "ready" else 503)
+
+
+def _cause(exc: RayTaskError) -> str:
+    cause = getattr(exc, "cause", None)
+    text = str(cause if cause is not None else exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
