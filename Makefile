@@ -17,6 +17,7 @@ TRAIN_ARGS    ?=# more python -m engine.train_gpu flags, e.g. --compile off, --b
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-gpu gpu-check gpu-wheels lint fix bench bench-gpu eval train train-gpu vsix bench-cluster
+.PHONY: test-vscode bench-vscode
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -74,3 +75,18 @@ vsix: ## package the VS Code extension
 
 bench-cluster: $(STAMP) ## local Ray cluster, 2 replicas: sessions over HTTP, a replica killed; table + JSON
 	$(PY) -m engine.cluster.bench
+
+# A real VS Code: code-server and node 24 from npm into .cache/vscode-e2e (reused; no root),
+# the system's Chromium (Debian `chromium`), Playwright from the vscode-e2e extra.
+VSCODE_E2E := $(VENV)/.maskfill-vscode-e2e
+$(VSCODE_E2E): $(STAMP)
+	$(PIP) install -q -e '.[dev,vscode-e2e]'
+	touch $(VSCODE_E2E)
+
+test-vscode: $(VSCODE_E2E) ## the extension in a real VS Code (code-server) in headless Chromium
+	$(PY) -m tests.editors.vscode_e2e.toolchain install
+	MASKFILL_VSCODE_E2E=1 $(PY) -m pytest -q -rs -m vscode tests/editors/vscode_e2e
+
+bench-vscode: $(VSCODE_E2E) ## keystroke -> ghost text in that VS Code, beside the server's own time
+	$(PY) -m tests.editors.vscode_e2e.toolchain install
+	$(PY) -m tests.editors.vscode_e2e.bench

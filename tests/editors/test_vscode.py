@@ -197,3 +197,12 @@ def test_settings_sent_by_the_extension_parse_without_warnings() -> None:
     settings, warnings = parse_settings(sent)
     assert warnings == []
     assert settings == Settings()
+
+
+def test_server_path_is_read_where_users_put_it_and_not_synced() -> None:
+    """A machine-overridable setting is dropped from User settings in a remote window (code-server,
+    SSH): window scope reads it there (Remote settings still take precedence). A path belongs to
+    one machine, so Settings Sync leaves it alone."""
+    spec = manifest()["contributes"]["configuration"]["properties"]["maskfill.serverPath"]
+    assert spec["scope"] == "window"
+    assert spec["ignoreSync"] is True

@@ -1,14 +1,12 @@
 // maskfill for VS Code: launches maskfill-lsp, passes settings, shows state. The server does the
 // work; inline completion itself is built into vscode-languageclient 11.
 import * as vscode from "vscode";
-import {
-  DidChangeConfigurationNotification,
-  ExecuteCommandRequest,
-  LanguageClient,
-  State,
-} from "vscode-languageclient/node";
+import { DidChangeConfigurationNotification, ExecuteCommandRequest, State } from "vscode-languageclient/node";
+import { MaskfillClient } from "./client";
 import { checkArgs, runInstallCheck } from "./installCheck";
+import { readmeName } from "./installGuide";
 import { inlineMiddleware } from "./middleware";
+import { EXIT_WAIT_MS, startFailure } from "./serverProcess";
 import { isExecutableFile, resolveServer } from "./serverPath";
 import {
   type ClientSettings,
@@ -43,6 +41,12 @@ function offer(show: Show, message: string, actions: Action[]): void {
   );
 }
 
+// The remote's name in a remote window, where machine-overridable settings (maskfill.serverPath)
+// come from Remote settings. A node extension in a browser window (code-server) runs remotely.
+function remoteName(): string | undefined {
+  return vscode.env.remoteName ?? (vscode.env.uiKind === vscode.UIKind.Web ? "browser" : undefined);
+}
+
 function currentSettings(): ClientSettings {
   const config = vscode.workspace.getConfiguration(SECTION);
   return readSettings((key) => config.get(key));
@@ -54,7 +58,9 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
   item.command = SHOW_LOG; // the error tooltip says "click for the log"
   const status = new StatusTracker();
   let settings = currentSettings();
-  let client: LanguageClient | undefined;
+  let server: MaskfillClient | undefined;
+  const remote = remoteName();
+  if (remote !== undefined) log.info(`remote window (${remote}): the server runs on that machine`);
 
   const render = (): void => {
     const view = status.view();
@@ -63,21 +69,26 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     item.backgroundColor = view.isError ? new vscode.ThemeColor("statusBarItem.errorBackground") : undefined;
     item.show();
   };
-  const showLog: Action = { title: "Show Log", run: () => log.show() };
-  // A missing server is an install problem: point at the install steps (README.md ships in the
-  // .vsix) and at the setting, not only at the log.
+  const showLog: Action = { title: "Show Output", run: () => log.show() };
+  // A missing server is an install problem: point at the install steps (the README ships in the
+  // .vsix) and at the setting, in the settings a remote window reads it from, not only at the log.
   const installActions: Action[] = [
     {
       title: "Install Guide",
-      run: () =>
-        vscode.commands.executeCommand(
-          "markdown.showPreview",
-          vscode.Uri.joinPath(context.extensionUri, "README.md"),
-        ),
+      run: async () => {
+        const files = await vscode.workspace.fs.readDirectory(context.extensionUri);
+        const readme = vscode.Uri.joinPath(context.extensionUri, readmeName(files.map(([name]) => name)));
+        return vscode.commands.executeCommand("markdown.showPreview", readme);
+      },
     },
     {
       title: "Set Server Path",
-      run: () => vscode.commands.executeCommand("workbench.action.openSettings", "maskfill.serverPath"),
+      run: () =>
+        remote === undefined
+          ? vscode.commands.executeCommand("workbench.action.openSettings", "maskfill.serverPath")
+          : vscode.commands.executeCommand("workbench.action.openRemoteSettings", {
+              query: "maskfill.serverPath",
+            }),
     },
   ];
   const fail = (message: string, notify = true, actions: Action[] = []): void => {
@@ -87,7 +98,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     if (notify) offer(vscode.window.showErrorMessage, `maskfill: ${message}`, [...actions, showLog]);
   };
   const queryServerStatus = async (): Promise<unknown> =>
-    client?.sendRequest(ExecuteCommandRequest.type, { command: "maskfill.status", arguments: [] });
+    server?.client.sendRequest(ExecuteCommandRequest.type, { command: "maskfill.status", arguments: [] });
   const onServerStatus = (params: ServerStatus): void => {
     const { phase, detail } = phaseFromServerStatus(params);
     if (typeof params.enabled === "boolean") status.enabled = params.enabled;
@@ -108,7 +119,18 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       pathEnv: process.env.PATH,
       platform: process.platform,
       isExecutable: isExecutableFile,
+      remote,
     });
+
+  const stop = async (): Promise<void> => {
+    const running = server;
+    server = undefined;
+    await running?.stop();
+  };
+  const restart = async (): Promise<void> => {
+    await stop();
+    await start();
+  };
 
   const start = async (): Promise<void> => {
     status.enabled = settings.enabled;
@@ -126,23 +148,26 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     );
     status.setPhase("starting");
     render();
-    client = new LanguageClient(
-      "maskfill",
-      "maskfill",
-      { command: found.server.command, args: found.server.args },
-      {
-        documentSelector: [{ scheme: "file" }, { scheme: "untitled" }], // the server filters languages
-        initializationOptions: serverSettings(settings),
-        outputChannel: log,
-        middleware: inlineMiddleware(
-          () => settings,
-          (ms) => {
-            status.recordLatency(ms);
-            render();
-          },
-        ),
-      },
-    );
+    const launch = {
+      ...found.server,
+      cwd: vscode.workspace.workspaceFolders?.[0]?.uri.fsPath, // as the client's own default
+    };
+    const options = {
+      documentSelector: [{ scheme: "file" }, { scheme: "untitled" }], // the server filters languages
+      initializationOptions: serverSettings(settings),
+      outputChannel: log,
+      middleware: inlineMiddleware(
+        () => settings,
+        (ms) => {
+          status.recordLatency(ms);
+          render();
+        },
+      ),
+    };
+    const restartServer: Action = { title: "Restart Server", run: restart };
+    const started = new MaskfillClient(launch, options, (reason) => fail(reason, true, [restartServer]));
+    server = started;
+    const client = started.client;
     client.onNotification(STATUS_NOTIFICATION, onServerStatus);
     client.onDidChangeState(({ newState }) => {
       if (newState === State.Stopped && status.phase !== "error") status.setPhase("stopped");
@@ -151,21 +176,17 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     try {
       await client.start();
     } catch (err) {
+      // The client only knows its end of the pipe ("write EPIPE"): say how the process ended
+      // and what it wrote to stderr.
       const reason = err instanceof Error ? err.message : String(err);
-      return fail(`the server did not start: ${reason}`, false); // the client already said so
+      const exit = await started.process?.waitForExit(EXIT_WAIT_MS);
+      const stderr = started.process?.stderrTail() ?? [];
+      await started.stop();
+      if (server === started) server = undefined; // a settings change tries again
+      return fail(startFailure(reason, exit, stderr));
     }
     if (status.phase === "starting") status.setPhase("loading"); // until the server says ready
     render();
-  };
-
-  const stop = async (): Promise<void> => {
-    const running = client;
-    client = undefined;
-    if (running?.needsStop()) await running.stop();
-  };
-  const restart = async (): Promise<void> => {
-    await stop();
-    await start();
   };
 
   context.subscriptions.push(
@@ -185,11 +206,12 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand(TRIGGER, async (): Promise<void> => {
       // Several candidates now (the server answers an Invoke request with numCandidates); when
       // nothing can answer, say why instead of showing nothing.
-      if (client?.state === State.Running) {
-        await vscode.commands.executeCommand(INLINE_TRIGGER);
-      } else if (!settings.enabled) {
+      if (!settings.enabled) {
+        // Also when the server runs: turned off, its middleware would drop the request.
         const turnOn = { title: "Turn On", run: () => vscode.commands.executeCommand(TOGGLE) };
         offer(vscode.window.showInformationMessage, "maskfill is turned off here.", [turnOn]);
+      } else if (server?.client.state === State.Running) {
+        await vscode.commands.executeCommand(INLINE_TRIGGER);
       } else {
         const restartServer = { title: "Restart Server", run: restart };
         const why = status.phase === "error" ? status.detail : "the server is not running";
@@ -208,7 +230,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       offer(show, `maskfill: ${report.headline}`, [showLog]);
     }),
     vscode.commands.registerCommand("maskfill.showServerStatus", async () => {
-      const reply = client
+      const reply = server
         ? await queryServerStatus().catch((err: unknown) => `unavailable: ${String(err)}`)
         : "the server is not running";
       log.info(`server status: ${JSON.stringify(reply, null, 2)}`);
@@ -220,9 +242,10 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       settings = currentSettings();
       status.enabled = settings.enabled;
       render();
-      if (needsRestart(before, settings) || client === undefined) return restart();
+      const stopped = server === undefined || [State.Stopped, State.StartFailed].includes(server.client.state);
+      if (needsRestart(before, settings) || stopped) return restart();
       // A new model, device or quant makes the server reload; its status notifications follow.
-      await client.sendNotification(DidChangeConfigurationNotification.type, {
+      await server?.client.sendNotification(DidChangeConfigurationNotification.type, {
         settings: serverSettings(settings),
       });
     }),

@@ -12,6 +12,7 @@ export interface ServerLookup {
   pathEnv: string | undefined; // process.env.PATH
   platform: NodeJS.Platform;
   isExecutable: (file: string) => boolean;
+  remote?: string; // the remote's name in a remote window (code-server, SSH, WSL, container)
 }
 
 export type ServerSource = "setting" | "venv" | "PATH";
@@ -52,6 +53,17 @@ function venvCandidates(lookup: ServerLookup): string[] {
   );
 }
 
+// In a remote window (code-server, SSH, WSL, a container) the server runs on the remote machine:
+// a path from User settings may name a file of another machine. Remote settings take precedence
+// there, so that is where this machine's path goes.
+function remoteNote(lookup: ServerLookup): string {
+  if (lookup.remote === undefined) return "";
+  return (
+    ` This is a remote window (${lookup.remote}): set this machine's maskfill.serverPath in Remote settings,` +
+    ` which take precedence over User settings.`
+  );
+}
+
 export function resolveServer(lookup: ServerLookup): Resolution {
   const p = pathsFor(lookup.platform);
   const configured = lookup.configuredPath.trim();
@@ -67,7 +79,7 @@ export function resolveServer(lookup: ServerLookup): Resolution {
       ok: false,
       message: `maskfill.serverPath is "${configured}", which is not an executable file${
         isBareName ? " on PATH" : ""
-      }.`,
+      }.${remoteNote(lookup)}`,
     };
   }
   const inVenv = venvCandidates(lookup).find((c) => lookup.isExecutable(c));
@@ -83,7 +95,8 @@ export function resolveServer(lookup: ServerLookup): Resolution {
     ok: false,
     message:
       `Cannot find ${SERVER_SCRIPT} (looked in ${looked.join(", ")}). ` +
-      `Install maskfill into that environment (pip install <maskfill checkout>) or set maskfill.serverPath.`,
+      `Install maskfill into that environment (pip install <maskfill checkout>) or set maskfill.serverPath.` +
+      remoteNote(lookup),
   };
 }
 

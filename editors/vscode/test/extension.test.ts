@@ -22,6 +22,8 @@ const h = vi.hoisted(() => {
     clients: [] as FakeClient[],
     statusReply: { loadState: "ready", model: "/m/tiny", device: "cpu", quant: "none" } as unknown,
     startError: undefined as Error | undefined,
+    remoteName: undefined as string | undefined,
+    extensionFiles: ["package.json", "readme.md", "out"], // what vsce puts in a .vsix
     item: {
       text: "",
       tooltip: "",
@@ -32,25 +34,39 @@ const h = vi.hoisted(() => {
     },
     log: { info: vi.fn(), error: vi.fn(), show: vi.fn(), dispose() {} },
   };
+  // Like vscode-languageclient's client: start() spawns the server through the server options
+  // function (a real process), then fails with `startError` when set.
   class FakeClient {
     state = 2; // State.Running
     requests: unknown[] = [];
     notifications: unknown[] = [];
+    shownErrors: string[] = []; // error() calls that would show a notification
     stopped = false;
+    spawned: string[] = []; // the server process's argv
     handlers = new Map<string, (params: unknown) => void>();
     constructor(
       public id: string,
       public name: string,
-      public serverOptions: { command: string; args: string[] },
-      public clientOptions: { initializationOptions: unknown; middleware: unknown },
+      public serverOptions: () => Promise<{ spawnargs: string[] }>,
+      public clientOptions: {
+        initializationOptions: unknown;
+        middleware: unknown;
+        errorHandler: { closed: () => Promise<{ action: number; handled?: boolean }> };
+        initializationFailedHandler: (e: unknown) => boolean;
+      },
     ) {
       state.clients.push(this);
     }
     async start() {
+      this.spawned = (await this.serverOptions()).spawnargs;
       if (state.startError) {
-        this.state = 1; // a client that failed to start is Stopped
+        this.state = 4; // State.StartFailed
+        this.error("maskfill client: couldn't create connection to server.", state.startError, "force");
         throw state.startError;
       }
+    }
+    error(message: string, _data?: unknown, showNotification: boolean | "force" = true) {
+      if (showNotification) this.shownErrors.push(message);
     }
     needsStop() {
       return !this.stopped;
@@ -82,6 +98,13 @@ const h = vi.hoisted(() => {
 
 vi.mock("vscode", () => ({
   StatusBarAlignment: { Left: 1, Right: 2 },
+  UIKind: { Desktop: 1, Web: 2 },
+  env: {
+    get remoteName() {
+      return h.state.remoteName;
+    },
+    uiKind: 1,
+  },
   ConfigurationTarget: { Global: 1, Workspace: 2, WorkspaceFolder: 3 },
   ThemeColor: class {
     constructor(public id: string) {}
@@ -119,6 +142,9 @@ vi.mock("vscode", () => ({
   },
   workspace: {
     workspaceFolders: undefined,
+    fs: {
+      readDirectory: async () => h.state.extensionFiles.map((name) => [name, 1]),
+    },
     getConfiguration: (section: string) => ({
       get: (key: string) => (section === "editor" ? h.state.editorConfig[key] : h.state.config[key]),
       inspect: (key: string) => ({
@@ -140,7 +166,9 @@ vi.mock("vscode", () => ({
 
 vi.mock("vscode-languageclient/node", () => ({
   LanguageClient: h.FakeClient,
-  State: { Stopped: 1, Running: 2, Starting: 3 },
+  State: { Stopped: 1, Running: 2, Starting: 3, StartFailed: 4 },
+  CloseAction: { DoNotRestart: 1, Restart: 2 },
+  ErrorAction: { Continue: 1, Shutdown: 2 },
   DidChangeConfigurationNotification: { type: "workspace/didChangeConfiguration" },
   ExecuteCommandRequest: { type: "workspace/executeCommand" },
 }));
@@ -148,8 +176,17 @@ vi.mock("vscode-languageclient/node", () => ({
 import { activate, deactivate } from "../src/extension";
 
 const STATUS = "maskfill/didChangeStatus";
+// A console script whose environment lacks torch, as Python reports it.
+const BROKEN = `#!/bin/sh
+echo 'Traceback (most recent call last):' >&2
+echo '  File "/x/maskfill-lsp", line 2, in <module>' >&2
+echo '    import torch' >&2
+echo "ModuleNotFoundError: No module named 'torch'" >&2
+exit 1
+`;
 let dir: string;
 let server: string;
+const writeServer = (body: string) => fs.writeFileSync(server, body, { mode: 0o755 });
 const EXTENSION_URI = { path: "/ext/maskfill" };
 const context = () => ({ subscriptions: [] as unknown[], extensionUri: EXTENSION_URI }) as never;
 const manifest = () => JSON.parse(fs.readFileSync(path.join(__dirname, "..", "package.json"), "utf8"));
@@ -177,6 +214,8 @@ beforeEach(() => {
     configListeners: [],
     statusReply: { loadState: "ready", model: "/m/tiny", device: "cpu", quant: "none" },
     startError: undefined,
+    remoteName: undefined,
+    extensionFiles: ["package.json", "readme.md", "out"],
   });
   h.state.commands.clear();
 });
@@ -191,7 +230,7 @@ describe("activate", () => {
     await activate(context());
     expect(h.state.clients).toHaveLength(1);
     const client = h.state.clients[0];
-    expect(client.serverOptions).toEqual({ command: server, args: ["--stdio"] });
+    expect(client.spawned).toEqual([server, "--stdio"]);
     expect(client.clientOptions.initializationOptions).toMatchObject({
       model: "/models/tiny",
       device: "cuda",
@@ -249,10 +288,11 @@ describe("activate", () => {
     expect(h.state.clients).toHaveLength(0);
     expect(h.state.errors[0]).toContain("missing-lsp");
     expect(h.state.errors[0]).toContain("not an executable file");
-    expect(h.state.offered[0]).toEqual(["Install Guide", "Set Server Path", "Show Log"]);
-    // The guide is the README shipped inside the extension, opened as a rendered preview.
+    expect(h.state.offered[0]).toEqual(["Install Guide", "Set Server Path", "Show Output"]);
+    // The guide is the README shipped inside the extension (vsce names it readme.md), opened as a
+    // rendered preview under its own name: README.md does not exist on a case-sensitive disk.
     await vi.waitFor(() =>
-      expect(h.state.executed).toContainEqual(["markdown.showPreview", { path: "/ext/maskfill/README.md" }]),
+      expect(h.state.executed).toContainEqual(["markdown.showPreview", { path: "/ext/maskfill/readme.md" }]),
     );
     expect(h.state.item.text).toBe("$(error) maskfill");
     // The tooltip says "click for the log": the click runs the show-log command.
@@ -269,12 +309,68 @@ describe("activate", () => {
     expect(h.state.clients).toHaveLength(1);
   });
 
-  it("shows a server that fails to start as an error", async () => {
-    h.state.startError = new Error("spawn EACCES");
+  it("says how a server that fails to start ended and what it wrote to stderr, once", async () => {
+    writeServer(BROKEN);
+    h.state.startError = new Error("write EPIPE"); // what the client saw of it
     await activate(context());
+    const reason =
+      "the server exited with code 1 before it started; its stderr ended: " +
+      'File "/x/maskfill-lsp", line 2, in <module> | import torch | ' +
+      "ModuleNotFoundError: No module named 'torch'";
+    expect(h.state.errors).toEqual([`maskfill: ${reason}`]);
+    expect(h.state.offered).toEqual([["Show Output"]]);
+    expect(h.state.clients[0].shownErrors).toEqual([]); // the client's own message stays in the log
     expect(h.state.item.text).toBe("$(error) maskfill");
-    expect(h.state.item.tooltip).toContain("spawn EACCES");
-    expect(h.state.log.error).toHaveBeenCalledWith("the server did not start: spawn EACCES");
+    expect(h.state.item.tooltip).toContain("No module named 'torch'");
+    expect(h.state.clients[0].clientOptions.initializationFailedHandler(new Error("x"))).toBe(false);
+  });
+
+  it("in a remote window, says that this machine's path goes in Remote settings and opens them", async () => {
+    h.state.remoteName = "ssh-remote";
+    h.state.config.serverPath = "";
+    h.state.choice = "Set Server Path";
+    await activate(context());
+    expect(h.state.errors[0]).toContain("Cannot find maskfill-lsp");
+    expect(h.state.errors[0]).toContain(
+      "This is a remote window (ssh-remote): set this machine's maskfill.serverPath in Remote settings",
+    );
+    await vi.waitFor(() =>
+      expect(h.state.executed).toContainEqual([
+        "workbench.action.openRemoteSettings",
+        { query: "maskfill.serverPath" },
+      ]),
+    );
+  });
+
+  it("in a local window, Set Server Path opens the user settings at the setting", async () => {
+    h.state.config.serverPath = "";
+    h.state.choice = "Set Server Path";
+    await activate(context());
+    expect(h.state.errors[0]).not.toContain("remote window");
+    await vi.waitFor(() =>
+      expect(h.state.executed).toContainEqual(["workbench.action.openSettings", "maskfill.serverPath"]),
+    );
+  });
+
+  it("restarts a server that stopped while running, then gives up saying why", async () => {
+    await activate(context());
+    const client = h.state.clients[0];
+    const closed = () => client.clientOptions.errorHandler.closed();
+    for (let i = 0; i < 4; i++) expect(await closed()).toEqual({ action: 2, handled: true }); // Restart
+    expect(await closed()).toEqual({ action: 1, handled: true }); // DoNotRestart
+    expect(h.state.errors).toEqual([
+      "maskfill: the server exited with code 0, after 4 restarts in 3 minutes",
+    ]);
+    expect(h.state.offered).toEqual([["Restart Server", "Show Output"]]);
+    expect(h.state.item.text).toBe("$(error) maskfill");
+  });
+
+  it("does not restart a server whose start failed", async () => {
+    await activate(context());
+    const client = h.state.clients[0];
+    client.state = 3; // State.Starting
+    expect(await client.clientOptions.errorHandler.closed()).toEqual({ action: 1, handled: true });
+    expect(h.state.errors).toEqual([]); // the failed start itself is reported by activate
   });
 
   it("shows a model that failed to load as an error in the status bar", async () => {
@@ -327,7 +423,7 @@ describe("commands and settings", () => {
     h.state.config.serverPath = other;
     await changeConfig();
     expect(h.state.clients).toHaveLength(2);
-    expect(h.state.clients[1].serverOptions.command).toBe(other);
+    expect(h.state.clients[1].spawned).toEqual([other, "--stdio"]);
     expect(h.state.clients[0].notifications).toHaveLength(0);
   });
 
@@ -370,12 +466,24 @@ describe("commands and settings", () => {
     await vi.waitFor(() => expect(h.state.executed).toEqual([["maskfill.toggleCompletions"]]));
 
     h.state.config.enabled = true;
-    h.state.startError = new Error("spawn EACCES");
+    writeServer(BROKEN);
+    h.state.startError = new Error("write EPIPE");
     h.state.choice = undefined;
     await changeConfig();
     await h.state.commands.get("maskfill.triggerSuggestion")!();
-    expect(h.state.warnings).toEqual(["maskfill: the server did not start: spawn EACCES"]);
-    expect(h.state.offered.at(-1)).toEqual(["Restart Server", "Show Log"]);
+    expect(h.state.warnings).toEqual([
+      expect.stringMatching(/^maskfill: the server exited with code 1 before it started; its stderr ended: /),
+    ]);
+    expect(h.state.offered.at(-1)).toEqual(["Restart Server", "Show Output"]);
+  });
+
+  it("the manual trigger says so when completions were turned off in a running server", async () => {
+    await activate(context());
+    h.state.config.enabled = false;
+    await changeConfig();
+    await h.state.commands.get("maskfill.triggerSuggestion")!();
+    expect(h.state.infos).toEqual(["maskfill is turned off here."]);
+    expect(h.state.executed).toEqual([]); // no request that the middleware would drop
   });
 
   it("Check Install runs maskfill-lsp --check with the window's settings and reports it", async () => {
@@ -390,7 +498,7 @@ describe("commands and settings", () => {
       "args: --check --model /models/tiny --device cuda --quant int8",
     );
     expect(h.state.warnings).toEqual(["maskfill: FAIL cuda not available"]);
-    expect(h.state.offered.at(-1)).toEqual(["Show Log"]);
+    expect(h.state.offered.at(-1)).toEqual(["Show Output"]);
   });
 
   it("deactivate stops the client", async () => {

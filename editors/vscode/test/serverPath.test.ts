@@ -99,3 +99,24 @@ describe("isExecutableFile", () => {
     expect(isExecutableFile(path.join(dir, "missing"))).toBe(false);
   });
 });
+
+describe("in a remote window", () => {
+  it("says that this machine's path goes in Remote settings", () => {
+    const note =
+      "This is a remote window (ssh-remote): set this machine's maskfill.serverPath in Remote settings," +
+      " which take precedence over User settings.";
+    const missing = resolveServer(lookup({ workspaceFolders: ["/w"], remote: "ssh-remote" }, []));
+    expect(missing.ok).toBe(false);
+    if (!missing.ok) {
+      expect(missing.message).toContain("Cannot find maskfill-lsp (looked in /w/.venv, PATH)");
+      expect(missing.message).toContain(note);
+    }
+    // A path from User settings that names another machine's file.
+    const elsewhere = resolveServer(
+      lookup({ configuredPath: "/Users/me/bin/maskfill-lsp", remote: "ssh-remote" }, []),
+    );
+    if (!elsewhere.ok) expect(elsewhere.message).toContain(note);
+    const local = resolveServer(lookup({ workspaceFolders: ["/w"] }, []));
+    if (!local.ok) expect(local.message).not.toContain("remote window");
+  });
+});
