@@ -245,10 +245,9 @@ class FairScheduler:
     def _run(self) -> None:
         try:
             self._load_engine()
+            # Each job runs on its own thread, even one at a time: this one stays in _next,
+            # where queued jobs meet their deadline.
             while self.state == "ready" and (job := self._next()) is not None:
-                if self.max_in_flight == 1:
-                    self._serve(job)
-                    continue
                 runner = threading.Thread(target=self._serve, args=(job,),
                                           name="maskfill-job", daemon=True)
                 self._runners = [t for t in self._runners if t.is_alive()] + [runner]
