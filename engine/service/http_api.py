@@ -229,6 +229,9 @@ class FimApi:
         if result is None:
             raise _error(503, "the request was dropped (engine shutting "
                          "down)", "server_error")
+        if result.stats.timed_out and not result.candidates:  # it never reached the model
+            raise _error(503, "timed out waiting for the model (the engine is busy); retry "
+                         "later", "server_error", **{"Retry-After": "1"})
         return result
 
 
