@@ -2,10 +2,17 @@
 
 `Engine.complete` keeps its blocking API: it hands a DenoiseJob to `BatchWorker.run` and waits.
 The worker thread admits waiting jobs between passes, first come first served, while the rows in
-flight stay within a row budget (a job bigger than the budget runs once the batch is empty, so it
-waits its turn but is never starved), then runs one pass for every request in flight
+flight stay within a row budget, then runs one pass for every request in flight
 (engine/denoiser.DenoiseLoop): each advances one step per pass, so a long request cannot hold
 back a short one, and each leaves as soon as it is done, cancelled or past its deadline.
+
+No request holds the whole batch: one with more rows than `max_job_rows` (three quarters of the
+budget) runs as chunks of at most that many, one after another, each queued behind whatever
+came meanwhile (engine/job_chunks.py), so there is always room for others beside it. A waiting
+job that does not fit yet is passed over by smaller ones behind it, at most MAX_OVERTAKES times
+(then it waits first in line). A waiting job whose caller gave up or whose deadline passed is
+answered at once, unrun. A cancel reaches the model within one layer: the context encode and
+every pass check it between layers (model.ENCODE_GATE), as the background work below does.
 
 Work that is not a request runs only when nothing is in flight or waiting: an `exclusive` job
 (DreamOn's own loop) and the low-priority `when_idle` tasks (engine/engine.py: the re-encode of
@@ -33,10 +40,14 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.denoiser import Denoised, DenoiseJob, DenoiseLoop
-from engine.model import ENCODE_GATE, EncodeInterrupted
+from engine.job_chunks import merge, split_job
+from engine.model import ENCODE_GATE, STEP_GATE, EncodeInterrupted
 
 log = logging.getLogger(__name__)
 IDLE_GRACE_S = 0.025
+# How often smaller jobs may be admitted past a waiting one that does not fit yet: enough to
+# keep short requests moving beside a big one, few enough that the big one's wait is bounded.
+MAX_OVERTAKES = 8
 # Workers still running at interpreter exit are stopped first: a daemon thread frozen inside
 # torch at shutdown aborts the process ("terminate called without an active exception").
 _RUNNING: weakref.WeakSet[BatchWorker] = weakref.WeakSet()
@@ -57,6 +68,7 @@ class Ticket:
     job: DenoiseJob | None  # a request for the shared loop
     exclusive: Callable[[], object] | None = None  # or work that needs the model alone
     rows: int = 0
+    overtaken: int = 0  # jobs admitted ahead of it while it did not fit
     done: threading.Event = field(default_factory=threading.Event)
     result: object = None
     error: BaseException | None = None
@@ -67,9 +79,12 @@ class Ticket:
 
 
 class BatchWorker:
-    def __init__(self, loop: DenoiseLoop, row_budget: int, name: str = "maskfill-denoise"):
+    def __init__(self, loop: DenoiseLoop, row_budget: int, name: str = "maskfill-denoise",
+                 max_job_rows: int | None = None):
         self.loop = loop
         self.row_budget = row_budget
+        # A quarter of the batch stays free for others beside the biggest request.
+        self.max_job_rows = max_job_rows or max(1, row_budget - row_budget // 4)
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         # Pending idle tasks by key, in the order they run (dicts keep insertion order).
@@ -86,9 +101,27 @@ class BatchWorker:
     # ---- any thread
 
     def run(self, job: DenoiseJob) -> Denoised | None:
-        """Denoise `job` with whatever else is in flight; None when it was cancelled before
-        it reached the model."""
-        return self._submit(Ticket(job=job, rows=job.rows))
+        """Denoise `job` with whatever else is in flight; None when it never reached the
+        model (cancelled, or its deadline passed while it waited: `job.stop` says which).
+        A job with more rows than max_job_rows runs in chunks, one after another."""
+        chunks = split_job(job, self.max_job_rows) if job.generator is None else [job]
+        if len(chunks) == 1:
+            return self._submit(Ticket(job=job, rows=job.rows))
+        parts: list[Denoised] = []
+        for chunk in chunks:
+            done = self._submit(Ticket(job=chunk, rows=chunk.rows))
+            if done is None:  # given up while it waited: what ran so far is the answer
+                break
+            parts.append(done)
+            if done.cancelled or done.timed_out:
+                break
+        if not parts:
+            return None
+        out = merge(job, parts, self.loop.args.mask_token_id)
+        if len(parts) < len(chunks):
+            out.cancelled = job.stop.cancelled()
+            out.timed_out = not out.cancelled
+        return out
 
     def run_exclusive(self, work: Callable[[], object]) -> object:
         """Run `work` on the model thread with nothing else in flight."""
@@ -166,11 +199,18 @@ class BatchWorker:
         if admitted is None:
             return False
         for ticket in admitted:
+            stop = ticket.job.stop
+            tokens = self._set_stop_gates(lambda _h, stop=stop: self._stop_gate([stop]))
             try:
                 state = self.loop.start(ticket.job)
+            except EncodeInterrupted:  # cancelled during its context encode
+                ticket.answer(None)
+                continue
             except Exception as error:  # noqa: BLE001 - this request fails, the others go on
                 ticket.answer(error=error)
                 continue
+            finally:
+                self._reset_stop_gates(tokens)
             state.ticket = ticket
         if exclusive is not None:
             try:
@@ -180,13 +220,22 @@ class BatchWorker:
             self._idle_since = time.monotonic()
         if self.loop.active:
             self.peak_rows = max(self.peak_rows, self.loop.rows)
+            stops = [s.job.stop for s in self.loop.active]
+            tokens = self._set_stop_gates(lambda _h: self._stop_gate(stops))
             try:
                 ended = self.loop.iterate()
+            except EncodeInterrupted:  # every request in the pass was cancelled mid-pass
+                for state in self.loop.abort():
+                    state.ticket.answer(None)
+                self._idle_since = time.monotonic()
+                return True
             except Exception as error:  # noqa: BLE001 - a failed pass fails its requests
                 log.warning("a denoising pass failed: %s", error)
                 for state in self.loop.abort():
                     state.ticket.answer(error=error)
                 return True
+            finally:
+                self._reset_stop_gates(tokens)
             self.passes += 1
             for state in ended:
                 state.ticket.answer(state.result)
@@ -207,6 +256,25 @@ class BatchWorker:
             log.exception("idle task failed")
         finally:
             ENCODE_GATE.reset(token)
+
+    @staticmethod
+    def _set_stop_gates(gate: Callable[[torch.Tensor], None]) -> tuple:
+        return ENCODE_GATE.set(gate), STEP_GATE.set(gate)
+
+    @staticmethod
+    def _reset_stop_gates(tokens: tuple) -> None:
+        ENCODE_GATE.reset(tokens[0])
+        STEP_GATE.reset(tokens[1])
+
+    def _stop_gate(self, stops: list) -> None:
+        """Between two layers of a request's encode or pass: stop once every request in it
+        was cancelled. The flag is read on the host, no device sync:
+        the layers already queued on a GPU finish, none is added. Never while a CUDA graph
+        is being captured (its Python runs once; the replays never call this)."""
+        if stops and all(stop.cancelled() for stop in stops):
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                return
+            raise EncodeInterrupted
 
     def _gate(self, hidden: torch.Tensor) -> None:
         if hidden.is_cuda:  # the host runs ahead of the device: check where the device is
@@ -236,17 +304,23 @@ class BatchWorker:
             self._busy = True
             admitted: list[Ticket] = []
             rows = self.loop.rows
-            while self._waiting:
-                head = self._waiting[0]
-                if head.exclusive is not None:
-                    if self.loop.active or admitted:
+            passed: list[Ticket] = []  # waiting jobs that did not fit this time
+            for ticket in list(self._waiting):
+                if ticket.exclusive is not None:
+                    if passed or self.loop.active or admitted:
                         break  # it waits for the batch to drain; nobody overtakes it
-                    self._waiting.popleft()
-                    return admitted, head, None
-                if rows and rows + head.rows > self.row_budget:
-                    break  # the first job always fits: an oversize one runs alone
-                admitted.append(self._waiting.popleft())
-                rows += head.rows
+                    self._waiting.remove(ticket)
+                    return admitted, ticket, None
+                if rows and rows + ticket.rows > self.row_budget:
+                    passed.append(ticket)
+                    if ticket.overtaken >= MAX_OVERTAKES:
+                        break  # its turn: nobody else goes first until it fits
+                    continue
+                self._waiting.remove(ticket)
+                admitted.append(ticket)
+                rows += ticket.rows
+                for waiting in passed:
+                    waiting.overtaken += 1
                 if rows >= self.row_budget:
                     break
             idle = None
@@ -255,8 +329,9 @@ class BatchWorker:
             return admitted, None, idle
 
     def _drop_cancelled(self) -> None:
-        """Answer waiting jobs whose caller gave up (cancelled before they reached the model)."""
+        """Answer waiting jobs whose caller gave up or whose deadline passed before they
+        reached the model (the caller reads which from its StopSignal)."""
         for ticket in [t for t in self._waiting if t.job is not None and
-                       t.job.stop.cancelled()]:
+                       (t.job.stop.cancelled() or t.job.stop.expired())]:
             self._waiting.remove(ticket)
             ticket.answer(None)

@@ -15,7 +15,6 @@ keystroke stays warm, and prepares the context as if the completion were accepte
 from __future__ import annotations
 
 import gc
-import math
 import os
 import secrets
 import threading
@@ -47,6 +46,7 @@ from engine.graphs import REFRESH_BUCKETS, PassCache
 from engine.kv_arena import BATCH_BUCKETS, common_layouts
 from engine.prefill import context_ids
 from engine.quantize import parameter_count, weight_bytes
+from engine.request_checks import validate
 from engine.speculation import speculate_accepted
 from engine.stop_modes import apply_stop
 
@@ -54,69 +54,16 @@ HOLE_BUCKETS = (8, 16, 32, 64)  # unknown span length: rows of these lengths sha
 LINE_BUCKETS = (8, 16, 24)  # 24 tokens: ~80+ characters, a long line; passes grow with it
 EXTRA_CANDIDATE_TEMPERATURE = 0.8  # extra candidates must differ: sample them when T = 0
 DREAMON_INITIAL_HOLE = 16  # DreamOn's L0 when the request gives none (its eval: 4..64)
-MAX_CANDIDATES = 16
 # Below this size a CPU step is a string of small ops (~25 query rows x a few hundred features):
 # a second thread costs more in wake-ups than it saves (embedded model, 2 cores: p50 470 ms with 1
 # thread, 615-750 ms with 2; docs/LOG.md). Bigger models use torch's default, all cores.
 SINGLE_THREAD_BELOW_PARAMS = 50_000_000
 CPU_THREADS_ENV = "MASKFILL_CPU_THREADS"
 DIFFUCODER_PAD = "<|dlm_pad|>"  # DiffuCoder ends spans with it (models.md §2.1); by name only
-SAMPLERS = ("threshold", "entropy_bounded", "origin", "maskgit_plus", "topk_margin", "entropy",
-            "low_confidence")
-STOP_MODES = ("line", "block", "free")
 # Rows in one shared pass. A CPU pass costs what its rows cost, so more rows only make every
 # request in it slower; on CUDA the captured batch buckets end at 16 rows.
 CPU_BATCH_ROWS = 32
 GPU_CONTEXT_CACHE_BYTES = 1 << 30
-
-
-def validate(request: CompletionRequest, max_context: int) -> None:
-    """Refuse nonsense with one clear line (dataclasses do not check types on creation)."""
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise EngineInputError(f"bad completion request: {message}")
-
-    def is_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def is_num(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-            value
-        )
-
-    need(isinstance(request.prefix, str) and isinstance(request.suffix, str),
-         "prefix and suffix must be strings")
-    need(is_int(request.max_tokens) and request.max_tokens >= 1,
-         f"max_tokens must be a positive integer, got {request.max_tokens!r}")
-    need(request.max_tokens < max_context,
-         f"max_tokens={request.max_tokens} does not fit the model window of {max_context} tokens")
-    if request.span_lengths is not None:
-        need(len(request.span_lengths) > 0 and all(
-            is_int(n) and 1 <= n <= request.max_tokens for n in request.span_lengths),
-            f"span_lengths must be integers in 1..max_tokens, got {request.span_lengths!r}")
-    need(request.stop in STOP_MODES, f"stop must be one of {STOP_MODES}, got {request.stop!r}")
-    need(request.sampler in SAMPLERS,
-         f"sampler must be one of {SAMPLERS}, got {request.sampler!r}")
-    need(is_num(request.threshold) and 0 < request.threshold <= 1,
-         f"threshold must be in (0, 1], got {request.threshold!r}")
-    need(is_num(request.entropy_bound) and request.entropy_bound > 0,
-         f"entropy_bound must be positive, got {request.entropy_bound!r}")
-    need(request.steps is None or (is_int(request.steps) and request.steps >= 1),
-         f"steps must be a positive integer or None, got {request.steps!r}")
-    need(is_num(request.temperature) and request.temperature >= 0,
-         f"temperature must be >= 0, got {request.temperature!r}")
-    need(is_num(request.top_p) and 0 < request.top_p <= 1,
-         f"top_p must be in (0, 1], got {request.top_p!r}")
-    need(request.seed is None or is_int(request.seed), "seed must be an integer or None")
-    need(is_int(request.num_candidates) and 1 <= request.num_candidates <= MAX_CANDIDATES,
-         f"num_candidates must be in 1..{MAX_CANDIDATES}, got {request.num_candidates!r}")
-    need(is_int(request.cache_refresh_every) and request.cache_refresh_every >= 0,
-         f"cache_refresh_every must be >= 0, got {request.cache_refresh_every!r}")
-    need(request.max_context_tokens is None or (
-        is_int(request.max_context_tokens) and request.max_context_tokens > request.max_tokens),
-        f"max_context_tokens must exceed max_tokens, got {request.max_context_tokens!r}")
-    need(request.timeout_ms is None or (is_num(request.timeout_ms) and request.timeout_ms > 0),
-         f"timeout_ms must be positive or None, got {request.timeout_ms!r}")
 
 
 def hole_lengths(request: CompletionRequest) -> list[int]:
@@ -394,8 +341,9 @@ class Engine:
                 f"{len(prefix_ids) + len(suffix_ids)} context tokens; lower max_tokens, "
                 "num_candidates or max_context_tokens"
             ) from None
-        if done is None:  # cancelled while it waited for the model
-            stats.cancelled = True
+        if done is None:  # cancelled, or past its deadline, before it reached the model
+            stats.cancelled = stop.cancelled()
+            stats.timed_out = not stats.cancelled
             return CompletionResult(text="", candidates=[], stats=stats)
         denoised = time.perf_counter()
         candidates, best_row = self._rank(request, done, rows)

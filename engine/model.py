@@ -39,11 +39,16 @@ class EncodeInterrupted(Exception):
     """Raised between two layers of an encode by the ENCODE_GATE of the work running it."""
 
 
-# Set while background work (engine/batch_worker.py: a worn context's re-encode) runs an
-# encode: called with the hidden states between layers, it raises EncodeInterrupted when a
-# request is waiting, so that work delays a request by one layer at most, not one encode.
+# Set by the worker (engine/batch_worker.py) around an encode or a pass: called with the hidden
+# states between layers, it raises EncodeInterrupted when the work is no longer wanted (a
+# background re-encode when a request is waiting; a request's encode or pass once it was
+# cancelled), so the work stops within one layer, not one encode or pass.
 ENCODE_GATE: contextvars.ContextVar[Callable[[Tensor], None] | None] = \
     contextvars.ContextVar("encode_gate", default=None)
+# The same between the layers of `step` (a denoising or warm-prefill pass), set only around a
+# request's work: a started background speculation (one step) still runs to its end.
+STEP_GATE: contextvars.ContextVar[Callable[[Tensor], None] | None] = \
+    contextvars.ContextVar("step_gate", default=None)
 
 
 @dataclass
@@ -212,7 +217,10 @@ class Transformer(nn.Module):
         write their K/V into `slots` and attend over all of it -> hidden (B, n, dim).
         Eager and CUDA-graphed runs call this same function."""
         h = self.tok_embeddings(ids)
+        gate = STEP_GATE.get()  # (a captured graph replays without calling it)
         for i, layer in enumerate(self.layers):
+            if gate is not None and i:
+                gate(h)
             h, _, _ = layer(h, rope, None, slots, i)
         return self.norm(h)
 

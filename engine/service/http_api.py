@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from aiohttp import web
 
-from engine.api import CompletionRequest, CompletionResult
+from engine.api import CompletionRequest, CompletionResult, EngineInputError
+from engine.request_checks import validate
 from engine.service.metrics import CONTENT_TYPE, registry_for, render
 from engine.service.scheduler import Job
 
@@ -191,6 +192,13 @@ class FimApi:
         return web.json_response(answer)
 
     async def _run(self, request: web.Request, engine_request: CompletionRequest):
+        scheduler = self.service.scheduler
+        info = scheduler.info
+        try:  # at the door: nothing below sees a field it cannot carry (a 2**64 seed)
+            validate(engine_request, info.max_context if info is not None else None)
+        except EngineInputError as exc:
+            scheduler.stats.record_outcome("rejected")
+            raise _error(400, str(exc)) from None
         loop = asyncio.get_running_loop()
         answer: asyncio.Future = loop.create_future()
 
@@ -221,6 +229,9 @@ class FimApi:
         if result is None:
             raise _error(503, "the request was dropped (engine shutting "
                          "down)", "server_error")
+        if result.stats.timed_out and not result.candidates:  # it never reached the model
+            raise _error(503, "timed out waiting for the model (the engine is busy); retry "
+                         "later", "server_error", **{"Retry-After": "1"})
         return result
 
 

@@ -6,6 +6,11 @@ others. Newest wins per (client, key): a new job for a key drops that client's p
 it and stops its running one between denoising steps, as the in-process worker does per
 document. Up to `max_in_flight` jobs run at once, each on its own thread calling the engine,
 which batches them into shared denoising passes (engine/batch_worker.py).
+
+A request's deadline (timeout_ms) counts from its submission, its wait here included: a job
+still queued at its deadline is answered at once with an empty timed-out result, and one that
+starts late gets only what is left of its time. Requests the engine refuses as malformed
+(EngineInputError: the client's mistake) count as "rejected", not as engine errors.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from dataclasses import dataclass, field, replace
 
 import msgspec
 
-from engine.api import CompletionRequest, CompletionResult, EngineInfo, EngineLike
+from engine.api import (
+    CompletionRequest,
+    CompletionResult,
+    CompletionStats,
+    EngineInfo,
+    EngineInputError,
+    EngineLike,
+)
 from engine.service.stats import ServiceStats
 
 log = logging.getLogger(__name__)
@@ -37,6 +49,12 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     answered: bool = False
     in_model: bool = False  # past the last check that drops it: a cancel now stops a run
+    deadline: float | None = None  # time.monotonic() at submit + timeout_ms (set by submit)
+
+    def left_ms(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return (self.deadline - time.monotonic()) * 1000.0
 
 
 class ResultCache:
@@ -55,7 +73,10 @@ class ResultCache:
         )
         if not deterministic:
             return None
-        return msgspec.msgpack.encode(replace(request, timeout_ms=None))
+        try:
+            return msgspec.msgpack.encode(replace(request, timeout_ms=None))
+        except (OverflowError, TypeError, msgspec.EncodeError):  # refused by validate anyway
+            return None
 
     def get(self, key: bytes) -> CompletionResult | None:
         with self._lock:
@@ -104,6 +125,8 @@ class FairScheduler:
         return self._ready.wait(timeout)
 
     def submit(self, job: Job) -> None:
+        if job.request.timeout_ms is not None:
+            job.deadline = time.monotonic() + job.request.timeout_ms / 1000.0
         if self.state == "failed":
             _answer(job, None, f"the model did not load: {self.error}")
             return
@@ -186,11 +209,25 @@ class FairScheduler:
             self.stats.record_outcome("dropped")
         _answer(job, None, None)
 
+    def _expire(self) -> float | None:
+        """Answer queued jobs past their deadline (lock held); seconds to the next one."""
+        now, soonest = time.monotonic(), None
+        for queue in self._queues.values():
+            for job in [j for j in queue if j.deadline is not None]:
+                if job.deadline <= now:
+                    queue.remove(job)
+                    job.cancel.set()
+                    self.stats.record_outcome("timed_out")
+                    _answer(job, timed_out_result(), None)
+                elif soonest is None or job.deadline - now < soonest:
+                    soonest = job.deadline - now
+        return soonest
+
     def _next(self) -> Job | None:
         with self._lock:
             while not self._closing and (not any(self._queues.values()) or
                                          len(self._running) >= self.max_in_flight):
-                self._lock.wait()
+                self._lock.wait(self._expire())
             if self._closing:
                 return None
             for client, queue in self._queues.items():
@@ -208,10 +245,9 @@ class FairScheduler:
     def _run(self) -> None:
         try:
             self._load_engine()
+            # Each job runs on its own thread, even one at a time: this one stays in _next,
+            # where queued jobs meet their deadline.
             while self.state == "ready" and (job := self._next()) is not None:
-                if self.max_in_flight == 1:
-                    self._serve(job)
-                    continue
                 runner = threading.Thread(target=self._serve, args=(job,),
                                           name="maskfill-job", daemon=True)
                 self._runners = [t for t in self._runners if t.is_alive()] + [runner]
@@ -256,10 +292,19 @@ class FairScheduler:
             self.stats.record_outcome("dropped")
             return None, None
         assert self._engine is not None
+        request, left_ms = job.request, job.left_ms()
+        if left_ms is not None:
+            if left_ms <= 0:  # its deadline passed in the queue
+                self.stats.record_outcome("timed_out")
+                return timed_out_result(), None
+            request = replace(request, timeout_ms=left_ms)
         job.in_model = True
         started = time.perf_counter()
         try:
-            result = self._engine.complete(job.request, job.cancel)
+            result = self._engine.complete(request, job.cancel)
+        except EngineInputError as exc:  # the client's mistake, not the engine's
+            self.stats.record_outcome("rejected")
+            return None, _one_line(exc)
         except Exception as exc:  # one bad request must not take the model thread down
             self.stats.record_outcome("error")
             log.warning("completion failed: %s", exc)
@@ -276,6 +321,11 @@ class FairScheduler:
                 self.stats.record_cache(False)
                 self.cache.put(cache_key, result)
         return result, None
+
+
+def timed_out_result() -> CompletionResult:
+    """The answer to a job whose deadline passed before the model ran it: nothing, in time."""
+    return CompletionResult(text="", candidates=[], stats=CompletionStats(timed_out=True))
 
 
 def _answer(job: Job, result: CompletionResult | None, error: str | None) -> None:

@@ -5,6 +5,11 @@ loopback TCP with a token; tools speak HTTP (http_api.py, optional). The process
 exclusive lock per model+device+quant for its lifetime, so a second engine for the same key
 steps aside and a socket file left by a crashed engine is known to be stale and replaced.
 With an idle timeout it exits once no client has been connected for that long.
+
+A client is held to its share: at most MAX_CLIENT_JOBS completions unanswered and
+MAX_UNSENT_BYTES of replies it has not read. One that goes past either (a script that floods
+requests, a client that writes and never reads) is told why and disconnected, so it cannot
+grow the engine's memory; the warning is logged at most once per LOG_EVERY_S.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Any
 
 import msgspec
 
-from engine.api import EngineError
+from engine.api import EngineError, EngineInputError
+from engine.request_checks import validate
 from engine.service import paths
 from engine.service.protocol import (
     HEADER_BYTES,
@@ -54,6 +60,29 @@ EXIT_ALREADY_RUNNING = 3  # another engine holds this key's lock: use that one
 HELLO_TIMEOUT_S = 10.0
 FAILED_EXIT_S = 2.0  # a failed load lingers this long without clients (they read the error)
 LOOPBACK_NAMES = ("localhost",)
+# Per connection. An editor has a few requests in flight and reads every answer at once.
+MAX_CLIENT_JOBS = 64
+MAX_UNSENT_BYTES = 8 * 1024 * 1024
+LOG_EVERY_S = 10.0
+
+
+class ClientOverLimit(Exception):
+    """A client went past its share of queued jobs or unsent replies: it is disconnected."""
+
+
+class LogThrottle:
+    """One warning per `every` seconds; the ones held back are counted into the next."""
+
+    def __init__(self, every: float = LOG_EVERY_S):
+        self.every, self.last, self.held = every, -float("inf"), 0
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.held += 1
+            return
+        held, self.held, self.last = self.held, 0, now
+        log.warning(message + (f" (and {held} more like it)" if held else ""), *args)
 
 
 @dataclass
@@ -106,6 +135,7 @@ class EngineService:
         self.stopped = asyncio.Event()
         self.writers: set[asyncio.StreamWriter] = set()
         self._ids = itertools.count(1)
+        self.over_limit_log = LogThrottle()
 
     # -- shared by both front ends -------------------------------------------------------
 
@@ -177,16 +207,26 @@ class EngineService:
         loop = asyncio.get_running_loop()
         client: int | None = None
         self.writers.add(writer)
+        unanswered: set[int] = set()  # its completions not yet answered
 
         def send(message: msgspec.Struct) -> None:
-            if not writer.is_closing():
-                writer.write(encode(message))
+            if writer.is_closing():
+                return
+            writer.write(encode(message))
+            unsent = writer.transport.get_write_buffer_size()
+            if unsent > MAX_UNSENT_BYTES:
+                self._over_limit(writer, f"{unsent} bytes of replies unread (the limit is "
+                                 f"{MAX_UNSENT_BYTES})")
+
+        def answered(job_id: int, message: Result) -> None:
+            unanswered.discard(job_id)
+            send(message)
 
         def reply_from_any_thread(job_id: int):
             def reply(result, error) -> None:
                 message = Result(id=job_id, result=result, error=error)
                 with contextlib.suppress(RuntimeError):  # loop closed: nobody to tell
-                    loop.call_soon_threadsafe(send, message)
+                    loop.call_soon_threadsafe(answered, job_id, message)
             return reply
 
         try:
@@ -202,7 +242,19 @@ class EngineService:
             send(Welcome(version=PROTOCOL_VERSION, pid=os.getpid(), state=s.state, error=s.error))
             while (message := await read_message(reader)) is not None:
                 self.touch()
+                if writer.is_closing():  # dropped over a limit while this was read
+                    return
                 if isinstance(message, Complete):
+                    refusal = self._refusal(message)
+                    if refusal is not None:
+                        s.stats.record_outcome("rejected")
+                        send(Result(id=message.id, error=refusal))
+                        continue
+                    if len(unanswered) >= MAX_CLIENT_JOBS:
+                        self._over_limit(writer, f"more than {MAX_CLIENT_JOBS} completions "
+                                         "unanswered")
+                        return
+                    unanswered.add(message.id)
                     s.submit(Job(client=client, id=message.id, key=message.key,
                                  request=message.request, reply=reply_from_any_thread(message.id)))
                 elif isinstance(message, Cancel):
@@ -227,6 +279,24 @@ class EngineService:
             with contextlib.suppress(Exception):
                 await writer.drain()
                 writer.close()
+
+    def _refusal(self, message: Complete) -> str | None:
+        """Why a request is refused at the door (its bad field named), before it is queued."""
+        info = self.scheduler.info
+        try:
+            validate(message.request, info.max_context if info is not None else None)
+        except EngineInputError as exc:
+            return str(exc)
+        return None
+
+    def _over_limit(self, writer: asyncio.StreamWriter, why: str) -> None:
+        """Disconnect a client past its share (its jobs are dropped by forget_client)."""
+        if writer.is_closing():
+            return
+        self.over_limit_log.warning("disconnecting a client: %s", why)
+        with contextlib.suppress(Exception):
+            writer.write(encode(Refused(message=f"disconnected: {why}")))
+        writer.transport.abort()  # now: what it has not read is dropped with it
 
     def _check_hello(self, hello: ClientMessage | None, writer: asyncio.StreamWriter,
                      needs_token: bool) -> str | None:

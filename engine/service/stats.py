@@ -11,7 +11,9 @@ from typing import Any
 # Seconds; an interactive completion is judged in tens to hundreds of milliseconds.
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 # cached: answered from the exact-request cache, no model run (still a request served).
-OUTCOMES = ("ok", "cached", "cancelled", "dropped", "timed_out", "error")
+# rejected: the client's mistake (a malformed request, a hole beyond the window), refused with
+# a 400-style message; error is left for the engine's own failures.
+OUTCOMES = ("ok", "cached", "cancelled", "dropped", "timed_out", "rejected", "error")
 
 
 class ServiceStats:
