@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
+from engine.service.paths import token_matches
 from lsp_server.framing import FrameDecoder
 from lsp_server.rpc import error_frame, peek
 
@@ -158,7 +158,7 @@ def has_token(body: bytes, token: str) -> bool:
         return False
     nested = options.get("maskfill")
     sent = options.get("token", nested.get("token") if isinstance(nested, dict) else None)
-    return isinstance(sent, str) and hmac.compare_digest(sent.encode(), token.encode())
+    return isinstance(sent, str) and token_matches(sent, token)  # "\ud800" too (issue 20.8)
 
 
 async def _serve_tcp(server: MaskfillServer, host: str, port: int, token: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import itertools
 import logging
@@ -126,7 +125,7 @@ class EngineService:
     def token_ok(self, offered: str | None) -> bool:
         if self.token is None:
             return False  # TCP without a configured token is never served
-        return hmac.compare_digest((offered or "").encode(), self.token.encode())
+        return paths.token_matches(offered, self.token)
 
     def resident_bytes(self) -> dict[str, int]:
         info = self.scheduler.info
@@ -277,7 +276,7 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
     """Run until SIGTERM/SIGINT or idle exit. Returns the process exit code."""
     lock = None
     if options.lock is not None:
-        paths.private_dir(options.lock.parent)
+        paths.usable_dir(options.lock.parent)
         lock = paths.EngineLock(options.lock)
         if not lock.acquire():
             print(f"maskfill-engine: another engine already serves {options.socket}",
@@ -351,7 +350,7 @@ def _token_file(options: ServeOptions) -> Path:
 
 
 async def _serve_unix(service: EngineService, path: Path, closers: list) -> str:
-    paths.private_dir(path.parent)
+    paths.usable_dir(path.parent)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # we hold the lock: whatever is there is a dead engine's socket
     try:
