@@ -28,6 +28,7 @@ import msgspec
 
 from engine.api import EngineError
 from engine.service import paths
+from engine.service.log_throttle import ThrottledLog, flush_all, throttle_accept_errors
 from engine.service.protocol import (
     HEADER_BYTES,
     PROTOCOL_VERSION,
@@ -48,6 +49,9 @@ from engine.service.protocol import (
 from engine.service.scheduler import FairScheduler, Job
 
 log = logging.getLogger(__name__)
+# What strangers can make the engine log, one line per connection otherwise (issue 20.10).
+refused_log = ThrottledLog(log, "connections refused")
+closed_log = ThrottledLog(log, "connections closed for bad frames")
 
 EXIT_ALREADY_RUNNING = 3  # another engine holds this key's lock: use that one
 HELLO_TIMEOUT_S = 10.0
@@ -72,6 +76,10 @@ class ServeOptions:
     max_body_bytes: int = 1024 * 1024
     # Jobs handed to the engine at once: it batches them into shared denoising passes.
     max_in_flight: int = 8
+    tls_cert: Path | None = None  # --http over HTTPS with these PEM files
+    tls_key: Path | None = None
+    http_read_timeout_s: float = 15.0  # request head, body, idle keep-alive (each)
+    http_max_connections: int = 128  # fewer under a low file limit
 
 
 def is_loopback(host: str) -> bool:
@@ -192,7 +200,7 @@ class EngineService:
             hello = await asyncio.wait_for(read_message(reader), HELLO_TIMEOUT_S)
             refusal = self._check_hello(hello, writer, needs_token)
             if refusal is not None:
-                log.warning("connection refused: %s", refusal)
+                refused_log.warning("connection refused: %s", refusal)
                 send(Refused(message=refusal))
                 return
             assert isinstance(hello, Hello)
@@ -216,7 +224,7 @@ class EngineService:
         except FrameError as exc:
             with contextlib.suppress(Exception):
                 send(Refused(message=str(exc)))
-            log.warning("closing a connection: %s", exc)
+            closed_log.warning("closing a connection: %s", exc)
         except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass  # a client that went away or never said hello
         finally:
@@ -283,6 +291,7 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
                   file=sys.stderr)
             return EXIT_ALREADY_RUNNING
     token = _token(options)
+    throttle_accept_errors(asyncio.get_running_loop())
     scheduler = scheduler or FairScheduler(
         lambda: load_for_service(options.model, options.device, options.quant),
         cache_size=options.cache_size, max_in_flight=options.max_in_flight)
@@ -301,10 +310,14 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
             host, port = server.sockets[0].getsockname()[:2]
             endpoints["tcp"] = f"{host}:{port}"
         if options.http is not None:
-            from engine.service.http_api import start_http
+            from engine.service.http_api import start_http, tls_context
 
-            runner, url = await start_http(service, *options.http,
-                                           max_body_bytes=options.max_body_bytes)
+            tls = (tls_context(options.tls_cert, options.tls_key)
+                   if options.tls_cert is not None and options.tls_key is not None else None)
+            runner, url = await start_http(
+                service, *options.http, max_body_bytes=options.max_body_bytes,
+                read_timeout_s=options.http_read_timeout_s,
+                max_connections=options.http_max_connections, tls=tls)
             closers.append(runner)
             endpoints["http"] = url
         if options.endpoint_file is not None:
@@ -332,6 +345,7 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
                 options.endpoint_file.unlink()
         if lock is not None:
             lock.release()
+        flush_all()  # the counts of throttled log lines not yet told
 
 
 def _token(options: ServeOptions) -> str | None:
