@@ -53,6 +53,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--http-read-timeout-s", type=float, default=15.0,
                    help="seconds an HTTP connection may take to send a request head, or a body, "
                    "or stay idle between requests (default 15)")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="on a loopback --http, also answer requests whose Host is NAME (a "
+                   "reverse proxy that passes its own Host on); others get 421 (DNS rebinding)")
     s.add_argument("--http-max-connections", type=int, default=128,
                    help="open HTTP connections at most, fewer if the file limit is low "
                    "(default 128); further ones are closed at once")
@@ -112,7 +115,8 @@ def build_options(args: argparse.Namespace):
         cache_size=args.cache_size, max_body_bytes=args.max_body_bytes,
         max_in_flight=max(1, args.max_in_flight), tls_cert=args.tls_cert,
         tls_key=args.tls_key, http_read_timeout_s=args.http_read_timeout_s,
-        http_max_connections=args.http_max_connections)
+        http_max_connections=args.http_max_connections,
+        http_allowed_hosts=tuple(args.allowed_host))
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -137,10 +137,12 @@ def to_response(result: CompletionResult, stops: list[str], model: str) -> dict[
     }
 
 
-def host_is_this_loopback_server(host: str | None, local: tuple | None, tls: bool) -> bool:
+def host_is_this_loopback_server(host: str | None, local: tuple | None, tls: bool,
+                                 allowed: frozenset[str] = frozenset()) -> bool:
     """DNS rebinding: a web page can point a name it owns at 127.0.0.1 and have the browser
     call us; the browser still sends that name as Host. On a loopback socket only a loopback
-    Host with our port is served. No Host (HTTP/1.0) is no browser."""
+    Host with our port is served, or a name in `allowed` (a reverse proxy that passes on its
+    own Host, as Caddy does). No Host (HTTP/1.0) is no browser."""
     if host is None or not local:
         return True
     try:
@@ -154,6 +156,8 @@ def host_is_this_loopback_server(host: str | None, local: tuple | None, tls: boo
         port = rest[1:] if rest.startswith(":") else rest
     elif name.count(":") == 1:
         name, _, port = name.partition(":")
+    if name in allowed:
+        return True
     if name not in LOOPBACK_HOSTS:
         try:
             if not ipaddress.ip_address(name).is_loopback:
@@ -180,8 +184,9 @@ def fairness_client(request: web.Request) -> int:
 
 class FimApi:
     def __init__(self, service: EngineService, max_body_bytes: int,
-                 read_timeout_s: float = READ_TIMEOUT_S):
+                 read_timeout_s: float = READ_TIMEOUT_S, allowed_hosts: tuple[str, ...] = ()):
         self.service = service
+        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
         self.max_body_bytes = max_body_bytes
         self.read_timeout_s = read_timeout_s
         self.registry = registry_for(service)
@@ -221,7 +226,8 @@ class FimApi:
         transport = request.transport
         local = transport.get_extra_info("sockname") if transport is not None else None
         tls = transport is not None and transport.get_extra_info("sslcontext") is not None
-        if not host_is_this_loopback_server(request.headers.get("Host"), local, tls):
+        if not host_is_this_loopback_server(request.headers.get("Host"), local, tls,
+                                            self.allowed_hosts):
             raise _error(421, f"Host {request.headers.get('Host')!r} is not this loopback "
                          "server (send Host localhost or 127.0.0.1 with its port)", close=True)
         return await handler(request)
@@ -314,8 +320,9 @@ class FimApi:
 
 
 def build_app(service: EngineService, max_body_bytes: int = 1024 * 1024,
-              read_timeout_s: float = READ_TIMEOUT_S) -> web.Application:
-    api = FimApi(service, max_body_bytes, read_timeout_s)
+              read_timeout_s: float = READ_TIMEOUT_S,
+              allowed_hosts: tuple[str, ...] = ()) -> web.Application:
+    api = FimApi(service, max_body_bytes, read_timeout_s, allowed_hosts)
     app = web.Application(client_max_size=max_body_bytes,
                           middlewares=[api.errors, api.host_guard, api.auth])
     app.router.add_post("/v1/fim/completions", api.fim)
@@ -446,9 +453,10 @@ class HttpServer:
 async def start_http(service: EngineService, host: str, port: int, *, max_body_bytes: int,
                      read_timeout_s: float = READ_TIMEOUT_S,
                      max_connections: int = MAX_CONNECTIONS,
-                     tls: ssl.SSLContext | None = None) -> tuple[HttpServer, str]:
+                     tls: ssl.SSLContext | None = None,
+                     allowed_hosts: tuple[str, ...] = ()) -> tuple[HttpServer, str]:
     """Serve the app; returns the server (to clean up) and the base URL actually bound."""
-    runner = web.AppRunner(build_app(service, max_body_bytes, read_timeout_s),
+    runner = web.AppRunner(build_app(service, max_body_bytes, read_timeout_s, allowed_hosts),
                            handler_cancellation=True, access_log=None,
                            keepalive_timeout=read_timeout_s, lingering_time=LINGER_S)
     await runner.setup()

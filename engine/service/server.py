@@ -80,6 +80,7 @@ class ServeOptions:
     tls_key: Path | None = None
     http_read_timeout_s: float = 15.0  # request head, body, idle keep-alive (each)
     http_max_connections: int = 128  # fewer under a low file limit
+    http_allowed_hosts: tuple[str, ...] = ()  # Host names served on loopback besides its own
 
 
 def is_loopback(host: str) -> bool:
@@ -317,7 +318,8 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
             runner, url = await start_http(
                 service, *options.http, max_body_bytes=options.max_body_bytes,
                 read_timeout_s=options.http_read_timeout_s,
-                max_connections=options.http_max_connections, tls=tls)
+                max_connections=options.http_max_connections, tls=tls,
+                allowed_hosts=options.http_allowed_hosts)
             closers.append(runner)
             endpoints["http"] = url
         if options.endpoint_file is not None:

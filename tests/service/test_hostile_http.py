@@ -404,14 +404,16 @@ def test_a_remote_http_address_needs_tls_or_insecure_http(memorized_model, engin
 
 def test_a_loopback_server_answers_only_a_loopback_host(memorized_model, engines):
     """DNS rebinding: a web page's name pointed at 127.0.0.1 must not reach the API."""
-    engine = engines(memorized_model, "--no-socket", "--http", "127.0.0.1:0")
+    engine = engines(memorized_model, "--no-socket", "--http", "127.0.0.1:0",
+                     "--allowed-host", "proxy.example")
     _, port = address(engine)
     for host in ("attacker.example", f"attacker.example:{port}", f"127.0.0.1.nip.io:{port}",
                  "127.0.0.1:1"):
         status, headers, body = request(engine, "GET", "/health", headers={"Host": host})
         assert status == 421 and "not this loopback server" in body["error"]["message"], host
         assert headers.get("connection") == "close"
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}",
+                 f"[::1]:{port}", "proxy.example"):  # the last one: --allowed-host
         status, _, body = request(engine, "GET", "/health", headers={"Host": host})
         assert status in (200, 503) and "state" in body, (host, body)
 
@@ -432,7 +434,7 @@ def test_http_sessions_take_turns(slow_model, engines, runtime_dir):
     lock = threading.Lock()
 
     def post(name: str, session: str, index: int) -> None:
-        body = {"prompt": f"def f{index}(x):\n", "suffix": "\n", "max_tokens": 512}
+        body = {"prompt": f"def f{index}(x):\n", "suffix": "\n", "max_tokens": 128}
         status, _, answer = request(engine, "POST", "/v1/fim/completions", body, headers={
             "Authorization": f"Bearer {token}", "X-Session": session})
         assert status == 200, answer
