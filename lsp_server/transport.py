@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
+from engine.service.log_throttle import ThrottledLog, flush_all
+from engine.service.paths import token_matches
 from lsp_server.framing import FrameDecoder
 from lsp_server.rpc import error_frame, peek
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from lsp_server.server import MaskfillServer
 
 log = logging.getLogger(__name__)
+# A stranger can open connections as fast as it likes: one log line each would flood the log.
+refused_log = ThrottledLog(log, "connections refused")
 
 READ_BYTES = 1 << 16
 _QUEUED_CHUNKS = 8  # stdin chunks waiting for the event loop: a flood blocks the reader thread
@@ -158,7 +161,7 @@ def has_token(body: bytes, token: str) -> bool:
         return False
     nested = options.get("maskfill")
     sent = options.get("token", nested.get("token") if isinstance(nested, dict) else None)
-    return isinstance(sent, str) and hmac.compare_digest(sent.encode(), token.encode())
+    return isinstance(sent, str) and token_matches(sent, token)  # "\ud800" too (issue 20.8)
 
 
 async def _serve_tcp(server: MaskfillServer, host: str, port: int, token: str) -> None:
@@ -179,14 +182,15 @@ async def _serve_tcp(server: MaskfillServer, host: str, port: int, token: str) -
         candidates.discard(writer)
         server.protocol.set_writer(SocketWriter(writer))
         for other in candidates:  # they came too late
-            log.warning("closed a second connection: this server serves one client")
+            refused_log.warning("closed a second connection: this server serves one client")
             other.close()
         candidates.clear()
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         if session is not None:
-            log.warning("refused a connection from %s: this server serves one client", peer)
+            refused_log.warning("refused a connection from %s: this server serves one client",
+                                peer)
             writer.close()
             return
         candidates.add(writer)
@@ -201,8 +205,8 @@ async def _serve_tcp(server: MaskfillServer, host: str, port: int, token: str) -
                     method, msg_id = peek(body)
                     if method == "initialize" and session is None:
                         if not has_token(body, token):
-                            log.warning("refused an initialize from %s: missing or wrong token",
-                                        peer)
+                            refused_log.warning(
+                                "refused an initialize from %s: missing or wrong token", peer)
                             writer.write(error_frame(msg_id, -32600, TOKEN_REFUSED))
                             await writer.drain()
                             writer.close()
@@ -230,3 +234,4 @@ async def _serve_tcp(server: MaskfillServer, host: str, port: int, token: str) -
     log.info("serving on %s", ", ".join(str(s.getsockname()) for s in listener.sockets))
     async with listener:
         await server.stopped.wait()
+    flush_all()

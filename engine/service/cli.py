@@ -14,6 +14,9 @@ from engine.extras import install_hint
 from engine.service import paths
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+FILE_LIMIT = 65536  # the soft limit raised towards this (the hard one permitting)
+
+log = logging.getLogger(__name__)
 
 
 def add_serve_parser(sub) -> None:
@@ -35,9 +38,27 @@ def add_serve_parser(sub) -> None:
                    "/metrics (needs aiohttp and prometheus-client: "
                    f"`{install_hint('serve')}`)".replace("%", "%%"))
     s.add_argument("--token-file", type=Path, default=None, help="token for TCP and HTTP "
-                   "clients; created (0600) when missing (default: <runtime folder>/token)")
+                   "clients; created (0600) when missing, its folder too (0700); an existing "
+                   "folder is never changed, and refused if others could replace files in it "
+                   "(default: <runtime folder>/token)")
     s.add_argument("--allow-remote", action="store_true",
-                   help="allow a non-loopback --tcp/--http address (clients need the token)")
+                   help="allow a non-loopback --tcp/--http address (clients need the token; "
+                   "a remote --http needs --tls-cert/--tls-key or --insecure-http)")
+    s.add_argument("--tls-cert", type=Path, default=None,
+                   help="serve --http over HTTPS with this PEM certificate (chain)")
+    s.add_argument("--tls-key", type=Path, default=None, help="the PEM private key of --tls-cert")
+    s.add_argument("--insecure-http", action="store_true",
+                   help="serve a remote --http without TLS: the token crosses the network in "
+                   "clear")
+    s.add_argument("--http-read-timeout-s", type=float, default=15.0,
+                   help="seconds an HTTP connection may take to send a request head, or a body, "
+                   "or stay idle between requests (default 15)")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="on a loopback --http, also answer requests whose Host is NAME (a "
+                   "reverse proxy that passes its own Host on); others get 421 (DNS rebinding)")
+    s.add_argument("--http-max-connections", type=int, default=128,
+                   help="open HTTP connections at most, fewer if the file limit is low "
+                   "(default 128); further ones are closed at once")
     s.add_argument("--idle-exit-s", type=float, default=0.0,
                    help="exit once no client was connected for this long (0: never)")
     s.add_argument("--endpoint-file", type=Path, default=None, help=argparse.SUPPRESS)
@@ -71,6 +92,20 @@ def build_options(args: argparse.Namespace):
         if address and not is_loopback(host_port(address)[0]) and not args.allow_remote:
             raise EngineError(f"{address} is not a loopback address; pass --allow-remote to "
                               "bind it (clients will need the token)")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise EngineError("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None and not args.http:
+        raise EngineError("--tls-cert/--tls-key secure --http; there is no --http")
+    if (args.http and not is_loopback(host_port(args.http)[0]) and args.tls_cert is None
+            and not args.insecure_http):
+        raise EngineError(f"--http {args.http} would send the token across the network in "
+                          "clear: give --tls-cert and --tls-key (HTTPS), or --insecure-http to "
+                          "accept that")
+    if args.tcp and not is_loopback(host_port(args.tcp)[0]):
+        log.warning("--tcp %s is plain TCP: the token crosses the network in clear (remote "
+                    "editors: use --http with --tls-cert/--tls-key)", args.tcp)
+    if args.http_read_timeout_s <= 0 or args.http_max_connections < 1:
+        raise EngineError("--http-read-timeout-s must be > 0 and --http-max-connections >= 1")
     return ServeOptions(
         model=model, device=args.device, quant=args.quant, socket=socket_path, lock=lock,
         tcp=host_port(args.tcp) if args.tcp else None,
@@ -78,7 +113,10 @@ def build_options(args: argparse.Namespace):
         token_file=args.token_file, allow_remote=args.allow_remote,
         idle_exit_s=args.idle_exit_s, endpoint_file=args.endpoint_file,
         cache_size=args.cache_size, max_body_bytes=args.max_body_bytes,
-        max_in_flight=max(1, args.max_in_flight))
+        max_in_flight=max(1, args.max_in_flight), tls_cert=args.tls_cert,
+        tls_key=args.tls_key, http_read_timeout_s=args.http_read_timeout_s,
+        http_max_connections=args.http_max_connections,
+        http_allowed_hosts=tuple(args.allowed_host))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -86,6 +124,7 @@ def run_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     options = build_options(args)
+    raise_file_limit()
     if options.http is not None:
         try:
             import aiohttp  # noqa: F401
@@ -99,6 +138,22 @@ def run_serve(args: argparse.Namespace) -> int:
         return asyncio.run(serve(options))
     except OSError as exc:  # a port in use, a folder we may not write
         raise EngineError(f"cannot serve: {exc}") from None
+
+
+def raise_file_limit() -> None:
+    """Raise the soft descriptor limit to the hard one (up to FILE_LIMIT): a server holds a
+    descriptor per connection, and the 1024 many shells start with is soon short."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FILE_LIMIT if hard == resource.RLIM_INFINITY else min(hard, FILE_LIMIT)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.info("could not raise the file limit from %d: %s", soft, exc)
 
 
 def _embedded_model() -> str | None:

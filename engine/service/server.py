@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import itertools
 import logging
@@ -35,6 +34,7 @@ import msgspec
 from engine.api import EngineError, EngineInputError
 from engine.request_checks import validate
 from engine.service import paths
+from engine.service.log_throttle import ThrottledLog, flush_all, throttle_accept_errors
 from engine.service.protocol import (
     HEADER_BYTES,
     PROTOCOL_VERSION,
@@ -55,6 +55,9 @@ from engine.service.protocol import (
 from engine.service.scheduler import FairScheduler, Job
 
 log = logging.getLogger(__name__)
+# What strangers can make the engine log, one line per connection otherwise (issue 20.10).
+refused_log = ThrottledLog(log, "connections refused")
+closed_log = ThrottledLog(log, "connections closed for bad frames")
 
 EXIT_ALREADY_RUNNING = 3  # another engine holds this key's lock: use that one
 HELLO_TIMEOUT_S = 10.0
@@ -102,6 +105,11 @@ class ServeOptions:
     max_body_bytes: int = 1024 * 1024
     # Jobs handed to the engine at once: it batches them into shared denoising passes.
     max_in_flight: int = 8
+    tls_cert: Path | None = None  # --http over HTTPS with these PEM files
+    tls_key: Path | None = None
+    http_read_timeout_s: float = 15.0  # request head, body, idle keep-alive (each)
+    http_max_connections: int = 128  # fewer under a low file limit
+    http_allowed_hosts: tuple[str, ...] = ()  # Host names served on loopback besides its own
 
 
 def is_loopback(host: str) -> bool:
@@ -156,7 +164,7 @@ class EngineService:
     def token_ok(self, offered: str | None) -> bool:
         if self.token is None:
             return False  # TCP without a configured token is never served
-        return hmac.compare_digest((offered or "").encode(), self.token.encode())
+        return paths.token_matches(offered, self.token)
 
     def resident_bytes(self) -> dict[str, int]:
         info = self.scheduler.info
@@ -233,7 +241,7 @@ class EngineService:
             hello = await asyncio.wait_for(read_message(reader), HELLO_TIMEOUT_S)
             refusal = self._check_hello(hello, writer, needs_token)
             if refusal is not None:
-                log.warning("connection refused: %s", refusal)
+                refused_log.warning("connection refused: %s", refusal)
                 send(Refused(message=refusal))
                 return
             assert isinstance(hello, Hello)
@@ -269,7 +277,7 @@ class EngineService:
         except FrameError as exc:
             with contextlib.suppress(Exception):
                 send(Refused(message=str(exc)))
-            log.warning("closing a connection: %s", exc)
+            closed_log.warning("closing a connection: %s", exc)
         except (asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass  # a client that went away or never said hello
         finally:
@@ -347,13 +355,14 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
     """Run until SIGTERM/SIGINT or idle exit. Returns the process exit code."""
     lock = None
     if options.lock is not None:
-        paths.private_dir(options.lock.parent)
+        paths.usable_dir(options.lock.parent)
         lock = paths.EngineLock(options.lock)
         if not lock.acquire():
             print(f"maskfill-engine: another engine already serves {options.socket}",
                   file=sys.stderr)
             return EXIT_ALREADY_RUNNING
     token = _token(options)
+    throttle_accept_errors(asyncio.get_running_loop())
     scheduler = scheduler or FairScheduler(
         lambda: load_for_service(options.model, options.device, options.quant),
         cache_size=options.cache_size, max_in_flight=options.max_in_flight)
@@ -372,10 +381,15 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
             host, port = server.sockets[0].getsockname()[:2]
             endpoints["tcp"] = f"{host}:{port}"
         if options.http is not None:
-            from engine.service.http_api import start_http
+            from engine.service.http_api import start_http, tls_context
 
-            runner, url = await start_http(service, *options.http,
-                                           max_body_bytes=options.max_body_bytes)
+            tls = (tls_context(options.tls_cert, options.tls_key)
+                   if options.tls_cert is not None and options.tls_key is not None else None)
+            runner, url = await start_http(
+                service, *options.http, max_body_bytes=options.max_body_bytes,
+                read_timeout_s=options.http_read_timeout_s,
+                max_connections=options.http_max_connections, tls=tls,
+                allowed_hosts=options.http_allowed_hosts)
             closers.append(runner)
             endpoints["http"] = url
         if options.endpoint_file is not None:
@@ -403,6 +417,7 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
                 options.endpoint_file.unlink()
         if lock is not None:
             lock.release()
+        flush_all()  # the counts of throttled log lines not yet told
 
 
 def _token(options: ServeOptions) -> str | None:
@@ -421,7 +436,7 @@ def _token_file(options: ServeOptions) -> Path:
 
 
 async def _serve_unix(service: EngineService, path: Path, closers: list) -> str:
-    paths.private_dir(path.parent)
+    paths.usable_dir(path.parent)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # we hold the lock: whatever is there is a dead engine's socket
     try:

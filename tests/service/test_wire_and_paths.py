@@ -47,9 +47,14 @@ def test_the_runtime_folder_is_private(tmp_path, monkeypatch):
     assert paths.runtime_dir() == folder
     paths.private_dir(folder)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-    folder.chmod(0o755)  # ours but opened up by hand: closed again
+    folder.chmod(0o755)  # opened by hand: the user's choice, used as it is (issue 20.7)
     paths.private_dir(folder)
-    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    folder.chmod(0o775)  # others could swap the socket: refused, and still not changed
+    with pytest.raises(EngineError, match="writable by others"):
+        paths.private_dir(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o775
+    folder.chmod(0o700)
     link = tmp_path / "link"
     link.symlink_to(folder)
     with pytest.raises(EngineError, match="not a folder"):
