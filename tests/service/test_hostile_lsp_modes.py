@@ -141,13 +141,13 @@ async def test_remote_mode_keeps_max_tokens_and_completes_the_whole_body(http_en
     try:
         ready = await wait_ready(client)
         assert ready["loadState"] == "ready" and ready["engineMode"] == "remote"
-        assert ready["contextWindow"] == 256  # learnt from GET /v1/models
         uri = "file:///w/even.py"
         open_document(client, uri, PREFIX)
         items = await inline(client, uri, 1, 0)
         assert BODY in [item.insert_text for item in items]  # many tokens, not 1
         shown = " ".join(m.message for m in client.messages)
         assert "does not fit" not in shown, shown
+        assert (await status(client))["contextWindow"] == 256  # learnt from GET /v1/models
     finally:
         await stop(client)
 
@@ -204,10 +204,11 @@ async def test_a_stopped_shared_engine_answers_empty_and_newest_wins(memorized_m
                                                                    120)]
         pid = shared_engine_pid(runtime_dir)
         with stopped(pid):
-            replace(client, uri, 2, (1, 0), (1, 0), " ")
+            # Typed text the last suggestion does not start with: no cache can answer.
+            replace(client, uri, 2, (1, 0), (1, 0), "x")
             first = asyncio.ensure_future(answer_within(inline(client, uri, 1, 1)))
             await asyncio.sleep(0.5)
-            replace(client, uri, 3, (1, 1), (1, 1), " ")
+            replace(client, uri, 3, (1, 1), (1, 1), "y")
             second = asyncio.ensure_future(answer_within(inline(client, uri, 1, 2)))
             assert await first == []  # superseded: not held behind the silent engine
             assert await second == []  # its own deadline, not the older request's
@@ -400,17 +401,16 @@ async def test_remote_requests_carry_a_session_key_per_document(memorized_model,
         client, _ = await start(None, VSCODE, settings=remote_settings(
             server.url, token_file, timeoutMs=120_000))
         assert (await wait_ready(client))["loadState"] == "ready"
-        uris = ["file:///secret/even.py", "file:///secret/other.py"]
-        for uri in uris:
-            open_document(client, uri, PREFIX)
-        for uri in uris:
+        uris = ["file:///secret/even.py", "file:///secret/add.py"]
+        for uri, text in zip(uris, (PREFIX, "def add(a, b):\n"), strict=True):
+            open_document(client, uri, text)
             await inline(client, uri, 1, 0)
-        replace(client, uris[0], 2, (1, 0), (1, 0), " ")  # a new context: no cache answers it
+        replace(client, uris[0], 2, (1, 0), (1, 0), "x")  # a new context: no cache answers it
         await inline(client, uris[0], 1, 1)
         first, second, again = server.sessions
         assert first and second and first != second and again == first
         assert all(len(s) <= MAX_SESSION_CHARS and "secret" not in s and "even" not in s
-                   for s in server.sessions)
+                   for s in server.sessions)  # the document's name stays in the editor
     finally:
         if client is not None:
             await stop(client)
