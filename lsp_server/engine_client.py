@@ -287,6 +287,8 @@ class RemoteEngine:
         self._base = next((self._path[: -len(tail)] for tail in (FIM_PATH, "/v1/completions")
                            if self._path.endswith(tail)), "")
         self._token = token
+        self._token_source: Path | None = None  # read again when it changes (a fixed token)
+        self._token_stamp: tuple[int, int] | None = None
         self._model = model
         # max_context 0: the window is unknown (the server then does not cut maxTokens).
         self._info = EngineInfo(model=model or "remote", path=url, family="remote",
@@ -297,8 +299,11 @@ class RemoteEngine:
     def open(cls, url: str | None, token_file: str | None, model: str | None) -> RemoteEngine:
         if not url:
             raise EngineError("engineMode is remote but engineEndpoint is not set")
-        token = paths.read_token(Path(token_file).expanduser()) if token_file else None
+        token_path = Path(token_file).expanduser() if token_file else None
+        token = paths.read_token(token_path) if token_path else None
         engine = cls(url, token, model)
+        engine._token_source = token_path
+        engine._token_stamp = _stamp(token_path)
         engine.probe()
         return engine
 
@@ -308,10 +313,25 @@ class RemoteEngine:
         return kind(p.hostname, p.port, timeout=timeout)
 
     def _headers(self) -> dict[str, str]:
+        self._reread_token()
         headers = {"Accept": "application/json"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         return headers
+
+    def _reread_token(self) -> None:
+        """A token file that changed since it was read (the user fixed a refused token) is read
+        again, so the next request uses it without a reload."""
+        if self._token_source is None:
+            return
+        stamp = _stamp(self._token_source)
+        if stamp == self._token_stamp:
+            return
+        self._token_stamp = stamp
+        try:
+            self._token = paths.read_token(self._token_source)
+        except EngineError as exc:
+            raise EngineAuthError(f"the token file cannot be used: {exc}") from None
 
     def probe(self) -> None:
         """Fail the load with a clear message when nothing answers at the endpoint (any HTTP
@@ -424,7 +444,8 @@ class RemoteEngine:
         if response.status in (401, 403):  # no retry can fix a refused credential
             raise EngineAuthError(
                 f"the remote engine at {self.url} refused the token ({response.status}: "
-                f"{_error_message(raw)}); fix engineTokenFile, then reload the settings")
+                f"{_error_message(raw)}); put the right token in engineTokenFile: it is "
+                "read again at the next request")
         if response.status != 200:
             raise EngineError(f"the remote engine answered {response.status}: "
                               f"{_error_message(raw)}")
@@ -451,6 +472,14 @@ class RemoteEngine:
 
     def close(self) -> None:
         pass  # one connection per request: nothing held
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    try:
+        info = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size) if info is not None else None
 
 
 def session_id(key: str) -> str:

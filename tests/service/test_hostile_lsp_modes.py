@@ -160,7 +160,7 @@ async def test_a_refused_token_is_said_once_and_never_retried(http_engine, tmp_p
     wrong.write_text("not-the-token\n")
     wrong.chmod(0o600)
     client, _ = await start(None, VSCODE, settings=remote_settings(
-        http_engine.endpoints["http"], wrong))
+        http_engine.endpoints["http"], wrong, timeoutMs=120_000))
     try:
         assert (await wait_ready(client))["loadState"] == "ready"  # /health needs no token
         uri = "file:///w/even.py"
@@ -176,6 +176,13 @@ async def test_a_refused_token_is_said_once_and_never_retried(http_engine, tmp_p
         assert all(m.type == types.MessageType.Error for m in client.messages
                    if "refused the token" in m.message)
         assert (await status(client))["modelRuns"] == 2
+        # The user fixes the token file: the next request uses it, no reload needed.
+        wrong.write_text(TOKEN + "\n")
+        replace(client, uri, 3, (1, 0), (1, 1), "")
+        items = await answer_within(inline(client, uri, 1, 0), 120)
+        assert BODY in [item.insert_text for item in items]
+        fixed = await status(client)
+        assert fixed["error"] is None and fixed["modelRuns"] == 3
     finally:
         await stop(client)
 
