@@ -117,6 +117,16 @@ class EngineInputError(EngineError):
     does not fit the window): another device or a retry would not help."""
 
 
+class EngineUnavailable(EngineError):
+    """The engine cannot answer now for a reason a shorter span would not fix (it is silent
+    past the request's deadline, or restarting): the caller answers nothing and does not retry."""
+
+
+class EngineAuthError(EngineUnavailable):
+    """The engine refused our credential (HTTP 401/403): no retry can succeed until the token
+    changes, so the user is told once rather than every keystroke."""
+
+
 class EngineLike(Protocol):
     """What a caller needs from an engine: engine.engine.Engine in process, or a client of one
     in another process (the shared engine's socket, an HTTP FIM endpoint)."""

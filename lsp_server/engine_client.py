@@ -10,14 +10,17 @@ torch is never imported here: the engine process or the remote server owns the m
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import http.client
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
 import urllib.parse
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +29,36 @@ from engine.api import (
     CompletionRequest,
     CompletionResult,
     CompletionStats,
+    EngineAuthError,
     EngineError,
     EngineInfo,
+    EngineUnavailable,
 )
 from engine.service import paths
 from engine.service.client import EngineConnection, EngineGone, cancelled_result
-from engine.service.launcher import EngineLocation, connect_or_start, wait_ready
+from engine.service.launcher import EngineExited, EngineLocation, connect_or_start, wait_ready
 
 log = logging.getLogger(__name__)
 
 LOAD_TIMEOUT_S = 1800.0  # a 7B model from a cold disk; the editor shows progress meanwhile
 REMOTE_CONNECT_TIMEOUT_S = 5.0
-REMOTE_SLACK_S = 5.0  # beyond the request's own deadline
+# Past a request's timeoutMs, how long a silent engine (stopped, hung, swamped) is waited for
+# before the request answers nothing: the editor's ghost text must never hang on it.
+ANSWER_SLACK_S = 2.0
+REMOTE_DEFAULT_TIMEOUT_S = 30.0  # a request without a deadline (the HTTP API's own default)
+CANCEL_WAIT_S = 0.5  # a cancelled request's wait for the shared engine to acknowledge it
+# An engine that dies while starting or loading is started again this many times (then the
+# load fails with the reason); a user-run engine (engineEndpoint) is never started by us.
+LOAD_RESTARTS = 2
+RECONNECT_PAUSE_S = 30.0  # after a failed restart, requests answer nothing this long
 CANCEL_POLL_S = 0.005
 FIM_PATH = "/v1/fim/completions"
+MODELS_PATH = "/v1/models"
+SESSION_HEADER = "x-session-id"  # what engine/cluster routes on (contract.SESSION_HEADER)
+# Where OpenAI-compatible servers put a model's window in GET /v1/models: ours and vLLM
+# (max_model_len), OpenRouter and ours (context_length), LM Studio (max_context_length).
+WINDOW_FIELDS = ("max_model_len", "context_length", "max_context_length")
+_SESSION_NONCE = secrets.token_hex(16)  # one editor session: this server process
 
 
 def resolve_mode(mode: str, device: str) -> str:
@@ -66,7 +85,9 @@ class SharedEngine:
     """EngineLike over a connection to `maskfill-engine serve`, restarted when it dies.
 
     Concurrent calls share the connection (it routes each answer to its call by id) and the
-    engine batches them with the other windows' requests."""
+    engine batches them with the other windows' requests. A request never waits on the engine
+    past its timeoutMs + ANSWER_SLACK_S, nor past its cancel: not for a stopped engine, and not
+    for one being restarted (that happens on a thread of its own)."""
 
     concurrent_calls = True
 
@@ -76,6 +97,9 @@ class SharedEngine:
         self._connection: EngineConnection | None = None
         self._info: EngineInfo | None = None
         self._lock = threading.Lock()
+        self._reconnect: Future | None = None  # a restart in progress, or the last failed one
+        self._reconnect_failed_at = 0.0
+        self._closed = False
 
     @classmethod
     def open(cls, spec) -> SharedEngine:
@@ -84,10 +108,30 @@ class SharedEngine:
             raise EngineError("no model configured: this install has no embedded model; set "
                               "the `model` setting to a checkpoint folder or repo id")
         engine = cls(spec, model or "")
-        engine._connect()
+        engine._connection = engine._connect()
         return engine
 
     def _connect(self) -> EngineConnection:
+        """A ready connection; an auto-started engine that dies while starting or loading is
+        started again, LOAD_RESTARTS times at most."""
+        deaths: list[str] = []
+        while True:
+            try:
+                return self._connect_once()
+            except (EngineGone, EngineExited) as exc:
+                if self._spec.endpoint:  # the user runs it: nothing for us to start
+                    raise EngineError(f"the engine at {self._spec.endpoint} stopped while "
+                                      f"loading ({exc})") from None
+                deaths.append(str(exc))
+                if len(deaths) > LOAD_RESTARTS:
+                    raise EngineError(
+                        f"the shared engine exited while starting or loading the model "
+                        f"{len(deaths)} times in a row (last: {exc}); completions are off "
+                        "until the settings change") from None
+                log.warning("the shared engine exited while loading (%s); starting it again "
+                            "(restart %d of %d)", exc, len(deaths), LOAD_RESTARTS)
+
+    def _connect_once(self) -> EngineConnection:
         spec = self._spec
         if spec.endpoint:  # a user-managed engine: connect, never start one
             connection = _connect_endpoint(spec.endpoint, spec.token_file)
@@ -102,24 +146,21 @@ class SharedEngine:
             connection.close()
             raise
         log.info("connected to the shared engine (pid %d)", connection.welcome.pid)
-        self._connection = connection
         return connection
 
     @property
     def engine_pid(self) -> int | None:
-        return self._connection.welcome.pid if self._connection else None
+        connection = self._connection
+        return connection.welcome.pid if connection else None
 
     def complete(self, request: CompletionRequest,
                  cancel: threading.Event | None = None) -> CompletionResult:
-        with self._lock:
-            connection = self._connection
-            if connection is None or not connection.alive:
-                self._connection = None
-                if connection is not None:
-                    connection.close()  # lost: free its socket before the next one
-                connection = self._connect()  # restarts the engine if it is gone
+        connection = self._live_connection(request, cancel)
+        if connection is None:
+            return cancelled_result()
         try:
-            return connection.complete(request, cancel)
+            return connection.complete(request, cancel, slack_s=ANSWER_SLACK_S,
+                                       cancel_wait_s=CANCEL_WAIT_S)
         except EngineGone as exc:
             with self._lock:  # another call may already have connected a new one: keep it
                 if self._connection is connection:
@@ -127,15 +168,72 @@ class SharedEngine:
             raise EngineError(f"the shared engine stopped ({exc}); it is restarted for the "
                               "next request") from None
 
+    def _live_connection(self, request: CompletionRequest,
+                         cancel: threading.Event | None) -> EngineConnection | None:
+        """The connection, restarting the engine if it is gone; None when cancelled first."""
+        with self._lock:
+            connection = self._connection
+            if connection is not None and connection.alive:
+                return connection
+            self._connection = None
+            if connection is not None:
+                connection.close()  # lost: free its socket before the next one
+            pending = self._reconnect
+            if pending is None or (pending.done() and time.monotonic()
+                                   - self._reconnect_failed_at > RECONNECT_PAUSE_S):
+                pending = self._reconnect = self._start_reconnect()
+        limit = (request.timeout_ms / 1000 + ANSWER_SLACK_S if request.timeout_ms
+                 else LOAD_TIMEOUT_S)
+        deadline = time.monotonic() + limit
+        while not pending.done():
+            if cancel is not None and cancel.is_set():
+                return None
+            if time.monotonic() > deadline:
+                raise EngineUnavailable("the shared engine is restarting; answering nothing "
+                                        "until it has loaded the model")
+            time.sleep(0.01 if cancel is not None else 0.05)
+        if pending.exception() is not None:
+            raise EngineUnavailable(f"the shared engine could not be restarted: "
+                                    f"{pending.exception()}")
+        connection = pending.result()
+        if not connection.alive:
+            raise EngineUnavailable("the restarted shared engine stopped again")
+        return connection
+
+    def _start_reconnect(self) -> Future:
+        """Connect (restarting the engine) on a thread of its own (lock held)."""
+        future: Future = Future()
+
+        def reconnect() -> None:
+            try:
+                connection = self._connect()
+            except BaseException as exc:  # handed to the waiting requests
+                with self._lock:
+                    self._reconnect_failed_at = time.monotonic()
+                future.set_exception(exc)
+                return
+            with self._lock:
+                if self._closed:
+                    connection.close()
+                else:
+                    self._connection = connection
+                    self._reconnect = None
+            future.set_result(connection)
+
+        threading.Thread(target=reconnect, name="maskfill-engine-restart", daemon=True).start()
+        return future
+
     def info(self) -> EngineInfo:
         assert self._info is not None
         return self._info
 
     def close(self) -> None:
         """Leave the engine running for the other windows; it exits once idle."""
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        with self._lock:
+            self._closed = True
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
 
 def _connect_endpoint(endpoint: str, token_file: str | None) -> EngineConnection:
@@ -169,9 +267,13 @@ class RemoteEngine:
 
     Each call runs its HTTP exchange on a helper thread so that a set cancel Event can abort
     it at once: the connection is closed, which our engine sees and turns into a cancel. Each
-    call has its own connection, so concurrent calls are independent."""
+    call has its own connection, so concurrent calls are independent. A call answers by its
+    timeoutMs + ANSWER_SLACK_S, whatever the endpoint does. Each request carries the editing
+    session (`x-session-id`: this server process and the document, hashed) that a cluster
+    routes on, so a document's keystrokes meet their warm context."""
 
     concurrent_calls = True
+    keyed_calls = True  # complete() takes the document's key (the worker passes it)
 
     def __init__(self, url: str, token: str | None, model: str | None):
         parsed = urllib.parse.urlparse(url)
@@ -181,8 +283,14 @@ class RemoteEngine:
         self._parsed = parsed
         path = parsed.path.rstrip("/")
         self._path = path if path.endswith("/completions") else path + FIM_PATH
+        # The API's root (under which /health and /v1/models live).
+        self._base = next((self._path[: -len(tail)] for tail in (FIM_PATH, "/v1/completions")
+                           if self._path.endswith(tail)), "")
         self._token = token
+        self._token_source: Path | None = None  # read again when it changes (a fixed token)
+        self._token_stamp: tuple[int, int] | None = None
         self._model = model
+        # max_context 0: the window is unknown (the server then does not cut maxTokens).
         self._info = EngineInfo(model=model or "remote", path=url, family="remote",
                                 device="remote", dtype="", quant="none", weight_bytes=0,
                                 parameters=0, max_context=0, load_ms=0.0)
@@ -191,8 +299,11 @@ class RemoteEngine:
     def open(cls, url: str | None, token_file: str | None, model: str | None) -> RemoteEngine:
         if not url:
             raise EngineError("engineMode is remote but engineEndpoint is not set")
-        token = paths.read_token(Path(token_file).expanduser()) if token_file else None
+        token_path = Path(token_file).expanduser() if token_file else None
+        token = paths.read_token(token_path) if token_path else None
         engine = cls(url, token, model)
+        engine._token_source = token_path
+        engine._token_stamp = _stamp(token_path)
         engine.probe()
         return engine
 
@@ -201,20 +312,76 @@ class RemoteEngine:
         kind = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
         return kind(p.hostname, p.port, timeout=timeout)
 
+    def _headers(self) -> dict[str, str]:
+        self._reread_token()
+        headers = {"Accept": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
+
+    def _reread_token(self) -> None:
+        """A token file that changed since it was read (the user fixed a refused token) is read
+        again, so the next request uses it without a reload."""
+        if self._token_source is None:
+            return
+        stamp = _stamp(self._token_source)
+        if stamp == self._token_stamp:
+            return
+        self._token_stamp = stamp
+        try:
+            self._token = paths.read_token(self._token_source)
+        except EngineError as exc:
+            raise EngineAuthError(f"the token file cannot be used: {exc}") from None
+
     def probe(self) -> None:
         """Fail the load with a clear message when nothing answers at the endpoint (any HTTP
-        answer, even a 404 from a hosted API without /health, means it is reachable)."""
+        answer, even a 404 from a hosted API without /health, means it is reachable), then
+        learn the model's window from GET /v1/models where the endpoint has it."""
         started = time.perf_counter()
         connection = self._connection(REMOTE_CONNECT_TIMEOUT_S)
         try:
-            connection.request("GET", self._path.rsplit(FIM_PATH, 1)[0] + "/health")
+            connection.request("GET", self._base + "/health")
             connection.getresponse().read()
         except (OSError, http.client.HTTPException) as exc:
             raise EngineError(f"the remote engine at {self.url} is unreachable: {exc}") from None
         finally:
             connection.close()
+        name, window = self._model_window()
         self._info = dataclasses.replace(
-            self._info, load_ms=(time.perf_counter() - started) * 1000)
+            self._info, model=name or self._info.model, max_context=window or 0,
+            load_ms=(time.perf_counter() - started) * 1000)
+
+    def _model_window(self) -> tuple[str | None, int | None]:
+        """(model id, context window) from GET /v1/models: the entry named by the `model`
+        setting, else the only one. (None, None) when the endpoint does not say: a hosted API
+        without the route, a token not allowed to list models, an answer in another shape."""
+        connection = self._connection(REMOTE_CONNECT_TIMEOUT_S)
+        try:
+            connection.request("GET", self._base + MODELS_PATH, headers=self._headers())
+            response = connection.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            log.info("GET %s failed (%s): the model's window is unknown", MODELS_PATH, exc)
+            return None, None
+        finally:
+            connection.close()
+        if response.status != 200:
+            log.info("GET %s answered %d (%s): the model's window is unknown", MODELS_PATH,
+                     response.status, _error_message(raw))
+            return None, None
+        try:
+            entries = [e for e in json.loads(raw)["data"] if isinstance(e, dict)]
+        except (ValueError, KeyError, TypeError):
+            log.info("GET %s: no data[] list: the model's window is unknown", MODELS_PATH)
+            return None, None
+        named = [e for e in entries if self._model and e.get("id") == self._model]
+        entry = named[0] if named else entries[0] if len(entries) == 1 else None
+        if entry is None:
+            return None, None
+        window = next((entry[f] for f in WINDOW_FIELDS if isinstance(entry.get(f), int)
+                       and not isinstance(entry.get(f), bool) and entry[f] > 0), None)
+        name = entry.get("id") if isinstance(entry.get("id"), str) else None
+        return name, window
 
     def body(self, request: CompletionRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -230,37 +397,43 @@ class RemoteEngine:
             body["seed"] = request.seed
         return body
 
-    def complete(self, request: CompletionRequest,
-                 cancel: threading.Event | None = None) -> CompletionResult:
-        timeout = (request.timeout_ms or 30_000) / 1000 + REMOTE_SLACK_S
-        connection = self._connection(timeout)
+    def complete(self, request: CompletionRequest, cancel: threading.Event | None = None,
+                 *, key: str = "") -> CompletionResult:
+        limit = (request.timeout_ms / 1000 if request.timeout_ms else REMOTE_DEFAULT_TIMEOUT_S)
+        limit += ANSWER_SLACK_S
+        connection = self._connection(limit)
         outcome: dict[str, Any] = {}
         done = threading.Event()
 
         def exchange() -> None:
             try:
-                outcome["value"] = self._exchange(connection, request)
+                outcome["value"] = self._exchange(connection, request, key)
             except BaseException as exc:  # handed to the caller's thread
                 outcome["error"] = exc
             finally:
                 done.set()
 
         started = time.perf_counter()
+        deadline = time.monotonic() + limit
         threading.Thread(target=exchange, name="maskfill-remote", daemon=True).start()
-        while not done.wait(CANCEL_POLL_S if cancel is not None else None):
+        while not done.wait(CANCEL_POLL_S):
             if cancel is not None and cancel.is_set():
                 _abort(connection)  # the server sees the hang-up and stops the model
                 return cancelled_result()
+            if time.monotonic() > deadline:
+                _abort(connection)
+                raise EngineUnavailable(f"the remote engine at {self.url} gave no answer "
+                                        f"within {limit:.1f} s")
         connection.close()
         if "error" in outcome:
             raise outcome["error"]
         return self._result(outcome["value"], (time.perf_counter() - started) * 1000)
 
     def _exchange(self, connection: http.client.HTTPConnection,
-                  request: CompletionRequest) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
+                  request: CompletionRequest, key: str) -> dict[str, Any]:
+        headers = {**self._headers(), "Content-Type": "application/json"}
+        if key:
+            headers[SESSION_HEADER] = session_id(key)
         try:
             connection.request("POST", self._path, body=json.dumps(self.body(request)),
                                headers=headers)
@@ -268,6 +441,11 @@ class RemoteEngine:
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
             raise EngineError(f"the remote engine at {self.url} is unreachable: {exc}") from None
+        if response.status in (401, 403):  # no retry can fix a refused credential
+            raise EngineAuthError(
+                f"the remote engine at {self.url} refused the token ({response.status}: "
+                f"{_error_message(raw)}); put the right token in engineTokenFile: it is "
+                "read again at the next request")
         if response.status != 200:
             raise EngineError(f"the remote engine answered {response.status}: "
                               f"{_error_message(raw)}")
@@ -294,6 +472,22 @@ class RemoteEngine:
 
     def close(self) -> None:
         pass  # one connection per request: nothing held
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    try:
+        info = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size) if info is not None else None
+
+
+def session_id(key: str) -> str:
+    """The editing session a request belongs to: this server process and the document,
+    hashed (stable for the document while the editor runs; no path or secret in it)."""
+    digest = hashlib.blake2b(f"{_SESSION_NONCE}\0{key}".encode("utf-8", "surrogatepass"),
+                             digest_size=16)
+    return "maskfill-" + digest.hexdigest()
 
 
 def _abort(connection: http.client.HTTPConnection) -> None:

@@ -90,6 +90,7 @@ class MaskfillServer(LanguageServer):
         self.initialized = False  # set once `initialize` is answered
         self.load_started = False  # set by the `initialized` notification
         self.engine_errors = MessageLimiter(ENGINE_ERROR_REPEAT_S)
+        self._auth_shown: set[str] = set()  # refused-token messages already shown
         self._logged_large: set[str] = set()
         self._clamp_shown: tuple[int, int] | None = None
         self.shutdown_requested = False
@@ -129,7 +130,9 @@ class MaskfillServer(LanguageServer):
         """A span budget the model's window cannot hold would fail every request once (and
         retry at half): cap it at half the window, the rest being context, and say so once."""
         info = self.worker.info
-        limit = max(1, info.max_context // 2) if info is not None else None
+        # A window of 0 is unknown (a remote endpoint that does not say): nothing to cut to.
+        known = info is not None and info.max_context > 0
+        limit = max(1, info.max_context // 2) if known else None
         self.service.max_tokens_limit = limit
         wanted = self.settings.max_tokens
         if limit is not None and wanted > limit and (wanted, limit) != self._clamp_shown:
@@ -194,12 +197,16 @@ class MaskfillServer(LanguageServer):
         elif kind == "load-failed":
             self._progress_end("model not loaded")
             self.show(payload["message"], types.MessageType.Error)
+        elif kind == "engine-auth":  # the user must fix the token: say it once, as an error
+            if payload["message"] not in self._auth_shown:
+                self._auth_shown.add(payload["message"])
+                self.show(payload["message"], types.MessageType.Error)
         elif kind == "engine-error":
             if self.engine_errors.allow(payload["message"]):
                 self.show(payload["message"], types.MessageType.Warning)
             else:
                 log.info("engine error (not shown again yet): %s", payload["message"])
-        if kind != "engine-error":
+        if kind not in ("engine-error", "engine-auth"):
             self.service.model_state_changed()
         self.notify_status()
 
@@ -342,6 +349,8 @@ class MaskfillServer(LanguageServer):
             "quant": info.quant if info else s.quant,
             "loadState": self.worker.state,
             "loadMs": info.load_ms if info else None,
+            # tokens; None while unknown (a remote endpoint without GET /v1/models)
+            "contextWindow": info.max_context if info and info.max_context > 0 else None,
             "error": self.worker.error,
             "enabled": s.enabled,
             "engineMode": resolve_mode(s.engine_mode, s.device),

@@ -25,7 +25,9 @@ it to the configured fallback device (until the next load, e.g. a settings chang
 happens on the owning thread once the runners still on the old device have returned, and the
 job that tipped it over is retried there first. A request the engine refuses as bad input
 (EngineInputError: text it cannot tokenize, a context that does not fit) is answered with
-nothing and counts as no failure: it says nothing about the device.
+nothing and counts as no failure: it says nothing about the device. Nor is a run retried when
+the engine cannot answer now (EngineUnavailable: a shared engine silent past the deadline or
+restarting, a remote endpoint refusing the token): the job answers nothing at once.
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ import msgspec
 from engine.api import (
     CompletionRequest,
     CompletionResult,
+    EngineAuthError,
     EngineError,
     EngineInfo,
     EngineInputError,
     EngineLike,
+    EngineUnavailable,
     QuantMode,
 )
 
@@ -78,8 +82,8 @@ class LoadSpec:
 
 
 Loader = Callable[[LoadSpec], EngineLike]
-# (kind, payload): load-begin, load-end, load-failed, engine-error; called on the worker thread
-# (engine-error also on a job's runner thread).
+# (kind, payload): load-begin, load-end, load-failed, engine-error, engine-auth; called on the
+# worker thread (engine-error and engine-auth also on a job's runner thread).
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
@@ -236,6 +240,7 @@ class EngineWorker:
         self.error: str | None = None
         self.stats = WorkerStats()
         self._failures_in_a_row = 0
+        self._auth_refused = False  # the last request's token was refused (self.error says it)
         self._in_loader = False  # a load cannot be interrupted: close() does not wait for one
         self._thread = threading.Thread(target=self._run, name="maskfill-engine", daemon=True)
         self._thread.start()
@@ -427,6 +432,7 @@ class EngineWorker:
                 self._failures_in_a_row = 0
             self.info = engine.info()
             self.error = None
+            self._auth_refused = False
             self.state = "ready" if not superseded else self.state
             load_ms = (time.perf_counter() - started) * 1000
             self._on_event(
@@ -459,6 +465,9 @@ class EngineWorker:
             except EngineInputError as exc:  # this request alone is bad: not the device's fault
                 log.warning("completion refused: %s", _one_line(exc))
                 break
+            except EngineUnavailable as exc:  # silent, restarting, or refusing our token:
+                self._unavailable(exc)  # a shorter span would not help, the device is fine
+                break
             except Exception as exc:  # any engine failure must leave the server serving
                 self.stats.record_failure()
                 with self._lock:
@@ -480,15 +489,36 @@ class EngineWorker:
                 break
             with self._lock:
                 self._failures_in_a_row = 0
+                if self._auth_refused:  # the endpoint takes our token again
+                    self._auth_refused = False
+                    self.error = None
             _resolve(job, result)
             return
         self._drop(job)
+
+    def _unavailable(self, exc: EngineUnavailable) -> None:
+        """An engine that cannot answer now: counted and said, never retried. A refused token
+        is said once (an error the user must fix) and stays in the status until a request
+        succeeds; the rest go through the server's repeat limiter."""
+        self.stats.record_failure()
+        message = f"maskfill: {_one_line(exc)}"
+        log.warning("completion failed: %s", message)
+        if isinstance(exc, EngineAuthError):
+            with self._lock:
+                self._auth_refused = True
+                self.error = message
+            self._on_event("engine-auth", {"message": message})
+        else:
+            self._on_event("engine-error", {"message": message})
 
     def _timed_run(self, engine: EngineLike, job: Job,
                    request: CompletionRequest) -> CompletionResult:
         self.stats.record_start()
         started = time.perf_counter()
-        result = engine.complete(request, job.cancel)
+        if getattr(engine, "keyed_calls", False):  # a remote endpoint: the session header
+            result = engine.complete(request, job.cancel, key=job.key)
+        else:
+            result = engine.complete(request, job.cancel)
         elapsed_ms = (time.perf_counter() - started) * 1000
         cancelled = result.stats.cancelled or job.cancel.is_set()
         self.stats.record_result(result, elapsed_ms, cancelled)

@@ -11,13 +11,20 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import struct
 import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
-from engine.api import CompletionRequest, CompletionResult, CompletionStats, EngineError
+from engine.api import (
+    CompletionRequest,
+    CompletionResult,
+    CompletionStats,
+    EngineError,
+    EngineUnavailable,
+)
 from engine.service.protocol import (
     HEADER_BYTES,
     Cancel,
@@ -39,14 +46,33 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.005  # how soon a set cancel Event becomes a Cancel message
 HANDSHAKE_TIMEOUT_S = 10.0
 DEADLINE_SLACK_S = 30.0  # beyond the request's own deadline, before a silent engine is given up
+# A stopped engine reads nothing: once the socket buffer is full a send would block for ever
+# (holding the send lock); past this the connection is failed instead.
+SEND_TIMEOUT_S = 5.0
 
 
 class EngineGone(EngineError):
     """The connection to the engine closed (it exited, crashed or was killed)."""
 
 
+class EngineSilent(EngineUnavailable):
+    """The engine is connected but gave no answer past the request's deadline (stopped, hung
+    or swamped): answer nothing now; the connection stays for the next request."""
+
+
 def cancelled_result() -> CompletionResult:
     return CompletionResult(text="", candidates=[], stats=CompletionStats(cancelled=True))
+
+
+def _bound_sends(sock: socket.socket, seconds: float) -> None:
+    """SO_SNDTIMEO: a blocking send gives up after `seconds` (receives still wait: the reader
+    thread blocks on recv by design). Left unset where the platform refuses it."""
+    try:
+        whole = int(seconds)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+    except (OSError, struct.error, AttributeError):
+        pass
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
@@ -93,6 +119,7 @@ class EngineConnection:
             raise EngineGone("the engine closed the connection during hello")
         self.welcome = first
         sock.settimeout(None)
+        _bound_sends(sock, SEND_TIMEOUT_S)
         self._reader = threading.Thread(target=self._read, name="maskfill-engine-reader",
                                         daemon=True)
         self._reader.start()
@@ -119,23 +146,35 @@ class EngineConnection:
         return self.lost is None
 
     def complete(self, request: CompletionRequest, cancel: threading.Event | None = None,
-                 *, key: str = "") -> CompletionResult:
-        """Engine.complete across the socket; a dropped or stopped job answers cancelled."""
+                 *, key: str = "", slack_s: float = DEADLINE_SLACK_S,
+                 cancel_wait_s: float | None = None) -> CompletionResult:
+        """Engine.complete across the socket; a dropped or stopped job answers cancelled.
+
+        An engine silent `slack_s` past the request's deadline raises EngineSilent. Once
+        cancelled, the engine's acknowledgement is awaited at most `cancel_wait_s` (None: up to
+        the deadline): a stopped (SIGSTOP) engine must not hold the caller's newer request."""
         job_id, future = self._open()
         done = threading.Event()
         future.add_done_callback(lambda _: done.set())
         self._send(Complete(id=job_id, request=request, key=key))
-        limit = (request.timeout_ms or 0) / 1000 + DEADLINE_SLACK_S
+        limit = (request.timeout_ms or 0) / 1000 + slack_s
         deadline = time.monotonic() + limit
-        cancel_sent = False
-        while not done.wait(CANCEL_POLL_S if cancel is not None and not cancel_sent else 0.25):
-            if cancel is not None and cancel.is_set() and not cancel_sent:
+        cancel_sent_at: float | None = None
+        while not done.wait(CANCEL_POLL_S if cancel is not None and cancel_sent_at is None
+                            else 0.05):
+            now = time.monotonic()
+            if cancel is not None and cancel.is_set() and cancel_sent_at is None:
                 self._send(Cancel(id=job_id))
-                cancel_sent = True
-            if time.monotonic() > deadline:
+                cancel_sent_at = now
+            if (cancel_sent_at is not None and cancel_wait_s is not None
+                    and now - cancel_sent_at > cancel_wait_s):
+                self._forget(job_id)  # a late answer is dropped by the reader
+                return cancelled_result()
+            if now > deadline:
                 self._send(Cancel(id=job_id))
                 self._forget(job_id)
-                raise EngineError(f"the engine gave no answer within {limit:.0f} s")
+                raise EngineSilent(f"the engine (pid {self.welcome.pid}) gave no answer "
+                                   f"within {limit:.1f} s")
         reply: Result = future.result()  # raises EngineGone when the connection was lost
         if reply.error is not None:
             raise EngineError(reply.error)

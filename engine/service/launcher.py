@@ -27,6 +27,10 @@ POLL_S = 0.05
 HAS_UNIX_SOCKETS = hasattr(socket, "AF_UNIX")
 
 
+class EngineExited(EngineError):
+    """The engine process started here exited before it answered (crashed, killed)."""
+
+
 class EngineLocation:
     """Where one model+device+quant's engine lives in a runtime folder."""
 
@@ -73,7 +77,7 @@ def connect_or_start(location: EngineLocation, name: str, *, idle_exit_s: float 
             pass
         code = process.returncode  # set by the reaper thread (poll() would race with it)
         if code is not None and code != EXIT_ALREADY_RUNNING:
-            raise EngineError(f"the engine exited with code {code}: {log_tail(location.log)}")
+            raise EngineExited(f"the engine exited with code {code}: {log_tail(location.log)}")
         if time.monotonic() > deadline:
             raise EngineError(f"the engine did not start within {start_timeout_s:.0f} s "
                               f"(log: {location.log})")

@@ -6,6 +6,9 @@ errors of the FIM API (http_api.py):
   with `stream: true`: the answer then comes as server-sent events, one event per choice holding
   its whole text and finish reason, then `data: [DONE]` (a diffusion model writes the whole span
   at once, so there is nothing to send earlier).
+- `GET /v1/models` (and `/v1/models/{id}`): OpenAI's model list, as Continue and Tabby ask for
+  it, with the model's window (`max_model_len`, `context_length`) and span ceiling
+  (`max_tokens`): how maskfill-lsp's remote mode learns the window it must fit.
 - `POST /infill`: llama-server's fill-in-the-middle endpoint, as llama.vscode and llama.vim call
   it: the text before the cursor is `input_prefix` + `prompt`, after it `input_suffix`; the
   `input_extra` chunks (other files) go before the prefix with llama-server's own separator for
@@ -24,6 +27,7 @@ a grammar or JSON schema, logprobs, logit_bias) get a 400 naming the field.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -46,6 +50,7 @@ MAX_SEED = 2**63 - 1
 SNIPPET_SEPARATOR = "\n\n--- snippet ---\n\n"
 HF_SNAPSHOT = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
 
+FIM_MAX_TOKENS = 512  # http_api.FimRequest's max_tokens bound
 Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
 
 
@@ -93,6 +98,7 @@ class PeerApi:
 
     def __init__(self, fim: FimApi):
         self.fim = fim
+        self.created = int(time.time())  # OpenAI's model `created`: when this engine started
 
     def _ready(self):
         scheduler = self.fim.service.scheduler
@@ -143,6 +149,32 @@ class PeerApi:
             return web.json_response(answer)
         usage = body.stream_options is not None and body.stream_options.include_usage
         return await stream_completion(request, answer, usage=usage)
+
+    # -- GET /v1/models ------------------------------------------------------------------------
+
+    def model_entry(self, scheduler) -> dict[str, Any]:
+        """The served model in OpenAI's shape, plus its window where clients look for it
+        (vLLM's max_model_len, OpenRouter's context_length) and the largest span one request
+        gets (max_tokens: the FIM route's ceiling, at most half the window)."""
+        info = scheduler.info
+        window = info.max_context
+        return {
+            "id": model_name(info), "object": "model", "created": self.created,
+            "owned_by": "maskfill", "max_model_len": window, "context_length": window,
+            "max_tokens": max(1, min(FIM_MAX_TOKENS, window // 2)),
+        }
+
+    async def models(self, request: web.Request) -> web.Response:
+        """What OpenAI-compatible clients (Continue's model list, Tabby's, maskfill-lsp's
+        remote mode) read to learn the model's name and window."""
+        return web.json_response({"object": "list", "data": [self.model_entry(self._ready())]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        entry = self.model_entry(self._ready())
+        if request.match_info["model"] != entry["id"]:
+            raise ApiError(404, f"model {request.match_info['model']!r} is not served here "
+                           f"(served: {entry['id']})", "not_found_error")
+        return web.json_response(entry)
 
     # -- POST /infill --------------------------------------------------------------------------
 
@@ -354,3 +386,5 @@ def add_peer_routes(app: web.Application, fim: FimApi) -> None:
     peers = PeerApi(fim)
     app.router.add_post("/v1/completions", peers.completions)
     app.router.add_post("/infill", peers.infill)
+    app.router.add_get("/v1/models", peers.models)
+    app.router.add_get("/v1/models/{model:.+}", peers.model)

@@ -13,7 +13,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from engine.api import CompletionRequest, EngineError
+from engine.api import CompletionRequest, EngineAuthError, EngineError
 from engine.service.client import EngineConnection
 from engine.service.launcher import EngineLocation
 from engine.service.scheduler import FairScheduler
@@ -154,7 +154,7 @@ def test_remote_backend_reports_a_wrong_token_and_a_readable_token_file(memorize
     server = HttpEngine(memorized_model, "another-token")
     try:
         engine = RemoteEngine.open(server.url, str(token_file), None)  # /health is open
-        with pytest.raises(EngineError, match="answered 401: missing or wrong token"):
+        with pytest.raises(EngineAuthError, match="refused the token \\(401: missing or wrong"):
             engine.complete(CompletionRequest(prefix="x", suffix=""))
         token_file.chmod(0o644)
         with pytest.raises(EngineError, match="readable by others"):
