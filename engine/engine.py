@@ -65,11 +65,11 @@ DIFFUCODER_PAD = "<|dlm_pad|>"  # DiffuCoder ends spans with it (models.md §2.1
 CPU_BATCH_ROWS = 32
 # Rows one request holds in flight (a bigger one runs in chunks, engine/job_chunks.py). A CPU
 # pass costs what its rows cost, so a request sharing passes with a big one waits on the big
-# one's rows at every step: 8 rows (two candidates of four lengths) keep another client's
-# automatic request within a few times its cost alone (embedded model, n=8 x 180 tokens beside
-# it: docs/LOG.md). A fixed-shape GPU pass costs the same for 1 or 16 rows: there a request
-# may hold three quarters of the batch (a 3-candidate manual request stays in one chunk).
-MAX_JOB_ROWS_CPU = 8
+# one's rows at every step; half the batch leaves room for others while an editor's manual
+# request (3 candidates x up to 4 lengths = 12 rows) still runs in one chunk, as fast as before
+# (docs/LOG.md). A fixed-shape GPU pass costs the same for 1 or 16 rows: there a request may
+# hold three quarters of the batch.
+MAX_JOB_ROWS_CPU = 16
 GPU_CONTEXT_CACHE_BYTES = 1 << 30
 
 
