@@ -6,9 +6,10 @@ flight stay within a row budget, then runs one pass for every request in flight
 (engine/denoiser.DenoiseLoop): each advances one step per pass, so a long request cannot hold
 back a short one, and each leaves as soon as it is done, cancelled or past its deadline.
 
-No request holds the whole batch: one with more rows than `max_job_rows` (three quarters of the
-budget) runs as chunks of at most that many, one after another, each queued behind whatever
-came meanwhile (engine/job_chunks.py), so there is always room for others beside it. A waiting
+No request holds the whole batch: one with more rows than `max_job_rows` runs as chunks of at
+most that many, one after another, each queued behind whatever came meanwhile
+(engine/job_chunks.py), so there is always room for others beside it (the engine picks the
+share: engine/engine.py, MAX_JOB_ROWS_CPU). A waiting
 job that does not fit yet is passed over by smaller ones behind it, at most MAX_OVERTAKES times
 (then it waits first in line). A waiting job whose caller gave up or whose deadline passed is
 answered at once, unrun. A cancel reaches the model within one layer: the context encode and
@@ -83,7 +84,6 @@ class BatchWorker:
                  max_job_rows: int | None = None):
         self.loop = loop
         self.row_budget = row_budget
-        # A quarter of the batch stays free for others beside the biggest request.
         self.max_job_rows = max_job_rows or max(1, row_budget - row_budget // 4)
         self._cond = threading.Condition()
         self._waiting: deque[Ticket] = deque()

@@ -63,6 +63,13 @@ DIFFUCODER_PAD = "<|dlm_pad|>"  # DiffuCoder ends spans with it (models.md §2.1
 # Rows in one shared pass. A CPU pass costs what its rows cost, so more rows only make every
 # request in it slower; on CUDA the captured batch buckets end at 16 rows.
 CPU_BATCH_ROWS = 32
+# Rows one request holds in flight (a bigger one runs in chunks, engine/job_chunks.py). A CPU
+# pass costs what its rows cost, so a request sharing passes with a big one waits on the big
+# one's rows at every step; half the batch leaves room for others while an editor's manual
+# request (3 candidates x up to 4 lengths = 12 rows) still runs in one chunk, as fast as before
+# (docs/LOG.md). A fixed-shape GPU pass costs the same for 1 or 16 rows: there a request may
+# hold three quarters of the batch.
+MAX_JOB_ROWS_CPU = 16
 GPU_CONTEXT_CACHE_BYTES = 1 << 30
 
 
@@ -156,7 +163,8 @@ class Engine:
         budget = max_batch_rows or (BATCH_BUCKETS[-1] if static else CPU_BATCH_ROWS)
         if static:
             budget = min(budget, BATCH_BUCKETS[-1])
-        self._worker = BatchWorker(self._loop, budget) if concurrent else None
+        share = budget - budget // 4 if static else min(budget, MAX_JOB_ROWS_CPU)
+        self._worker = BatchWorker(self._loop, budget, max_job_rows=share) if concurrent else None
         self.check_every: int | None = None  # steps between host reads (None: the default)
 
     @classmethod

@@ -7,6 +7,7 @@ guards only; the assertions are about order and outcome."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -109,19 +110,22 @@ def test_a_big_request_does_not_hold_back_another_clients_small_one(slow_engine)
 
 
 def test_a_request_that_cannot_start_ends_at_its_deadline(slow_engine):
-    """Two big requests fill the batch; a third that does not fit beside them waits, and its
-    deadline ends that wait with an explicit timed-out answer while the others still run."""
+    """Four 8-row requests fill the CPU's 32-row batch; a fifth that does not fit beside them
+    waits, and its deadline ends that wait with an explicit timed-out answer while the others
+    still run."""
     sock, _ = slow_engine
-    clients = [EngineConnection.unix(sock, name=f"script{i}") for i in range(3)]
-    first = Call(clients[0], big_request())
-    wait_running(clients[2])
-    second = Call(clients[1], big_request(steps=79))
-    time.sleep(0.5)
-    late = clients[2].complete(big_request(steps=78, timeout_ms=1500))
-    assert first.is_alive(), "the waiting request was answered only after the batch drained"
+    clients = [EngineConnection.unix(sock, name=f"script{i}") for i in range(5)]
+    fillers = [Call(clients[i], dataclasses.replace(
+        big_request(steps=80 - i), num_candidates=1,
+        span_lengths=tuple(range(73 - i, 81 - i)))) for i in range(4)]
+    wait_running(clients[4], jobs=4)
+    time.sleep(1.0)  # each admitted at the pass after it came
+    late = clients[4].complete(small_request(timeout_ms=1500))
+    assert all(call.is_alive() for call in fillers), \
+        "the waiting request was answered only after the batch drained"
     assert late.stats.timed_out and not late.stats.cancelled
     assert late.text == "" and late.candidates == []
-    for call in (first, second):
+    for call in fillers:
         assert not call.answer().stats.timed_out
     for client in clients:
         client.close()
@@ -234,8 +238,6 @@ def _raw_result(sock_path, request: CompletionRequest) -> Result:
 def test_an_out_of_range_integer_on_the_socket_is_refused_naming_it(memorized_model,
                                                                     serve_engine, runtime_dir,
                                                                     field, value):
-    import dataclasses
-
     sock = runtime_dir / "e.sock"
     serve_engine(memorized_model, "--socket", str(sock))
     editor = EngineConnection.unix(sock, name="editor")
