@@ -4,8 +4,9 @@ errors of the FIM API (http_api.py):
 - `POST /v1/completions`: OpenAI's completions with `suffix` (fill in the middle), as Continue's
   OpenAI-compatible FIM providers and Tabby's `openai/completion` HTTP backend send it. Both ask
   with `stream: true`: the answer then comes as server-sent events, one event per choice holding
-  its whole text and finish reason, then `data: [DONE]` (a diffusion model writes the whole span
-  at once, so there is nothing to send earlier).
+  its whole text and finish reason, then `data: [DONE]`. With `stream_drafts: true` as well,
+  the partial fills come first, as the model denoises (`text_completion.draft` events, each
+  replacing the one before: draft_event), something no autoregressive peer can show.
 - `POST /infill`: llama-server's fill-in-the-middle endpoint, as llama.vscode and llama.vim call
   it: the text before the cursor is `input_prefix` + `prompt`, after it `input_suffix`; the
   `input_extra` chunks (other files) go before the prefix with llama-server's own separator for
@@ -23,15 +24,18 @@ a grammar or JSON schema, logprobs, logit_bias) get a 400 naming the field.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import secrets
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from aiohttp import web
 
-from engine.api import CompletionRequest, CompletionResult, EngineInfo
-from engine.service.http_api import HTTP_TIMEOUT_MS, MAX_N, ApiError, to_response
+from engine.api import DRAFT_MASK, CompletionRequest, CompletionResult, Draft, EngineInfo
+from engine.service.http_api import HTTP_TIMEOUT_MS, MAX_N, ApiError, cut_at_stops, to_response
 
 if TYPE_CHECKING:
     from engine.service.http_api import FimApi
@@ -134,8 +138,14 @@ class PeerApi:
             temperature=body.temperature if body.temperature is not None else 0.0,
             top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
             num_candidates=body.n, timeout_ms=HTTP_TIMEOUT_MS)
+        name = body.model or model_name(scheduler.info)
+        if body.stream and body.stream_drafts:
+            return await stream_drafts(
+                request, self.fim, engine_request, stops, name,
+                usage=body.stream_options is not None and body.stream_options.include_usage,
+                echo=prompt if body.echo else "")
         result = await self._run(request, engine_request)
-        answer = to_response(result, stops, body.model or model_name(scheduler.info))
+        answer = to_response(result, stops, name)
         if body.echo:
             for choice in answer["choices"]:
                 choice["text"] = prompt + choice["text"]
@@ -211,6 +221,7 @@ class CompletionsRequest(msgspec.Struct, kw_only=True):
     seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    stream_drafts: bool = False  # with stream: partial fills as the model denoises
     echo: bool = False
     logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
@@ -326,6 +337,79 @@ def completion_events(answer: dict[str, Any], *, usage: bool,
     if usage:
         events.append({**{k: v for k, v in answer.items() if k != "choices"}, "choices": []})
     return events
+
+
+def draft_event(draft: Draft, head: dict[str, Any], stops: list[str]) -> dict[str, Any]:
+    """A partial fill as a server-sent event payload (`stream_drafts`): object
+    `text_completion.draft`, each one replacing the one before (they are not deltas); `text`
+    is what the model has settled from the hole's first slot on (stop strings applied), `fill`
+    the whole span so far with each still-masked slot as DRAFT_MASK. Transport-free, like
+    completion_events."""
+    text, _ = cut_at_stops(draft.text, stops)
+    return {**head, "object": "text_completion.draft",
+            "draft": {"step": draft.step, "masked": draft.masked, "slots": draft.slots,
+                      "mask": DRAFT_MASK},
+            "choices": [{"index": 0, "text": text, "fill": draft.fill, "logprobs": None,
+                         "finish_reason": None}]}
+
+
+def answer_head(model: str) -> dict[str, Any]:
+    """id, created and model, fixed before the first draft so every event of a stream shares
+    them."""
+    return {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model}
+
+
+def sse(event: dict[str, Any] | str) -> bytes:
+    return b"data: " + (event.encode() if isinstance(event, str)
+                        else msgspec.json.encode(event)) + b"\n\n"
+
+
+async def stream_drafts(request: web.Request, fim: FimApi, engine_request: CompletionRequest,
+                        stops: list[str], model: str, *, usage: bool, chat_delta: bool = False,
+                        echo: str = "") -> web.StreamResponse:
+    """`stream` with `stream_drafts`: a draft event at each of the denoising loop's host reads
+    as they come, then the answer's events exactly as without drafts, then [DONE]. An engine
+    error after the stream began comes as an `error` event (the status line is sent)."""
+    loop = asyncio.get_running_loop()
+    drafts: asyncio.Queue[Draft] = asyncio.Queue()
+
+    def on_draft(draft: Draft) -> None:  # the engine's draft thread
+        loop.call_soon_threadsafe(drafts.put_nowait, draft)
+
+    head = answer_head(model)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    run = asyncio.ensure_future(fim._run(request, engine_request, on_draft=on_draft))
+    try:
+        while True:
+            getter = asyncio.ensure_future(drafts.get())
+            await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            await response.write(sse(draft_event(getter.result(), head, stops)))
+        while not drafts.empty():  # every draft is queued before the answer
+            await response.write(sse(draft_event(drafts.get_nowait(), head, stops)))
+        try:
+            answer = {**to_response(run.result(), stops, model), **head}
+        except ApiError as exc:
+            await response.write(sse({"error": {"message": exc.message, "type": exc.kind,
+                                                "code": exc.status}}))
+        else:
+            if echo:
+                for choice in answer["choices"]:
+                    choice["text"] = echo + choice["text"]
+            for event in completion_events(answer, usage=usage, chat_delta=chat_delta):
+                await response.write(sse(event))
+            await response.write(sse("[DONE]"))
+        await response.write_eof()
+    except ConnectionResetError:  # the caller left: stop the model between steps
+        pass
+    finally:
+        if not run.done():
+            run.cancel()
+    return response
 
 
 async def stream_completion(request: web.Request, answer: dict[str, Any], *, usage: bool,

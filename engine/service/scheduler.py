@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import msgspec
 
-from engine.api import CompletionRequest, CompletionResult, EngineInfo, EngineLike
+from engine.api import CompletionRequest, CompletionResult, Draft, EngineInfo, EngineLike
 from engine.service.stats import ServiceStats
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     answered: bool = False
     in_model: bool = False  # past the last check that drops it: a cancel now stops a run
+    # Partial fills while the model runs it (Engine.complete's on_draft); a cached answer
+    # has none.
+    on_draft: Callable[[Draft], None] | None = None
 
 
 class ResultCache:
@@ -259,7 +262,10 @@ class FairScheduler:
         job.in_model = True
         started = time.perf_counter()
         try:
-            result = self._engine.complete(job.request, job.cancel)
+            if job.on_draft is None:
+                result = self._engine.complete(job.request, job.cancel)
+            else:
+                result = self._engine.complete(job.request, job.cancel, on_draft=job.on_draft)
         except Exception as exc:  # one bad request must not take the model thread down
             self.stats.record_outcome("error")
             log.warning("completion failed: %s", exc)
