@@ -11,7 +11,7 @@ import secrets
 
 import msgspec
 
-from engine.api import CompletionRequest, CompletionResult
+from engine.api import CompletionRequest, CompletionResult, Draft
 from engine.service.http_api import ApiError, FimRequest
 
 FIM_PATH = "/v1/fim/completions"
@@ -40,6 +40,16 @@ class EngineAnswer(msgspec.Struct, kw_only=True):
     model: str  # the answering checkpoint's name as the HTTP API echoes it (peer_api.model_name)
     replica: str
     engine_ms: float  # time in the replica, queue included
+
+
+class StreamPart(msgspec.Struct, kw_only=True):
+    """Engine replica -> ingress, one per item of a streamed call (`stream_drafts`): partial
+    fills while the model denoises, then the answer."""
+
+    draft: Draft | None = None
+    answer: EngineAnswer | None = None
+    model: str = ""  # as in EngineAnswer, on every part: a draft event names the model too
+    replica: str = ""
 
 
 def token_digest(token: str) -> bytes:

@@ -3,7 +3,8 @@
 `GET /health`, `GET /metrics`, a Bearer token on every route but /health, clear 4xx errors
 naming the field (OpenAI's error shape plus the status as `code`), bodies over the limit
 refused as they stream in, `stream: true` answered as server-sent events as the shared engine
-does. The shared engine's peer routes (/v1/completions, /infill) are not served here yet.
+does, with `stream_drafts` the partial fills as the replica denoises. The shared engine's
+peer routes (/v1/completions, /infill) are not served here yet.
 
 A subclass says how a checked request reaches an engine (`dispatch`) and what /health and
 /metrics report: FimIngress (ingress.py) hands it to an engine replica through a Serve handle;
@@ -16,15 +17,23 @@ Answers carry `x-maskfill-replica` (which replica answered), `x-maskfill-attempt
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engine.cluster import contract
-from engine.cluster.contract import FIM_PATH, SESSION_HEADER, EngineAnswer, EngineCall
+from engine.cluster.contract import (
+    FIM_PATH,
+    SESSION_HEADER,
+    EngineAnswer,
+    EngineCall,
+    StreamPart,
+)
 from engine.service.http_api import ApiError, stop_strings, to_engine_request, to_response
 from engine.service.metrics import CONTENT_TYPE
-from engine.service.peer_api import completion_events
+from engine.service.peer_api import answer_head, completion_events, draft_event, sse
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -56,6 +65,12 @@ class FimFront:
     async def dispatch(self, call: EngineCall, key: str | None,
                        model: str | None) -> tuple[EngineAnswer, int]:
         """Run the call on an engine: (answer, attempts it took)."""
+        raise NotImplementedError
+
+    def dispatch_stream(self, call: EngineCall, key: str | None,
+                        model: str | None) -> AsyncIterator[tuple[StreamPart, int]]:
+        """Run the call on an engine, its drafts then its answer as they come (with the
+        attempt each came from)."""
         raise NotImplementedError
 
     async def health_route(self) -> Response:
@@ -110,14 +125,10 @@ class FimFront:
                                    request.headers.get(SESSION_HEADER) or body.session)
         call = EngineCall(request=to_engine_request(body, stops),
                           client=contract.scheduler_client(key))
+        if body.stream and body.stream_drafts:
+            return await self.draft_stream(call, key, model, stops, body.model)
         answer, attempts = await self.dispatch(call, key, model)
-        if answer.error is not None:
-            if answer.error.startswith("bad completion request"):
-                raise ApiError(400, answer.error)
-            raise ApiError(500, answer.error, "server_error")
-        if answer.result is None:
-            raise ApiError(503, "the request was dropped (engine shutting down)",
-                           "server_error")
+        check_answer(answer)
         stats = answer.result.stats
         headers = {"x-maskfill-replica": answer.replica, "x-maskfill-attempts": str(attempts),
                    "x-maskfill-reused-tokens": str(stats.reused_context_tokens),
@@ -126,6 +137,40 @@ class FimFront:
         if body.stream:  # Continue's OpenAI adapter always streams FIM
             return event_stream(response, headers)
         return JSONResponse(response, headers=headers)
+
+    async def draft_stream(self, call: EngineCall, key: str | None, model: str | None,
+                           stops: list[str], asked_model: str | None) -> Response:
+        """`stream` + `stream_drafts`: the shared engine's events (peer_api.stream_drafts) as
+        the replica sends them. The first part is awaited before answering, so an engine that
+        refuses the request still gets its 4xx/5xx status."""
+        parts = aiter(self.dispatch_stream(call, key, model))
+        first, attempts = await anext(parts)
+        if first.answer is not None:
+            check_answer(first.answer)
+        head = answer_head(asked_model or first.model)
+        headers = {"x-maskfill-replica": first.replica, "Cache-Control": "no-cache"}
+
+        async def events() -> AsyncIterator[bytes]:
+            part = first
+            try:
+                while True:
+                    if part.answer is None:
+                        yield sse(draft_event(part.draft, head, stops))
+                        part, _ = await anext(parts)
+                        continue
+                    check_answer(part.answer)
+                    answer = {**to_response(part.answer.result, stops, head["model"]), **head}
+                    for event in completion_events(answer, usage=False, chat_delta=True):
+                        yield sse(event)
+                    yield sse("[DONE]")
+                    return
+            except ApiError as exc:
+                yield sse({"error": {"message": exc.message, "type": exc.kind,
+                                     "code": exc.status}})
+            finally:
+                await parts.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     def model_id(self, requested: str | None) -> str | None:
         """The multiplexed model id for a request: None with one checkpoint (any `model` is
@@ -138,6 +183,16 @@ class FimFront:
             raise ApiError(400, f"model: {requested!r} is not served here (served: "
                            f"{', '.join(self.served_models)})")
         return requested
+
+
+def check_answer(answer: EngineAnswer) -> None:
+    """An engine's refusal or failure as the HTTP error it means."""
+    if answer.error is not None:
+        if answer.error.startswith("bad completion request"):
+            raise ApiError(400, answer.error)
+        raise ApiError(500, answer.error, "server_error")
+    if answer.result is None:
+        raise ApiError(503, "the request was dropped (engine shutting down)", "server_error")
 
 
 def route_path(request: Request) -> str:

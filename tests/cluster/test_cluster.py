@@ -102,6 +102,29 @@ def test_stream_true_answers_as_server_sent_events(cluster):
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": text}
 
 
+def test_stream_drafts_come_through_the_cluster(cluster):
+    """The replica's partial fills reach the caller through the ingress (a Serve streaming
+    handle call) as the shared engine streams them, then the engine's answer."""
+    body = {"prompt": "def scale(v, k):\n    ", "suffix": "\n", "max_tokens": 16}
+    expected = fim_answer(cluster.model, engine_request(body))
+    status, headers, raw = post(cluster, {**body, "stream": True, "stream_drafts": True},
+                                "doc-drafts")
+    assert status == 200 and headers["content-type"].startswith("text/event-stream"), raw
+    assert headers["x-maskfill-replica"]
+    lines = [ln for ln in raw.decode().split("\n\n") if ln]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
+    drafts = [e for e in events if e["object"] == "text_completion.draft"]
+    assert len(drafts) >= 2 and events[: len(drafts)] == drafts, events
+    assert [e["object"] for e in events[len(drafts):]] == ["text_completion"]
+    assert events[-1]["choices"][0]["text"] == expected
+    assert {e["id"] for e in events} == {events[-1]["id"]}
+    assert drafts[0]["draft"]["masked"] > drafts[-1]["draft"]["masked"]
+    for before, after in zip(drafts, drafts[1:], strict=False):
+        assert after["draft"]["step"] > before["draft"]["step"]
+        assert after["choices"][0]["text"].startswith(before["choices"][0]["text"])
+
+
 @pytest.mark.parametrize(("payload", "message"), [
     (b"{not json", "bad request body"),
     (b'{"suffix": "x"}', "missing required field `prompt`"),
