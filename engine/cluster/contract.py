@@ -5,6 +5,7 @@ first try would have), and the typed messages between the ingress and an engine 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import secrets
@@ -30,6 +31,8 @@ class EngineCall(msgspec.Struct, kw_only=True, frozen=True):
 
     request: CompletionRequest
     client: int  # the scheduler's fairness unit: one per session
+    # The peer routes' span ceiling is half the model's window, which only the replica knows.
+    fit_window: bool = False
 
 
 class EngineAnswer(msgspec.Struct, kw_only=True):
@@ -50,6 +53,14 @@ class StreamPart(msgspec.Struct, kw_only=True):
     answer: EngineAnswer | None = None
     model: str = ""  # as in EngineAnswer, on every part: a draft event names the model too
     replica: str = ""
+
+
+def pin_request_seed(request: CompletionRequest) -> CompletionRequest:
+    """pin_seed for a request built from a peer route's body."""
+    sampled = request.temperature > 0 or request.num_candidates > 1
+    if sampled and request.seed is None:
+        return dataclasses.replace(request, seed=secrets.randbits(31))
+    return request
 
 
 def token_digest(token: str) -> bytes:

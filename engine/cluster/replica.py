@@ -28,7 +28,7 @@ from ray import serve
 
 from engine.api import CompletionResult, Draft, EngineError
 from engine.cluster.contract import EngineAnswer, EngineCall, StreamPart
-from engine.service.peer_api import model_name
+from engine.service.peer_api import fit_window, model_name
 from engine.service.scheduler import FairScheduler, Job
 from engine.service.server import load_for_service
 from engine.service.stats import ServiceStats
@@ -178,7 +178,10 @@ class FimEngine:
                     answer.set_result((result, error))
             loop.call_soon_threadsafe(settle)
 
-        job = Job(client=call.client, id=next(self._jobs), request=call.request, reply=reply,
+        request = call.request
+        if call.fit_window and slot.scheduler.info is not None:
+            request = fit_window(request, slot.scheduler.info.max_context)
+        job = Job(client=call.client, id=next(self._jobs), request=request, reply=reply,
                   on_draft=on_draft)
         slot.scheduler.submit(job)
         try:

@@ -125,6 +125,44 @@ def test_stream_drafts_come_through_the_cluster(cluster):
         assert after["choices"][0]["text"].startswith(before["choices"][0]["text"])
 
 
+def test_the_peer_routes_answer_as_on_one_machine(cluster):
+    """Continue's and Tabby's /v1/completions and llama.vscode's /infill through the cluster:
+    the engine's own answer in each client's shape, streamed as on one machine."""
+    prefix, suffix = "def mean(xs):\n    ", "\n"
+    expected = fim_answer(cluster.model, CompletionRequest(
+        prefix=prefix, suffix=suffix, max_tokens=16, stop="free"))
+    body = {"model": "mine", "prompt": prefix, "suffix": suffix, "max_tokens": 16}
+    status, headers, raw = post(cluster, body, "doc-peers", path="/v1/completions")
+    assert status == 200, raw
+    data = json.loads(raw)
+    assert data["object"] == "text_completion" and data["model"] == "mine"
+    assert [c["text"] for c in data["choices"]] == [expected]
+    assert headers["x-maskfill-replica"]
+
+    status, _, raw = post(cluster, {**body, "stream": True,
+                                    "stream_options": {"include_usage": True}},
+                          "doc-peers", path="/v1/completions")
+    lines = [ln.removeprefix("data: ") for ln in raw.decode().split("\n\n") if ln]
+    assert status == 200 and lines[-1] == "[DONE]"
+    events = [json.loads(ln) for ln in lines[:-1]]
+    assert events[0]["choices"][0]["text"] == expected and "delta" not in events[0]["choices"][0]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] > 0
+
+    infill = {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 16}
+    status, _, raw = post(cluster, infill, "doc-peers", path="/infill")
+    assert status == 200, raw
+    answer = json.loads(raw)
+    assert answer["content"] == expected and answer["stop"] is True
+    assert answer["tokens_evaluated"] > 0
+    status, _, raw = post(cluster, {**infill, "n_predict": 0}, "doc-peers", path="/infill")
+    assert status == 200 and json.loads(raw)["content"] == ""  # the warm-up, no model run
+
+    status, _, raw = post(cluster, {**infill, "grammar": "root ::= x"}, path="/infill")
+    assert status == 400 and "grammar" in json.loads(raw)["error"]["message"]
+    status, _, raw = post(cluster, {**body, "logprobs": 1}, path="/v1/completions")
+    assert status == 400 and "logprobs" in json.loads(raw)["error"]["message"]
+
+
 @pytest.mark.parametrize(("payload", "message"), [
     (b"{not json", "bad request body"),
     (b'{"suffix": "x"}', "missing required field `prompt`"),
