@@ -12,11 +12,13 @@ DirectFimEngine (direct.py) is the engine replica itself.
 
 Answers carry `x-maskfill-replica` (which replica answered), `x-maskfill-attempts`,
 `x-maskfill-reused-tokens` (context K/V reused from an earlier request: warm when > 0) and
-`x-maskfill-engine-ms` (time spent in the replica).
+`x-maskfill-engine-ms` (time spent in the replica) and `x-maskfill-front-ms` (time spent in this
+front, the replica's included: a caller's round trip minus it is Serve's proxy and HTTP).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 
 from starlette.requests import Request
@@ -87,7 +89,12 @@ class FimFront:
                 return await self.health_route()
             self._authorize(request)
             if path == FIM_PATH and method == "POST":
-                return await self.fim(request)
+                started = time.perf_counter()
+                response = await self.fim(request)
+                if "x-maskfill-engine-ms" in response.headers:
+                    response.headers["x-maskfill-front-ms"] = \
+                        f"{(time.perf_counter() - started) * 1000.0:.2f}"
+                return response
             if path == "/v1/completions" and method == "POST":
                 return await self.completions(request)
             if path == "/infill" and method == "POST":

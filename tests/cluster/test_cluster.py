@@ -85,6 +85,8 @@ def test_answers_in_the_shared_engines_shape_with_the_engines_answer(cluster):
     usage = data["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
     assert headers["x-maskfill-attempts"] == "1" and headers["x-maskfill-replica"]
+    # the front's time holds the replica's: the rest of a round trip is Serve's proxy
+    assert float(headers["x-maskfill-front-ms"]) >= float(headers["x-maskfill-engine-ms"]) > 0
     status, _, raw = post(cluster, body, "doc-parity")  # no model: the checkpoint's name
     assert json.loads(raw)["model"] == cluster.model.name
 
