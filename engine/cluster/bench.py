@@ -53,13 +53,14 @@ DOCUMENTS = [  # (file, where typing starts)
     ("stop_modes.py", "def stop_for_cursor("),
     ("fim.py", "def precut_text("),
     ("sampler.py", "def "),
-    ("api.py", "class CompletionStats("),
+    ("api.py", "class CompletionStats"),
     ("context_cache.py", "class "),
     ("committer.py", "def "),
 ]
 PROBE_REQUESTS = 8
 PROBE_ROUNDS = 12
 KILL_AT = 0.4  # share of the replay done when a replica is killed
+INGRESS_PORTS = 8  # Serve's direct ingress: the port range of the ingress replica
 FIM = "/v1/fim/completions"
 
 
@@ -181,6 +182,21 @@ def overhead_probe(shared: Client, cluster: Client) -> tuple[float, float]:
             times[0].append(shared.post(body)[3])
             times[1].append(cluster.post(body, f"probe-{i}")[3])
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def find_ingress(first: int, token: str) -> int:
+    """The port Serve's direct ingress gave the ingress replica (the first free one of its
+    range); it listens a little after serve.run returns."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for port in range(first, first + INGRESS_PORTS):
+            try:
+                if Client(port, token).post(probe_bodies()[0], "find", 5.0)[0] == 200:
+                    return port
+            except (OSError, http.client.HTTPException):
+                continue
+        time.sleep(0.2)
+    raise EngineError("the ingress replica did not listen")
 
 
 def free_port() -> int:
@@ -310,8 +326,8 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
     if haproxy:
         os.environ.update(haproxy_env(topology, temp))
     ingress_port = free_port()
-    if direct_ingress:  # the ingress replica takes HTTP on ingress_port: no proxy hop
-        os.environ.update(direct_ingress_env(ingress_port, optimized=optimized))
+    if direct_ingress:  # the ingress replica takes HTTP on a port from ingress_port on
+        os.environ.update(direct_ingress_env(ingress_port, INGRESS_PORTS, optimized))
     import ray
     from ray import serve
 
@@ -330,15 +346,7 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
         if haproxy:
             time.sleep(5.0)  # HAProxy lists the replicas a little after serve.run returns
         ready_s = time.monotonic() - started
-        client = Client(ingress_port if direct_ingress else port, token)
-        if direct_ingress:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # it listens a little after serve.run returns
-                try:
-                    if client.post(probe_bodies()[0], "warm")[0] == 200:
-                        break
-                except OSError:
-                    time.sleep(0.2)
+        client = Client(find_ingress(ingress_port, token) if direct_ingress else port, token)
         shared_probe, probe = overhead_probe(shared.client, client)
         total = sum(len(s.keys) for s in sessions)
         from engine.cluster.registry import replica_pids
