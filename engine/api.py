@@ -95,6 +95,22 @@ class CompletionResult:
 
 
 @dataclass(kw_only=True, frozen=True)
+class Draft:
+    """A partial fill while the hole is being denoised (Engine.complete's `on_draft`): the row
+    of the first candidate with the longest hole, at one of the loop's host reads. Slots the
+    model committed never change afterwards, so successive drafts only grow."""
+
+    step: int  # denoising steps done
+    text: str  # the committed run from the hole's first slot to its first masked slot (or end)
+    fill: str  # the whole row so far, each still-masked slot shown as DRAFT_MASK
+    masked: int  # slots still masked
+    slots: int  # the row's hole length
+
+
+DRAFT_MASK = "\u2591"  # a still-masked slot in Draft.fill
+
+
+@dataclass(kw_only=True, frozen=True)
 class EngineInfo:
     model: str  # what the user asked for (path or repo id)
     path: str  # resolved checkpoint folder

@@ -14,7 +14,8 @@ Reads top to bottom:
    become EOS (DreamOn's pad_eos_to_right). Every request advances one step per pass.
 3. Every `check_every` steps a request's hole is read to the host (one transfer for all the
    requests due): it stops when no masks remain, and rows whose text the stop mode has already
-   decided are closed. Cancellation and the deadline are host-side flags, checked every step;
+   decided are closed; a job's `on_read` (streamed drafts) is handed the same read, so drafts
+   cost no extra sync. Cancellation and the deadline are host-side flags, checked every step;
    a request that ends leaves between passes without disturbing the others.
 4. With `cache_refresh_every`, a request's whole context is re-encoded every N steps.
 
@@ -24,6 +25,7 @@ engine/dreamon.py.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +42,8 @@ from engine.fim import InfillBatch, lead_specials
 from engine.kv_arena import Layout
 from engine.passes import ShrinkingSource, UncachedSource, packed_logits
 from engine.prefill import context_ids
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DREAM_TOPK_SAMPLERS", "TRANSFER", "Committer", "DenoiseJob", "DenoiseLoop",
            "Denoised", "RequestState", "StopSignal", "denoise", "pad_after_end"]
@@ -107,6 +111,9 @@ class DenoiseJob:
     check_every: int | None = None
     reuse: bool = True  # look the context up in (and add it to) the loop's context cache
     seed: int = 0
+    # Told (step, hole rows, open slots) at each host read, on the model's thread, with the
+    # lists that read made anyway: it must only hand them on (engine/drafts.py).
+    on_read: Callable[[int, list[list[int]], list[list[bool]]], None] | None = None
 
     @property
     def rows(self) -> int:
@@ -190,6 +197,11 @@ class RequestState:
     def read(self, tokens_now: list[list[int]], open_now: list[list[bool]], eos_id: int) -> None:
         """The interval's host read: close decided rows, finish when nothing is open, and let
         finished rows leave a shrinking batch."""
+        if self.job.on_read is not None:
+            try:
+                self.job.on_read(self.step, tokens_now, open_now)
+            except Exception:  # noqa: BLE001 - a watcher must never fail the shared pass
+                log.exception("a draft watcher failed")
         decided = self.job.decided
         closed = _close_decided(tokens_now, open_now, decided) if decided else []
         hole, out = self.source.hole, self.out

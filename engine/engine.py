@@ -19,6 +19,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,6 +29,7 @@ from engine.api import (
     CompletionRequest,
     CompletionResult,
     CompletionStats,
+    Draft,
     EngineError,
     EngineInfo,
     EngineInputError,
@@ -41,6 +43,7 @@ from engine.context_cache import (
 )
 from engine.context_refresh import refresh_context
 from engine.denoiser import Denoised, DenoiseJob, DenoiseLoop, StopSignal
+from engine.drafts import DraftFeed
 from engine.dreamon import denoise_expanding
 from engine.graphs import REFRESH_BUCKETS, PassCache
 from engine.kv_arena import BATCH_BUCKETS, common_layouts
@@ -294,7 +297,8 @@ class Engine:
                 torch.cuda.empty_cache()
 
     def complete(
-        self, request: CompletionRequest, cancel: threading.Event | None = None
+        self, request: CompletionRequest, cancel: threading.Event | None = None,
+        on_draft: Callable[[Draft], None] | None = None,
     ) -> CompletionResult:
         """Fill the hole between request.prefix and request.suffix.
 
@@ -302,7 +306,11 @@ class Engine:
         stats.cancelled, text "" and no candidates. Timed out (request.timeout_ms): returns the
         best so far with stats.timed_out, each row cut at its first still-masked slot, so the
         text holds only tokens the model actually committed (possibly ""). Safe to call from
-        several threads: concurrent calls share passes (the deadline counts the wait too)."""
+        several threads: concurrent calls share passes (the deadline counts the wait too).
+
+        on_draft: told the partial fill at the denoising loop's host reads (engine/drafts.py),
+        from another thread, every call before this one returns (DreamOn's expanding loop
+        gives none)."""
         started = time.perf_counter()
         stop = StopSignal(
             cancel=cancel,
@@ -340,7 +348,7 @@ class Engine:
                     loaded, request, prefix_ids, suffix_ids, lengths[0], seed, stop)
             else:
                 done, rows = self._denoise_buckets(
-                    loaded, request, prefix_ids, suffix_ids, lengths, seed, stop)
+                    loaded, request, prefix_ids, suffix_ids, lengths, seed, stop, on_draft)
         except torch.OutOfMemoryError:
             if loaded.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -454,7 +462,8 @@ class Engine:
 
         self._worker.when_idle(task, key=worn, first=True)
 
-    def _denoise_buckets(self, loaded, request, prefix_ids, suffix_ids, lengths, seed, stop):
+    def _denoise_buckets(self, loaded, request, prefix_ids, suffix_ids, lengths, seed, stop,
+                         on_draft=None):
         """The job is built on the CPU and moved to the device by the thread that runs the
         model (DenoiseLoop.start), which hands back a CPU result: this caller's thread never
         touches the device, where that thread may be capturing a CUDA graph."""
@@ -466,12 +475,20 @@ class Engine:
                 rows.append(n)
                 temperatures.append(request.temperature if candidate == 0 else hot)
         batch = fim.build_infill_batch(loaded.args, prefix_ids, suffix_ids, rows)
+        # Drafts follow the first candidate's longest row: the span budget, the most text.
+        feed = None if on_draft is None else DraftFeed(
+            len(lengths) - 1, rows[len(lengths) - 1], request, tokenizer=loaded.tokenizer,
+            mask_id=loaded.args.mask_token_id, end_ids=self._end_ids, on_draft=on_draft)
         job = DenoiseJob(
             batch, request, temperatures=temperatures, end_ids=torch.tensor(sorted(self._end_ids)),
             banned_ids=self._banned_all, generator=None, seed=seed, stop=stop,
             decided=None if request.stop == "free" else self._stop_decides(request),
-            check_every=self.check_every)
-        done = self._run(job)
+            check_every=self.check_every, on_read=None if feed is None else feed.offer)
+        try:
+            done = self._run(job)
+        finally:
+            if feed is not None:
+                feed.close()
         if done is not None:  # cancelled or not, its first pass left its context in the cache
             self._refresh_if_worn(batch, request)
         return done, rows

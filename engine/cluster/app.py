@@ -90,6 +90,21 @@ def haproxy_env(topology: str, folder: Path) -> dict[str, str]:
     return env
 
 
+def direct_ingress_env(port: int, spare: int = 0, optimized: bool = False) -> dict[str, str]:
+    """Cluster-wide settings, read when Serve starts, for Serve's direct ingress: the ingress
+    replica (FimIngress) serves HTTP itself on `port` (the next `spare` ports for replacements
+    while an old one drains), so a request skips the proxy's hop and keeps the routed
+    topology's retry on another engine replica. It binds the http_options host. `optimized`:
+    Serve's whole throughput-optimized set too (handle calls over gRPC, user code and router
+    on the replica's own event loop, access logs buffered, GC frozen after start)."""
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + spare)}
+    if optimized:
+        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    return env
+
+
 def engine_actor_options(options: ClusterOptions) -> dict[str, Any]:
     env = {"OMP_WAIT_POLICY": "PASSIVE", **options.env}
     actor: dict[str, Any] = {"num_cpus": options.cpus_per_replica,

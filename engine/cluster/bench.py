@@ -1,7 +1,8 @@
 """`make bench-cluster`: the embedded model on a local Ray cluster of 2 replicas, against one
 engine, with keystroke sessions replayed over HTTP and one replica killed mid-load.
 
-    python -m engine.cluster.bench [--documents 4] [--keys 55] [--haproxy] [--quick]
+    python -m engine.cluster.bench [--documents 4] [--keys 55] [--direct] [--quick]
+                                   [--haproxy | --direct-ingress | --throughput-optimized]
 
 1. Sessions: in each of `--documents` engine source files a function's first characters are
    deleted and typed back one key at a time (engine/keystroke_replay.py's windows and stop
@@ -52,13 +53,14 @@ DOCUMENTS = [  # (file, where typing starts)
     ("stop_modes.py", "def stop_for_cursor("),
     ("fim.py", "def precut_text("),
     ("sampler.py", "def "),
-    ("api.py", "class CompletionStats("),
+    ("api.py", "class CompletionStats"),
     ("context_cache.py", "class "),
     ("committer.py", "def "),
 ]
 PROBE_REQUESTS = 8
 PROBE_ROUNDS = 12
 KILL_AT = 0.4  # share of the replay done when a replica is killed
+INGRESS_PORTS = 8  # Serve's direct ingress: the port range of the ingress replica
 FIM = "/v1/fim/completions"
 
 
@@ -182,6 +184,21 @@ def overhead_probe(shared: Client, cluster: Client) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def find_ingress(first: int, token: str) -> int:
+    """The port Serve's direct ingress gave the ingress replica (the first free one of its
+    range); it listens a little after serve.run returns."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for port in range(first, first + INGRESS_PORTS):
+            try:
+                if Client(port, token).post(probe_bodies()[0], "find", 5.0)[0] == 200:
+                    return port
+            except (OSError, http.client.HTTPException):
+                continue
+        time.sleep(0.2)
+    raise EngineError("the ingress replica did not listen")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -289,7 +306,8 @@ def replay_cluster(client: Client, sessions: list[Session], killer: Killer) -> N
 
 
 def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool,
-                  topology: str, shared: SharedEngine) -> dict:
+                  topology: str, shared: SharedEngine, direct_ingress: bool = False,
+                  optimized: bool = False) -> dict:
     temp = Path(tempfile.mkdtemp(prefix="mfbench-"))
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     if "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
@@ -297,10 +315,19 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
         auth.write_text(secrets.token_hex(16))
         auth.chmod(0o600)
         os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(auth))
-    from engine.cluster.app import APP_NAME, ClusterOptions, build_app, haproxy_env
+    from engine.cluster.app import (
+        APP_NAME,
+        ClusterOptions,
+        build_app,
+        direct_ingress_env,
+        haproxy_env,
+    )
 
     if haproxy:
         os.environ.update(haproxy_env(topology, temp))
+    ingress_port = free_port()
+    if direct_ingress:  # the ingress replica takes HTTP on a port from ingress_port on
+        os.environ.update(direct_ingress_env(ingress_port, INGRESS_PORTS, optimized))
     import ray
     from ray import serve
 
@@ -319,7 +346,7 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
         if haproxy:
             time.sleep(5.0)  # HAProxy lists the replicas a little after serve.run returns
         ready_s = time.monotonic() - started
-        client = Client(port, token)
+        client = Client(find_ingress(ingress_port, token) if direct_ingress else port, token)
         shared_probe, probe = overhead_probe(shared.client, client)
         total = sum(len(s.keys) for s in sessions)
         from engine.cluster.registry import replica_pids
@@ -414,7 +441,8 @@ def print_table(out: dict, ingress: str) -> None:
         print(f"  {key:<36} {value}{mark}")
 
 
-def run(documents: int, keys: int, haproxy: bool, topology: str) -> dict:
+def run(documents: int, keys: int, haproxy: bool, topology: str,
+        direct_ingress: bool = False, optimized: bool = False) -> dict:
     from engine.embedded_model import default_model_path
     from engine.service import paths
 
@@ -432,12 +460,15 @@ def run(documents: int, keys: int, haproxy: bool, topology: str) -> dict:
         shared = SharedEngine(str(model), token_file, token)
         try:
             sessions = build_sessions(documents, keys)
-            cluster = cluster_phase(str(model), sessions, token, haproxy, topology, shared)
+            cluster = cluster_phase(str(model), sessions, token, haproxy, topology, shared,
+                                    direct_ingress or optimized, optimized)
         finally:
             shared.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return {"ingress": "haproxy" if haproxy else "proxy", "topology": topology,
+    ingress = ("haproxy" if haproxy else "throughput-optimized" if optimized
+               else "direct-ingress" if direct_ingress else "proxy")
+    return {"ingress": ingress, "topology": topology, "load_average": os.getloadavg(),
             **figures(sessions, one, cluster)}
 
 
@@ -449,11 +480,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--haproxy", action="store_true", help="Serve's HAProxy ingress")
     parser.add_argument("--direct", action="store_true",
                         help="the direct topology (engine replicas take HTTP)")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="Serve's direct ingress: the ingress replica takes HTTP, no proxy")
+    parser.add_argument("--throughput-optimized", action="store_true",
+                        help="--direct-ingress with Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED set")
     parser.add_argument("--quick", action="store_true", help="2 documents x 12 keys (smoke)")
     args = parser.parse_args(argv)
     documents, keys = (2, 12) if args.quick else (args.documents, args.keys)
+    if (args.direct_ingress or args.throughput_optimized) and (args.haproxy or args.direct):
+        parser.error("--direct-ingress is the routed topology without Serve's proxy")
     try:
-        out = run(documents, keys, args.haproxy, "direct" if args.direct else "routed")
+        out = run(documents, keys, args.haproxy, "direct" if args.direct else "routed",
+                  args.direct_ingress, args.throughput_optimized)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

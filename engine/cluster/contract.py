@@ -5,13 +5,14 @@ first try would have), and the typed messages between the ingress and an engine 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import secrets
 
 import msgspec
 
-from engine.api import CompletionRequest, CompletionResult
+from engine.api import CompletionRequest, CompletionResult, Draft
 from engine.service.http_api import ApiError, FimRequest
 
 FIM_PATH = "/v1/fim/completions"
@@ -30,6 +31,8 @@ class EngineCall(msgspec.Struct, kw_only=True, frozen=True):
 
     request: CompletionRequest
     client: int  # the scheduler's fairness unit: one per session
+    # The peer routes' span ceiling is half the model's window, which only the replica knows.
+    fit_window: bool = False
 
 
 class EngineAnswer(msgspec.Struct, kw_only=True):
@@ -40,6 +43,24 @@ class EngineAnswer(msgspec.Struct, kw_only=True):
     model: str  # the answering checkpoint's name as the HTTP API echoes it (peer_api.model_name)
     replica: str
     engine_ms: float  # time in the replica, queue included
+
+
+class StreamPart(msgspec.Struct, kw_only=True):
+    """Engine replica -> ingress, one per item of a streamed call (`stream_drafts`): partial
+    fills while the model denoises, then the answer."""
+
+    draft: Draft | None = None
+    answer: EngineAnswer | None = None
+    model: str = ""  # as in EngineAnswer, on every part: a draft event names the model too
+    replica: str = ""
+
+
+def pin_request_seed(request: CompletionRequest) -> CompletionRequest:
+    """pin_seed for a request built from a peer route's body."""
+    sampled = request.temperature > 0 or request.num_candidates > 1
+    if sampled and request.seed is None:
+        return dataclasses.replace(request, seed=secrets.randbits(31))
+    return request
 
 
 def token_digest(token: str) -> bytes:

@@ -12,9 +12,12 @@ docs/LOG.md). /metrics shows the replica that answered the scrape, not the sum.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import msgspec
 from starlette.responses import Response
 
-from engine.cluster.contract import EngineAnswer, EngineCall
+from engine.cluster.contract import EngineAnswer, EngineCall, StreamPart
 from engine.cluster.front import FimFront, metrics_response
 from engine.cluster.ingress import health_answer
 from engine.cluster.metrics import render
@@ -33,6 +36,11 @@ class DirectFimEngine(FimFront, FimEngine):
     async def dispatch(self, call: EngineCall, key: str | None,
                        model: str | None) -> tuple[EngineAnswer, int]:
         return await self.answer(call), 1
+
+    async def dispatch_stream(self, call: EngineCall, key: str | None,
+                              model: str | None) -> AsyncIterator[tuple[StreamPart, int]]:
+        async for raw in self.complete_stream(msgspec.msgpack.encode(call)):
+            yield msgspec.msgpack.decode(raw, type=StreamPart), 1
 
     async def health_route(self) -> Response:
         return health_answer((await self.health())["models"], 1)

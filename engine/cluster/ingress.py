@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -19,7 +20,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, Response
 
-from engine.cluster.contract import EngineAnswer, EngineCall
+from engine.cluster.contract import EngineAnswer, EngineCall, StreamPart
 from engine.cluster.front import FimFront, metrics_response
 from engine.cluster.metrics import render
 from engine.cluster.registry import replica_stats, router_counters
@@ -43,15 +44,48 @@ class FimIngress(FimFront):
         self.engine_deployment = engine.deployment_name
         self.retries = 0
 
-    async def dispatch(self, call: EngineCall, key: str | None,
-                       model: str | None) -> tuple[EngineAnswer, int]:
-        payload = msgspec.msgpack.encode(call)
-        options: dict[str, Any] = {}
+    def _handle(self, key: str | None, model: str | None, **options: Any) -> DeploymentHandle:
         if key:
             options["session_id"] = key
         if model:
             options["multiplexed_model_id"] = model
-        handle = self.engine.options(**options) if options else self.engine
+        return self.engine.options(**options) if options else self.engine
+
+    async def dispatch_stream(self, call: EngineCall, key: str | None,
+                              model: str | None) -> AsyncIterator[tuple[StreamPart, int]]:
+        """The replica's parts as they come. A replica that dies mid-stream: the call is sent
+        once more and only its answer is passed on (its drafts would start over)."""
+        payload = msgspec.msgpack.encode(call)
+        handle = self._handle(key, model, stream=True)
+        shown = False  # drafts passed on: a second try's would start over, so it gives none
+        for attempt in range(1, ATTEMPTS + 1):
+            parts, ended = handle.complete_stream.remote(payload), False
+            try:
+                async for raw in parts:
+                    part = msgspec.msgpack.decode(raw, type=StreamPart)
+                    if part.answer is not None or attempt == 1 or not shown:
+                        shown |= part.draft is not None
+                        yield part, attempt
+                ended = True
+                return
+            except RayActorError as exc:
+                if attempt == ATTEMPTS:
+                    raise ApiError(503, "the engine replicas serving this request died "
+                                   f"({ATTEMPTS} tries); retry shortly", "server_error") from None
+                self.retries += 1
+                log.warning("engine replica lost mid-stream, sending it again: %s",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            except RayTaskError as exc:
+                raise ApiError(503, f"the engine could not serve this request: "
+                               f"{_cause(exc)}", "server_error") from None
+            finally:  # a caller that hung up: the replica stops the model between steps
+                if not ended:
+                    parts.cancel()
+
+    async def dispatch(self, call: EngineCall, key: str | None,
+                       model: str | None) -> tuple[EngineAnswer, int]:
+        payload = msgspec.msgpack.encode(call)
+        handle = self._handle(key, model)
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 raw = await handle.complete.remote(payload)

@@ -46,6 +46,10 @@ def replica_pids(app_name: str, deployment: str = "FimEngine",
     from ray.exceptions import RayActorError
 
     handle = serve.get_deployment_handle(deployment, app_name=app_name)
+    # A driver without an event loop needs Serve's router thread, whatever
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED says (it moves routers onto the caller's loop).
+    if handle._router is None:  # (get_deployment_handle may give one already in use)
+        handle._init(_run_router_in_separate_loop=True)
     deadline = time.monotonic() + timeout_s
     pids: dict[str, int] = {}
     while time.monotonic() < deadline:

@@ -20,14 +20,15 @@ import logging
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 from ray import serve
 
-from engine.api import CompletionResult, EngineError
-from engine.cluster.contract import EngineAnswer, EngineCall
-from engine.service.peer_api import model_name
+from engine.api import CompletionResult, Draft, EngineError
+from engine.cluster.contract import EngineAnswer, EngineCall, StreamPart
+from engine.service.peer_api import fit_window, model_name
 from engine.service.scheduler import FairScheduler, Job
 from engine.service.server import load_for_service
 from engine.service.stats import ServiceStats
@@ -131,7 +132,42 @@ class FimEngine:
                             replica=self.replica,
                             engine_ms=(time.perf_counter() - started) * 1000.0)
 
-    async def _run(self, slot: ModelSlot, call: EngineCall
+    async def complete_stream(self, payload: bytes) -> AsyncIterator[bytes]:
+        """A streamed FIM request (msgpack EngineCall) -> msgpack StreamParts: a draft at each
+        host read of the denoising loop as it comes, then the answer (Serve streams a
+        generator through `handle.options(stream=True)`)."""
+        call = msgspec.msgpack.decode(payload, type=EngineCall)
+        started = time.perf_counter()
+        slot = await self._slot()
+        loop = asyncio.get_running_loop()
+        drafts: asyncio.Queue[Draft] = asyncio.Queue()
+
+        def on_draft(draft: Draft) -> None:  # the engine's draft thread
+            loop.call_soon_threadsafe(drafts.put_nowait, draft)
+
+        who = {"model": model_name(slot.scheduler.info), "replica": self.replica}
+        run = asyncio.ensure_future(self._run(slot, call, on_draft))
+        try:
+            while True:
+                getter = asyncio.ensure_future(drafts.get())
+                await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                yield msgspec.msgpack.encode(StreamPart(draft=getter.result(), **who))
+            while not drafts.empty():  # every draft is queued before the answer
+                yield msgspec.msgpack.encode(StreamPart(draft=drafts.get_nowait(), **who))
+            result, error = run.result()
+        finally:
+            if not run.done():  # the caller hung up: stop the model between steps
+                run.cancel()
+        if result is not None and result.stats.reused_context_tokens > 0:
+            slot.warm += 1
+        answer = EngineAnswer(result=result, error=error, engine_ms=(time.perf_counter() - started)
+                              * 1000.0, **who)
+        yield msgspec.msgpack.encode(StreamPart(answer=answer, **who))
+
+    async def _run(self, slot: ModelSlot, call: EngineCall, on_draft=None
                    ) -> tuple[CompletionResult | None, str | None]:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future = loop.create_future()
@@ -142,7 +178,11 @@ class FimEngine:
                     answer.set_result((result, error))
             loop.call_soon_threadsafe(settle)
 
-        job = Job(client=call.client, id=next(self._jobs), request=call.request, reply=reply)
+        request = call.request
+        if call.fit_window and slot.scheduler.info is not None:
+            request = fit_window(request, slot.scheduler.info.max_context)
+        job = Job(client=call.client, id=next(self._jobs), request=request, reply=reply,
+                  on_draft=on_draft)
         slot.scheduler.submit(job)
         try:
             return await answer

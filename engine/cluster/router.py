@@ -48,7 +48,7 @@ class SessionAffinityRouter(MultiplexMixin, RequestRouter):
         session = metadata.session_id if metadata is not None else None
         choice = self.affinity.choose(
             session, list(by_id), lambda key: cache.get(by_id[key].replica_id))
-        if metadata is None or metadata.call_method == "complete":  # not /health's calls
+        if metadata is None or metadata.call_method in ("complete", "complete_stream"):
             self.reasons[choice.reason] = self.reasons.get(choice.reason, 0) + 1
         first = by_id[choice.replica]
         rest = [r for r in candidate_replicas if r is not first]

@@ -1,6 +1,8 @@
 """HTTP front end: `POST /v1/fim/completions` in the shape of Mercury Coder's FIM API (model,
 prompt, suffix, max_tokens, temperature, top_p, stop, n -> choices[].text, finish_reason,
-usage), plus `GET /health` and `GET /metrics` (Prometheus text).
+usage), plus `GET /health` and `GET /metrics` (Prometheus text). `stream: true` answers as
+server-sent events; with `stream_drafts: true` too, the partial fills come as the model
+denoises, before the answer (engine/service/peer_api.py).
 
 aiohttp parses HTTP; msgspec validates the body, so a bad field is named in a 400. A body over
 the limit is refused from its Content-Length, or while it streams in, never read whole. Every
@@ -75,6 +77,8 @@ class FimRequest(msgspec.Struct, kw_only=True):
     n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 1
     seed: int | None = None
     stream: bool = False
+    # With stream: the partial fills as the model denoises, before the answer (peer_api).
+    stream_drafts: bool = False
 
 
 class ApiError(Exception):
@@ -269,7 +273,7 @@ class FimApi:
                          close=True) from None
 
     async def fim(self, request: web.Request) -> web.StreamResponse:
-        from engine.service.peer_api import model_name, stream_completion
+        from engine.service.peer_api import model_name, stream_completion, stream_drafts
 
         raw = await self.read_body(request)
         try:
@@ -281,13 +285,18 @@ class FimApi:
         if scheduler.state != "ready":
             raise _error(503, f"the model is {scheduler.state}"
                          + (f": {scheduler.error}" if scheduler.error else ""), "server_error")
+        name = body.model or model_name(scheduler.info)
+        if body.stream and body.stream_drafts:
+            return await stream_drafts(request, self, to_engine_request(body, stops), stops,
+                                       name, usage=False, chat_delta=True)
         result = await self._run(request, to_engine_request(body, stops))
-        answer = to_response(result, stops, body.model or model_name(scheduler.info))
+        answer = to_response(result, stops, name)
         if body.stream:  # Continue's OpenAI adapter always streams FIM
             return await stream_completion(request, answer, usage=False, chat_delta=True)
         return web.json_response(answer)
 
-    async def _run(self, request: web.Request, engine_request: CompletionRequest):
+    async def _run(self, request: web.Request, engine_request: CompletionRequest,
+                   on_draft=None):
         scheduler = self.service.scheduler
         info = scheduler.info
         try:  # at the door: nothing below sees a field it cannot carry (a 2**64 seed)
@@ -305,7 +314,8 @@ class FimApi:
             loop.call_soon_threadsafe(settle)
 
         client = fairness_client(request)
-        job = Job(client=client, id=next(self._job_ids), request=engine_request, reply=reply)
+        job = Job(client=client, id=next(self._job_ids), request=engine_request, reply=reply,
+                  on_draft=on_draft)
         self.service.http_in_flight += 1
         self.service.touch()
         try:

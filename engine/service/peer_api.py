@@ -4,8 +4,9 @@ errors of the FIM API (http_api.py):
 - `POST /v1/completions`: OpenAI's completions with `suffix` (fill in the middle), as Continue's
   OpenAI-compatible FIM providers and Tabby's `openai/completion` HTTP backend send it. Both ask
   with `stream: true`: the answer then comes as server-sent events, one event per choice holding
-  its whole text and finish reason, then `data: [DONE]` (a diffusion model writes the whole span
-  at once, so there is nothing to send earlier).
+  its whole text and finish reason, then `data: [DONE]`. With `stream_drafts: true` as well,
+  the partial fills come first, as the model denoises (`text_completion.draft` events, each
+  replacing the one before: draft_event), something no autoregressive peer can show.
 - `GET /v1/models` (and `/v1/models/{id}`): OpenAI's model list, as Continue and Tabby ask for
   it, with the model's window (`max_model_len`, `context_length`) and span ceiling
   (`max_tokens`): how maskfill-lsp's remote mode learns the window it must fit.
@@ -26,16 +27,20 @@ a grammar or JSON schema, logprobs, logit_bias) get a 400 naming the field.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
+import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from aiohttp import web
 
-from engine.api import CompletionRequest, CompletionResult, EngineInfo
-from engine.service.http_api import HTTP_TIMEOUT_MS, MAX_N, ApiError, to_response
+from engine.api import DRAFT_MASK, CompletionRequest, CompletionResult, Draft, EngineInfo
+from engine.service.http_api import HTTP_TIMEOUT_MS, MAX_N, ApiError, cut_at_stops, to_response
 
 if TYPE_CHECKING:
     from engine.service.http_api import FimApi
@@ -109,8 +114,7 @@ class PeerApi:
 
     def _span(self, asked: int | None) -> int:
         """The span budget for a ceiling the client asked for (None: the default)."""
-        window = self.fim.service.scheduler.info.max_context
-        return max(1, min(asked or DEFAULT_MAX_TOKENS, MAX_SPAN_TOKENS, window // 2))
+        return span_budget(asked, self.fim.service.scheduler.info.max_context)
 
     async def _run(self, request: web.Request, engine_request: CompletionRequest):
         return await self.fim._run(request, engine_request)
@@ -119,32 +123,18 @@ class PeerApi:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = _decode(await self.fim.read_body(request), CompletionsRequest)
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise _error("prompt: one string (a batch of prompts is not supported)")
-            prompt = prompt[0]
-        refused = [name for name, used in (
-            ("logprobs", body.logprobs is not None), ("logit_bias", bool(body.logit_bias)),
-        ) if used]
-        if refused:
-            raise _error(f"{', '.join(refused)}: not available from a diffusion model's "
-                         "denoising; leave it out")
+        prompt = completions_prompt(body)
         stops = _stops(body.stop)
         scheduler = self._ready()
-        engine_request = CompletionRequest(
-            prefix=prompt, suffix=body.suffix or "",
-            max_tokens=self._span(body.max_tokens or body.max_completion_tokens),
-            # A newline stop is the engine's line mode (shorter holes, fewer passes).
-            stop="line" if "\n" in stops else "free",
-            temperature=body.temperature if body.temperature is not None else 0.0,
-            top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
-            num_candidates=body.n, timeout_ms=HTTP_TIMEOUT_MS)
+        engine_request = completions_request(body, prompt, stops, self._span)
+        name = body.model or model_name(scheduler.info)
+        if body.stream and body.stream_drafts:
+            return await stream_drafts(
+                request, self.fim, engine_request, stops, name,
+                usage=body.stream_options is not None and body.stream_options.include_usage,
+                echo=prompt if body.echo else "")
         result = await self._run(request, engine_request)
-        answer = to_response(result, stops, body.model or model_name(scheduler.info))
-        if body.echo:
-            for choice in answer["choices"]:
-                choice["text"] = prompt + choice["text"]
+        answer = completions_answer(result, stops, name, body, prompt)
         if not body.stream:
             return web.json_response(answer)
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -180,47 +170,116 @@ class PeerApi:
 
     async def infill(self, request: web.Request) -> web.StreamResponse:
         body = _decode(await self.fim.read_body(request), InfillRequest)
-        refused = [name for name, used in (
-            ("lora", bool(body.lora)), ("grammar", bool(body.grammar)),
-            ("json_schema", bool(body.json_schema)), ("n_probs", bool(body.n_probs)),
-            ("logit_bias", bool(body.logit_bias)),
-        ) if used]
-        if refused:
-            raise _error(f"{', '.join(refused)}: not supported by this engine; leave it out")
-        if len(body.input_extra) > MAX_EXTRA_CHUNKS:
-            raise _error(f"input_extra: at most {MAX_EXTRA_CHUNKS} chunks")
+        infill_check(body)
         stops = _stops(body.stop)
         scheduler = self._ready()
         name = body.model or model_name(scheduler.info)
         if body.n_predict == 0:  # llama.vim's and llama.vscode's warm-up: nothing to write
-            return await self._infill_answer(request, body, [""], None, name)
-        extra = "".join(SNIPPET_SEPARATOR + chunk.text for chunk in body.input_extra)
-        if extra:
-            extra += SNIPPET_SEPARATOR
-        deadline = HTTP_TIMEOUT_MS
-        if body.t_max_predict_ms and body.t_max_predict_ms > 0:
-            deadline = min(HTTP_TIMEOUT_MS, body.t_max_predict_ms + max(0, body.t_max_prompt_ms))
-        engine_request = CompletionRequest(
-            prefix=extra + body.input_prefix + body.prompt, suffix=body.input_suffix,
-            max_tokens=self._span(body.n_predict if body.n_predict > 0 else None),
-            stop="line" if "\n" in stops else "free", temperature=body.temperature,
-            top_p=body.top_p, seed=body.seed if body.seed >= 0 else None,
-            num_candidates=body.n_cmpl, timeout_ms=deadline)
-        result = await self._run(request, engine_request)
-        texts = [c.text for c in result.candidates] or [result.text]
-        return await self._infill_answer(request, body, texts, result, name, stops)
+            return await self._infill_answer(request, body, None, name)
+        result = await self._run(request, infill_request(body, stops, self._span))
+        return await self._infill_answer(request, body, result, name, stops)
 
-    async def _infill_answer(self, request: web.Request, body: InfillRequest, texts: list[str],
+    async def _infill_answer(self, request: web.Request, body: InfillRequest,
                              result: CompletionResult | None, name: str,
                              stops: list[str] | None = None) -> web.StreamResponse:
-        answers = []
-        for index, text in enumerate(texts[: body.n_cmpl]):
-            answer = infill_answer(index, text, result, name, body, stops or [])
-            answers.append(pick_fields(answer, body.response_fields)
-                           if body.response_fields is not None else answer)
+        answers = infill_answers(body, result, name, stops or [])
         if body.stream:
             return await send_events(request, answers, done=False)
         return web.json_response(answers if body.n_cmpl > 1 else answers[0])
+
+
+# -- transport-free pieces, shared with the Ray Serve front (engine/cluster/front.py) ---------
+
+Span = Callable[[int | None], int]  # the span budget for the ceiling a client asked for
+
+
+def completions_prompt(body: CompletionsRequest) -> str:
+    """The one prompt of a /v1/completions body, after refusing what cannot be honoured."""
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise _error("prompt: one string (a batch of prompts is not supported)")
+        prompt = prompt[0]
+    refused = [name for name, used in (
+        ("logprobs", body.logprobs is not None), ("logit_bias", bool(body.logit_bias)),
+    ) if used]
+    if refused:
+        raise _error(f"{', '.join(refused)}: not available from a diffusion model's "
+                     "denoising; leave it out")
+    return prompt
+
+
+def completions_request(body: CompletionsRequest, prompt: str, stops: list[str],
+                        span: Span) -> CompletionRequest:
+    return CompletionRequest(
+        prefix=prompt, suffix=body.suffix or "",
+        max_tokens=span(body.max_tokens or body.max_completion_tokens),
+        # A newline stop is the engine's line mode (shorter holes, fewer passes).
+        stop="line" if "\n" in stops else "free",
+        temperature=body.temperature if body.temperature is not None else 0.0,
+        top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
+        num_candidates=body.n, timeout_ms=HTTP_TIMEOUT_MS)
+
+
+def completions_answer(result: CompletionResult, stops: list[str], model: str,
+                       body: CompletionsRequest, prompt: str) -> dict[str, Any]:
+    answer = to_response(result, stops, model)
+    if body.echo:
+        for choice in answer["choices"]:
+            choice["text"] = prompt + choice["text"]
+    return answer
+
+
+def infill_check(body: InfillRequest) -> None:
+    refused = [name for name, used in (
+        ("lora", bool(body.lora)), ("grammar", bool(body.grammar)),
+        ("json_schema", bool(body.json_schema)), ("n_probs", bool(body.n_probs)),
+        ("logit_bias", bool(body.logit_bias)),
+    ) if used]
+    if refused:
+        raise _error(f"{', '.join(refused)}: not supported by this engine; leave it out")
+    if len(body.input_extra) > MAX_EXTRA_CHUNKS:
+        raise _error(f"input_extra: at most {MAX_EXTRA_CHUNKS} chunks")
+
+
+def infill_request(body: InfillRequest, stops: list[str], span: Span) -> CompletionRequest:
+    extra = "".join(SNIPPET_SEPARATOR + chunk.text for chunk in body.input_extra)
+    if extra:
+        extra += SNIPPET_SEPARATOR
+    deadline = HTTP_TIMEOUT_MS
+    if body.t_max_predict_ms and body.t_max_predict_ms > 0:
+        deadline = min(HTTP_TIMEOUT_MS, body.t_max_predict_ms + max(0, body.t_max_prompt_ms))
+    return CompletionRequest(
+        prefix=extra + body.input_prefix + body.prompt, suffix=body.input_suffix,
+        max_tokens=span(body.n_predict if body.n_predict > 0 else None),
+        stop="line" if "\n" in stops else "free", temperature=body.temperature,
+        top_p=body.top_p, seed=body.seed if body.seed >= 0 else None,
+        num_candidates=body.n_cmpl, timeout_ms=deadline)
+
+
+def infill_answers(body: InfillRequest, result: CompletionResult | None, model: str,
+                   stops: list[str]) -> list[dict[str, Any]]:
+    """llama-server's results (None: the warm-up, answered without the model)."""
+    texts = [""] if result is None else [c.text for c in result.candidates] or [result.text]
+    answers = []
+    for index, text in enumerate(texts[: body.n_cmpl]):
+        answer = infill_answer(index, text, result, model, body, stops)
+        answers.append(pick_fields(answer, body.response_fields)
+                       if body.response_fields is not None else answer)
+    return answers
+
+
+def span_budget(asked: int | None, window: int | None) -> int:
+    """The span budget for a ceiling a client asked for (None: the default), within half the
+    model's window when it is known (the cluster's front knows no window: the replica fits
+    the request to its model, fit_window)."""
+    ceiling = min(asked or DEFAULT_MAX_TOKENS, MAX_SPAN_TOKENS)
+    return max(1, ceiling if window is None else min(ceiling, window // 2))
+
+
+def fit_window(request: CompletionRequest, window: int) -> CompletionRequest:
+    return dataclasses.replace(request, max_tokens=min(request.max_tokens, span_budget(
+        request.max_tokens, window)))
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -243,6 +302,7 @@ class CompletionsRequest(msgspec.Struct, kw_only=True):
     seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    stream_drafts: bool = False  # with stream: partial fills as the model denoises
     echo: bool = False
     logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
@@ -358,6 +418,79 @@ def completion_events(answer: dict[str, Any], *, usage: bool,
     if usage:
         events.append({**{k: v for k, v in answer.items() if k != "choices"}, "choices": []})
     return events
+
+
+def draft_event(draft: Draft, head: dict[str, Any], stops: list[str]) -> dict[str, Any]:
+    """A partial fill as a server-sent event payload (`stream_drafts`): object
+    `text_completion.draft`, each one replacing the one before (they are not deltas); `text`
+    is what the model has settled from the hole's first slot on (stop strings applied), `fill`
+    the whole span so far with each still-masked slot as DRAFT_MASK. Transport-free, like
+    completion_events."""
+    text, _ = cut_at_stops(draft.text, stops)
+    return {**head, "object": "text_completion.draft",
+            "draft": {"step": draft.step, "masked": draft.masked, "slots": draft.slots,
+                      "mask": DRAFT_MASK},
+            "choices": [{"index": 0, "text": text, "fill": draft.fill, "logprobs": None,
+                         "finish_reason": None}]}
+
+
+def answer_head(model: str) -> dict[str, Any]:
+    """id, created and model, fixed before the first draft so every event of a stream shares
+    them."""
+    return {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model}
+
+
+def sse(event: dict[str, Any] | str) -> bytes:
+    return b"data: " + (event.encode() if isinstance(event, str)
+                        else msgspec.json.encode(event)) + b"\n\n"
+
+
+async def stream_drafts(request: web.Request, fim: FimApi, engine_request: CompletionRequest,
+                        stops: list[str], model: str, *, usage: bool, chat_delta: bool = False,
+                        echo: str = "") -> web.StreamResponse:
+    """`stream` with `stream_drafts`: a draft event at each of the denoising loop's host reads
+    as they come, then the answer's events exactly as without drafts, then [DONE]. An engine
+    error after the stream began comes as an `error` event (the status line is sent)."""
+    loop = asyncio.get_running_loop()
+    drafts: asyncio.Queue[Draft] = asyncio.Queue()
+
+    def on_draft(draft: Draft) -> None:  # the engine's draft thread
+        loop.call_soon_threadsafe(drafts.put_nowait, draft)
+
+    head = answer_head(model)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    run = asyncio.ensure_future(fim._run(request, engine_request, on_draft=on_draft))
+    try:
+        while True:
+            getter = asyncio.ensure_future(drafts.get())
+            await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            await response.write(sse(draft_event(getter.result(), head, stops)))
+        while not drafts.empty():  # every draft is queued before the answer
+            await response.write(sse(draft_event(drafts.get_nowait(), head, stops)))
+        try:
+            answer = {**to_response(run.result(), stops, model), **head}
+        except ApiError as exc:
+            await response.write(sse({"error": {"message": exc.message, "type": exc.kind,
+                                                "code": exc.status}}))
+        else:
+            if echo:
+                for choice in answer["choices"]:
+                    choice["text"] = echo + choice["text"]
+            for event in completion_events(answer, usage=usage, chat_delta=chat_delta):
+                await response.write(sse(event))
+            await response.write(sse("[DONE]"))
+        await response.write_eof()
+    except ConnectionResetError:  # the caller left: stop the model between steps
+        pass
+    finally:
+        if not run.done():
+            run.cancel()
+    return response
 
 
 async def stream_completion(request: web.Request, answer: dict[str, Any], *, usage: bool,

@@ -28,6 +28,7 @@ from engine.api import (
     CompletionRequest,
     CompletionResult,
     CompletionStats,
+    Draft,
     EngineInfo,
     EngineInputError,
     EngineLike,
@@ -50,6 +51,9 @@ class Job:
     answered: bool = False
     in_model: bool = False  # past the last check that drops it: a cancel now stops a run
     deadline: float | None = None  # time.monotonic() at submit + timeout_ms (set by submit)
+    # Partial fills while the model runs it (Engine.complete's on_draft); a cached answer
+    # has none.
+    on_draft: Callable[[Draft], None] | None = None
 
     def left_ms(self) -> float | None:
         if self.deadline is None:
@@ -301,7 +305,10 @@ class FairScheduler:
         job.in_model = True
         started = time.perf_counter()
         try:
-            result = self._engine.complete(request, job.cancel)
+            if job.on_draft is None:
+                result = self._engine.complete(request, job.cancel)
+            else:
+                result = self._engine.complete(request, job.cancel, on_draft=job.on_draft)
         except EngineInputError as exc:  # the client's mistake, not the engine's
             self.stats.record_outcome("rejected")
             return None, _one_line(exc)

@@ -85,6 +85,8 @@ def test_answers_in_the_shared_engines_shape_with_the_engines_answer(cluster):
     usage = data["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
     assert headers["x-maskfill-attempts"] == "1" and headers["x-maskfill-replica"]
+    # the front's time holds the replica's: the rest of a round trip is Serve's proxy
+    assert float(headers["x-maskfill-front-ms"]) >= float(headers["x-maskfill-engine-ms"]) > 0
     status, _, raw = post(cluster, body, "doc-parity")  # no model: the checkpoint's name
     assert json.loads(raw)["model"] == cluster.model.name
 
@@ -100,6 +102,67 @@ def test_stream_true_answers_as_server_sent_events(cluster):
     text = json.loads(plain)["choices"][0]["text"]
     assert [e["choices"][0]["text"] for e in events] == [text]
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": text}
+
+
+def test_stream_drafts_come_through_the_cluster(cluster):
+    """The replica's partial fills reach the caller through the ingress (a Serve streaming
+    handle call) as the shared engine streams them, then the engine's answer."""
+    body = {"prompt": "def scale(v, k):\n    ", "suffix": "\n", "max_tokens": 16}
+    expected = fim_answer(cluster.model, engine_request(body))
+    status, headers, raw = post(cluster, {**body, "stream": True, "stream_drafts": True},
+                                "doc-drafts")
+    assert status == 200 and headers["content-type"].startswith("text/event-stream"), raw
+    assert headers["x-maskfill-replica"]
+    lines = [ln for ln in raw.decode().split("\n\n") if ln]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
+    drafts = [e for e in events if e["object"] == "text_completion.draft"]
+    assert len(drafts) >= 2 and events[: len(drafts)] == drafts, events
+    assert [e["object"] for e in events[len(drafts):]] == ["text_completion"]
+    assert events[-1]["choices"][0]["text"] == expected
+    assert {e["id"] for e in events} == {events[-1]["id"]}
+    assert drafts[0]["draft"]["masked"] > drafts[-1]["draft"]["masked"]
+    for before, after in zip(drafts, drafts[1:], strict=False):
+        assert after["draft"]["step"] > before["draft"]["step"]
+        assert after["choices"][0]["text"].startswith(before["choices"][0]["text"])
+
+
+def test_the_peer_routes_answer_as_on_one_machine(cluster):
+    """Continue's and Tabby's /v1/completions and llama.vscode's /infill through the cluster:
+    the engine's own answer in each client's shape, streamed as on one machine."""
+    prefix, suffix = "def mean(xs):\n    ", "\n"
+    expected = fim_answer(cluster.model, CompletionRequest(
+        prefix=prefix, suffix=suffix, max_tokens=16, stop="free"))
+    body = {"model": "mine", "prompt": prefix, "suffix": suffix, "max_tokens": 16}
+    status, headers, raw = post(cluster, body, "doc-peers", path="/v1/completions")
+    assert status == 200, raw
+    data = json.loads(raw)
+    assert data["object"] == "text_completion" and data["model"] == "mine"
+    assert [c["text"] for c in data["choices"]] == [expected]
+    assert headers["x-maskfill-replica"]
+
+    status, _, raw = post(cluster, {**body, "stream": True,
+                                    "stream_options": {"include_usage": True}},
+                          "doc-peers", path="/v1/completions")
+    lines = [ln.removeprefix("data: ") for ln in raw.decode().split("\n\n") if ln]
+    assert status == 200 and lines[-1] == "[DONE]"
+    events = [json.loads(ln) for ln in lines[:-1]]
+    assert events[0]["choices"][0]["text"] == expected and "delta" not in events[0]["choices"][0]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] > 0
+
+    infill = {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 16}
+    status, _, raw = post(cluster, infill, "doc-peers", path="/infill")
+    assert status == 200, raw
+    answer = json.loads(raw)
+    assert answer["content"] == expected and answer["stop"] is True
+    assert answer["tokens_evaluated"] > 0
+    status, _, raw = post(cluster, {**infill, "n_predict": 0}, "doc-peers", path="/infill")
+    assert status == 200 and json.loads(raw)["content"] == ""  # the warm-up, no model run
+
+    status, _, raw = post(cluster, {**infill, "grammar": "root ::= x"}, path="/infill")
+    assert status == 400 and "grammar" in json.loads(raw)["error"]["message"]
+    status, _, raw = post(cluster, {**body, "logprobs": 1}, path="/v1/completions")
+    assert status == 400 and "logprobs" in json.loads(raw)["error"]["message"]
 
 
 @pytest.mark.parametrize(("payload", "message"), [
