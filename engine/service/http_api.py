@@ -334,7 +334,10 @@ class FimApi:
         if result is None:
             raise _error(503, "the request was dropped (engine shutting "
                          "down)", "server_error")
-        if result.stats.timed_out and not result.candidates:  # it never reached the model
+        # It never reached the model within the server's own deadline: the engine is busy. A
+        # client's shorter budget (llama.vim's t_max_predict_ms) gets its empty "limit" answer.
+        busy = engine_request.timeout_ms >= HTTP_TIMEOUT_MS
+        if busy and result.stats.timed_out and not result.candidates:
             raise _error(503, "timed out waiting for the model (the engine is busy); retry "
                          "later", "server_error", **{"Retry-After": "1"})
         return result
