@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-StopMode = Literal["line", "block", "free"]
+StopMode = Literal["line", "block", "expr", "free"]
 SamplerName = Literal[
     "threshold",  # fast default: commit every masked slot with confidence >= tau (>= 1 per step)
     "entropy_bounded",  # EB-Sampler: lowest-entropy slots while summed entropy <= gamma
@@ -48,6 +48,9 @@ class CompletionRequest:
     cache_refresh_every: int = 0  # re-encode the whole context every N steps (0: never)
     max_context_tokens: int | None = None  # None: the model's trained window
     timeout_ms: float | None = None  # deadline relative to the call's start
+    # True: `candidates` holds every distinct row (each hole length, each sample), ranked, not
+    # only the best num_candidates; the LSP server re-ranks them by syntax (issue 23).
+    all_rows: bool = False
 
 
 @dataclass(kw_only=True, frozen=True)

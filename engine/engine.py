@@ -52,6 +52,7 @@ from engine.stop_modes import apply_stop
 
 HOLE_BUCKETS = (8, 16, 32, 64)  # unknown span length: rows of these lengths share one batch
 LINE_BUCKETS = (8, 16, 24)  # 24 tokens: ~80+ characters, a long line; passes grow with it
+EXPR_BUCKETS = (8, 16)  # the rest of an argument list or a condition is short
 EXTRA_CANDIDATE_TEMPERATURE = 0.8  # extra candidates must differ: sample them when T = 0
 DREAMON_INITIAL_HOLE = 16  # DreamOn's L0 when the request gives none (its eval: 4..64)
 MAX_CANDIDATES = 16
@@ -63,7 +64,7 @@ CPU_THREADS_ENV = "MASKFILL_CPU_THREADS"
 DIFFUCODER_PAD = "<|dlm_pad|>"  # DiffuCoder ends spans with it (models.md §2.1); by name only
 SAMPLERS = ("threshold", "entropy_bounded", "origin", "maskgit_plus", "topk_margin", "entropy",
             "low_confidence")
-STOP_MODES = ("line", "block", "free")
+STOP_MODES = ("line", "block", "expr", "free")
 # Rows in one shared pass. A CPU pass costs what its rows cost, so more rows only make every
 # request in it slower; on CUDA the captured batch buckets end at 16 rows.
 CPU_BATCH_ROWS = 32
@@ -123,8 +124,9 @@ def hole_lengths(request: CompletionRequest) -> list[int]:
     """Explicit span lengths, else buckets up to max_tokens (which is always the longest tried)."""
     if request.span_lengths is not None:
         return sorted(set(request.span_lengths))
-    buckets = LINE_BUCKETS if request.stop == "line" else HOLE_BUCKETS
-    longest = min(request.max_tokens, buckets[-1]) if request.stop == "line" else request.max_tokens
+    short = {"line": LINE_BUCKETS, "expr": EXPR_BUCKETS}.get(request.stop)
+    buckets = short or HOLE_BUCKETS
+    longest = min(request.max_tokens, buckets[-1]) if short else request.max_tokens
     return sorted({b for b in buckets if b < longest} | {longest})
 
 
@@ -602,4 +604,6 @@ class Engine:
                 continue
             seen.add(cand.text)
             candidates.append(cand)
+        if request.all_rows:
+            return candidates, best_row
         return candidates[: request.num_candidates], best_row

@@ -8,6 +8,7 @@ debounce and queue for the model, and a newer request for the same document supe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import re
@@ -17,13 +18,15 @@ from dataclasses import dataclass
 from lsprotocol import types
 from pygls.workspace import TextDocument
 
-from engine.api import CompletionRequest, CompletionResult, StopMode
+from engine.api import Candidate, CompletionRequest, CompletionResult, StopMode
 from lsp_server.cache import ExactCache, TypedThrough, inserted_at
 from lsp_server.documents import Snapshot, context_window, detect_indent, looks_binary
-from lsp_server.postprocess import CursorContext, choose_stop, postprocess
+from lsp_server.postprocess import CursorContext, choose_stop, is_useless, postprocess
 from lsp_server.protocol import Suggestion, cover_auto_closed, shift
 from lsp_server.scheduler import AdaptiveDebounce, LatestPerDocument, Ticket
 from lsp_server.settings import Settings
+from lsp_server.syntax.pick import SyntaxView, pick, view_at
+from lsp_server.syntax.rank import Row
 from lsp_server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -56,10 +59,14 @@ class Prepared:
     stop: StopMode
     candidates: int
     knobs: tuple  # every other setting that changes the model's answer
+    syntax: SyntaxView | None = None  # the document's tree at the snapshot (issue 23)
 
     @property
     def cache_key(self) -> tuple:
-        return (self.prefix, self.suffix, self.stop, self.candidates, self.knobs)
+        # With syntax the answer also depends on the file beyond the model's window (the
+        # cut parses the whole file): its length stands for it, cheaply.
+        shape = None if self.syntax is None else (len(self.syntax.before), len(self.syntax.after))
+        return (self.prefix, self.suffix, self.stop, self.candidates, self.knobs, shape)
 
     @property
     def seed(self) -> int:
@@ -91,6 +98,12 @@ class CompletionService:
         self.debounce = AdaptiveDebounce(s.debounce_min_ms, s.debounce_max_ms)
         self.requests = 0
         self.model_answers = 0
+        # Syntax on the completion path: answers the cut judged, rows hidden because no cut of
+        # them parses, answers left empty for that reason, and the last cursor kind.
+        self.syntax_judged = 0
+        self.syntax_hidden_rows = 0
+        self.syntax_emptied = 0
+        self.last_cursor_kind: str | None = None
         self.held = 0  # requests waiting for the model to load
         self.max_tokens_limit: int | None = None  # from the loaded model's window
         self._model_changed = asyncio.Event()  # set (and replaced) when the load state moves
@@ -130,7 +143,8 @@ class CompletionService:
         return self.worker.ready
 
     def prepare(
-        self, snap: Snapshot, *, invoked: bool, selection: Selection | None
+        self, snap: Snapshot, *, invoked: bool, selection: Selection | None,
+        document: TextDocument | None = None,
     ) -> Prepared | None:
         """Build the model's context; None when this document should not be completed."""
         s = self._settings()
@@ -152,14 +166,36 @@ class CompletionService:
         # Indent style is a property of the file: learn it from more than the model sees.
         indent_sample = text[max(0, offset - INDENT_SAMPLE_CHARS) : offset + INDENT_SAMPLE_CHARS]
         cursor = _cursor_context(window.prefix, window.suffix, snap.eol, indent_sample)
+        syntax = self._syntax_view(snap, document, s) if selection is None else None
+        stop = choose_stop(cursor, s.stop_mode)
+        if syntax is not None:
+            self.last_cursor_kind = syntax.kind
+            cursor = dataclasses.replace(cursor, grammar=syntax.grammar, kind=syntax.kind)
+            if s.stop_mode == "auto" and syntax.stop is not None:
+                stop = syntax.stop
         return Prepared(
             prefix=window.prefix,
             suffix=window.suffix,
             cursor=cursor,
-            stop=choose_stop(cursor, s.stop_mode),
+            stop=stop,
             candidates=s.num_candidates if invoked else 1,
-            knobs=(s.model, s.device, s.quant, s.max_tokens, s.timeout_ms, s.context_tokens),
+            knobs=(s.model, s.device, s.quant, s.max_tokens, s.timeout_ms, s.context_tokens,
+                   s.syntax),
+            syntax=syntax,
         )
+
+    @staticmethod
+    def _syntax_view(snap: Snapshot, document: TextDocument | None, s: Settings):
+        """The document's tree at the cursor; None (today's rules) without a grammar, with
+        syntax off, or for a document that is not an LspTextDocument."""
+        enable = getattr(document, "enable_syntax", None)
+        if not s.syntax or enable is None:
+            return None
+        try:
+            return view_at(enable(s.max_document_bytes), snap.text, snap.offset)
+        except Exception:  # a grammar's failure must never cost the completion
+            log.exception("syntax view failed; today's rules kept")
+            return None
 
     async def suggest(
         self,
@@ -189,7 +225,7 @@ class CompletionService:
         invoked: bool,
         selection: Selection | None,
     ) -> list[Suggestion]:
-        prepared = self.prepare(snap, invoked=invoked, selection=selection)
+        prepared = self.prepare(snap, invoked=invoked, selection=selection, document=document)
         if prepared is None:
             return []
         if selection is None:
@@ -237,16 +273,31 @@ class CompletionService:
             seed=prepared.seed,
             max_context_tokens=s.context_tokens,
             timeout_ms=s.timeout_ms,
+            all_rows=prepared.syntax is not None,  # every hole length, for the syntax pick
         )
 
     def _finish(self, result: CompletionResult, prepared: Prepared) -> tuple[str, ...]:
-        """Post-process every candidate; keep the distinct survivors, best first."""
-        raw = [c.text for c in result.candidates] or [result.text]
-        texts: list[str] = []
+        """Post-process every candidate; keep the distinct survivors, best first. With a
+        syntax view, only those whose cut parses, ranked (lsp_server/syntax/pick.py)."""
+        raw = result.candidates or [
+            Candidate(text=result.text, mean_confidence=0.0, span_length=0, ended=False)]
+        rows: list[Row] = []
         for candidate in raw:
-            text = postprocess(candidate, prepared.cursor, prepared.stop)
-            if text is not None and text not in texts:
-                texts.append(text)
+            text = postprocess(candidate.text, prepared.cursor, prepared.stop)
+            if text is not None and text not in (row.text for row in rows):
+                rows.append(Row(text, candidate.ended, candidate.mean_confidence))
+        texts = [row.text for row in rows]
+        if prepared.syntax is not None and rows:
+            try:
+                picked = pick(prepared.syntax, rows)
+            except Exception:  # a grammar's failure must never cost the completion
+                log.exception("syntax pick failed; today's choice kept")
+            else:
+                if picked.opinion:
+                    self.syntax_judged += 1
+                    self.syntax_hidden_rows += picked.hidden
+                    self.syntax_emptied += not picked.texts
+                    texts = [t for t in picked.texts if not is_useless(t, prepared.cursor)]
         return tuple(texts[: prepared.candidates])
 
     def _remember(self, snap: Snapshot, selection: Selection | None, texts: tuple[str, ...]):

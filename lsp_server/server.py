@@ -317,6 +317,17 @@ class MaskfillServer(LanguageServer):
             return None
         return take_snapshot(document, position)
 
+    def document_opened(self, uri: str) -> None:
+        """Parse the document's tree now (its first request would otherwise pay for it)."""
+        document = find_document(self, uri)
+        s = self.settings
+        if document is None or not s.syntax or document.utf8_size() > s.max_document_bytes:
+            return
+        try:
+            document.enable_syntax(s.max_document_bytes)
+        except Exception:  # no grammar problem may cost the document
+            log.exception("no syntax tree for %s; today's rules kept", uri)
+
     def free(self, timeout: float = CLOSE_WAIT_S) -> None:
         """Free the model (engine.close on the worker thread), waiting at most `timeout`."""
         self.worker.close(timeout=timeout)
@@ -351,6 +362,12 @@ class MaskfillServer(LanguageServer):
             "typedThroughHits": self.service.typed.hits,
             "superseded": self.service.latest.superseded,
             "jobsInFlight": self.worker.jobs_in_flight,
+            "syntax": {
+                "lastCursorKind": self.service.last_cursor_kind,
+                "judged": self.service.syntax_judged,
+                "hiddenRows": self.service.syntax_hidden_rows,
+                "emptied": self.service.syntax_emptied,
+            },
             **self.worker.stats.snapshot(),
         }
 
@@ -460,6 +477,10 @@ def create_server(
         workspace = ls.client_capabilities.workspace if ls.client_capabilities else None
         if workspace and workspace.configuration:  # pull model: ask, off the request path
             ls.spawn(_pull_configuration(ls))
+
+    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: MaskfillServer, params: types.DidOpenTextDocumentParams) -> None:
+        ls.document_opened(params.text_document.uri)
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(
