@@ -27,6 +27,15 @@ SamplerName = Literal[
 QuantMode = Literal["none", "int8", "int4", "fp8"]
 
 
+@dataclass(frozen=True)
+class ContextChunk:
+    """Code from another file the prompt carries before the current file's text (issue 23):
+    `path` as the user knows it (relative to the workspace), `text` the lines themselves."""
+
+    path: str
+    text: str
+
+
 @dataclass(kw_only=True, frozen=True)
 class CompletionRequest:
     """One fill-in-the-middle job: text before and after the cursor plus decoding knobs."""
@@ -51,6 +60,11 @@ class CompletionRequest:
     # True: `candidates` holds every distinct row (each hole length, each sample), ranked, not
     # only the best num_candidates; the LSP server re-ranks them by syntax (issue 23).
     all_rows: bool = False
+    # Other files' code, laid out before the prefix (engine/repo_context.py), highest
+    # priority first; it shares the window (max_context_tokens) with the file's own text,
+    # which keeps what it needs first. Keep it byte-identical between keystrokes: the K/V
+    # reuse matches the context from its start.
+    extra: tuple[ContextChunk, ...] = ()
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -45,8 +45,9 @@ from engine.denoiser import Denoised, DenoiseJob, DenoiseLoop, StopSignal
 from engine.dreamon import denoise_expanding
 from engine.graphs import REFRESH_BUCKETS, PassCache
 from engine.kv_arena import BATCH_BUCKETS, common_layouts
-from engine.prefill import context_ids
+from engine.prefill import context_ids, entry_alone
 from engine.quantize import parameter_count, weight_bytes
+from engine.repo_context import extra_ids
 from engine.speculation import speculate_accepted
 from engine.stop_modes import apply_stop
 
@@ -206,6 +207,7 @@ class Engine:
             if context_reuse else None
         self._speculate = speculate and context_reuse and concurrent
         self._refresh_worn = refresh_worn and context_reuse and concurrent
+        self.prewarms = 0  # contexts encoded ahead of a request (prewarm)
         self._loop = DenoiseLoop(loaded.model, args, passes=self._passes, cache=self._cache,
                                  dtype=loaded.dtype, banned_ids=self._banned_all)
         budget = max_batch_rows or (BATCH_BUCKETS[-1] if static else CPU_BATCH_ROWS)
@@ -376,7 +378,8 @@ class Engine:
                 f"bad completion request: a {max(lengths)}-token hole and the special tokens "
                 f"do not fit a {request.max_context_tokens or args.max_context}-token window"
             )
-        prefix_ids, suffix_ids = self._context_ids(request.prefix, request.suffix, budget)
+        prefix_ids, suffix_ids = self._context_ids(request.prefix, request.suffix, budget,
+                                                   request.extra)
         stats.prefix_tokens, stats.suffix_tokens = len(prefix_ids), len(suffix_ids)
         tokenized = time.perf_counter()
 
@@ -435,12 +438,19 @@ class Engine:
             raise EngineError("the engine is closed")
         return self._loaded
 
-    def _context_ids(self, prefix: str, suffix: str, budget: int) -> tuple[list[int], list[int]]:
-        """Token ids of the text before and after the hole, cut to `budget` tokens."""
+    def _context_ids(self, prefix: str, suffix: str, budget: int,
+                     extra: tuple = ()) -> tuple[list[int], list[int]]:
+        """Token ids of the text before and after the hole, cut to `budget` tokens; the
+        extra context (engine/repo_context.py) goes before the prefix in the room the file's
+        own text leaves."""
         tok = self._require().tokenizer
         prefix, suffix = fim.precut_text(prefix, suffix, budget)
-        return fim.cut_context(_encode(tok, prefix, "prefix"), _encode(tok, suffix, "suffix"),
-                               budget)
+        prefix_ids, suffix_ids = fim.cut_context(
+            _encode(tok, prefix, "prefix"), _encode(tok, suffix, "suffix"), budget)
+        if extra:
+            room = budget - len(prefix_ids) - len(suffix_ids)
+            prefix_ids = extra_ids(tok, extra, room) + prefix_ids
+        return prefix_ids, suffix_ids
 
     def _run(self, job: DenoiseJob) -> Denoised | None:
         """Denoise on the worker (sharing passes), or here when not concurrent."""
@@ -475,11 +485,43 @@ class Engine:
             if self._loaded is None:
                 return
             prefix_ids, suffix_ids = self._context_ids(request.prefix + text, request.suffix,
-                                                       budget)
+                                                       budget, request.extra)
             speculate_accepted(loaded.model, loaded.args, self._cache, prefix_ids, suffix_ids,
                                hole, self._banned_all, loaded.dtype, loaded.device)
 
         self._worker.when_idle(task, key="speculate")
+
+    def prewarm(self, request: CompletionRequest) -> bool:
+        """When the worker is idle: encode `request`'s context into the cache (no denoising),
+        so that the next request sharing its start (a new extra-context block, issue 23)
+        starts warm; llama.vim's `n_predict: 0` request does the same for llama-server.
+        False when there is nothing to warm (no worker or no context reuse)."""
+        loaded = self._loaded
+        if self._worker is None or self._cache is None or loaded is None:
+            return False
+        validate(request, loaded.args.max_context)
+        hole = max(hole_lengths(request))
+        budget = fim.context_budget(loaded.args, hole, request.max_context_tokens)
+        if budget < 0:
+            return False
+        cache = self._cache
+
+        def task() -> None:
+            if self._loaded is None:
+                return
+            prefix_ids, suffix_ids = self._context_ids(request.prefix, request.suffix, budget,
+                                                       request.extra)
+            batch = fim.build_infill_batch(loaded.args, prefix_ids, suffix_ids, [hole],
+                                           loaded.device)
+            lead, tail = context_ids(batch)
+            if cache.find(lead, tail, hole) is not None:
+                return
+            cache.put(entry_alone(loaded.model, loaded.args, batch, self._banned_all, None,
+                                  loaded.dtype, loaded.device))
+            self.prewarms += 1
+
+        self._worker.when_idle(task, key="prewarm")
+        return True
 
     def _refresh_if_worn(self, batch: fim.InfillBatch, request: CompletionRequest) -> None:
         """When the context this request left in the cache is worn (max_reuses hops from a

@@ -26,7 +26,7 @@ class SyntaxView:
 
     grammar: str
     kind: CursorKind | None
-    tree: object  # tree_sitter.Tree of before + after
+    tree: object  # tree_sitter.Tree of before + after (None: the check parses them)
     before: str
     after: str
 
