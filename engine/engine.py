@@ -440,17 +440,17 @@ class Engine:
 
     def _context_ids(self, prefix: str, suffix: str, budget: int,
                      extra: tuple = ()) -> tuple[list[int], list[int]]:
-        """Token ids of the text before and after the hole, cut to `budget` tokens; the
-        extra context (engine/repo_context.py) goes before the prefix in the room the file's
-        own text leaves."""
+        """Token ids of the text before and after the hole, cut to `budget` tokens. The
+        extra context (engine/repo_context.py) goes before the prefix: whole chunks within
+        half the budget (the caller sized it: the server adds its extra budget to the
+        window), the file's own text in the rest."""
         tok = self._require().tokenizer
+        lead = extra_ids(tok, extra, max(budget, 0) // 2) if extra else []
+        budget -= len(lead)
         prefix, suffix = fim.precut_text(prefix, suffix, budget)
         prefix_ids, suffix_ids = fim.cut_context(
             _encode(tok, prefix, "prefix"), _encode(tok, suffix, "suffix"), budget)
-        if extra:
-            room = budget - len(prefix_ids) - len(suffix_ids)
-            prefix_ids = extra_ids(tok, extra, room) + prefix_ids
-        return prefix_ids, suffix_ids
+        return lead + prefix_ids, suffix_ids
 
     def _run(self, job: DenoiseJob) -> Denoised | None:
         """Denoise on the worker (sharing passes), or here when not concurrent."""

@@ -7,9 +7,10 @@ looked up by name in the checkpoint's tokenizer, never by id. Without it, each c
 comment block, Copilot's layout: `# Compare this snippet from PATH:` and the chunk's lines,
 commented with the marker of the chunk's language.
 
-The chunks come highest priority first; those that do not fit the room left are dropped from
-the end, whole: a chunk cut in the middle would change with every budget and break the K/V
-reuse of the prompt's start.
+The chunks come highest priority first; those that do not fit their room (at most half the
+window's context budget; the file's own text takes the rest) are dropped from the end, whole:
+a chunk cut in the middle would change with every budget and break the K/V reuse of the
+prompt's start.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from lsprotocol import types
 from pygls.workspace import TextDocument
 
-from engine.api import Candidate, CompletionRequest, CompletionResult, StopMode
+from engine.api import Candidate, CompletionRequest, CompletionResult, ContextChunk, StopMode
 from lsp_server.cache import ExactCache, TypedThrough, inserted_at
+from lsp_server.context import ContextBlock, StableContext, extra_context_tokens
 from lsp_server.documents import Snapshot, context_window, detect_indent, looks_binary
 from lsp_server.postprocess import CursorContext, choose_stop, is_useless, postprocess
 from lsp_server.protocol import Suggestion, cover_auto_closed, shift
@@ -31,6 +32,7 @@ from lsp_server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
+HOLE_ROWS = (8, 16, 32, 64)  # the engine's hole-length rows (engine.engine.HOLE_BUCKETS)
 NEXT_LINES = 5  # lines below the cursor the suffix-duplicate rule looks at
 INDENT_SAMPLE_CHARS = 8000  # each side of the cursor
 LOADING_STATES = ("unloaded", "loading")  # a request arriving now waits for the model
@@ -60,13 +62,16 @@ class Prepared:
     candidates: int
     knobs: tuple  # every other setting that changes the model's answer
     syntax: SyntaxView | None = None  # the document's tree at the snapshot (issue 23)
+    extra: tuple[ContextChunk, ...] = ()  # other files' code (the stable context block)
+    extra_tokens: int = 0  # its estimated tokens: the window grows by as much
 
     @property
     def cache_key(self) -> tuple:
         # With syntax the answer also depends on the file beyond the model's window (the
         # cut parses the whole file): its length stands for it, cheaply.
         shape = None if self.syntax is None else (len(self.syntax.before), len(self.syntax.after))
-        return (self.prefix, self.suffix, self.stop, self.candidates, self.knobs, shape)
+        return (self.prefix, self.suffix, self.stop, self.candidates, self.knobs, shape,
+                self.extra)
 
     @property
     def seed(self) -> int:
@@ -104,6 +109,11 @@ class CompletionService:
         self.syntax_hidden_rows = 0
         self.syntax_emptied = 0
         self.last_cursor_kind: str | None = None
+        # The context gatherer (set by the server once it knows the workspace folders) and
+        # the block the last request carried, as `--explain-context` prints it.
+        self.context: StableContext | None = None
+        self.last_context: ContextBlock | None = None
+        self.model_window: int | None = None  # the loaded model's window, for the budget
         self.held = 0  # requests waiting for the model to load
         self.max_tokens_limit: int | None = None  # from the loaded model's window
         self._model_changed = asyncio.Event()  # set (and replaced) when the load state moves
@@ -173,16 +183,43 @@ class CompletionService:
             cursor = dataclasses.replace(cursor, grammar=syntax.grammar, kind=syntax.kind)
             if s.stop_mode == "auto" and syntax.stop is not None:
                 stop = syntax.stop
+        block = self._context_block(snap, window.prefix, window.suffix, s)
         return Prepared(
             prefix=window.prefix,
             suffix=window.suffix,
             cursor=cursor,
             stop=stop,
+            extra=tuple(ContextChunk(x.path, x.text) for x in block.snippets),
+            extra_tokens=block.tokens,
             candidates=s.num_candidates if invoked else 1,
             knobs=(s.model, s.device, s.quant, s.max_tokens, s.timeout_ms, s.context_tokens,
                    s.syntax),
             syntax=syntax,
         )
+
+    def extra_budget(self, s: Settings) -> int:
+        if s.extra_context_tokens is not None:
+            return s.extra_context_tokens
+        return extra_context_tokens(s.context_tokens, self.model_window, s.max_tokens,
+                                    len(HOLE_ROWS))
+
+    def _context_block(self, snap: Snapshot, prefix: str, suffix: str, s: Settings):
+        """The stable extra-context block for this request (empty without a gatherer or a
+        budget); the gatherer's failure costs the block, never the completion."""
+        budget = self.extra_budget(s)
+        if self.context is None or budget <= 0:
+            self.last_context = ContextBlock()
+            return self.last_context
+        line = snap.text.count("\n", 0, snap.offset)
+        own = (line - prefix.count("\n"), line + suffix.count("\n"))
+        try:
+            block, _changed = self.context.current(
+                snap.uri, snap.text, snap.offset, budget, own, snap.language_id)
+        except Exception:
+            log.exception("context gathering failed; the request goes without it")
+            return ContextBlock()
+        self.last_context = block
+        return block
 
     @staticmethod
     def _syntax_view(snap: Snapshot, document: TextDocument | None, s: Settings):
@@ -271,9 +308,12 @@ class CompletionService:
             num_candidates=prepared.candidates,
             temperature=0.0,  # candidate 0 greedy; the engine samples the extra ones hot
             seed=prepared.seed,
-            max_context_tokens=s.context_tokens,
+            # The extra block comes on top of the file's own context budget.
+            max_context_tokens=s.context_tokens + (prepared.extra_tokens if prepared.extra
+                                                   else 0),
             timeout_ms=s.timeout_ms,
             all_rows=prepared.syntax is not None,  # every hole length, for the syntax pick
+            extra=prepared.extra,
         )
 
     def _finish(self, result: CompletionResult, prepared: Prepared) -> tuple[str, ...]:

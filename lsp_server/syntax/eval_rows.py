@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             emptied += not strict.strip() and bool(best.strip())
             for name, text in zip(names, (best, strict, fallback), strict=True):
                 files[name].write(json.dumps({"task_id": task.task_id, "completion": text}) + "\n")
+                files[name].flush()
     finally:
         for f in files.values():
             f.close()

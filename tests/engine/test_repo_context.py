@@ -1,6 +1,6 @@
 """Extra context in the request (issue 23 part B.2): laid out with the tokenizer's repository
-token when it has one (looked up by name), else as comment blocks; whole chunks within the room
-the file's own text leaves; the default (no extra) prompt unchanged; a pre-warm encodes the
+token when it has one (looked up by name), else as comment blocks; whole chunks within half
+the context budget; the default (no extra) prompt unchanged; a pre-warm encodes the
 context ahead of the request so it starts warm."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_the_extra_block_goes_before_the_prefix_within_the_window(engine):
     carried = engine.complete(CompletionRequest(**base, extra=CHUNKS))
     added = len(extra_ids(engine.tokenizer, CHUNKS, 10_000))
     assert carried.stats.prefix_tokens == plain.stats.prefix_tokens + added
-    # A window too small for it: the file's own text keeps its tokens, the block is dropped.
+    # A window too small for it (the block may take half): the file keeps its tokens.
     tight = dict(base, max_context_tokens=plain.stats.prefix_tokens + 8 + 4)
     squeezed = engine.complete(CompletionRequest(**tight, extra=CHUNKS))
     assert squeezed.stats.prefix_tokens == plain.stats.prefix_tokens
