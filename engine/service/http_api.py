@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from aiohttp import web
 
-from engine.api import CompletionRequest, CompletionResult
+from engine.api import CompletionRequest, CompletionResult, ContextChunk
 from engine.service.metrics import CONTENT_TYPE, registry_for, render
 from engine.service.scheduler import Job
 
@@ -30,7 +30,16 @@ log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT_MS = 30_000.0  # the engine's deadline for one HTTP request
 MAX_STOP_SEQUENCES = 8
+MAX_EXTRA_CHUNKS = 64  # as /infill's input_extra
 MAX_N = 8
+
+
+class FimExtra(msgspec.Struct, kw_only=True):
+    """A chunk of another file's code (issue 23): `path` (or llama-server's `filename`)."""
+
+    text: str
+    path: str = ""
+    filename: str = ""
 
 
 class FimRequest(msgspec.Struct, kw_only=True):
@@ -46,6 +55,9 @@ class FimRequest(msgspec.Struct, kw_only=True):
     n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 1
     seed: int | None = None
     stream: bool = False
+    # Other files' code, laid out before the prompt by the engine (engine/repo_context.py).
+    extra: Annotated[list[FimExtra], msgspec.Meta(max_length=MAX_EXTRA_CHUNKS)] = \
+        msgspec.field(default_factory=list)
 
 
 class ApiError(Exception):
@@ -78,6 +90,7 @@ def to_engine_request(body: FimRequest, stops: list[str]) -> CompletionRequest:
         prefix=body.prompt, suffix=body.suffix, max_tokens=body.max_tokens,
         stop="line" if "\n" in stops else "free", temperature=body.temperature,
         top_p=body.top_p, seed=body.seed, num_candidates=body.n, timeout_ms=HTTP_TIMEOUT_MS,
+        extra=tuple(ContextChunk(c.path or c.filename, c.text) for c in body.extra),
     )
 
 
