@@ -329,7 +329,7 @@ class CompletionService:
         texts = [row.text for row in rows]
         if prepared.syntax is not None and rows:
             try:
-                picked = pick(prepared.syntax, rows)
+                picked = pick(prepared.syntax, rows, want=prepared.candidates)
             except Exception:  # a grammar's failure must never cost the completion
                 log.exception("syntax pick failed; today's choice kept")
             else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from lsp_server.syntax.cursor import CursorKind, SyntaxStop, stop_for_kind
 from lsp_server.syntax.document_tree import DocumentTree
 from lsp_server.syntax.hole_check import HoleCheck
-from lsp_server.syntax.rank import Row, cut_rows
+from lsp_server.syntax.rank import Row, cut_row, rank
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,33 @@ class Picked:
     checks: int  # candidate parses done
 
 
-def pick(view: SyntaxView, rows: list[Row]) -> Picked:
-    """Cut every row in the hole, rank them, keep the ones that parse (see the module doc)."""
+def pick(view: SyntaxView, rows: list[Row], want: int = 1) -> Picked:
+    """Cut the rows in the hole, rank them, keep the ones that parse (see the module doc).
+
+    Rows are cut best first by today's order (ended, confidence), and cutting stops once `want`
+    rows the model ended are accepted unchanged: nothing after them can outrank them but a row
+    that ran out of slots and ends at a dropped line, which is rare and not worth a check per
+    row on every keystroke (each one is a parse: about 1 ms at 2k lines)."""
     check = HoleCheck(view.grammar, view.before, view.after, tree=view.tree)
     if not check.has_opinion:
         return Picked([row.text for row in rows], False, 0, 0)
-    ranked = cut_rows(check, rows)
+    cut: list[Row] = []
+    whole = 0
+    seen: set[str] = set()
+    for row in sorted(rows, key=lambda r: (r.ended, r.confidence), reverse=True):
+        key = row.text.rstrip()
+        if not key.strip() or key in seen:
+            continue
+        seen.add(key)
+        done = cut_row(row, check.truncate(row.text))
+        cut.append(done)
+        whole += bool(row.ended and done.parses and done.text == row.text)
+        if whole >= want:
+            break
+    ranked, _ = rank(cut)
     texts: list[str] = []
-    for row in ranked.rows:
+    for row in ranked:
         if row.parses and row.text not in texts:
             texts.append(row.text)
-    hidden = sum(1 for row in ranked.rows if not row.parses)
-    return Picked(texts, True, hidden, ranked.checks)
+    hidden = sum(1 for row in ranked if not row.parses)
+    return Picked(texts, True, hidden, check.checks)
