@@ -26,7 +26,7 @@ from lsp_server.postprocess import CursorContext, choose_stop, is_useless, postp
 from lsp_server.protocol import Suggestion, cover_auto_closed, shift
 from lsp_server.scheduler import AdaptiveDebounce, LatestPerDocument, Ticket
 from lsp_server.settings import Settings
-from lsp_server.syntax.pick import SyntaxView, pick, view_at
+from lsp_server.syntax.pick import SyntaxView, hole_check, pick, view_at
 from lsp_server.syntax.rank import Row
 from lsp_server.worker import EngineWorker
 
@@ -279,6 +279,9 @@ class CompletionService:
             return []
         generation = self.generation
         ticket.job = self.worker.submit(snap.uri, self._request(prepared))
+        # The hole's syntax check is built in a thread while the model runs.
+        check = None if prepared.syntax is None else asyncio.get_running_loop().run_in_executor(
+            None, hole_check, prepared.syntax)
         try:
             result = await asyncio.wrap_future(ticket.job.future)
         except asyncio.CancelledError:  # $/cancelRequest: stop the model between steps
@@ -287,7 +290,12 @@ class CompletionService:
         if result is None or result.stats.cancelled or generation != self.generation:
             return []  # stopped, or made under settings (or a model) that no longer hold
         self.model_answers += 1
-        texts = self._finish(result, prepared)
+        try:
+            built = await check if check is not None else None
+        except Exception:  # a grammar's failure must never cost the completion
+            log.exception("syntax check failed; today's choice kept")
+            built = None
+        texts = self._finish(result, prepared, built)
         if not result.stats.timed_out:  # a finished answer is worth keeping even if superseded
             self.cache.put(prepared.cache_key, texts)
         if ticket.superseded.is_set():
@@ -316,7 +324,8 @@ class CompletionService:
             extra=prepared.extra,
         )
 
-    def _finish(self, result: CompletionResult, prepared: Prepared) -> tuple[str, ...]:
+    def _finish(self, result: CompletionResult, prepared: Prepared,
+                check=None) -> tuple[str, ...]:
         """Post-process every candidate; keep the distinct survivors, best first. With a
         syntax view, only those whose cut parses, ranked (lsp_server/syntax/pick.py)."""
         raw = result.candidates or [
@@ -329,7 +338,7 @@ class CompletionService:
         texts = [row.text for row in rows]
         if prepared.syntax is not None and rows:
             try:
-                picked = pick(prepared.syntax, rows, want=prepared.candidates)
+                picked = pick(prepared.syntax, rows, want=prepared.candidates, check=check)
             except Exception:  # a grammar's failure must never cost the completion
                 log.exception("syntax pick failed; today's choice kept")
             else:

@@ -59,14 +59,22 @@ class Picked:
     checks: int  # candidate parses done
 
 
-def pick(view: SyntaxView, rows: list[Row], want: int = 1) -> Picked:
+def hole_check(view: SyntaxView) -> HoleCheck:
+    """The check of the view's hole (its reference parses: ~2-5 ms at 2k lines). Built while
+    the model runs (the server starts it in a thread when it sends the request), so only the
+    rows' own checks remain once the answer is in."""
+    return HoleCheck(view.grammar, view.before, view.after, tree=view.tree)
+
+
+def pick(view: SyntaxView, rows: list[Row], want: int = 1,
+         check: HoleCheck | None = None) -> Picked:
     """Cut the rows in the hole, rank them, keep the ones that parse (see the module doc).
 
     Rows are cut best first by today's order (ended, confidence), and cutting stops once `want`
     rows the model ended are accepted unchanged: nothing after them can outrank them but a row
     that ran out of slots and ends at a dropped line, which is rare and not worth a check per
     row on every keystroke (each one is a parse: about 1 ms at 2k lines)."""
-    check = HoleCheck(view.grammar, view.before, view.after, tree=view.tree)
+    check = check if check is not None else hole_check(view)
     if not check.has_opinion:
         return Picked([row.text for row in rows], False, 0, 0)
     cut: list[Row] = []
