@@ -37,7 +37,7 @@ async def test_a_request_carries_the_other_open_files_window(memorized_model):
         assert snippet["path"] == "virtual-workspace/other.py"
         assert snippet["why"].startswith("window:")
         assert snippet["text"] == OTHER.rstrip("\n")
-        assert (snippet["start_line"], snippet["end_line"]) == (1, 5)
+        assert (snippet["start_line"], snippet["end_line"]) == (1, 6)  # 60-line window: to the end
         assert 0 < context["tokens"] <= 64
 
         # Closed, the file is gone from the next request's context.
