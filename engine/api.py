@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-StopMode = Literal["line", "block", "free"]
+StopMode = Literal["line", "block", "expr", "free"]
 SamplerName = Literal[
     "threshold",  # fast default: commit every masked slot with confidence >= tau (>= 1 per step)
     "entropy_bounded",  # EB-Sampler: lowest-entropy slots while summed entropy <= gamma
@@ -25,6 +25,15 @@ SamplerName = Literal[
     "low_confidence",  # LLaDA reference remasking (models.md 5.2)
 ]
 QuantMode = Literal["none", "int8", "int4", "fp8"]
+
+
+@dataclass(frozen=True)
+class ContextChunk:
+    """Code from another file the prompt carries before the current file's text (issue 23):
+    `path` as the user knows it (relative to the workspace), `text` the lines themselves."""
+
+    path: str
+    text: str
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -48,6 +57,14 @@ class CompletionRequest:
     cache_refresh_every: int = 0  # re-encode the whole context every N steps (0: never)
     max_context_tokens: int | None = None  # None: the model's trained window
     timeout_ms: float | None = None  # deadline relative to the call's start
+    # True: `candidates` holds every distinct row (each hole length, each sample), ranked, not
+    # only the best num_candidates; the LSP server re-ranks them by syntax (issue 23).
+    all_rows: bool = False
+    # Other files' code, laid out before the prefix (engine/repo_context.py), highest
+    # priority first; it shares the window (max_context_tokens) with the file's own text,
+    # which keeps what it needs first. Keep it byte-identical between keystrokes: the K/V
+    # reuse matches the context from its start.
+    extra: tuple[ContextChunk, ...] = ()
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -112,6 +112,21 @@ def _best_run(new: Tensor, old: Tensor) -> tuple[int, int, int]:
     return best
 
 
+def _second_run(new: Tensor, old: Tensor, head: int, window: int
+                ) -> tuple[int, int, int] | None:
+    """After a common head of `head` tokens: the run of new[head:] found in old[head:] by an
+    anchor of ANCHOR tokens, as (start in new, start in old, length), less its first `window`
+    tokens (next to the change, they are recomputed); None when there is no head, nothing
+    after it, or no anchor."""
+    if head < ANCHOR or new.numel() - head < ANCHOR:
+        return None
+    at = _find(old[head:], new[head:head + ANCHOR])
+    if at is None:
+        return None
+    length = _common_run(new[head:], old[head + at:]) - window
+    return (head + window, head + at + window, length) if length > 0 else None
+
+
 def match(entry: CachedContext, lead: Tensor, tail: Tensor, n_specials: int,
           query_from: int, window: int = 0) -> ReusePlan:
     """The plan for new context (lead, tail) against one entry. Lead indices >= query_from
@@ -130,8 +145,16 @@ def match(entry: CachedContext, lead: Tensor, tail: Tensor, n_specials: int,
     if specials:
         new_parts.append(torch.arange(specials))
         old_parts.append(torch.arange(specials))
-    s_new, s_old, n = _best_run(lead[n_specials:query_from], entry.lead[n_specials:])
-    n_edited = query_from - n_specials - n
+    new_lead, old_lead = lead[n_specials:query_from], entry.lead[n_specials:]
+    s_new, s_old, n = _best_run(new_lead, old_lead)
+    # A stable head (an extra-context block, issue 23) then a prefix whose start moved: the
+    # head is one run from the start, the prefix's rest a second run found by an anchor.
+    second = _second_run(new_lead, old_lead, n, window) if s_new == s_old == 0 else None
+    n_edited = query_from - n_specials - n - (second[2] if second else 0)
+    if second is not None:
+        new_parts.append(torch.arange(n) + n_specials)
+        old_parts.append(torch.arange(n) + n_specials)
+        s_new, s_old, n = second
     n = max(n - window, 0)
     if n:
         new_parts.append(torch.arange(n) + n_specials + s_new)

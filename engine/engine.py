@@ -47,14 +47,16 @@ from engine.drafts import DraftFeed
 from engine.dreamon import denoise_expanding
 from engine.graphs import REFRESH_BUCKETS, PassCache
 from engine.kv_arena import BATCH_BUCKETS, common_layouts
-from engine.prefill import context_ids
+from engine.prefill import context_ids, entry_alone
 from engine.quantize import parameter_count, weight_bytes
+from engine.repo_context import extra_ids
 from engine.request_checks import validate
 from engine.speculation import speculate_accepted
 from engine.stop_modes import apply_stop
 
 HOLE_BUCKETS = (8, 16, 32, 64)  # unknown span length: rows of these lengths share one batch
 LINE_BUCKETS = (8, 16, 24)  # 24 tokens: ~80+ characters, a long line; passes grow with it
+EXPR_BUCKETS = (8, 16)  # the rest of an argument list or a condition is short
 EXTRA_CANDIDATE_TEMPERATURE = 0.8  # extra candidates must differ: sample them when T = 0
 DREAMON_INITIAL_HOLE = 16  # DreamOn's L0 when the request gives none (its eval: 4..64)
 # Below this size a CPU step is a string of small ops (~25 query rows x a few hundred features):
@@ -80,8 +82,9 @@ def hole_lengths(request: CompletionRequest) -> list[int]:
     """Explicit span lengths, else buckets up to max_tokens (which is always the longest tried)."""
     if request.span_lengths is not None:
         return sorted(set(request.span_lengths))
-    buckets = LINE_BUCKETS if request.stop == "line" else HOLE_BUCKETS
-    longest = min(request.max_tokens, buckets[-1]) if request.stop == "line" else request.max_tokens
+    short = {"line": LINE_BUCKETS, "expr": EXPR_BUCKETS}.get(request.stop)
+    buckets = short or HOLE_BUCKETS
+    longest = min(request.max_tokens, buckets[-1]) if short else request.max_tokens
     return sorted({b for b in buckets if b < longest} | {longest})
 
 
@@ -161,6 +164,7 @@ class Engine:
             if context_reuse else None
         self._speculate = speculate and context_reuse and concurrent
         self._refresh_worn = refresh_worn and context_reuse and concurrent
+        self.prewarms = 0  # contexts encoded ahead of a request (prewarm)
         self._loop = DenoiseLoop(loaded.model, args, passes=self._passes, cache=self._cache,
                                  dtype=loaded.dtype, banned_ids=self._banned_all)
         budget = max_batch_rows or (BATCH_BUCKETS[-1] if static else CPU_BATCH_ROWS)
@@ -337,7 +341,8 @@ class Engine:
                 f"bad completion request: a {max(lengths)}-token hole and the special tokens "
                 f"do not fit a {request.max_context_tokens or args.max_context}-token window"
             )
-        prefix_ids, suffix_ids = self._context_ids(request.prefix, request.suffix, budget)
+        prefix_ids, suffix_ids = self._context_ids(request.prefix, request.suffix, budget,
+                                                   request.extra)
         stats.prefix_tokens, stats.suffix_tokens = len(prefix_ids), len(suffix_ids)
         tokenized = time.perf_counter()
 
@@ -397,12 +402,19 @@ class Engine:
             raise EngineError("the engine is closed")
         return self._loaded
 
-    def _context_ids(self, prefix: str, suffix: str, budget: int) -> tuple[list[int], list[int]]:
-        """Token ids of the text before and after the hole, cut to `budget` tokens."""
+    def _context_ids(self, prefix: str, suffix: str, budget: int,
+                     extra: tuple = ()) -> tuple[list[int], list[int]]:
+        """Token ids of the text before and after the hole, cut to `budget` tokens. The
+        extra context (engine/repo_context.py) goes before the prefix: whole chunks within
+        half the budget (the caller sized it: the server adds its extra budget to the
+        window), the file's own text in the rest."""
         tok = self._require().tokenizer
+        lead = extra_ids(tok, extra, max(budget, 0) // 2) if extra else []
+        budget -= len(lead)
         prefix, suffix = fim.precut_text(prefix, suffix, budget)
-        return fim.cut_context(_encode(tok, prefix, "prefix"), _encode(tok, suffix, "suffix"),
-                               budget)
+        prefix_ids, suffix_ids = fim.cut_context(
+            _encode(tok, prefix, "prefix"), _encode(tok, suffix, "suffix"), budget)
+        return lead + prefix_ids, suffix_ids
 
     def _run(self, job: DenoiseJob) -> Denoised | None:
         """Denoise on the worker (sharing passes), or here when not concurrent."""
@@ -437,11 +449,43 @@ class Engine:
             if self._loaded is None:
                 return
             prefix_ids, suffix_ids = self._context_ids(request.prefix + text, request.suffix,
-                                                       budget)
+                                                       budget, request.extra)
             speculate_accepted(loaded.model, loaded.args, self._cache, prefix_ids, suffix_ids,
                                hole, self._banned_all, loaded.dtype, loaded.device)
 
         self._worker.when_idle(task, key="speculate")
+
+    def prewarm(self, request: CompletionRequest) -> bool:
+        """When the worker is idle: encode `request`'s context into the cache (no denoising),
+        so that the next request sharing its start (a new extra-context block, issue 23)
+        starts warm; llama.vim's `n_predict: 0` request does the same for llama-server.
+        False when there is nothing to warm (no worker or no context reuse)."""
+        loaded = self._loaded
+        if self._worker is None or self._cache is None or loaded is None:
+            return False
+        validate(request, loaded.args.max_context)
+        hole = max(hole_lengths(request))
+        budget = fim.context_budget(loaded.args, hole, request.max_context_tokens)
+        if budget < 0:
+            return False
+        cache = self._cache
+
+        def task() -> None:
+            if self._loaded is None:
+                return
+            prefix_ids, suffix_ids = self._context_ids(request.prefix, request.suffix, budget,
+                                                       request.extra)
+            batch = fim.build_infill_batch(loaded.args, prefix_ids, suffix_ids, [hole],
+                                           loaded.device)
+            lead, tail = context_ids(batch)
+            if cache.find(lead, tail, hole) is not None:
+                return
+            cache.put(entry_alone(loaded.model, loaded.args, batch, self._banned_all, None,
+                                  loaded.dtype, loaded.device))
+            self.prewarms += 1
+
+        self._worker.when_idle(task, key="prewarm")
+        return True
 
     def _refresh_if_worn(self, batch: fim.InfillBatch, request: CompletionRequest) -> None:
         """When the context this request left in the cache is worn (max_reuses hops from a
@@ -575,4 +619,6 @@ class Engine:
                 continue
             seen.add(cand.text)
             candidates.append(cand)
+        if request.all_rows:
+            return candidates, best_row
         return candidates[: request.num_candidates], best_row

@@ -29,6 +29,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,10 +118,13 @@ def request_at(text: str, offset: int) -> CompletionRequest:
     return CompletionRequest(prefix=prefix, suffix=suffix, max_tokens=MAX_TOKENS, stop=stop)
 
 
-def replay(engine, chars: int = TYPED_CHARS, reached: list[CompletionRequest] | None = None
+def replay(engine, chars: int = TYPED_CHARS, reached: list[CompletionRequest] | None = None,
+           decorate: Callable[[CompletionRequest, str, int], CompletionRequest] | None = None
            ) -> dict:
     """Type `chars` characters of SOURCE back in real time; the figures above. `reached`, when
-    given, receives the requests that reached the engine, in order (for `paired`)."""
+    given, receives the requests that reached the engine, in order (for `paired`). `decorate`
+    (request, document text, cursor offset) -> the request to send: the LSP side adds its
+    extra context with it (lsp_server/context/replay.py)."""
     source = SOURCE.read_text(encoding="utf-8")
     start = source.index(TYPED_FROM)
     typed = source[start:start + chars]
@@ -159,8 +163,10 @@ def replay(engine, chars: int = TYPED_CHARS, reached: list[CompletionRequest] | 
             continue  # the next key arrives first: the server never sends this one
         sleep_until(clock + delay)
         text = before + typed[:i + 1] + after
-        item = Sent(at=clock + delay, request=request_at(text, len(before) + i + 1),
-                    cancel=threading.Event())
+        request = request_at(text, len(before) + i + 1)
+        if decorate is not None:
+            request = decorate(request, text, len(before) + i + 1)
+        item = Sent(at=clock + delay, request=request, cancel=threading.Event())
         sent.append(item)
         thread = threading.Thread(target=run, args=(item,), daemon=True)
         thread.start()

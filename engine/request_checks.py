@@ -16,7 +16,7 @@ from engine.api import CompletionRequest, EngineInputError
 
 SAMPLERS = ("threshold", "entropy_bounded", "origin", "maskgit_plus", "topk_margin", "entropy",
             "low_confidence")
-STOP_MODES = ("line", "block", "free")
+STOP_MODES = ("line", "block", "expr", "free")
 MAX_CANDIDATES = 16
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 

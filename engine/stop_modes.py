@@ -2,6 +2,10 @@
 
 - line: the rest of the cursor's line (or the next line, when the cursor ends a written line)
 - block: up to where the text dedents out of the cursor's block
+- expr: up to where the expression around the cursor ends: the first bracket closing one
+  opened before the cursor (kept), or the end of the line at bracket depth 0 (an argument list
+  or a condition; the LSP server, which knows the language, also ends a Python condition at its
+  `:` and a brace language's before its `{`)
 - free: everything the model wrote
 """
 
@@ -26,10 +30,49 @@ def stop_for_cursor(line_before: str, line_after: str) -> str:
     return "line"
 
 
+_OPENERS = {"(": ")", "[": "]", "{": "}"}
+_CLOSERS = frozenset(_OPENERS.values())
+_QUOTES = frozenset("\"'`")
+
+
+def expression_end(text: str) -> int:
+    """Where the expression around the cursor ends in `text`: just after a closer at depth 0
+    (it closes a bracket opened before the cursor), or at a line break at depth 0; brackets
+    and line breaks inside a quoted string do not count (a string left open ends at its line)."""
+    depth = 0
+    quote: str | None = None
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if quote is not None:
+            if char == "\\":
+                index += 2
+                continue
+            if char == quote:
+                quote = None
+            elif char == "\n":
+                return index
+        elif char in _QUOTES:
+            quote = char
+        elif char == "\n" and depth == 0:
+            return index
+        elif char in _OPENERS:
+            depth += 1
+        elif char in _CLOSERS:
+            if depth == 0:
+                return index + 1
+            depth -= 1
+        index += 1
+    return len(text)
+
+
 def apply_stop(text: str, mode: str, prefix: str) -> str:
     """Cut a completion per stop mode. `prefix` is the text before the cursor (for "block")."""
     if mode == "free":
         return text
+    if mode == "expr":
+        end = expression_end(text)
+        return text[:end].rstrip() if end < len(text) and text[end] == "\n" else text[:end]
     if mode == "line":
         head, newline, rest = text.partition("\n")
         if newline and not head.strip():

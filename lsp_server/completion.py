@@ -8,6 +8,7 @@ debounce and queue for the model, and a newer request for the same document supe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import re
@@ -17,17 +18,21 @@ from dataclasses import dataclass
 from lsprotocol import types
 from pygls.workspace import TextDocument
 
-from engine.api import CompletionRequest, CompletionResult, StopMode
+from engine.api import Candidate, CompletionRequest, CompletionResult, ContextChunk, StopMode
 from lsp_server.cache import ExactCache, TypedThrough, inserted_at
+from lsp_server.context import ContextBlock, StableContext, extra_context_tokens
 from lsp_server.documents import Snapshot, context_window, detect_indent, looks_binary
-from lsp_server.postprocess import CursorContext, choose_stop, postprocess
+from lsp_server.postprocess import CursorContext, choose_stop, is_useless, postprocess
 from lsp_server.protocol import Suggestion, cover_auto_closed, shift
 from lsp_server.scheduler import AdaptiveDebounce, LatestPerDocument, Ticket
 from lsp_server.settings import Settings
+from lsp_server.syntax.pick import SyntaxView, hole_check, pick, view_at
+from lsp_server.syntax.rank import Row
 from lsp_server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
+HOLE_ROWS = (8, 16, 32, 64)  # the engine's hole-length rows (engine.engine.HOLE_BUCKETS)
 NEXT_LINES = 5  # lines below the cursor the suffix-duplicate rule looks at
 INDENT_SAMPLE_CHARS = 8000  # each side of the cursor
 LOADING_STATES = ("unloaded", "loading")  # a request arriving now waits for the model
@@ -56,10 +61,17 @@ class Prepared:
     stop: StopMode
     candidates: int
     knobs: tuple  # every other setting that changes the model's answer
+    syntax: SyntaxView | None = None  # the document's tree at the snapshot (issue 23)
+    extra: tuple[ContextChunk, ...] = ()  # other files' code (the stable context block)
+    extra_tokens: int = 0  # its estimated tokens: the window grows by as much
 
     @property
     def cache_key(self) -> tuple:
-        return (self.prefix, self.suffix, self.stop, self.candidates, self.knobs)
+        # With syntax the answer also depends on the file beyond the model's window (the
+        # cut parses the whole file): its length stands for it, cheaply.
+        shape = None if self.syntax is None else (len(self.syntax.before), len(self.syntax.after))
+        return (self.prefix, self.suffix, self.stop, self.candidates, self.knobs, shape,
+                self.extra)
 
     @property
     def seed(self) -> int:
@@ -91,6 +103,17 @@ class CompletionService:
         self.debounce = AdaptiveDebounce(s.debounce_min_ms, s.debounce_max_ms)
         self.requests = 0
         self.model_answers = 0
+        # Syntax on the completion path: answers the cut judged, rows hidden because no cut of
+        # them parses, answers left empty for that reason, and the last cursor kind.
+        self.syntax_judged = 0
+        self.syntax_hidden_rows = 0
+        self.syntax_emptied = 0
+        self.last_cursor_kind: str | None = None
+        # The context gatherer (set by the server once it knows the workspace folders) and
+        # the block the last request carried, as `--explain-context` prints it.
+        self.context: StableContext | None = None
+        self.last_context: ContextBlock | None = None
+        self.model_window: int | None = None  # the loaded model's window, for the budget
         self.held = 0  # requests waiting for the model to load
         self.max_tokens_limit: int | None = None  # from the loaded model's window
         self._model_changed = asyncio.Event()  # set (and replaced) when the load state moves
@@ -130,7 +153,8 @@ class CompletionService:
         return self.worker.ready
 
     def prepare(
-        self, snap: Snapshot, *, invoked: bool, selection: Selection | None
+        self, snap: Snapshot, *, invoked: bool, selection: Selection | None,
+        document: TextDocument | None = None,
     ) -> Prepared | None:
         """Build the model's context; None when this document should not be completed."""
         s = self._settings()
@@ -152,14 +176,63 @@ class CompletionService:
         # Indent style is a property of the file: learn it from more than the model sees.
         indent_sample = text[max(0, offset - INDENT_SAMPLE_CHARS) : offset + INDENT_SAMPLE_CHARS]
         cursor = _cursor_context(window.prefix, window.suffix, snap.eol, indent_sample)
+        syntax = self._syntax_view(snap, document, s) if selection is None else None
+        stop = choose_stop(cursor, s.stop_mode)
+        if syntax is not None:
+            self.last_cursor_kind = syntax.kind
+            cursor = dataclasses.replace(cursor, grammar=syntax.grammar, kind=syntax.kind)
+            if s.stop_mode == "auto" and syntax.stop is not None:
+                stop = syntax.stop
+        block = self._context_block(snap, window.prefix, window.suffix, s)
         return Prepared(
             prefix=window.prefix,
             suffix=window.suffix,
             cursor=cursor,
-            stop=choose_stop(cursor, s.stop_mode),
+            stop=stop,
+            extra=tuple(ContextChunk(x.path, x.text) for x in block.snippets),
+            extra_tokens=block.tokens,
             candidates=s.num_candidates if invoked else 1,
-            knobs=(s.model, s.device, s.quant, s.max_tokens, s.timeout_ms, s.context_tokens),
+            knobs=(s.model, s.device, s.quant, s.max_tokens, s.timeout_ms, s.context_tokens,
+                   s.syntax),
+            syntax=syntax,
         )
+
+    def extra_budget(self, s: Settings) -> int:
+        if s.extra_context_tokens is not None:
+            return s.extra_context_tokens
+        return extra_context_tokens(s.context_tokens, self.model_window, s.max_tokens,
+                                    len(HOLE_ROWS))
+
+    def _context_block(self, snap: Snapshot, prefix: str, suffix: str, s: Settings):
+        """The stable extra-context block for this request (empty without a gatherer or a
+        budget); the gatherer's failure costs the block, never the completion."""
+        budget = self.extra_budget(s)
+        if self.context is None or budget <= 0:
+            self.last_context = ContextBlock()
+            return self.last_context
+        line = snap.text.count("\n", 0, snap.offset)
+        own = (line - prefix.count("\n"), line + suffix.count("\n"))
+        try:
+            block, _changed = self.context.current(
+                snap.uri, snap.text, snap.offset, budget, own, snap.language_id)
+        except Exception:
+            log.exception("context gathering failed; the request goes without it")
+            return ContextBlock()
+        self.last_context = block
+        return block
+
+    @staticmethod
+    def _syntax_view(snap: Snapshot, document: TextDocument | None, s: Settings):
+        """The document's tree at the cursor; None (today's rules) without a grammar, with
+        syntax off, or for a document that is not an LspTextDocument."""
+        enable = getattr(document, "enable_syntax", None)
+        if not s.syntax or enable is None:
+            return None
+        try:
+            return view_at(enable(s.max_document_bytes), snap.text, snap.offset)
+        except Exception:  # a grammar's failure must never cost the completion
+            log.exception("syntax view failed; today's rules kept")
+            return None
 
     async def suggest(
         self,
@@ -189,7 +262,7 @@ class CompletionService:
         invoked: bool,
         selection: Selection | None,
     ) -> list[Suggestion]:
-        prepared = self.prepare(snap, invoked=invoked, selection=selection)
+        prepared = self.prepare(snap, invoked=invoked, selection=selection, document=document)
         if prepared is None:
             return []
         if selection is None:
@@ -206,6 +279,9 @@ class CompletionService:
             return []
         generation = self.generation
         ticket.job = self.worker.submit(snap.uri, self._request(prepared))
+        # The hole's syntax check is built in a thread while the model runs.
+        check = None if prepared.syntax is None else asyncio.get_running_loop().run_in_executor(
+            None, hole_check, prepared.syntax)
         try:
             result = await asyncio.wrap_future(ticket.job.future)
         except asyncio.CancelledError:  # $/cancelRequest: stop the model between steps
@@ -214,7 +290,12 @@ class CompletionService:
         if result is None or result.stats.cancelled or generation != self.generation:
             return []  # stopped, or made under settings (or a model) that no longer hold
         self.model_answers += 1
-        texts = self._finish(result, prepared)
+        try:
+            built = await check if check is not None else None
+        except Exception:  # a grammar's failure must never cost the completion
+            log.exception("syntax check failed; today's choice kept")
+            built = None
+        texts = self._finish(result, prepared, built)
         if not result.stats.timed_out:  # a finished answer is worth keeping even if superseded
             self.cache.put(prepared.cache_key, texts)
         if ticket.superseded.is_set():
@@ -235,18 +316,37 @@ class CompletionService:
             num_candidates=prepared.candidates,
             temperature=0.0,  # candidate 0 greedy; the engine samples the extra ones hot
             seed=prepared.seed,
-            max_context_tokens=s.context_tokens,
+            # The extra block comes on top of the file's own context budget.
+            max_context_tokens=s.context_tokens + (prepared.extra_tokens if prepared.extra
+                                                   else 0),
             timeout_ms=s.timeout_ms,
+            all_rows=prepared.syntax is not None,  # every hole length, for the syntax pick
+            extra=prepared.extra,
         )
 
-    def _finish(self, result: CompletionResult, prepared: Prepared) -> tuple[str, ...]:
-        """Post-process every candidate; keep the distinct survivors, best first."""
-        raw = [c.text for c in result.candidates] or [result.text]
-        texts: list[str] = []
+    def _finish(self, result: CompletionResult, prepared: Prepared,
+                check=None) -> tuple[str, ...]:
+        """Post-process every candidate; keep the distinct survivors, best first. With a
+        syntax view, only those whose cut parses, ranked (lsp_server/syntax/pick.py)."""
+        raw = result.candidates or [
+            Candidate(text=result.text, mean_confidence=0.0, span_length=0, ended=False)]
+        rows: list[Row] = []
         for candidate in raw:
-            text = postprocess(candidate, prepared.cursor, prepared.stop)
-            if text is not None and text not in texts:
-                texts.append(text)
+            text = postprocess(candidate.text, prepared.cursor, prepared.stop)
+            if text is not None and text not in (row.text for row in rows):
+                rows.append(Row(text, candidate.ended, candidate.mean_confidence))
+        texts = [row.text for row in rows]
+        if prepared.syntax is not None and rows:
+            try:
+                picked = pick(prepared.syntax, rows, want=prepared.candidates, check=check)
+            except Exception:  # a grammar's failure must never cost the completion
+                log.exception("syntax pick failed; today's choice kept")
+            else:
+                if picked.opinion:
+                    self.syntax_judged += 1
+                    self.syntax_hidden_rows += picked.hidden
+                    self.syntax_emptied += not picked.texts
+                    texts = [t for t in picked.texts if not is_useless(t, prepared.cursor)]
         return tuple(texts[: prepared.candidates])
 
     def _remember(self, snap: Snapshot, selection: Selection | None, texts: tuple[str, ...]):

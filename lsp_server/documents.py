@@ -12,6 +12,7 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from lsprotocol import types
@@ -19,6 +20,9 @@ from pygls.workspace import TextDocument, Workspace
 from pygls.workspace.position_codec import PositionCodec
 
 from lsp_server.chunked_text import ChunkedText, code_points_for, units
+
+if TYPE_CHECKING:
+    from lsp_server.syntax.document_tree import DocumentTree
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +171,23 @@ class LspTextDocument(TextDocument):
     """
 
     _text: ChunkedText
+    # The document's tree-sitter tree, kept in step with each edit (issue 23); None: no
+    # grammar for its language, or not built yet (enable_syntax).
+    syntax: DocumentTree | None = None
+
+    def enable_syntax(self, max_bytes: int) -> DocumentTree | None:
+        """Build the document's tree (parsed now, on didOpen, not on a request), if its
+        language has a grammar; later edits keep it up to date."""
+        from lsp_server.syntax.document_tree import DocumentTree
+        from lsp_server.syntax.languages import grammar_for
+
+        if self.syntax is None:
+            grammar = grammar_for(self.language_id, self.uri)
+            if grammar is None:
+                return None
+            self.syntax = DocumentTree(grammar, self.source, max_bytes=max_bytes)
+            self.syntax.tree  # noqa: B018 -- the first parse, off the request path
+        return self.syntax
 
     @property  # type: ignore[override]
     def _source(self) -> str:  # pygls' own code reads and assigns `_source`
@@ -211,9 +232,13 @@ class LspTextDocument(TextDocument):
         start = self.offset_at_position(change.range.start)
         end = max(start, self.offset_at_position(change.range.end))
         self._text.replace(start, end, change.text)
+        if self.syntax is not None:
+            self.syntax.edit(start, end, change.text)
 
     def _apply_full_change(self, change: types.TextDocumentContentChangeEvent) -> None:
         self._text = ChunkedText(change.text)
+        if self.syntax is not None:
+            self.syntax.replace_all(change.text)
 
 
 class LspWorkspace(Workspace):

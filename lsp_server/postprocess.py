@@ -30,11 +30,13 @@ class CursorContext:
     previous_lines: list[str] = field(default_factory=list)
     indent_unit: str = "    "
     eol: str = "\n"
+    grammar: str | None = None  # tree-sitter grammar of the document, for the expr stop
+    kind: str | None = None  # the cursor's syntax kind (lsp_server/syntax/cursor.py)
 
 
 def choose_stop(context: CursorContext, setting: str) -> StopMode:
     """`auto`: text after the cursor -> one line; an empty line or after `:`/`{` -> a block."""
-    if setting in ("line", "block", "free"):
+    if setting in ("line", "block", "expr", "free"):
         return setting  # type: ignore[return-value]
     return stop_for_cursor(context.line_before, context.line_after)  # type: ignore[return-value]
 
@@ -56,9 +58,15 @@ def _indent_width(line: str, tab_width: int = 4) -> int:
 
 
 def cut_at_stop(text: str, context: CursorContext, stop: StopMode) -> str:
-    """line: up to the first line break. block: until a line leaves the cursor's scope."""
+    """line: up to the first line break. block: until a line leaves the cursor's scope.
+    expr: until the expression around the cursor ends (the enclosing bracket, a Python
+    condition's `:`, a brace language's body `{`)."""
     if stop == "free":
         return text.rstrip() if not context.line_after else text
+    if stop == "expr":
+        from lsp_server.syntax.expression_stop import apply_expression_stop
+
+        return apply_expression_stop(text, context.grammar, context.kind)
     if stop == "line":
         first = text.split("\n", 1)[0]
         return first.rstrip() if not context.line_after.strip() else first

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -26,6 +28,8 @@ from pygls.exceptions import FeatureRequestError, JsonRpcServerNotInitialized
 from pygls.lsp.server import LanguageServer
 
 from lsp_server.completion import CompletionService, Selection
+from lsp_server.context import ContextGatherer, StableContext
+from lsp_server.context.gatherer import uri_path
 from lsp_server.documents import LspTextDocument, LspWorkspace, Snapshot, offset_at, take_snapshot
 from lsp_server.engine_client import resolve_mode
 from lsp_server.protocol import client_has_inline_completion, completion_list, inline_items
@@ -134,6 +138,7 @@ class MaskfillServer(LanguageServer):
         known = info is not None and info.max_context > 0
         limit = max(1, info.max_context // 2) if known else None
         self.service.max_tokens_limit = limit
+        self.service.model_window = info.max_context if info is not None else None
         wanted = self.settings.max_tokens
         if limit is not None and wanted > limit and (wanted, limit) != self._clamp_shown:
             self._clamp_shown = (wanted, limit)
@@ -324,6 +329,19 @@ class MaskfillServer(LanguageServer):
             return None
         return take_snapshot(document, position)
 
+    def document_opened(self, uri: str) -> None:
+        """Parse the document's tree now (its first request would otherwise pay for it)."""
+        document = find_document(self, uri)
+        s = self.settings
+        if self.service.context is not None:
+            self.service.context.gatherer.opened(uri)
+        if document is None or not s.syntax or document.utf8_size() > s.max_document_bytes:
+            return
+        try:
+            document.enable_syntax(s.max_document_bytes)
+        except Exception:  # no grammar problem may cost the document
+            log.exception("no syntax tree for %s; today's rules kept", uri)
+
     def free(self, timeout: float = CLOSE_WAIT_S) -> None:
         """Free the model (engine.close on the worker thread), waiting at most `timeout`."""
         self.worker.close(timeout=timeout)
@@ -360,6 +378,16 @@ class MaskfillServer(LanguageServer):
             "typedThroughHits": self.service.typed.hits,
             "superseded": self.service.latest.superseded,
             "jobsInFlight": self.worker.jobs_in_flight,
+            "syntax": {
+                "lastCursorKind": self.service.last_cursor_kind,
+                "judged": self.service.syntax_judged,
+                "hiddenRows": self.service.syntax_hidden_rows,
+                "emptied": self.service.syntax_emptied,
+            },
+            # The extra context the last request carried, as --explain-context prints it.
+            "context": json.loads(self.service.last_context.to_json())
+            if self.service.last_context is not None else None,
+            "extraContextTokens": self.service.extra_budget(s),
             **self.worker.stats.snapshot(),
         }
 
@@ -396,6 +424,16 @@ def _windows_pid_alive(pid: int) -> bool:
         return code.value == still_active
     finally:
         kernel32.CloseHandle(handle)
+
+
+def workspace_roots(params: types.InitializeParams) -> list[Path]:
+    """The workspace folders as paths (the gatherer reads files under them only)."""
+    uris = [folder.uri for folder in params.workspace_folders or []] or [
+        uri for uri in (params.root_uri,) if uri]
+    roots = [uri_path(uri) for uri in uris]
+    if not roots and params.root_path:
+        roots = [Path(params.root_path)]
+    return [root for root in roots if root is not None]
 
 
 def find_document(ls: MaskfillServer, uri: str) -> LspTextDocument | None:
@@ -447,6 +485,8 @@ def create_server(
             workspace.position_encoding,
         )
         ls.apply_settings(params.initialization_options)
+        ls.service.context = StableContext(ContextGatherer(
+            workspace_roots(params), lambda: list(ls.workspace.text_documents.values())))
         pid = params.process_id
         if pid is not None and not 0 < pid <= MAX_PID:
             log.warning("processId %r is not a possible process id: not watching the editor", pid)
@@ -469,6 +509,31 @@ def create_server(
         workspace = ls.client_capabilities.workspace if ls.client_capabilities else None
         if workspace and workspace.configuration:  # pull model: ask, off the request path
             ls.spawn(_pull_configuration(ls))
+
+    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: MaskfillServer, params: types.DidOpenTextDocumentParams) -> None:
+        ls.document_opened(params.text_document.uri)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: MaskfillServer, params: types.DidChangeTextDocumentParams) -> None:
+        context = ls.service.context
+        if context is None or not params.content_changes:
+            return
+        change = params.content_changes[0]
+        line = change.range.start.line if isinstance(
+            change, types.TextDocumentContentChangePartial) else 0
+        context.gatherer.edited(params.text_document.uri, line)
+        context.activity()
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(ls: MaskfillServer, params: types.DidCloseTextDocumentParams) -> None:
+        if ls.service.context is not None:
+            ls.service.context.gatherer.closed(params.text_document.uri)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_SAVE)
+    def did_save(ls: MaskfillServer, params: types.DidSaveTextDocumentParams) -> None:
+        if ls.service.context is not None:
+            ls.service.context.gatherer.saved(params.text_document.uri)
 
     @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(

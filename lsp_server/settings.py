@@ -51,6 +51,14 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     engine_idle_exit_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
     # Reuse the last contexts' K/V across keystrokes (in-process engine; README, engine section).
     context_reuse: bool = True
+    # Syntax-aware stops, cuts and ranking where a tree-sitter grammar exists (issue 23): the
+    # cursor's kind picks the stop, every row is cut until the file parses, and only rows that
+    # parse are shown. False: today's rules everywhere.
+    syntax: bool = True
+    # Tokens of other files' code (open-file windows, imported definitions, recent edits) sent
+    # before the file (issue 23). None: a quarter of contextTokens within what the model's
+    # window leaves, 0 under a 1024-token window (the embedded model); 0: none.
+    extra_context_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
     def serves(self, language_id: str | None) -> bool:
         return not self.languages or (language_id or "") in self.languages

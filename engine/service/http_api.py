@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from aiohttp import web
 
-from engine.api import CompletionRequest, CompletionResult, EngineError, EngineInputError
+from engine.api import (
+    CompletionRequest,
+    CompletionResult,
+    ContextChunk,
+    EngineError,
+    EngineInputError,
+)
 from engine.request_checks import validate
 from engine.service.log_throttle import ThrottledLog
 from engine.service.metrics import CONTENT_TYPE, registry_for, render
@@ -49,6 +55,7 @@ log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT_MS = 30_000.0  # the engine's deadline for one HTTP request
 MAX_STOP_SEQUENCES = 8
+MAX_EXTRA_CHUNKS = 64  # as /infill's input_extra
 MAX_N = 8
 READ_TIMEOUT_S = 15.0  # request head, body, and idle keep-alive, each
 LINGER_S = 1.0  # reading (and dropping) the unread body of a refused request before closing
@@ -62,6 +69,14 @@ MAX_SESSION_CHARS = 512
 LOOPBACK_HOSTS = ("localhost",)
 
 refused_log = ThrottledLog(log, "HTTP connections refused (over the connection cap)")
+
+
+class FimExtra(msgspec.Struct, kw_only=True):
+    """A chunk of another file's code (issue 23): `path` (or llama-server's `filename`)."""
+
+    text: str
+    path: str = ""
+    filename: str = ""
 
 
 class FimRequest(msgspec.Struct, kw_only=True):
@@ -79,6 +94,9 @@ class FimRequest(msgspec.Struct, kw_only=True):
     stream: bool = False
     # With stream: the partial fills as the model denoises, before the answer (peer_api).
     stream_drafts: bool = False
+    # Other files' code, laid out before the prompt by the engine (engine/repo_context.py).
+    extra: Annotated[list[FimExtra], msgspec.Meta(max_length=MAX_EXTRA_CHUNKS)] = \
+        msgspec.field(default_factory=list)
 
 
 class ApiError(Exception):
@@ -112,6 +130,7 @@ def to_engine_request(body: FimRequest, stops: list[str]) -> CompletionRequest:
         prefix=body.prompt, suffix=body.suffix, max_tokens=body.max_tokens,
         stop="line" if "\n" in stops else "free", temperature=body.temperature,
         top_p=body.top_p, seed=body.seed, num_candidates=body.n, timeout_ms=HTTP_TIMEOUT_MS,
+        extra=tuple(ContextChunk(c.path or c.filename, c.text) for c in body.extra),
     )
 
 

@@ -12,6 +12,9 @@ offline; nothing here goes through the server. Per hole (engine/demo_holes.py):
   confidence): what the wired server would show;
 - syntax_strict: the same, showing only rows the cut made parse (JetBrains Full Line's rule):
   a hole where none parses shows nothing.
+- server_off / server: the wired server's own path (CompletionService.prepare, the request it
+  sends, _finish), with the `syntax` setting off and on (default settings otherwise: maxTokens
+  32, the engine's `expr` stop, every row back and picked by syntax).
 
 Scored as the eval scores it: among non-empty completions, the share whose completed file
 passes `ast.parse`; also that count over all holes, and exact matches of the reference.
@@ -39,8 +42,33 @@ from lsp_server.syntax import (
     stop_for_kind,
 )
 
-PIPELINES = ("today", "today_cut", "syntax", "syntax_strict")
-EXPR_ENGINE_STOP = "line"  # the engine has no "expr" stop yet: short line buckets, cut here
+PIPELINES = ("today", "today_cut", "syntax", "syntax_strict", "server_off", "server")
+EXPR_ENGINE_STOP = "expr"  # the engine's expression stop: short buckets, cut at the bracket
+
+
+def through_server(engine, hole, syntax: bool) -> str:
+    """The first suggestion the wired server would show at the hole (no protocol)."""
+    from lsprotocol import types
+    from pygls.workspace.position_codec import PositionCodec
+
+    from lsp_server.completion import CompletionService
+    from lsp_server.documents import LspTextDocument, take_snapshot
+    from lsp_server.settings import Settings
+
+    settings = Settings(syntax=syntax)
+    service = CompletionService(None, lambda: settings)  # type: ignore[arg-type]
+    codec = PositionCodec(types.PositionEncodingKind.Utf32)
+    document = LspTextDocument("file:///demo.py", hole.prompt + hole.suffix, version=1,
+                               language_id="python", position_codec=codec)
+    if syntax:
+        document.enable_syntax(settings.max_document_bytes)
+    line = hole.prompt.count("\n")
+    position = types.Position(line=line, character=len(hole.prompt.rsplit("\n", 1)[-1]))
+    prepared = service.prepare(take_snapshot(document, position), invoked=False,
+                               selection=None, document=document)
+    result = engine.complete(service._request(prepared))
+    texts = service._finish(result, prepared)
+    return texts[0] if texts else ""
 
 
 def parses(prompt: str, text: str, suffix: str) -> bool:
@@ -94,6 +122,8 @@ def run(engine, max_tokens: int = 64) -> dict:
         disagree = sum(1 for row in parsing
                        if not parses(hole.prompt, row.text, hole.suffix))
         rows.append({
+            "server_off": through_server(engine, hole, False),
+            "server": through_server(engine, hole, True),
             "hole": hole,
             "today": today.text,
             "today_cut": check.truncate(today.text).text if today.text.strip() else "",

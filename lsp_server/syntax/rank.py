@@ -46,9 +46,26 @@ def cut_rows(check: HoleCheck, rows: Sequence[Row]) -> Ranked:
         cut = cuts.get(row.text)
         if cut is None:
             cut = cuts[row.text] = check.truncate(row.text)
-        # A cut that closed the row counts as its end, as the engine counts its stop's cut.
-        ended = row.ended or (cut.parses is True and cut.text != row.text)
-        out.append(Row(text=cut.text, ended=ended, confidence=row.confidence,
-                       parses=cut.parses, lines_dropped=cut.lines_dropped))
+        out.append(cut_row(row, cut))
     ranked, dropped = rank(out)
     return Ranked(rows=ranked, dropped_empty=dropped, checks=check.checks)
+
+
+def cut_row(row: Row, cut: Cut) -> Row:
+    """`row` after its cut, with its end re-judged:
+
+    A cut that dropped whole lines closed the row: it counts as its end, as the engine counts
+    its stop's cut. A cut inside a line leaves a fragment of a row that ran out of slots
+    (`return n % 2` of `return n % 2 =`): it is no end, and must not outrank a row the model
+    ended itself; nor does a row the model ended whose end had to be cut off mid-line
+    (`return` of `return (items`) end where the model ended it."""
+    fragment = cut.text != row.text and not _at_line_break(row.text, cut.text)
+    ended = (row.ended and not fragment) or (cut.parses is True and cut.text != row.text
+                                             and not fragment)
+    return Row(text=cut.text, ended=ended, confidence=row.confidence, parses=cut.parses,
+               lines_dropped=cut.lines_dropped)
+
+
+def _at_line_break(text: str, cut: str) -> bool:
+    """Whether `cut` (a head of `text`) ends where one of text's lines ends."""
+    return cut.endswith("\n") or text[len(cut) : len(cut) + 1] in ("\n", "\r")

@@ -135,6 +135,25 @@ def test_block_stop_keeps_a_completion_that_never_dedents():
     assert apply_stop(text, "block", prefix) == text
 
 
+def test_expr_stop_ends_where_the_enclosing_bracket_closes():
+    # the closer of a bracket opened before the cursor is kept (the server trims a duplicate)
+    assert apply_stop("a, b)\n    return x", "expr", "    f(") == "a, b)"
+    # brackets opened in the completion are matched, not taken for the enclosing one
+    assert apply_stop("g(a), [1, 2])\nz", "expr", "f(") == "g(a), [1, 2])"
+    # no closer: the end of the line at depth 0
+    assert apply_stop("x > 0:  \n    y", "expr", "if ") == "x > 0:"
+    # a closer or line break inside a string does not end it
+    assert apply_stop("')', 1) + 2", "expr", "f(") == "')', 1)"
+
+
+def test_expr_stop_asks_for_short_holes():
+    from engine.api import CompletionRequest
+    from engine.engine import hole_lengths
+
+    request = CompletionRequest(prefix="f(", suffix=")", max_tokens=64, stop="expr")
+    assert hole_lengths(request) == [8, 16]
+
+
 def test_unknown_stop_mode_is_refused():
     with pytest.raises(ValueError):
         apply_stop("x", "sentence", "")

@@ -194,3 +194,16 @@ def test_cuda_decoding_matches_the_cpu_reference(engine, memorized_model):
             assert fast.text == cpu.text == middle
     finally:
         on_gpu.close()
+
+
+def test_all_rows_returns_every_distinct_row_with_the_best_first(engine):
+    prefix, _, suffix, n = middle_of(engine, SNIPPETS[0])
+    base = dict(prefix=prefix, suffix=suffix, span_lengths=(4, n, n + 6), max_tokens=n + 6,
+                stop="free")
+    best = engine.complete(CompletionRequest(**base))
+    every = engine.complete(CompletionRequest(**base, all_rows=True))
+    assert len(best.candidates) == 1
+    assert every.candidates[0] == best.candidates[0]
+    texts = [c.text for c in every.candidates]
+    assert len(texts) == len(set(texts)) >= 2
+    assert {c.span_length for c in every.candidates} <= {4, n, n + 6}

@@ -70,6 +70,28 @@ async def test_fim_answers_in_mercury_shape_with_the_engines_answer(api, memoriz
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+async def test_extra_chunks_reach_the_prompt_before_the_prefix(api, memorized_model):
+    """issue 23: `extra` [{path|filename, text}] is laid out by the engine before the prefix
+    (comment blocks for this tokenizer, which has no <|file_sep|>)."""
+    import dataclasses
+
+    from engine.api import ContextChunk
+
+    request, _ = memorized_hole(memorized_model, 2)
+    base = {"prompt": request.prefix, "suffix": request.suffix, "max_tokens": 16}
+    chunks = [{"path": "util.py", "text": "x = 1"}, {"filename": "b.py", "text": "y = 2"}]
+    plain = await (await api.post("/v1/fim/completions", json=base, headers=AUTH)).json()
+    response = await api.post("/v1/fim/completions", json={**base, "extra": chunks},
+                              headers=AUTH)
+    assert response.status == 200, await response.text()
+    carried = await response.json()
+    assert carried["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
+    engine_request = dataclasses.replace(
+        request, max_tokens=16, stop="free",
+        extra=(ContextChunk("util.py", "x = 1"), ContextChunk("b.py", "y = 2")))
+    assert carried["choices"][0]["text"] == fim_answer(memorized_model, engine_request)
+
+
 async def test_stop_sequences_cut_the_text(api, memorized_model):
     request, _ = memorized_hole(memorized_model, 2)
     answer = fim_answer(memorized_model, request)

@@ -1,0 +1,57 @@
+"""Cross-file context through the real server (issue 23 part B): two open files, and the
+request for one carries a window of the other, as the status command shows it (the same shape
+as `maskfill-lsp --explain-context`); the memorized model answers the request for real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lsprotocol import types
+
+from tests.e2e.server_session import VSCODE, inline, open_document, start, status, stop, wait_ready
+
+pytestmark = pytest.mark.asyncio
+
+OTHER = ("def total(items):\n    result = 0\n    for item in items:\n        result += item\n"
+         "    return result\n")
+CURRENT = "def summary(items):\n    result = total(items)\n    return "
+
+
+async def test_a_request_carries_the_other_open_files_window(memorized_model):
+    client, _ = await start(memorized_model, VSCODE, settings={"extraContextTokens": 64})
+    try:
+        assert (await wait_ready(client))["loadState"] == "ready"
+        root = Path.cwd() / "virtual-workspace"  # open documents only: nothing read from disk
+        other, current = (root / "other.py").as_uri(), (root / "main.py").as_uri()
+        open_document(client, other, OTHER)
+        open_document(client, current, CURRENT)
+        before = await status(client)
+        await inline(client, current, 2, len("    return "), invoked=True)
+        after = await status(client)
+        assert after["modelRuns"] == before["modelRuns"] + 1
+        context = after["context"]
+        assert after["extraContextTokens"] == 64
+        assert set(context) == {"snippets", "tokens", "ms"}
+        [snippet] = context["snippets"]
+        assert snippet["path"] == "virtual-workspace/other.py"
+        assert snippet["why"].startswith("window:")
+        assert snippet["text"] == OTHER.rstrip("\n")
+        assert (snippet["start_line"], snippet["end_line"]) == (1, 6)  # 60-line window: to the end
+        assert 0 < context["tokens"] <= 64
+
+        # Closed, the file is gone from the next request's context.
+        client.text_document_did_close(types.DidCloseTextDocumentParams(
+            text_document=types.TextDocumentIdentifier(uri=other)))
+        await inline(client, current, 2, len("    return "), invoked=True)
+        assert (await status(client))["context"]["snippets"] == []
+
+        # The default budget for a model with a window under 1024 tokens is 0: no context.
+        open_document(client, other, OTHER)
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+            settings={"extraContextTokens": None}))
+        await inline(client, current, 2, len("    return "), invoked=True)
+        final = await status(client)
+        assert final["extraContextTokens"] == 0 and final["context"]["snippets"] == []
+    finally:
+        await stop(client)
