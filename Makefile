@@ -13,7 +13,7 @@ TRAIN_OUT     ?= $(if $(OUT),$(OUT)/train-gpu,runs/train-gpu)
 TRAIN_MINUTES ?= 6# of the 7.5 minutes everything ends by: one device call (<= 540 s)
 TRAIN_PRESET  ?= gpu
 TRAIN_DEVICE  ?= cuda
-TRAIN_ARGS    ?=# more python -m engine.train_gpu flags, e.g. --compile off, --batch-rows 64
+TRAIN_ARGS    ?=# more python -m engine.train.gpu flags, e.g. --compile off, --batch-rows 64
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-gpu gpu-check gpu-wheels lint fix bench bench-gpu eval train train-gpu vsix bench-cluster
@@ -25,15 +25,15 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned, the CPU build where TORCH_INDEX answers: a bare `torch` in a fresh venv
-	# resolves to a multi-GB CUDA build (engine/install_torch.py says which build it got).
-	$(PY) -m engine.install_torch --spec "$(TORCH)" --index "$(TORCH_INDEX)"
+	# resolves to a multi-GB CUDA build (engine/setup/install_torch.py says which build it got).
+	$(PY) -m engine.setup.install_torch --spec "$(TORCH)" --index "$(TORCH_INDEX)"
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv and install maskfill with its dev tools
 
 run: $(STAMP) ## complete the sample file through the real LSP server with the embedded model
-	$(PY) -m lsp_server.demo
+	$(PY) -m lsp_server.tools.demo
 
 test: $(STAMP) ## run every test (GPU-only tests skip without CUDA; each skip's reason is listed)
 	$(PY) -m ruff check .
@@ -43,10 +43,10 @@ test-gpu: $(SETUP) ## run only the GPU tests
 	$(PY) -m pytest -q -m gpu -rs
 
 gpu-check: $(SETUP) ## on a GPU, one call (<= 540 s): 7B bench, GPU tests, server bench (GPU_CHECK_ARGS=--dry-run: the plan)
-	$(PY) -m engine.gpu_check $(GPU_CHECK_ARGS)
+	$(PY) -m engine.bench.gpu_check $(GPU_CHECK_ARGS)
 
 gpu-wheels: ## here: the wheels a lent GPU image lacks, into .whl (a device call carries it)
-	$(if $(wildcard $(PY)),$(PY),python3) -m engine.gpu_wheels download --dest .whl
+	$(if $(wildcard $(PY)),$(PY),python3) -m engine.setup.gpu_wheels download --dest .whl
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check .
@@ -63,18 +63,18 @@ bench-gpu: $(SETUP) ## the same on CUDA
 eval: $(STAMP) ## FIM benchmarks with the embedded model (HumanEval single-line infilling)
 	$(PY) -m engine.eval --suite humaneval-single
 
-train: $(STAMP) ## train the embedded model (see engine/train.py --help)
+train: $(STAMP) ## train the embedded model (see engine/train/trainer.py --help)
 	$(PY) -m engine.train
 
 train-gpu: $(SETUP) ## one CUDA GPU, one call: corpus, TRAIN_MINUTES of training, export, eval -> TRAIN_OUT (TRAIN_ARGS=--dry-run: the plan)
-	$(PY) -m engine.train_gpu --out $(TRAIN_OUT) --minutes $(TRAIN_MINUTES) --preset $(TRAIN_PRESET) \
+	$(PY) -m engine.train.gpu --out $(TRAIN_OUT) --minutes $(TRAIN_MINUTES) --preset $(TRAIN_PRESET) \
 		--device $(TRAIN_DEVICE) $(if $(TRAIN_TOTAL_MINUTES),--total-minutes $(TRAIN_TOTAL_MINUTES)) $(TRAIN_ARGS)
 
 vsix: ## package the VS Code extension
 	cd editors/vscode && npm ci && npm run package
 
 bench-cluster: $(STAMP) ## local Ray cluster, 2 replicas: sessions over HTTP, a replica killed; table + JSON
-	$(PY) -m engine.cluster.bench
+	$(PY) -m engine.bench.cluster
 
 # A real VS Code: code-server and node 24 from npm into .cache/vscode-e2e (reused; no root),
 # the system's Chromium (Debian `chromium`), Playwright from the vscode-e2e extra.

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from engine.api import CompletionRequest, EngineError
-from engine.cluster.cli import add_cluster_parser, run_cluster
-from engine.service.cli import add_serve_parser, add_token_parser, run_serve, run_token
-from engine.stop_modes import stop_for_cursor
+from engine.serve.cli import add_serve_parser, add_token_parser, run_serve, run_token
+from engine.serve.cluster.cli import add_cluster_parser, run_cluster
+from engine.stop import stop_for_cursor
 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # beyond this a "source file" is not something we complete in
 STOP_HELP = (
@@ -32,7 +32,7 @@ STOP_HELP = (
 
 def _default_model() -> str | None:
     try:
-        from engine.embedded_model import default_model_path
+        from engine.model.embedded_model import default_model_path
     except ImportError:
         return None
     path = default_model_path()
@@ -186,11 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cluster":
             return run_cluster(args)
         if args.shape is not None:
-            from engine.bench_shapes import main_shape_bench
+            from engine.bench.shapes import main_shape_bench
 
             return main_shape_bench(args.shape, args.device, args.quant, args.quick,
                                     with_ar=not args.skip_ar)
-        from engine.bench import run_bench
+        from engine.bench.suite import run_bench
 
         return run_bench(device=args.device, quick=args.quick, with_server=not args.skip_server)
     except EngineError as exc:

@@ -60,7 +60,7 @@ class CompletionRequest:
     # True: `candidates` holds every distinct row (each hole length, each sample), ranked, not
     # only the best num_candidates; the LSP server re-ranks them by syntax (issue 23).
     all_rows: bool = False
-    # Other files' code, laid out before the prefix (engine/repo_context.py), highest
+    # Other files' code, laid out before the prefix (engine/denoise/repo_context.py), highest
     # priority first; it shares the window (max_context_tokens) with the file's own text,
     # which keeps what it needs first. Keep it byte-identical between keystrokes: the K/V
     # reuse matches the context from its start.
@@ -89,7 +89,8 @@ class CompletionStats:
     span_length: int = 0
     cancelled: bool = False
     timed_out: bool = False
-    # context tokens whose K/V came from an earlier request (engine/context_cache.py); 0: cold
+    # context tokens whose K/V came from an earlier request (engine/denoise/context_cache.py); 0:
+    # cold
     reused_context_tokens: int = 0
     speculative_hit: bool = False  # they came from a context prepared "as if accepted"
     batch_rows: int = 0  # most rows in a pass this request shared (its own included)

@@ -1,14 +1,16 @@
 """The Engine facade: load a checkpoint once, then serve fill-in-the-middle completions.
 
-`complete` turns a CompletionRequest into token rows (engine/fim.py), denoises them in one batch
-(engine/denoiser.py) and turns the holes back into ranked text candidates. It may be called from
-several threads at once, each with its own cancel event: one worker thread owns the model and
-requests in flight together share every denoising pass (engine/batch_worker.py).
+`complete` turns a CompletionRequest into token rows (engine/denoise/fim.py), denoises them in one
+batch
+(engine/denoise/denoiser.py) and turns the holes back into ranked text candidates. It may be called
+from several threads at once, each with its own cancel event: one worker thread owns the model and
+requests in flight together share every denoising pass (engine/denoise/batch_worker.py).
 
-Across requests the engine keeps recent contexts' K/V (engine/context_cache.py, `context_reuse`)
+Across requests the engine keeps recent contexts' K/V (engine/denoise/context_cache.py,
+`context_reuse`)
 so a keystroke re-encodes only what changed. When idle, the worker re-encodes a context whose
-reuse chain just reached its hop limit (`refresh_worn`, engine/context_refresh.py), so the next
-keystroke stays warm, and prepares the context as if the completion were accepted
+reuse chain just reached its hop limit (`refresh_worn`, engine/denoise/context_refresh.py), so the
+next keystroke stays warm, and prepares the context as if the completion were accepted
 (`speculate`), so accept + next request starts warm.
 """
 
@@ -23,7 +25,6 @@ from collections.abc import Callable
 
 import torch
 
-from engine import fim
 from engine.api import (
     Candidate,
     CompletionRequest,
@@ -34,25 +35,26 @@ from engine.api import (
     EngineInfo,
     EngineInputError,
 )
-from engine.batch_worker import BatchWorker, WorkerClosed
-from engine.context_cache import (
+from engine.denoise import fim
+from engine.denoise.batch_worker import BatchWorker, WorkerClosed
+from engine.denoise.context_cache import (
     DEFAULT_BUDGET_BYTES,
     DEFAULT_MAX_CHANGED,
     DEFAULT_MAX_REUSES,
     ContextCache,
 )
-from engine.context_refresh import refresh_context
-from engine.denoiser import Denoised, DenoiseJob, DenoiseLoop, StopSignal
-from engine.drafts import DraftFeed
-from engine.dreamon import denoise_expanding
-from engine.graphs import REFRESH_BUCKETS, PassCache
-from engine.kv_arena import BATCH_BUCKETS, common_layouts
-from engine.prefill import context_ids, entry_alone
-from engine.quantize import parameter_count, weight_bytes
-from engine.repo_context import extra_ids
+from engine.denoise.context_refresh import refresh_context
+from engine.denoise.denoiser import Denoised, DenoiseJob, DenoiseLoop, StopSignal
+from engine.denoise.drafts import DraftFeed
+from engine.denoise.dreamon import denoise_expanding
+from engine.denoise.graphs import REFRESH_BUCKETS, PassCache
+from engine.denoise.kv_arena import BATCH_BUCKETS, common_layouts
+from engine.denoise.prefill import context_ids, entry_alone
+from engine.denoise.repo_context import extra_ids
+from engine.denoise.speculation import speculate_accepted
+from engine.model.quantize import parameter_count, weight_bytes
 from engine.request_checks import validate
-from engine.speculation import speculate_accepted
-from engine.stop_modes import apply_stop
+from engine.stop import apply_stop
 
 HOLE_BUCKETS = (8, 16, 32, 64)  # unknown span length: rows of these lengths share one batch
 LINE_BUCKETS = (8, 16, 24)  # 24 tokens: ~80+ characters, a long line; passes grow with it
@@ -68,7 +70,8 @@ DIFFUCODER_PAD = "<|dlm_pad|>"  # DiffuCoder ends spans with it (models.md §2.1
 # Rows in one shared pass. A CPU pass costs what its rows cost, so more rows only make every
 # request in it slower; on CUDA the captured batch buckets end at 16 rows.
 CPU_BATCH_ROWS = 32
-# Rows one request holds in flight (a bigger one runs in chunks, engine/job_chunks.py). A CPU
+# Rows one request holds in flight (a bigger one runs in chunks, engine/denoise/job_chunks.py). A
+# CPU
 # pass costs what its rows cost, so a request sharing passes with a big one waits on the big
 # one's rows at every step; half the batch leaves room for others while an editor's manual
 # request (3 candidates x up to 4 lengths = 12 rows) still runs in one chunk, as fast as before
@@ -183,7 +186,7 @@ class Engine:
         """Load a checkpoint. On CUDA (warm=True) the common pass shapes are captured as
         graphs before this returns, so the first requests do not pay for it. `options`: the
         constructor's (context_reuse, context_cache_bytes, speculate, concurrent, ...)."""
-        from engine.weights import DTYPES, load_model
+        from engine.model.weights import DTYPES, load_model
 
         if quant not in ("none", "int8", "int4", "fp8"):
             raise EngineError(f"unknown quant mode {quant!r} (none, int8, int4, fp8)")
@@ -312,7 +315,8 @@ class Engine:
         text holds only tokens the model actually committed (possibly ""). Safe to call from
         several threads: concurrent calls share passes (the deadline counts the wait too).
 
-        on_draft: told the partial fill at the denoising loop's host reads (engine/drafts.py),
+        on_draft: told the partial fill at the denoising loop's host reads
+        (engine/denoise/drafts.py),
         from another thread, every call before this one returns (DreamOn's expanding loop
         gives none)."""
         started = time.perf_counter()
@@ -405,7 +409,7 @@ class Engine:
     def _context_ids(self, prefix: str, suffix: str, budget: int,
                      extra: tuple = ()) -> tuple[list[int], list[int]]:
         """Token ids of the text before and after the hole, cut to `budget` tokens. The
-        extra context (engine/repo_context.py) goes before the prefix: whole chunks within
+        extra context (engine/denoise/repo_context.py) goes before the prefix: whole chunks within
         half the budget (the caller sized it: the server adds its extra budget to the
         window), the file's own text in the rest."""
         tok = self._require().tokenizer
@@ -490,7 +494,7 @@ class Engine:
     def _refresh_if_worn(self, batch: fim.InfillBatch, request: CompletionRequest) -> None:
         """When the context this request left in the cache is worn (max_reuses hops from a
         full encode): encode it afresh when the worker is idle, ahead of any speculation (it
-        may grow from the fresh entry; engine/context_refresh.py)."""
+        may grow from the fresh entry; engine/denoise/context_refresh.py)."""
         if not self._refresh_worn or not request.use_cache or self._loaded is None:
             return
         loaded, cache = self._loaded, self._cache

@@ -3,7 +3,7 @@
 Dataclasses check nothing on creation, and msgspec decodes the wire's integers as big as the
 encoding allows (JSON: any size; msgpack: up to 2**64 - 1), so a request may carry a seed no
 generator takes or a max_tokens beyond the window. The engine's boundaries (the socket server
-and the HTTP API, engine/service/) run `validate` on what they decode and refuse with the
+and the HTTP API, engine/serve/) run `validate` on what they decode and refuse with the
 message, naming the field, before the request is queued or cached; Engine.complete runs it
 again for in-process callers. Torch-free: the service imports it before any model is loaded.
 """

@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def version() -> str:
-    from lsp_server.doctor import maskfill_version  # imports no torch
+    from lsp_server.tools.doctor import maskfill_version  # imports no torch
 
     return maskfill_version()
 
@@ -110,7 +110,7 @@ def configure_logging(verbosity: int, log_file: str | None) -> None:
 def tcp_token(token_file: str | None) -> str:
     """The token a TCP client must present: the one the shared engine uses unless told.
     Any local process can connect to a loopback port; only this user can read the token."""
-    from engine.service.paths import TOKEN_FILE_NAME, ensure_token, read_token, runtime_dir
+    from engine.serve.paths import TOKEN_FILE_NAME, ensure_token, read_token, runtime_dir
 
     if token_file:
         return read_token(Path(token_file).expanduser())
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return explain(args.root, args.file, args.line, args.col, args.budget)
     if args.check:
-        from lsp_server.doctor import main as check
+        from lsp_server.tools.doctor import main as check
 
         return check(model=args.model, device=args.device, quant=args.quant)
     configure_logging(args.verbose, args.log_file)

@@ -34,9 +34,10 @@ from engine.api import (
     EngineInfo,
     EngineUnavailable,
 )
-from engine.service import paths
-from engine.service.client import EngineConnection, EngineGone, cancelled_result
-from engine.service.launcher import EngineExited, EngineLocation, connect_or_start, wait_ready
+from engine.model.embedded_model import default_model_path as embedded_model_path
+from engine.serve import paths
+from engine.serve.client import EngineConnection, EngineGone, cancelled_result
+from engine.serve.launcher import EngineExited, EngineLocation, connect_or_start, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ RECONNECT_PAUSE_S = 30.0  # after a failed restart, requests answer nothing this
 CANCEL_POLL_S = 0.005
 FIM_PATH = "/v1/fim/completions"
 MODELS_PATH = "/v1/models"
-SESSION_HEADER = "x-session-id"  # what engine/cluster routes on (contract.SESSION_HEADER)
+SESSION_HEADER = "x-session-id"  # what engine/serve/cluster routes on (contract.SESSION_HEADER)
 # Where OpenAI-compatible servers put a model's window in GET /v1/models: ours and vLLM
 # (max_model_len), OpenRouter and ours (context_length), LM Studio (max_context_length).
 WINDOW_FIELDS = ("max_model_len", "context_length", "max_context_length")
@@ -257,9 +258,8 @@ def _token_path(token_file: str | None) -> Path:
 
 
 def _embedded_model() -> str | None:
-    from lsp_server.worker import default_model_path
-
-    return default_model_path()
+    path = embedded_model_path()
+    return str(path) if path else None
 
 
 class RemoteEngine:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.api import StopMode
-from engine.stop_modes import BLOCK_OPENERS, stop_for_cursor
+from engine.stop import BLOCK_OPENERS, stop_for_cursor
 
 CLOSERS = frozenset(")]}\"'`")
 # Characters the model may repeat from the text after the cursor without meaning new code.

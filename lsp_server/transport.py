@@ -22,8 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
-from engine.service.log_throttle import ThrottledLog, flush_all
-from engine.service.paths import token_matches
+from engine.serve.log_throttle import ThrottledLog, flush_all
+from engine.serve.paths import token_matches
 from lsp_server.framing import FrameDecoder
 from lsp_server.rpc import error_frame, peek
 

@@ -92,9 +92,9 @@ class NoModelConfigured(EngineError):
 
 
 def default_model_path() -> str | None:
-    """The embedded model that ships in engine/embedded/, when this build has one."""
+    """The embedded model that ships in engine/model/embedded/, when this build has one."""
     try:
-        from engine.embedded_model import default_model_path as embedded_path
+        from engine.model.embedded_model import default_model_path as embedded_path
     except ImportError:
         return None
     path = embedded_path()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.gpu_wheels import WHEELS
+from engine.setup.gpu_wheels import WHEELS
 
 # The LSP server's and the HTTP API's packages (and the pytest plugins of their tests), which a
 # lent GPU machine's stock image lacks (design/gpu-runbook.md). A test module or folder that
@@ -17,7 +17,7 @@ from engine.gpu_wheels import WHEELS
 OPTIONAL_PACKAGES = frozenset({"msgspec", "pygls", "lsprotocol", "cattrs", "attrs", "aiohttp",
                                "prometheus_client", "pytest_asyncio", "pytest_lsp"})
 _NO_MODULE = re.compile(r"No module named '([\w.]+)'")
-# The ones `make gpu-wheels` carries to a GPU machine (engine/gpu_wheels.py), by import name.
+# The ones `make gpu-wheels` carries to a GPU machine (engine/setup/gpu_wheels.py), by import name.
 CARRIED = frozenset(name.replace("-", "_") for name, _, _ in WHEELS) | {"attr"}
 
 

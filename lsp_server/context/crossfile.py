@@ -1,4 +1,4 @@
-"""The context conditions of the cross-file set (engine/crossfile.py), built with the server's
+"""The context conditions of the cross-file set (engine/eval/crossfile.py), built with the server's
 own gatherer, and `python -m lsp_server.context.crossfile`: every condition scored with a
 model through the engine's Python API (offline; the embedded model unless --model).
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pygls.uris import from_fs_path
 
-from engine.crossfile import CONDITIONS, CrossfileSet, Item, load_set, run
+from engine.eval.crossfile import CONDITIONS, CrossfileSet, Item, load_set, run
 from lsp_server.context.gatherer import ContextGatherer, OpenFile
 from lsp_server.context.python_imports import parse_imports
 from lsp_server.context.snippet import estimate_tokens
@@ -34,7 +34,7 @@ ORACLE_LINES_ABOVE = 10
 
 
 class ConditionContext:
-    """extra_for(item, condition) -> [(path, text)] for engine.crossfile.run."""
+    """extra_for(item, condition) -> [(path, text)] for engine.eval.crossfile.run."""
 
     def __init__(self, data: CrossfileSet, budget_tokens: int, folder: Path):
         self.data = data
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from engine.engine import Engine
-    from engine.eval import resolve_model
+    from engine.eval.harness import resolve_model
 
     torch.set_num_threads(args.threads)
     data = load_set()

@@ -1,10 +1,10 @@
 """`python -m lsp_server.context.replay [--budget TOKENS] [--chars N]`: the keystroke replay
-(engine/keystroke_replay.py) without and with extra context from three other open files,
+(engine/bench/keystroke_replay.py) without and with extra context from three other open files,
 gathered by the server's StableContext at every request (issue 23: `reuse_hit_rate` with
 three other files open within 0.05 of without).
 
-The typed file is engine/fim.py; the other open files are three more engine modules. The block
-takes `--budget` tokens of the model's window (the embedded model has no room by default, so
+The typed file is engine/denoise/fim.py; the other open files are three more engine modules. The
+block takes `--budget` tokens of the model's window (the embedded model has no room by default, so
 the budget is given explicitly here: the mechanics are what is measured). Prints a table, then
 one JSON line.
 """
@@ -26,7 +26,7 @@ OTHERS = ("engine.py", "prefill.py", "context_cache.py")
 
 def decorator(budget: int):
     """(decorate, stats): decorate(request, text, offset) adds the stable block."""
-    from engine import keystroke_replay
+    from engine.bench import keystroke_replay
 
     folder = keystroke_replay.SOURCE.parent
     typed_uri = keystroke_replay.SOURCE.as_uri()
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from engine import keystroke_replay
+    from engine.bench import keystroke_replay
     from engine.engine import Engine
-    from engine.eval import resolve_model
+    from engine.eval.harness import resolve_model
 
     torch.set_num_threads(1)
     record: dict = {}

@@ -3,7 +3,7 @@
 Kinds: string, comment, empty_block_body, argument_list, condition, statement_start,
 mid_expression. string/comment -> one line; an empty block body -> a block; an argument list
 or a condition -> the expression stop (until the enclosing bracket or `:` closes); the others
-keep today's rule (engine/stop_modes.py), so `stop_for_kind` answers None for them.
+keep today's rule (engine/stop.py), so `stop_for_kind` answers None for them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """`python -m lsp_server.syntax.cut_completions --suite SUITE DUMP OUT`: apply the SAFIM-style
-cut (HoleCheck.truncate) to the completions of an `engine.eval --dump` file, writing a dump that
-`engine.eval --suite SUITE --completions OUT` scores. Checks that the cut never lowers a suite's
-score (issue 23: HumanEval single-line pass@1). Prints how many completions the cut changed.
+cut (HoleCheck.truncate) to the completions of an `engine.eval.harness --dump` file, writing a dump
+that
+`engine.eval.harness --suite SUITE --completions OUT` scores. Checks that the cut never lowers a
+suite's score (issue 23: HumanEval single-line pass@1). Prints how many completions the cut changed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from engine.eval import load_tasks, read_jsonl
+from engine.eval.harness import load_tasks, read_jsonl
 from lsp_server.syntax import HoleCheck
 
 

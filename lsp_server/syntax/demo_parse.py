@@ -2,10 +2,10 @@
 parsable, today and with the syntax layer (issue 23's first target: >= 80%; 38.9% before).
 
 The real model (the embedded one unless --model) answers through the engine's Python API,
-offline; nothing here goes through the server. Per hole (engine/demo_holes.py):
+offline; nothing here goes through the server. Per hole (engine/eval/demo_holes.py):
 
 - today: one request with the editor's `auto` stop, the engine's own pick (as
-  `engine.eval --suite demo-holes` scores it);
+  `engine.eval.harness --suite demo-holes` scores it);
 - today + cut: that same text after the SAFIM-style cut (HoleCheck.truncate);
 - syntax: the stop the cursor's kind asks for (today's rule where it has none), every hole
   length's row asked for on its own, each row cut, then ranked (ended, parses, non-empty,
@@ -30,8 +30,8 @@ import sys
 import time
 
 from engine.api import CompletionRequest
-from engine.demo_holes import demo_holes
 from engine.engine import hole_lengths
+from engine.eval.demo_holes import demo_holes
 from lsp_server.syntax import (
     DocumentTree,
     HoleCheck,
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from engine.engine import Engine
-    from engine.eval import resolve_model
+    from engine.eval.harness import resolve_model
 
     torch.set_num_threads(args.threads)
     engine = Engine.load(resolve_model(args.model), device="cpu")

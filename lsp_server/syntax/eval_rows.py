@@ -1,6 +1,7 @@
 """`python -m lsp_server.syntax.eval_rows --suite humaneval-single OUT_DIR`: a suite's tasks
-asked as `engine.eval` asks them, but with every row back (all_rows), then picked as the wired
-server picks (lsp_server/syntax/pick.py). Writes three dumps that `engine.eval --suite SUITE
+asked as `engine.eval.harness` asks them, but with every row back (all_rows), then picked as the
+wired
+server picks (lsp_server/syntax/pick.py). Writes three dumps that `engine.eval.harness --suite SUITE
 --completions FILE` scores:
 
 - engine.jsonl: the engine's own pick (candidates[0]: what `make eval` scores);
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from engine.api import CompletionRequest
-from engine.eval import load_tasks, postprocess, spread
+from engine.eval.harness import load_tasks, postprocess, spread
 from lsp_server.syntax.pick import SyntaxView, pick
 from lsp_server.syntax.rank import Row
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from engine.engine import Engine
-    from engine.eval import resolve_model
+    from engine.eval.harness import resolve_model
 
     torch.set_num_threads(1)
     tasks, spec = load_tasks(args.suite)

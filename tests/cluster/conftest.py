@@ -78,8 +78,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     import ray
     from ray import serve
 
-    from engine.cluster.app import APP_NAME, ClusterOptions, build_app
-    from engine.cluster.contract import token_digest
+    from engine.serve.cluster.app import APP_NAME, ClusterOptions, build_app
+    from engine.serve.cluster.contract import token_digest
 
     port = free_port()
     try:

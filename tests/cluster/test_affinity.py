@@ -1,4 +1,4 @@
-"""The session router's decisions (engine/cluster/affinity.py) as plain Python: sessions stick
+"""The session router's decisions (engine/serve/cluster/affinity.py) as plain Python: sessions stick
 to one replica, rendezvous homes move only the sessions of a replica that left or joined, an
 overloaded home spills the session to the least loaded replica and the session stays there,
 and requests without a session take the shorter of two queues."""
@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from engine.cluster.affinity import SessionAffinity, rendezvous_order
+from engine.serve.cluster.affinity import SessionAffinity, rendezvous_order
 
 REPLICAS = ["r0", "r1", "r2", "r3"]
 SESSIONS = [f"session-{i}" for i in range(400)]

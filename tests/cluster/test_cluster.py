@@ -18,8 +18,8 @@ from collections import Counter
 import pytest
 
 from engine.api import CompletionRequest
-from engine.cluster.registry import replica_pids
-from engine.service.http_api import FimRequest, to_engine_request
+from engine.serve.cluster.registry import replica_pids
+from engine.serve.fim_wire import FimRequest, to_engine_request
 from tests.cluster.conftest import TOKEN, Cluster
 from tests.service.conftest import fim_answer
 
@@ -259,8 +259,8 @@ def test_a_flooding_session_spills_to_the_other_replica(cluster):
 def test_one_cluster_serves_two_checkpoints(cluster, tmp_path):
     from ray import serve
 
-    from engine.cluster.app import ClusterOptions, build_app
-    from engine.cluster.contract import token_digest
+    from engine.serve.cluster.app import ClusterOptions, build_app
+    from engine.serve.cluster.contract import token_digest
     from tests.fixtures.checkpoints import make_tiny_checkpoint
 
     other = make_tiny_checkpoint(tmp_path / "other", seed=1)

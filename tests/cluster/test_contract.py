@@ -9,16 +9,16 @@ import pytest
 
 from engine.__main__ import build_parser, main
 from engine.api import EngineError
-from engine.cluster.cli import build_options, parse_models
-from engine.cluster.contract import (
+from engine.serve.cluster.cli import build_options, parse_models
+from engine.serve.cluster.contract import (
     decode_body,
     pin_seed,
     scheduler_client,
     session_key,
     token_digest,
 )
-from engine.cluster.metrics import render
-from engine.service.http_api import ApiError
+from engine.serve.cluster.metrics import render
+from engine.serve.fim_wire import ApiError
 
 
 def test_session_keys_depend_on_the_token_and_hide_the_document_name():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.crossfile import CONDITIONS, load_set
+from engine.eval.crossfile import CONDITIONS, load_set
 from lsp_server.context.crossfile import ConditionContext
 from lsp_server.context.snippet import estimate_tokens
 

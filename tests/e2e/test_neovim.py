@@ -128,7 +128,7 @@ def wait_for(
 
 def snippet_with_hole(model: Path) -> tuple[str, str, str]:
     """(prefix, middle, suffix) of the memorized snippet, cut at the model's token boundaries."""
-    from engine.tokenizer import Tokenizer
+    from engine.model.tokenizer import Tokenizer
     from tests.fixtures.memorized import SNIPPETS, split_middle
 
     first_line, middle = HOLE

@@ -1,5 +1,6 @@
-"""Concurrent requests share denoising passes (engine/batch_worker.py, engine/denoiser.py,
-engine/static_batch.py): issue 13 item 2. Each request must get exactly what it gets alone,
+"""Concurrent requests share denoising passes (engine/denoise/batch_worker.py,
+engine/denoise/denoiser.py,
+engine/denoise/static_batch.py): issue 13 item 2. Each request must get exactly what it gets alone,
 whoever joins, leaves or is cancelled beside it."""
 
 from __future__ import annotations

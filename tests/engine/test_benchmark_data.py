@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from engine import eval as fim_eval
-from engine.benchmark_data import (
+from engine.eval import harness as fim_eval
+from engine.eval.benchmark_data import (
     BENCHMARK_ENV,
     HUMANEVAL_SINGLE,
     SHIPPED_DIR,
     benchmark_dir,
     benchmark_file,
 )
-from engine.corpus import select_corpus
+from engine.train.corpus import select_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 

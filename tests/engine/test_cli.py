@@ -56,7 +56,7 @@ def test_completes_with_unseen_checkpoints_in_each_layout(tmp_path, source_file,
 
 
 def test_memorized_middle_is_reproduced_through_the_cli(tmp_path, memorized_model):
-    from engine.tokenizer import Tokenizer
+    from engine.model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(memorized_model)
     snippet = SNIPPETS[2]

@@ -1,6 +1,6 @@
-"""A worn reuse chain encoded afresh in the background (engine/context_refresh.py) and the
-worker's queue of idle tasks it shares with the speculation (engine/batch_worker.py): issue 13
-item 1, "refresh fully after N reuses", off the keystroke path."""
+"""A worn reuse chain encoded afresh in the background (engine/denoise/context_refresh.py) and the
+worker's queue of idle tasks it shares with the speculation (engine/denoise/batch_worker.py): issue
+13 item 1, "refresh fully after N reuses", off the keystroke path."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import engine.engine as engine_module
-from engine import batch_worker
 from engine.api import CompletionRequest
-from engine.batch_worker import BatchWorker
-from engine.context_cache import CachedContext, ContextCache
+from engine.denoise import batch_worker
+from engine.denoise.batch_worker import BatchWorker
+from engine.denoise.context_cache import CachedContext, ContextCache
 from engine.engine import Engine
-from engine.model import ENCODE_GATE
+from engine.model.transformer import ENCODE_GATE
 from tests.fixtures.memorized import SNIPPETS, split_middle
 
 MAX_REUSES = 2  # a short chain: cold, 2 warm hops, worn
@@ -68,8 +68,8 @@ def typing_chain(tokenizer, n: int, snippet: str = SNIPPETS[4]) -> list[Completi
 
 def entry_for(engine: Engine, request: CompletionRequest) -> CachedContext | None:
     """The cache entry the request's context left (the single-row batch's context)."""
-    from engine import fim
-    from engine.prefill import context_ids
+    from engine.denoise import fim
+    from engine.denoise.prefill import context_ids
 
     budget = fim.context_budget(engine.args, SPAN, None)
     prefix_ids, suffix_ids = engine._context_ids(request.prefix, request.suffix, budget)

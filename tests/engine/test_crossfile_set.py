@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from engine.crossfile import (
+from engine.eval.crossfile import (
     SET_DIR,
     comment_block,
     edit_similarity,
@@ -27,7 +27,7 @@ def data():
 
 def test_packages_are_held_out_of_the_training_corpus_and_licensed(data):
     manifest = json.loads((SET_DIR / "MANIFEST.json").read_text())
-    corpus = SET_DIR.parents[1] / "embedded" / "corpus.json.gz"
+    corpus = SET_DIR.parents[2] / "model" / "embedded" / "corpus.json.gz"
     with gzip.open(corpus, "rt") as fh:
         trained = {f[0].split("/")[1] for f in json.load(fh)["files"]
                    if f[0].startswith("site-packages/")}

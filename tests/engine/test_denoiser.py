@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.api import CompletionRequest, EngineError
-from engine.denoiser import pad_after_end
+from engine.denoise.denoiser import pad_after_end
 from engine.engine import Engine, hole_lengths
 from tests.fixtures.checkpoints import make_tiny_checkpoint
 
@@ -97,8 +97,8 @@ def test_one_encode_gives_every_bucket_row_its_own_context_keys(engines, monkeyp
     """On one layer a context key depends only on its token and position, so the keys shared
     from the longest row (suffix re-rotated by the length difference) must equal each row's
     own encode exactly, and the batch encodes once."""
-    from engine import fim
-    from engine.kv_arena import Layout, allocate, encode_shared, key_bias
+    from engine.denoise import fim
+    from engine.denoise.kv_arena import Layout, allocate, encode_shared, key_bias
 
     engine = engines["one-layer"]
     loaded = engine._loaded
@@ -134,7 +134,7 @@ def test_one_encode_gives_every_bucket_row_its_own_context_keys(engines, monkeyp
 
 
 def test_a_step_queries_open_slots_their_predictors_and_changed_slots_only():
-    from engine.kv_arena import plan_queries
+    from engine.denoise.kv_arena import plan_queries
 
     masked = torch.tensor([[False, True, True, False, False], [True, False, False, False, False]])
     stale = torch.tensor([[True, False, False, False, False], [False, False, True, False, False]])
@@ -287,8 +287,8 @@ class ScriptedLogits:
 def test_dreamon_loop_expands_commits_and_deletes_as_scripted():
     from types import SimpleNamespace
 
-    from engine.denoiser import StopSignal
-    from engine.dreamon import denoise_expanding
+    from engine.denoise.denoiser import StopSignal
+    from engine.denoise.dreamon import denoise_expanding
 
     eos, mask, expand = 5, 6, 7
     args = SimpleNamespace(expand_token_id=expand, mask_token_id=mask)
@@ -310,8 +310,8 @@ def test_dreamon_loop_expands_commits_and_deletes_as_scripted():
 def test_dreamon_loop_refuses_expansion_once_the_budget_is_spent():
     from types import SimpleNamespace
 
-    from engine.denoiser import StopSignal
-    from engine.dreamon import denoise_expanding
+    from engine.denoise.denoiser import StopSignal
+    from engine.denoise.dreamon import denoise_expanding
 
     eos, mask, expand = 5, 6, 7
     args = SimpleNamespace(expand_token_id=expand, mask_token_id=mask)

@@ -1,4 +1,5 @@
-"""engine/eval.py: the executor and scorers on known answers, a real model end to end, overlap."""
+"""engine/eval/harness.py: the executor and scorers on known answers, a real model end to end,
+overlap."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import eval as fim_eval
-from engine.benchmark_data import HUMANEVAL_SINGLE, benchmark_file
-from engine.corpus import CorpusFile, CorpusManifest
-from engine.demo_holes import DEMO_FILES, demo_holes, full_source
-from engine.sandbox import run_program
-from engine.tokenizer import Tokenizer
+from engine.eval import harness as fim_eval
+from engine.eval.benchmark_data import HUMANEVAL_SINGLE, benchmark_file
+from engine.eval.demo_holes import DEMO_FILES, demo_holes, full_source
+from engine.eval.sandbox import run_program
+from engine.model.tokenizer import Tokenizer
+from engine.train.corpus import CorpusFile, CorpusManifest
 from tests.fixtures.memorized import SNIPPETS, split_middle
 
 # HumanEval-shaped records written for these tests (not benchmark data).
@@ -221,7 +222,7 @@ def test_shard_dumps_merge_into_one_scored_run_with_their_stats(tmp_path):
 def test_latency_tasks_carry_about_a_thousand_tokens_of_context():
     from types import SimpleNamespace
 
-    from engine.embedded_model import EMBEDDED_DIR
+    from engine.model.embedded_model import EMBEDDED_DIR
 
     tok = Tokenizer.from_dir(EMBEDDED_DIR)
     tasks = fim_eval.latency_tasks(SimpleNamespace(tokenizer=tok))

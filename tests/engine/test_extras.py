@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import extras
+from engine.setup import extras
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ModelArgs
-from engine.fim import (
+from engine.denoise.fim import (
     build_infill_batch,
     context_budget,
     cut_context,
     precut_text,
     trim_at_end,
 )
-from engine.stop_modes import apply_stop, stop_for_cursor
+from engine.model.config import ModelArgs
+from engine.stop import apply_stop, stop_for_cursor
 
 MASK, EOS, BOS = 90, 91, 92
 

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import xformers_attention
-from engine.attention import sdpa_attend, xformers_probe
-from engine.quantize import Int4Linear, Int8Linear, quantize_model, weight_bytes
+from engine.model import xformers_attention
+from engine.model.attention import xformers_probe
+from engine.model.quantize import Int4Linear, Int8Linear, quantize_model, weight_bytes
+from engine.model.sdpa import sdpa_attend
 from tests.engine.test_quantize import logits_of, tiny_model
 
 
@@ -108,7 +109,7 @@ def test_quantized_linear_on_cuda_matches_cpu(make):
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 def test_model_forward_on_cuda_matches_cpu(mode):
     # fp32 on both devices so the comparison measures the device path, not dtype rounding;
-    # on CUDA this goes through engine.attention's xformers branch when xformers is installed.
+    # on CUDA this goes through engine.model.attention's xformers branch when xformers is installed.
     model = quantize_model(tiny_model(seed=3), mode)
     ids = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(4))
     on_cpu = logits_of(model, ids)
@@ -128,7 +129,7 @@ def assert_same_logits(on_gpu: torch.Tensor, on_cpu: torch.Tensor) -> None:
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 @pytest.mark.parametrize("variant", ["dream", "open-dcoder"])
 def test_tiny_checkpoint_loads_and_runs_on_cuda_like_on_cpu(tmp_path, variant, mode):
-    from engine.weights import load_model
+    from engine.model.weights import load_model
     from tests.fixtures.checkpoints import make_tiny_checkpoint
 
     path = str(make_tiny_checkpoint(tmp_path / variant, variant))
@@ -162,7 +163,7 @@ def requires_fp8(test):
 
 @requires_fp8
 def test_fp8_model_on_sm89_stays_close():
-    from engine.quantize import use_fast_kernels
+    from engine.model.quantize import use_fast_kernels
 
     model = tiny_model(seed=7).to(torch.bfloat16)
     ids = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(8)).cuda()
@@ -176,7 +177,7 @@ def test_fp8_model_on_sm89_stays_close():
 
 @requires_fp8
 def test_fp8_through_the_loader_on_sm89(tmp_path):
-    from engine.weights import load_model
+    from engine.model.weights import load_model
     from tests.fixtures.checkpoints import make_tiny_checkpoint
 
     path = str(make_tiny_checkpoint(tmp_path / "dream", "dream"))

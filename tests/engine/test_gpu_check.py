@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import gpu_check
+from engine.bench import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -95,7 +95,7 @@ def record(out: Path) -> dict:
 
 
 def test_gpu_check_plans_one_call_most_valuable_first():
-    done = run_module("engine.gpu_check", "--dry-run")
+    done = run_module("engine.bench.gpu_check", "--dry-run")
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout.strip().splitlines()[-1])
     steps = plan["steps"]
@@ -110,13 +110,13 @@ def test_gpu_check_plans_one_call_most_valuable_first():
 
 
 def test_train_gpu_plans_one_call_by_default(tmp_path):
-    done = run_module("engine.train_gpu", "--dry-run", "--out", str(tmp_path / "out"))
+    done = run_module("engine.train.gpu", "--dry-run", "--out", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout.strip().splitlines()[-1])
     assert plan["worst_case_s"] == plan["startup_s"] + sum(p["cap_s"] for p in plan["phases"])
     assert plan["worst_case_s"] <= 540
     assert not (tmp_path / "out").exists()  # a dry run touches nothing
-    too_long = run_module("engine.train_gpu", "--dry-run", "--total-minutes", "12")
+    too_long = run_module("engine.train.gpu", "--dry-run", "--total-minutes", "12")
     assert too_long.returncode == 1
     assert json.loads(too_long.stdout.strip().splitlines()[-1])["worst_case_s"] > 540
 
@@ -128,7 +128,7 @@ def start_check(tmp_path: Path, steps: list[dict], *extra: str) -> tuple[subproc
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(steps))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "engine.gpu_check", "--plan", str(plan),
+    proc = subprocess.Popen([sys.executable, "-m", "engine.bench.gpu_check", "--plan", str(plan),
                              "--out", str(out), *extra], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     return proc, out

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from engine.api import CompletionRequest
+from engine.bench.opcount import DispatchCounter
+from engine.denoise.kv_arena import Layout
 from engine.engine import Engine
-from engine.kv_arena import Layout
-from engine.opcount import DispatchCounter
-from engine.quantize import quantize_model, use_fast_kernels
+from engine.model.quantize import quantize_model, use_fast_kernels
 from tests.engine.test_quantize import cosine, logits_of, tiny_model
 
 pytestmark = [pytest.mark.gpu,
@@ -37,9 +37,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_graphed_pass_gives_the_eager_pass_logits(checkpoint, dtype):
-    from engine.fim import build_infill_batch
-    from engine.graphs import PassCache
-    from engine.static_batch import StaticBatch
+    from engine.denoise.fim import build_infill_batch
+    from engine.denoise.graphs import PassCache
+    from engine.denoise.static_batch import StaticBatch
 
     engine = Engine.load(str(checkpoint), device="cuda", dtype=str(dtype).removeprefix("torch."),
                          warm=False)

@@ -1,4 +1,5 @@
-"""engine/gpu_wheels.py: which carried wheels a GPU machine's interpreter gets, and from where."""
+"""engine/setup/gpu_wheels.py: which carried wheels a GPU machine's interpreter gets, and from
+where."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine import gpu_wheels
+from engine.setup import gpu_wheels
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = {"pytest": "9.0.1", "typing_extensions": "4.12.2", "attrs": "26.1.0"}  # no server pkgs
@@ -43,7 +44,7 @@ def test_install_without_the_wheels_says_what_is_missing_and_fails(tmp_path):
     """A real run against an empty folder, by an interpreter without site-packages (-S: like
     an image with none of the packages, pytest included): one JSON line naming what stays
     missing and why the plugins are refused, exit 1."""
-    done = subprocess.run([sys.executable, "-S", "-m", "engine.gpu_wheels", "install",
+    done = subprocess.run([sys.executable, "-S", "-m", "engine.setup.gpu_wheels", "install",
                            "--target", str(tmp_path / "site"), "--wheels", str(tmp_path / "none")],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1

@@ -1,4 +1,4 @@
-"""`make setup`'s torch step (engine/install_torch.py), run as make runs it, in a fresh venv:
+"""`make setup`'s torch step (engine/setup/install_torch.py), run as make runs it, in a fresh venv:
 the CPU index is used where it answers; where it does not, pip is never pointed at it (no retry
 storm) and the spec comes from pip's usual sources; the last line says which build arrived.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import install_torch
+from engine.setup import install_torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,7 +109,8 @@ def run_setup_step(python: Path, index: str, fallback_wheels: Path | str | None
     subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", "torch"], env=env,
                    capture_output=True)
     done = subprocess.run(
-        [str(python), "-m", "engine.install_torch", "--spec", "torch==2.13.0", "--index", index],
+        [str(python), "-m", "engine.setup.install_torch", "--spec", "torch==2.13.0", "--index",
+         index],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
         stdin=subprocess.DEVNULL)
     return done.returncode, done.stdout + done.stderr
@@ -180,7 +181,7 @@ def test_an_installed_torch_is_kept(fresh_venv, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1")
     subprocess.run([str(python), "-m", "pip", "install", "-q", str(cuda)], env=env, check=True)
-    done = subprocess.run([str(python), "-m", "engine.install_torch", "--index",
+    done = subprocess.run([str(python), "-m", "engine.setup.install_torch", "--index",
                            closed_port_url()], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
@@ -191,4 +192,4 @@ def test_an_installed_torch_is_kept(fresh_venv, tmp_path):
 def test_the_makefile_runs_this_step_with_an_overridable_index():
     makefile = (ROOT / "Makefile").read_text()
     assert f"TORCH_INDEX ?= {install_torch.DEFAULT_INDEX}" in makefile
-    assert '$(PY) -m engine.install_torch --spec "$(TORCH)" --index "$(TORCH_INDEX)"' in makefile
+    assert '$(PY) -m engine.setup.install_torch --spec "$(TORCH)" --index "$(TORCH_INDEX)"' in makefile  # noqa: E501

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import engine.weights as weights
+import engine.model.weights as weights
 from engine.api import EngineError
-from engine.config import ModelArgs
-from engine.model import Transformer
-from engine.weights import load_model, resolve_checkpoint, save_checkpoint
+from engine.model.config import ModelArgs
+from engine.model.transformer import Transformer
+from engine.model.weights import load_model, resolve_checkpoint, save_checkpoint
 from tests.fixtures.checkpoints import make_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -191,7 +191,7 @@ def test_load_path_never_touches_transformers_or_stdin(pristine):
     """transformers' Auto* classes can prompt on stdin; the load path must not import them."""
     code = (
         "import sys\n"
-        "from engine.weights import load_model\n"
+        "from engine.model.weights import load_model\n"
         f"load_model({str(pristine['dream'])!r})\n"
         "print('transformers' in sys.modules)\n"
     )

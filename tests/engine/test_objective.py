@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.objective import masked_diffusion_loss
+from engine.train.objective import masked_diffusion_loss
 
 MASK = 0
 VOCAB = 7
@@ -83,8 +83,8 @@ def test_loss_is_weighted_by_one_over_t_and_normalised_per_candidate_token():
 
 
 def test_loss_backpropagates_and_is_deterministic_under_a_generator():
-    from engine.config import ModelArgs
-    from engine.model import Transformer
+    from engine.model.config import ModelArgs
+    from engine.model.transformer import Transformer
 
     args = ModelArgs(
         family="dream", variant="dream", vocab_size=VOCAB + 3, dim=16, n_layers=1, n_heads=2,

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from engine.api import CompletionRequest
-from engine.committer import Committer
+from engine.denoise.committer import Committer
+from engine.denoise.fim import build_infill_batch
+from engine.denoise.kv_arena import Layout
+from engine.denoise.passes import ShrinkingSource, SlotLogits, packed_logits
 from engine.engine import Engine
-from engine.fim import build_infill_batch
-from engine.kv_arena import Layout
-from engine.passes import ShrinkingSource, SlotLogits, packed_logits
 from tests.fixtures.checkpoints import make_tiny_checkpoint
 
 

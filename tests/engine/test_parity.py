@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from engine.model import KVSlots, attention_bias, rope_tables
-from engine.weights import load_model
+from engine.model.transformer import KVSlots, attention_bias, rope_tables
+from engine.model.weights import load_model
 from tests.fixtures.checkpoints import make_tiny_checkpoint
 
 TOL = 1e-4
@@ -68,7 +68,7 @@ def qwen2_reference(path: Path, attn: str) -> Qwen2ForCausalLM:
 
 def olmo_to_llama(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """LLaDA's OLMo-style names -> transformers Llama names (written independently of
-    engine/weights.py so that a mapping bug there cannot hide here)."""
+    engine/model/weights.py so that a mapping bug there cannot hide here)."""
     block = {
         "attn_norm": "input_layernorm", "ff_norm": "post_attention_layernorm",
         "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import qkernels
+from engine.model import qkernels
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.api import EngineError
-from engine.config import ModelArgs
-from engine.model import Transformer
-from engine.quantize import (
+from engine.model.config import ModelArgs
+from engine.model.quantize import (
     Int4Linear,
     Int8Linear,
     QuantizedEmbedding,
@@ -26,6 +25,7 @@ from engine.quantize import (
     unpack_int4,
     weight_bytes,
 )
+from engine.model.transformer import Transformer
 
 # Bounds on random weights, chosen from the quantizers' step sizes (not tuned to pass):
 # int8 per-channel error is <= scale/2 = absmax/254 per weight, so logits stay within ~1%;
@@ -121,7 +121,7 @@ def test_int4_round_trip_error_is_at_most_half_a_step_per_group(symmetric, group
 
 
 def test_row_chunking_gives_the_same_result_as_one_pass(monkeypatch):
-    import engine.quantize as quantize
+    import engine.model.quantize as quantize
 
     torch.manual_seed(14)
     weight = torch.randn(77, 200)
@@ -348,7 +348,7 @@ def loaded_logits(loaded, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("variant", ["dream", "open-dcoder", "llada"])
 def test_load_model_quantizes_and_keeps_logits_close(checkpoints, variant):
-    from engine.weights import load_model
+    from engine.model.weights import load_model
 
     path = str(checkpoints[variant])
     full = load_model(path, "cpu", torch.float32, "none")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engine.api import CompletionRequest, ContextChunk
+from engine.denoise.repo_context import FILE_SEP_TOKEN, comment_block, extra_ids, file_sep_id
 from engine.engine import Engine
-from engine.repo_context import FILE_SEP_TOKEN, comment_block, extra_ids, file_sep_id
 
 CHUNKS = (ContextChunk("pkg/util.py", "def helper(x):\n    return x * 2"),
           ContextChunk("web/app.js", "export function go() {}"))

@@ -1,5 +1,5 @@
-"""Context K/V reuse across requests (engine/context_cache.py, engine/prefill.py) and the
-speculative next context (engine/speculation.py): issue 13 items 1 and 3."""
+"""Context K/V reuse across requests (engine/denoise/context_cache.py, engine/denoise/prefill.py)
+and the speculative next context (engine/denoise/speculation.py): issue 13 items 1 and 3."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from engine.api import CompletionRequest
-from engine.context_cache import CachedContext, ContextCache, match
+from engine.denoise.context_cache import CachedContext, ContextCache, match
+from engine.denoise.fim import build_infill_batch, lead_specials
+from engine.denoise.kv_arena import Layout, allocate, key_bias, query_ids
+from engine.denoise.prefill import context_ids, prefill
 from engine.engine import Engine
-from engine.fim import build_infill_batch, lead_specials
-from engine.kv_arena import Layout, allocate, key_bias, query_ids
-from engine.prefill import context_ids, prefill
 from tests.fixtures.checkpoints import make_tiny_checkpoint
 from tests.fixtures.memorized import SNIPPETS, split_middle
 
@@ -122,7 +122,7 @@ def test_on_one_layer_a_warm_first_pass_is_the_cold_one(one_layer, edit):
         _, _, warm_arena, warm = first(*after, plan)
         _, _, cold_arena, cold = first(*after, None)
         # The cold multi-row request takes its first logits from a pass over its query blocks.
-        from engine.passes import ShrinkingSource, packed_logits
+        from engine.denoise.passes import ShrinkingSource, packed_logits
 
         source = ShrinkingSource(model, args, batch, layout, one_layer._banned_all,
                                  torch.float32)
@@ -246,7 +246,7 @@ def test_the_paired_replay_times_the_same_requests_warm_and_cold(memorized_model
     """Issue 21.7: the real-time replay's cold and warm p50s compare different requests, so
     `make bench` pairs them: the requests that reached the engine, each on an engine that
     reuses its predecessor's context and on one that never reuses, back to back."""
-    from engine.keystroke_replay import paired, replay
+    from engine.bench.keystroke_replay import paired, replay
 
     live = Engine.load(str(memorized_model))
     reached: list[CompletionRequest] = []

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from engine import sampler
+from engine.denoise import sampler
 
 
 def _probs_logits(rows: list[list[list[float]]]) -> torch.Tensor:

@@ -15,12 +15,12 @@ import math
 import pytest
 import torch
 
-from engine import passes
 from engine.api import CompletionRequest
+from engine.bench.opcount import DispatchCounter
+from engine.denoise import passes
 from engine.engine import Engine
-from engine.opcount import DispatchCounter
-from engine.quantize import quantize_model, use_fast_kernels
-from engine.weights import fuse_projections, split_projections
+from engine.model.quantize import quantize_model, use_fast_kernels
+from engine.model.weights import fuse_projections, split_projections
 from tests.engine.test_quantize import cosine, logits_of, tiny_model
 from tests.fixtures.checkpoints import make_tiny_checkpoint
 from tests.fixtures.memorized import SNIPPETS, split_middle
@@ -64,7 +64,7 @@ def test_every_pass_of_a_request_sees_one_shape_and_one_bucket_shares_it(engines
     """Graph replays need fixed shapes: a cold request runs one shape throughout. A request
     whose context comes from the cache adds one join pass (the changed tokens, in a bucket of
     REFRESH_BUCKETS entries) and then runs the very same shape."""
-    from engine.graphs import REFRESH_BUCKETS
+    from engine.denoise.graphs import REFRESH_BUCKETS
 
     engine = engines["static"]
     monkeypatch.setattr(engine, "_speculate", False)  # its idle-time pass is no request's
@@ -237,7 +237,7 @@ def test_fast_quantized_kernels_give_the_dequantized_logits(mode, bar):
 
 
 def test_fp8_layers_stay_close_to_the_full_precision_logits():
-    from engine.quantize import Fp8Linear, quantize_fp8_body
+    from engine.model.quantize import Fp8Linear, quantize_fp8_body
 
     model = tiny_model(seed=7).to(torch.bfloat16)
     ids = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(8))
@@ -252,7 +252,7 @@ def test_a_cpu_pass_cache_hands_out_eager_passes_over_one_shared_arena(engines):
     cache = engines["static"]._passes
     assert cache is not None and not cache.use_graphs
     assert engines["static"].warm_up() == []
-    from engine.kv_arena import common_layouts
+    from engine.denoise.kv_arena import common_layouts
 
     small, large = common_layouts(engines["static"].args)[:2]
     second = cache.get(large)  # sizes the arena (a larger shape later would grow it)

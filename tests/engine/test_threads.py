@@ -29,9 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from engine.api import CompletionRequest
-from engine.batch_worker import BatchWorker
+from engine.denoise.batch_worker import BatchWorker
 from engine.engine import Engine
-from engine.weights import load_model
+from engine.model.weights import load_model
 from tests.fixtures.memorized import SNIPPETS, split_middle
 
 aten = torch.ops.aten

@@ -9,8 +9,8 @@ import unicodedata
 import pytest
 
 from engine.api import EngineError
-from engine.config import ModelArgs
-from engine.tokenizer import SPECIAL_TOKEN_NAMES, Tokenizer, train_bpe
+from engine.model.config import ModelArgs
+from engine.model.tokenizer import SPECIAL_TOKEN_NAMES, Tokenizer, train_bpe
 from tests.fixtures.checkpoints import SAMPLE_CODE, make_tiny_checkpoint
 
 ROUND_TRIP_TEXTS = [

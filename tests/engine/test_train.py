@@ -1,5 +1,5 @@
-"""engine/train.py with its tokenized corpus and row sampler: rows in the infill layout, loss goes
-down, resume is exact, checkpoints load, compile failures fall back to eager."""
+"""engine/train/trainer.py with its tokenized corpus and row sampler: rows in the infill layout,
+loss goes down, resume is exact, checkpoints load, compile failures fall back to eager."""
 
 from __future__ import annotations
 
@@ -13,17 +13,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine import row_sampler, train
 from engine.api import CompletionRequest
-from engine.corpus import CorpusManifest
 from engine.engine import Engine
-from engine.model import Transformer
-from engine.objective import masked_diffusion_loss
-from engine.prefetch import Prefetcher
-from engine.row_sampler import HOLE_BUCKETS, TokenRowSampler, TokenTables
-from engine.token_corpus import TokenCorpus, build_token_corpus
-from engine.tokenizer import Tokenizer, train_bpe
-from engine.weights import load_model
+from engine.model.tokenizer import Tokenizer, train_bpe
+from engine.model.transformer import Transformer
+from engine.model.weights import load_model
+from engine.train import row_sampler
+from engine.train import trainer as train
+from engine.train.corpus import CorpusManifest
+from engine.train.objective import masked_diffusion_loss
+from engine.train.prefetch import Prefetcher
+from engine.train.row_sampler import HOLE_BUCKETS, TokenRowSampler, TokenTables
+from engine.train.token_corpus import TokenCorpus, build_token_corpus
 
 SOURCES = [
     "import os\n\n\ndef list_python_files(root):\n    found = []\n"
@@ -234,7 +235,7 @@ def test_export_splits_weights_into_shards_under_the_limit(tokenizer, tmp_path, 
     limit = 60_000 + 64 * 1024
     shards = train.shard_count(model, torch.bfloat16, limit)
     assert shards > 1
-    from engine.weights import save_checkpoint
+    from engine.model.weights import save_checkpoint
 
     save_checkpoint(model, tokenizer, tmp_path, dtype=torch.bfloat16, shards=shards)
     files = sorted(tmp_path.glob("model-*.safetensors"))
@@ -244,7 +245,7 @@ def test_export_splits_weights_into_shards_under_the_limit(tokenizer, tmp_path, 
         torch.testing.assert_close(loaded.model.state_dict()[name].float(),
                                    value.to(torch.bfloat16).float(), msg=name)
     # Shipped as the embedded model, a sharded folder is found like a single-file one.
-    from engine import embedded_model
+    from engine.model import embedded_model
 
     monkeypatch.setattr(embedded_model, "EMBEDDED_DIR", tmp_path)
     assert embedded_model.default_model_path() == tmp_path

@@ -1,4 +1,4 @@
-"""engine/train_gpu.py (make train-gpu) end to end on the CPU: tiny preset, a few steps."""
+"""engine/train/gpu.py (make train-gpu) end to end on the CPU: tiny preset, a few steps."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import train_gpu
 from engine.api import CompletionRequest
 from engine.engine import Engine
-from engine.weights import load_model
+from engine.model.weights import load_model
+from engine.train import gpu as train_gpu
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--minutes", "0.5", "--steps", "3",
         "--corpus-bytes", "150000", "--workers", "1", "--threads", "1", "--log-every", "1"]
@@ -65,7 +65,7 @@ def test_asking_for_cuda_without_it_fails_loudly_with_a_log(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_failure_during_training_still_returns_the_weights_and_the_log(tmp_path, monkeypatch):
-    from engine import train
+    from engine.train import trainer as train
 
     real_step = train._Step.__call__
 
@@ -97,7 +97,7 @@ def test_a_killed_run_leaves_its_record_and_log(tmp_path):
     import time
 
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "engine.train_gpu", *TINY, "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "engine.train.gpu", *TINY, "--out", str(out),
                              "--work", str(tmp_path / "work"), "--steps", "100000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})

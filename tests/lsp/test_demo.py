@@ -1,4 +1,5 @@
-"""`make run` (python -m lsp_server.demo) with the embedded model, through the real server: the
+"""`make run` (python -m lsp_server.tools.demo) with the embedded model, through the real server:
+the
 same output on every run even with every core busy, the code around the cursor, the suggestion an
 editor shows first apart from the manual-trigger candidates, claims that hold, and timings that
 say what the engine ran."""
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-from engine.embedded_model import default_model_path
+from engine.model.embedded_model import default_model_path
 
 pytestmark = pytest.mark.skipif(
     default_model_path() is None, reason="this install carries no embedded model"
@@ -37,7 +38,7 @@ def every_core_busy():
 
 def run_demo() -> list[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "lsp_server.demo"],
+        [sys.executable, "-m", "lsp_server.tools.demo"],
         capture_output=True,
         text=True,
         timeout=900,

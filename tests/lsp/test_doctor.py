@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lsp_server import doctor
 from lsp_server.client import server_command
-from lsp_server.doctor_kernels import check_quant_kernel, check_xformers, xformers_call_finding
+from lsp_server.tools import doctor
+from lsp_server.tools.doctor_kernels import (
+    check_quant_kernel,
+    check_xformers,
+    xformers_call_finding,
+)
 
 # The installed console script (`python -m lsp_server` where none is installed, as on a lent GPU
 # machine that runs the source tree).
@@ -102,7 +106,7 @@ def test_a_broken_checkpoint_fails(tmp_path: Path, memorized_model: Path):
 
 
 def test_memory_that_does_not_fit_fails_and_tight_memory_warns(monkeypatch, memorized_model):
-    from engine import weights
+    from engine.model import weights
 
     (memory,) = [
         f for f in doctor.run_checks(str(memorized_model), "cpu", "none") if f.topic == "memory"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.service.client import EngineConnection
+from engine.serve.client import EngineConnection
 
 STOP_WAIT_S = 15.0
 
@@ -135,7 +135,7 @@ def slow_request(prefix: str = "def add(a, b):\n"):
 def memorized_hole(model: Path, index: int = 0):
     """(request, middle): the middle half of a memorized snippet as a hole of its length."""
     from engine.api import CompletionRequest
-    from engine.tokenizer import Tokenizer
+    from engine.model.tokenizer import Tokenizer
     from tests.fixtures.memorized import SNIPPETS, split_middle
 
     tokenizer = Tokenizer.from_dir(model)

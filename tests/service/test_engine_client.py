@@ -14,10 +14,10 @@ from concurrent.futures import Future
 import pytest
 
 from engine.api import CompletionRequest, EngineAuthError, EngineError
-from engine.service.client import EngineConnection
-from engine.service.launcher import EngineLocation
-from engine.service.scheduler import FairScheduler
-from engine.service.server import EngineService
+from engine.serve.client import EngineConnection
+from engine.serve.launcher import EngineLocation
+from engine.serve.scheduler import FairScheduler
+from engine.serve.server import EngineService
 from lsp_server.engine_client import RemoteEngine, SharedEngine, resolve_mode
 from lsp_server.worker import EngineWorker, LoadSpec
 from tests.service.conftest import fim_answer, memorized_hole, slow_request, wait_gone
@@ -100,7 +100,7 @@ class HttpEngine:
         import torch
 
         from engine.engine import Engine
-        from engine.service.http_api import start_http
+        from engine.serve.http_api import start_http
 
         torch.set_num_threads(1)
         self.scheduler = FairScheduler(lambda: Engine.load(str(model)))

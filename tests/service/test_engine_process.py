@@ -16,10 +16,10 @@ import time
 import pytest
 
 from engine.api import CompletionRequest, EngineError
-from engine.service.client import EngineConnection
-from engine.service.launcher import EngineLocation, connect_or_start, wait_ready
-from engine.service.protocol import MAX_FRAME_BYTES, Refused, decode_server, frame_length
-from engine.service.server import EXIT_ALREADY_RUNNING
+from engine.serve.client import EngineConnection
+from engine.serve.launcher import EngineLocation, connect_or_start, wait_ready
+from engine.serve.protocol import MAX_FRAME_BYTES, Refused, decode_server, frame_length
+from engine.serve.server import EXIT_ALREADY_RUNNING
 from tests.service.conftest import memorized_hole, pid_alive, slow_request, wait_gone
 
 LOAD_S = 180.0

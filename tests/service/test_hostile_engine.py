@@ -18,9 +18,9 @@ import urllib.request
 import pytest
 
 from engine.api import CompletionRequest, CompletionResult
-from engine.service.client import EngineConnection
-from engine.service.launcher import wait_ready
-from engine.service.protocol import (
+from engine.serve.client import EngineConnection
+from engine.serve.launcher import wait_ready
+from engine.serve.protocol import (
     Complete,
     Hello,
     Result,

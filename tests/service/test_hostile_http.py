@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp  # noqa: F401 - the HTTP API's package: without it these tests are skipped
 import pytest
 
-from engine.service.client import EngineConnection
+from engine.serve.client import EngineConnection
 from tests.service.conftest import STOP_WAIT_S, ServedEngine, memorized_hole
 
 HANG_S = 60.0  # hang guards only: every wait below ends far sooner when things work

@@ -24,8 +24,8 @@ import pytest
 from aiohttp import web
 from lsprotocol import types
 
-from engine.service.client import EngineConnection
-from engine.service.launcher import EngineLocation
+from engine.serve.client import EngineConnection
+from engine.serve.launcher import EngineLocation
 from tests.e2e.server_session import (
     VSCODE,
     inline,
@@ -360,9 +360,9 @@ class RecordingHttpEngine:
         import torch
 
         from engine.engine import Engine
-        from engine.service.http_api import build_app
-        from engine.service.scheduler import FairScheduler
-        from engine.service.server import EngineService
+        from engine.serve.http_api import build_app
+        from engine.serve.scheduler import FairScheduler
+        from engine.serve.server import EngineService
 
         torch.set_num_threads(1)
         self.scheduler = FairScheduler(lambda: Engine.load(str(model)))
@@ -399,7 +399,7 @@ class RecordingHttpEngine:
 
 
 async def test_remote_requests_carry_a_session_key_per_document(memorized_model, token_file):
-    from engine.cluster.contract import MAX_SESSION_CHARS, SESSION_HEADER
+    from engine.serve.cluster.contract import MAX_SESSION_CHARS, SESSION_HEADER
 
     assert SESSION_HEADER == "x-session-id"
     server = RecordingHttpEngine(memorized_model)

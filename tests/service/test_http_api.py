@@ -10,9 +10,9 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from engine.service.http_api import build_app
-from engine.service.scheduler import FairScheduler
-from engine.service.server import EngineService
+from engine.serve.http_api import build_app
+from engine.serve.scheduler import FairScheduler
+from engine.serve.server import EngineService
 from tests.service.conftest import fim_answer, memorized_hole, slow_request
 
 TOKEN = "s3cret-token"

@@ -1,11 +1,11 @@
 """Fairness and integrity under load on one engine: four socket clients sending requests mixed
 with cancellations and same-key supersedes; every answer that is not cancelled is exactly what
 that request gets alone (nothing lost or cross-wired). A smaller run of the bench's load test
-(engine/service/bench.py), bounded in count and time."""
+(engine/bench/shared_engine.py), bounded in count and time."""
 
 from __future__ import annotations
 
-from engine.service.bench import bench_requests, expected_answers, load_test
+from engine.bench.shared_engine import bench_requests, expected_answers, load_test
 
 
 def test_four_clients_with_cancellations_lose_and_cross_nothing(memorized_model, serve_engine,

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from lsprotocol import types
 
-from engine.service.client import EngineConnection
+from engine.serve.client import EngineConnection
 from tests.e2e.server_session import (
     NEOVIM,
     VSCODE,

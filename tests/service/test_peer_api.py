@@ -15,10 +15,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine.api import EngineInfo
-from engine.service import peer_api
-from engine.service.http_api import build_app
-from engine.service.peer_api import model_name
-from engine.service.server import EngineService
+from engine.serve import peer_api
+from engine.serve.http_api import build_app
+from engine.serve.peer_api import model_name
+from engine.serve.server import EngineService
 from tests.fixtures import peer_requests as peers
 from tests.service.conftest import fim_answer, memorized_hole
 from tests.service.test_http_api import _scheduler  # a loaded, ready FairScheduler
@@ -319,7 +319,7 @@ def test_the_model_name_is_never_a_path(spec, path, name):
 
 
 def test_the_embedded_model_is_named_not_located():
-    from engine.embedded_model import EMBEDDED_DIR
+    from engine.model.embedded_model import EMBEDDED_DIR
 
     info = EngineInfo(model=str(EMBEDDED_DIR), path=str(EMBEDDED_DIR), family="dream",
                       device="cpu", dtype="float32", quant="none", weight_bytes=1,

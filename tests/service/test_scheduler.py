@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from engine.api import CompletionRequest, CompletionResult, CompletionStats, EngineInfo
-from engine.service.scheduler import FairScheduler, Job
+from engine.serve.scheduler import FairScheduler, Job
 
 WAIT_S = 30.0
 

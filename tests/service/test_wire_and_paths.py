@@ -8,8 +8,8 @@ import stat
 import pytest
 
 from engine.api import CompletionRequest, EngineError
-from engine.service import paths
-from engine.service.protocol import (
+from engine.serve import paths
+from engine.serve.protocol import (
     HEADER_BYTES,
     MAX_FRAME_BYTES,
     Complete,

@@ -58,7 +58,7 @@ def test_cut_rows_cuts_once_per_text_and_a_cut_counts_as_ended():
 def test_every_humaneval_single_line_reference_is_kept_as_it_is():
     """The cut must never lower HumanEval single-line pass@1: each reference line, in its
     hole, is accepted unchanged (a handful of holes get no opinion, which changes nothing)."""
-    from engine.eval import load_tasks
+    from engine.eval.harness import load_tasks
 
     tasks, _ = load_tasks("humaneval-single")
     no_opinion = 0

@@ -4,7 +4,7 @@ the very same requests.
 
     python -m tests.editors.vscode_e2e.bench [--keystrokes 20]     # `make bench-vscode`
 
-For each hole of engine/demo_holes.py (everyday Python files, one file per hole with the others
+For each hole of engine/eval/demo_holes.py (everyday Python files, one file per hole with the others
 filled), the cursor is put at the hole, any suggestion dismissed, and the hole's first character
 typed. The page notes the key press and the first ghost text after it (page_probe.js); a stdio tap
 between the extension and `maskfill-lsp` (lsp_tap.py) notes when each inline completion request
@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.demo_holes import DemoHole, demo_holes
+from engine.eval.demo_holes import DemoHole, demo_holes
 from tests.editors.vscode_e2e import lsp_tap
 from tests.editors.vscode_e2e.code_server import CodeServer
 from tests.editors.vscode_e2e.harness import VENV_SERVER, VSCode, launch_chromium

@@ -1,0 +1,1 @@
+"""FIM evaluation: benchmark data (benchmarks/), suites, sandbox, cross-file set, reuse quality."""

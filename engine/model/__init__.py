@@ -1,0 +1,2 @@
+"""The network: config, transformer, attention kernels, tokenizer, checkpoint loading, quantization,
+the embedded checkpoint (embedded/). Never imports engine.denoise."""

@@ -1,0 +1,134 @@
+"""`FimIngress`: the cluster's HTTP front (front.py's contract) in front of the engine
+replicas, reached through a Serve handle keyed by the request's session for
+SessionAffinityRouter.
+
+A request whose replica dies while serving it (or before) is sent once more and the router
+picks another replica: FIM is deterministic for greedy decoding and sampled requests carry a
+seed fixed before the first try, so the answer is the one the dead replica would have given.
+A caller that hangs up cancels the request on the replica (the engine stops between steps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.handle import DeploymentHandle
+from starlette.responses import JSONResponse, Response
+
+from engine.serve.cluster.contract import EngineAnswer, EngineCall, StreamPart
+from engine.serve.cluster.front import FimFront, metrics_response
+from engine.serve.cluster.metrics import render
+from engine.serve.cluster.registry import replica_stats, router_counters
+from engine.serve.fim_wire import ApiError
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 2  # the first try and one retry on another replica
+HEALTH_TIMEOUT_S = 10.0
+
+
+class FimIngress(FimFront):
+    def __init__(self, engine: DeploymentHandle, *, token_digest: bytes, models: list[str],
+                 max_body_bytes: int = 1024 * 1024):
+        from ray import serve
+
+        super().__init__(token_digest=token_digest, models=models,
+                         max_body_bytes=max_body_bytes)
+        self.engine = engine
+        self.app_name = serve.get_replica_context().app_name
+        self.engine_deployment = engine.deployment_name
+        self.retries = 0
+
+    def _handle(self, key: str | None, model: str | None, **options: Any) -> DeploymentHandle:
+        if key:
+            options["session_id"] = key
+        if model:
+            options["multiplexed_model_id"] = model
+        return self.engine.options(**options) if options else self.engine
+
+    async def dispatch_stream(self, call: EngineCall, key: str | None,
+                              model: str | None) -> AsyncIterator[tuple[StreamPart, int]]:
+        """The replica's parts as they come. A replica that dies mid-stream: the call is sent
+        once more and only its answer is passed on (its drafts would start over)."""
+        payload = msgspec.msgpack.encode(call)
+        handle = self._handle(key, model, stream=True)
+        shown = False  # drafts passed on: a second try's would start over, so it gives none
+        for attempt in range(1, ATTEMPTS + 1):
+            parts, ended = handle.complete_stream.remote(payload), False
+            try:
+                async for raw in parts:
+                    part = msgspec.msgpack.decode(raw, type=StreamPart)
+                    if part.answer is not None or attempt == 1 or not shown:
+                        shown |= part.draft is not None
+                        yield part, attempt
+                ended = True
+                return
+            except RayActorError as exc:
+                if attempt == ATTEMPTS:
+                    raise ApiError(503, "the engine replicas serving this request died "
+                                   f"({ATTEMPTS} tries); retry shortly", "server_error") from None
+                self.retries += 1
+                log.warning("engine replica lost mid-stream, sending it again: %s",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            except RayTaskError as exc:
+                raise ApiError(503, f"the engine could not serve this request: "
+                               f"{_cause(exc)}", "server_error") from None
+            finally:  # a caller that hung up: the replica stops the model between steps
+                if not ended:
+                    parts.cancel()
+
+    async def dispatch(self, call: EngineCall, key: str | None,
+                       model: str | None) -> tuple[EngineAnswer, int]:
+        payload = msgspec.msgpack.encode(call)
+        handle = self._handle(key, model)
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                raw = await handle.complete.remote(payload)
+                return msgspec.msgpack.decode(raw, type=EngineAnswer), attempt
+            except RayActorError as exc:  # the replica died (or is unreachable)
+                if attempt == ATTEMPTS:
+                    raise ApiError(503, "the engine replicas serving this request died "
+                                   f"({ATTEMPTS} tries); retry shortly", "server_error") from None
+                self.retries += 1
+                log.warning("engine replica lost mid-request, sending it again: %s",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            except RayTaskError as exc:  # the replica raised: a model that did not load
+                raise ApiError(503, f"the engine could not serve this request: "
+                               f"{_cause(exc)}", "server_error") from None
+        raise AssertionError("unreachable")
+
+    async def health_route(self) -> Response:
+        """One round trip to an engine replica: 200 once one can answer."""
+        try:
+            replica = await asyncio.wait_for(self.engine.health.remote(), HEALTH_TIMEOUT_S)
+        except (asyncio.TimeoutError, RayActorError, RayTaskError) as exc:
+            body = {"status": "unavailable", "state": "unavailable",
+                    "error": f"no engine replica answered: {type(exc).__name__}"}
+            return JSONResponse(body, status_code=503)
+        replicas = len(replica_stats(self.app_name, self.engine_deployment))
+        return health_answer(replica["models"], replicas)
+
+    def metrics_route(self) -> Response:
+        ingress = {"retries": self.retries,
+                   "routed": router_counters(self.app_name, self.engine_deployment)}
+        return metrics_response(render(replica_stats(self.app_name, self.engine_deployment),
+                                       ingress))
+
+
+def health_answer(models: dict[str, str], replicas: int) -> JSONResponse:
+    """/health's body from one replica's model states: 200 once a model is ready."""
+    states = set(models.values()) or {"loading"}
+    state = "ready" if "ready" in states else sorted(states)[0]
+    body = {"status": "ok" if state == "ready" else state, "state": state, "replicas": replicas}
+    return JSONResponse(body, status_code=200 if state == "ready" else 503)
+
+
+def _cause(exc: RayTaskError) -> str:
+    cause = getattr(exc, "cause", None)
+    text = str(cause if cause is not None else exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__

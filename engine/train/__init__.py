@@ -1,0 +1,1 @@
+"""Training the embedded model: corpus, rows, objective, trainer, the GPU run, its record."""

@@ -1,0 +1,1 @@
+"""The server's tools: doctor, demo (`make run`), benchmarks."""

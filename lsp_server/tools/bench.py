@@ -1,0 +1,160 @@
+"""Server benchmark: what the LSP layer adds on top of the engine, and how it absorbs typing.
+
+    python -m lsp_server.tools.bench [--model PATH] [--device cpu] [--requests 30]
+
+1. Overhead: sequential Automatic requests with debounce and caches off, each on a fresh
+   context so the model runs every time; overhead = client round trip - the engine's time for
+   that request (measured around engine.complete by the worker, read from maskfill.status).
+2. Rapid typing: 100 didChange + inlineCompletion pairs sent back to back on one document with
+   the default settings (like Neovim: nothing cancelled by the client); the model runs counted.
+
+Prints a table, then one JSON line with `server_overhead_ms_p50` and
+`model_runs_per_100_rapid_requests`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+from lsprotocol import types
+
+from lsp_server.client import ClientError, Session, inline_params, server_command
+
+NO_WAITING = {"debounceMinMs": 0, "debounceMaxMs": 0, "cacheSize": 0, "timeoutMs": 600000}
+DEFAULTS = {"debounceMinMs": 75, "debounceMaxMs": 400, "cacheSize": 256}
+BASE = "def add(a, b):\n    return a + b\n\n\ndef is_even(n):\n"
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+async def measure_overhead(session: Session, count: int) -> dict[str, list[float]]:
+    uri = "file:///bench/overhead.py"
+    round_trips, engine, overhead = [], [], []
+    for i in range(count + 1):  # the first request warms paths up and is not counted
+        text = f"# request {i}\n{BASE}"  # a fresh context every time: no cache can answer
+        session.client.text_document_did_open(
+            types.DidOpenTextDocumentParams(
+                text_document=types.TextDocumentItem(
+                    uri=uri, language_id="python", version=i + 1, text=text
+                )
+            )
+        )
+        before = await session.status()
+        started = time.perf_counter()
+        await session.client.text_document_inline_completion_async(
+            inline_params(uri, types.Position(line=6, character=0), invoked=False)
+        )
+        elapsed = (time.perf_counter() - started) * 1000
+        after = await session.status()
+        if after["modelRuns"] != before["modelRuns"] + 1 or not after["recentEngineMs"]:
+            raise ClientError(f"request {i} did not run the model exactly once")
+        if i == 0:
+            continue
+        round_trips.append(elapsed)
+        engine.append(after["recentEngineMs"][-1])
+        overhead.append(elapsed - after["recentEngineMs"][-1])
+    return {"round_trip": round_trips, "engine": engine, "overhead": overhead}
+
+
+async def rapid_typing(session: Session, count: int = 100) -> dict[str, Any]:
+    session.client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings=DEFAULTS)
+    )
+    uri = "file:///bench/rapid.py"
+    session.open(uri, BASE)
+    before = await session.status()
+    futures = []
+    typed = ("    return n % 2 == 0  # one key at a time " + "x" * 100)[:count]
+    started = time.perf_counter()
+    for i, ch in enumerate(typed):
+        at = types.Position(line=5, character=i)
+        session.client.text_document_did_change(
+            types.DidChangeTextDocumentParams(
+                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=i + 2),
+                content_changes=[
+                    types.TextDocumentContentChangePartial(
+                        range=types.Range(start=at, end=at), text=ch
+                    )
+                ],
+            )
+        )
+        params = inline_params(uri, types.Position(line=5, character=i + 1), invoked=False)
+        futures.append(
+            asyncio.wrap_future(
+                session.client.protocol.send_request(types.TEXT_DOCUMENT_INLINE_COMPLETION, params)
+            )
+        )
+    answers = await asyncio.gather(*futures)
+    burst_ms = (time.perf_counter() - started) * 1000
+    after = await session.status()
+    return {
+        "model_runs": after["modelRuns"] - before["modelRuns"],
+        "answered_non_empty": sum(1 for a in answers if a is not None and a.items),
+        "burst_ms": burst_ms,
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    session, _ = await Session.start(
+        server_command(args.model, args.device), settings=NO_WAITING, verbose=args.verbose
+    )
+    try:
+        status = await session.wait_loaded()
+        timings = await measure_overhead(session, args.requests)
+        rapid = await rapid_typing(session)
+    finally:
+        await session.close()
+    return {"status": status, "timings": timings, "rapid": rapid}
+
+
+def report(outcome: dict[str, Any], requests: int) -> dict[str, Any]:
+    timings, rapid, status = outcome["timings"], outcome["rapid"], outcome["status"]
+    print(f"model {status['model']} on {status['device']} ({status['dtype']})")
+    print(f"{'':<28}{'p50 ms':>10}{'p95 ms':>10}")
+    for name in ("round_trip", "engine", "overhead"):
+        values = timings[name]
+        label = "server overhead" if name == "overhead" else name.replace("_", " ")
+        print(f"{label:<28}{statistics.median(values):>10.2f}{percentile(values, 0.95):>10.2f}")
+    print(
+        f"100 rapid edits+requests: {rapid['model_runs']} model runs, "
+        f"{rapid['answered_non_empty']} non-empty answers, {rapid['burst_ms']:.0f} ms in all"
+    )
+    return {
+        "server_overhead_ms_p50": round(statistics.median(timings["overhead"]), 3),
+        "server_overhead_ms_p95": round(percentile(timings["overhead"], 0.95), 3),
+        "round_trip_ms_p50": round(statistics.median(timings["round_trip"]), 3),
+        "engine_ms_p50": round(statistics.median(timings["engine"]), 3),
+        "overhead_requests": requests,
+        "model_runs_per_100_rapid_requests": rapid["model_runs"],
+        "model": status["model"],
+        "device": status["device"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint folder (default: the embedded model)")
+    parser.add_argument("--device", help="cpu, cuda, ...")
+    parser.add_argument("--requests", type=int, default=30, help="sequential requests timed")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the server's log")
+    args = parser.parse_args(argv)
+    try:
+        outcome = asyncio.run(run(args))
+    except (ClientError, OSError, RuntimeError, asyncio.TimeoutError) as exc:
+        print(f"maskfill server bench failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report(outcome, args.requests)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
