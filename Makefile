@@ -37,6 +37,7 @@ run: $(STAMP) ## complete the sample file through the real LSP server with the e
 
 test: $(STAMP) ## run every test (GPU-only tests skip without CUDA; each skip's reason is listed)
 	$(PY) -m ruff check .
+	$(dir $(PY))lint-imports
 	$(PY) -m pytest -q -rs
 
 test-gpu: $(SETUP) ## run only the GPU tests
@@ -48,8 +49,9 @@ gpu-check: $(SETUP) ## on a GPU, one call (<= 540 s): 7B bench, GPU tests, serve
 gpu-wheels: ## here: the wheels a lent GPU image lacks, into .whl (a device call carries it)
 	$(if $(wildcard $(PY)),$(PY),python3) -m engine.setup.gpu_wheels download --dest .whl
 
-lint: $(STAMP) ## ruff
+lint: $(STAMP) ## ruff, and the import contracts of docs/ARCHITECTURE.md (lint-imports)
 	$(PY) -m ruff check .
+	$(dir $(PY))lint-imports
 
 fix: $(STAMP) ## ruff --fix and format
 	$(PY) -m ruff check --fix .
