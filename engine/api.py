@@ -179,3 +179,10 @@ class EngineLike(Protocol):
         passes between them or serves each on its own. False: callers send one at a time
         (the engine stays correct either way)."""
         ...
+
+
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An exception as one line for a log or a message: its text with every run of whitespace
+    (newlines too) made one space, cut to `limit` characters; its type's name when it has none."""
+    text = " ".join(str(error).split())
+    return (text[:limit] if limit is not None else text) or type(error).__name__

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.api import CompletionRequest
+from engine.api import CompletionRequest, one_line
 from engine.bench.opcount import DispatchCounter
 from engine.denoise.context_cache import ContextCache
 from engine.denoise.denoiser import StopSignal, denoise
@@ -242,7 +242,7 @@ def bench_mode(args: ModelArgs, device: torch.device, dtype: torch.dtype, mode: 
             out.update(profile_passes(graphed.logits, device, 20, "graphed"))
             out.update(profile_passes(eager.logits, device, 5, "eager"))
         except Exception as error:  # noqa: BLE001 - the profiler is a tool, not the subject
-            out["error_profile"] = f"{type(error).__name__}: {_one_line(error)}"
+            out["error_profile"] = f"{type(error).__name__}: {one_line(error, 400)}"
     return out
 
 
@@ -352,7 +352,7 @@ def run_shape_bench(shape: str, device: str, quants: list[str], reps: int,
         try:
             figures = bench_mode(args, dev, dtype, mode, reps, reference)
         except Exception as error:  # noqa: BLE001 - report every failure, keep measuring
-            out["errors"].append(f"{mode}: {type(error).__name__}: {_one_line(error)}")
+            out["errors"].append(f"{mode}: {type(error).__name__}: {one_line(error, 400)}")
             continue
         finally:
             release(dev)
@@ -367,7 +367,7 @@ def run_shape_bench(shape: str, device: str, quants: list[str], reps: int,
             out["autoregressive"] = bench_autoregressive(args, dev, dtype, max(3, reps // 2))
         except Exception as error:  # noqa: BLE001
             out["errors"].append(f"autoregressive peer: {type(error).__name__}: "
-                                 f"{_one_line(error)}")
+                                 f"{one_line(error, 400)}")
         finally:
             release(dev)
     by_mode = {m["quant"]: m for m in out["modes"]}
@@ -381,10 +381,6 @@ def run_shape_bench(shape: str, device: str, quants: list[str], reps: int,
             mode["pass_vs_bf16"] = mode["pass_ms"] / base["pass_ms"]
     floors(args, dev, out)
     return out
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:400] or type(error).__name__
 
 
 def print_table(result: dict) -> None:

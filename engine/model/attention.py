@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import Tensor
 
+from engine.api import one_line
 from engine.model.sdpa import grouped_sdpa, sdpa_attend
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def xformers_probe() -> tuple[bool, str]:
     try:
         import xformers.ops as xops
     except Exception as error:  # ImportError, or a build whose extension fails to load
-        return False, f"xformers does not import ({_one_line(error)})"
+        return False, f"xformers does not import ({one_line(error)})"
     try:
         q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
         out = xops.memory_efficient_attention(q, q, q)
@@ -72,7 +73,7 @@ def xformers_probe() -> tuple[bool, str]:
             return False, "xformers returned non-finite values on a probe call"
     except Exception as error:  # NotImplementedError when no kernel of the wheel loads
         reason = f"xformers {getattr(xops, '__version__', '')} kernels do not run here " \
-                 f"({_one_line(error)[:200]})"
+                 f"({one_line(error)[:200]})"
         log.warning("attention: %s; using torch SDPA", reason)
         return False, reason
     return True, "xformers kernels run"
@@ -80,7 +81,3 @@ def xformers_probe() -> tuple[bool, str]:
 
 def xformers_usable() -> bool:
     return xformers_probe()[0]
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

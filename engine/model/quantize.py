@@ -641,10 +641,6 @@ def use_fast_kernels(model: nn.Module) -> dict[str, str]:
     return summary
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _output_head(model: nn.Module) -> nn.Module | None:
     """The last Linear whose out_features is the vocabulary size, if an Embedding shows it."""
     vocab = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}

@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine.api import EngineError
+from engine.api import EngineError, one_line
 from engine.model.config import ModelArgs
 
 # Qwen2's pre-tokenizer split; with byte-level mapping and no normalizer it is lossless.
@@ -75,7 +75,7 @@ class Tokenizer:
         try:
             backend = HFTokenizer.from_file(str(tok_file))
         except Exception as exc:  # the Rust parser raises plain Exception subclasses
-            raise EngineError(f"{tok_file}: unreadable tokenizer ({_one_line(exc)})") from None
+            raise EngineError(f"{tok_file}: unreadable tokenizer ({one_line(exc)})") from None
         names = _special_token_names(path)
         ids = {role: _id_of(backend, names.get(role), role, tok_file) for role in ROLES}
         expand_id = backend.token_to_id(EXPAND_TOKEN_NAME)
@@ -180,7 +180,7 @@ def _special_token_names(path: Path) -> dict[str, str]:
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise EngineError(f"{file}: unreadable JSON ({_one_line(exc)})") from None
+            raise EngineError(f"{file}: unreadable JSON ({one_line(exc)})") from None
         for role in ROLES:
             value = data.get(f"{role}_token")
             if isinstance(value, dict):  # AddedToken serialised as {"content": ...}
@@ -253,7 +253,3 @@ def _is_special(backend: HFTokenizer, token_id: int) -> bool:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.api import EngineError
+from engine.api import EngineError, one_line
 from engine.model.config import ModelArgs
 from engine.model.tokenizer import Tokenizer
 from engine.model.transformer import Transformer
@@ -224,7 +224,7 @@ def read_config(path: Path) -> dict:
     try:
         cfg = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise EngineError(f"{file}: unreadable JSON ({_one_line(exc)})") from None
+        raise EngineError(f"{file}: unreadable JSON ({one_line(exc)})") from None
     if not isinstance(cfg, dict):
         raise EngineError(f"{file}: does not hold a JSON object")
     return cfg
@@ -246,7 +246,7 @@ def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
                 raise EngineError(f"{file}: truncated or corrupt safetensors file (short header)")
             header = json.loads(fh.read(header_len))
     except OSError as exc:
-        raise EngineError(f"{file}: cannot read ({_one_line(exc)})") from None
+        raise EngineError(f"{file}: cannot read ({one_line(exc)})") from None
     except ValueError:
         raise EngineError(f"{file}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
@@ -443,7 +443,7 @@ def _read_tensors(
         except EngineError:
             raise
         except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise EngineError(f"{file}: cannot read weights ({_one_line(exc)})") from None
+            raise EngineError(f"{file}: cannot read weights ({one_line(exc)})") from None
     return state
 
 
@@ -637,7 +637,3 @@ def llada_config(args: ModelArgs, dtype_name: str) -> dict:
         "bos_token_id": args.bos_token_id,
         "torch_dtype": dtype_name if dtype_name != "float" else "float32",
     }
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from engine.api import one_line
 from engine.model.config import ModelArgs
 from engine.model.embedded_model import EMBEDDED_DIR
 from engine.model.tokenizer import Tokenizer, train_bpe
@@ -483,9 +484,9 @@ def train(argv: list[str] | None = None) -> Path:
                 except Exception as exc:  # torch.compile failures surface at the first call
                     if not compiled:
                         raise
-                    state.compile = f"failed: {_one_line(exc)[:300]}"
-                    log(f"WARNING: torch.compile failed at step {state.step} ({_one_line(exc)}); "
-                        "continuing in eager mode")
+                    state.compile = f"failed: {one_line(exc, 300)}"
+                    log(f"WARNING: torch.compile failed at step {state.step} "
+                        f"({one_line(exc, 500)}); continuing in eager mode")
                     _uncompile(model)
                     compiled = False
                     losses = step_fn(batch, state.step)
@@ -602,8 +603,8 @@ def _maybe_compile(model: Transformer, ns: argparse.Namespace, device: torch.dev
             layer.compile(dynamic=False)  # two static shapes: plain rows and infill rows
     except Exception as exc:
         _uncompile(model)
-        state.compile = f"failed: {_one_line(exc)[:300]}"
-        log(f"WARNING: torch.compile unavailable ({_one_line(exc)}); running eager")
+        state.compile = f"failed: {one_line(exc, 300)}"
+        log(f"WARNING: torch.compile unavailable ({one_line(exc, 500)}); running eager")
         return False
     state.compile = "on"
     log(f"torch.compile: on (--compile {ns.compile}, each block); the first step includes "
@@ -662,10 +663,6 @@ def _logger():
         print(f"[train {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     return log
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:500] or type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- --bench-data
