@@ -14,8 +14,9 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import get_args
 
-from engine.api import CompletionRequest, EngineError
+from engine.api import CompletionRequest, EngineError, QuantMode
 from engine.serve.cli import add_serve_parser, add_token_parser, run_serve, run_token
 from engine.serve.cluster.cli import add_cluster_parser, run_cluster
 from engine.stop import stop_for_cursor
@@ -74,7 +75,7 @@ def split_at(text: str, line: int, col: int) -> tuple[str, str]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"])
+    p.add_argument("--quant", default="none", choices=get_args(QuantMode))
 
 
 def program_name(argv0: str | None = None) -> str:

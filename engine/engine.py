@@ -22,6 +22,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 
@@ -34,6 +35,7 @@ from engine.api import (
     EngineError,
     EngineInfo,
     EngineInputError,
+    QuantMode,
 )
 from engine.denoise import fim
 from engine.denoise.batch_worker import BatchWorker, WorkerClosed
@@ -188,8 +190,8 @@ class Engine:
         constructor's (context_reuse, context_cache_bytes, speculate, concurrent, ...)."""
         from engine.model.weights import DTYPES, load_model
 
-        if quant not in ("none", "int8", "int4", "fp8"):
-            raise EngineError(f"unknown quant mode {quant!r} (none, int8, int4, fp8)")
+        if quant not in get_args(QuantMode):
+            raise EngineError(f"unknown quant mode {quant!r} ({', '.join(get_args(QuantMode))})")
         if dtype is not None and dtype not in DTYPES:
             raise EngineError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
         started = time.perf_counter()

@@ -36,14 +36,19 @@ from engine.denoise.kv_arena import Layout
 from engine.denoise.passes import masked_head
 from engine.denoise.static_batch import StaticBatch
 from engine.model.config import ModelArgs
-from engine.model.quantize import quantize_fp8_body, quantize_model, use_fast_kernels, weight_bytes
+from engine.model.quantize import (
+    QUANT_MODES,
+    quantize_fp8_body,
+    quantize_model,
+    use_fast_kernels,
+    weight_bytes,
+)
 from engine.model.transformer import Transformer
 
 CONTEXT = 2048  # tokens around the hole
 HOLE = 32
 REQUEST_STEPS = 8
 AR_NEW_TOKENS = 32
-QUANT_MODES = ("none", "int8", "int4", "fp8")
 # Peak figures the floors are computed from: (memory bytes/s, bf16 dense FLOP/s).
 # H200: 4.8 TB/s on paper, ~4.3 TB/s reached (design/engine.md §6); H100 SXM: 3.35 TB/s.
 PEAKS = {"H200": (4.3e12, 790e12), "H100": (3.35e12, 989e12)}

@@ -39,8 +39,9 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
-from engine.api import CompletionRequest, EngineError
+from engine.api import CompletionRequest, EngineError, QuantMode
 from engine.eval.benchmark_data import HUMANEVAL_MULTI, HUMANEVAL_SINGLE, SANTACODER, benchmark_file
 from engine.eval.sandbox import network_isolation, run_program
 from engine.stop import stop_for_cursor
@@ -364,7 +365,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--completions", type=Path, default=None,
                    help="score these {task_id, completion} lines instead of running a model")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"])
+    p.add_argument("--quant", default="none", choices=get_args(QuantMode))
     p.add_argument("--max-tokens", type=int, default=None, help="span budget (suite default)")
     p.add_argument("--span-lengths", default=None,
                    help="comma-separated fixed hole lengths, e.g. 16 or 8,16,32 (default: the "

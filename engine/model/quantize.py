@@ -15,17 +15,18 @@ and the embeddings stay in 16 bits (design/engine.md §2.5).
 from __future__ import annotations
 
 import logging
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.api import EngineError
+from engine.api import EngineError, QuantMode
 from engine.model import qkernels
 
 log = logging.getLogger(__name__)
 
-QUANT_MODES = ("none", "int8", "int4", "fp8")
+QUANT_MODES = get_args(QuantMode)  # the typed boundary's list (engine/api.py)
 INT4_GROUP_SIZES = (32, 64, 128)
 _INT8_MAX = 127
 _INT4_LEVELS = 15  # unsigned nibble 0..15

@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
-from engine.api import EngineError
+from engine.api import EngineError, QuantMode
 from engine.serve import paths
 from engine.setup.extras import install_hint
 
@@ -28,7 +29,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--model", default=None, help="checkpoint folder or Hugging Face repo id "
                    "(local cache only); default: the embedded model")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    s.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"])
+    s.add_argument("--quant", default="none", choices=get_args(QuantMode))
     s.add_argument("--socket", type=Path, default=None, help="Unix socket path (default: "
                    "engine-<key>.sock in the per-user runtime folder)")
     s.add_argument("--no-socket", action="store_true", help="serve no Unix socket")

@@ -16,8 +16,9 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import get_args
 
-from engine.api import EngineError
+from engine.api import EngineError, QuantMode
 from engine.serve import paths
 
 DEFAULT_HTTP = "127.0.0.1:8000"
@@ -51,7 +52,7 @@ def add_cluster_parser(sub) -> None:
     c.add_argument("--target-ongoing", type=float, default=8.0,
                    help="--autoscale: requests queued or running per replica to aim for")
     c.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    c.add_argument("--quant", default="none", choices=["none", "int8", "int4", "fp8"])
+    c.add_argument("--quant", default="none", choices=get_args(QuantMode))
     c.add_argument("--gpus-per-replica", type=float, default=1.0)
     c.add_argument("--cpus-per-replica", type=float, default=1.0)
     c.add_argument("--max-ongoing", type=int, default=16,
