@@ -39,6 +39,13 @@ from engine.api import (
 )
 from engine.denoise import fim
 from engine.denoise.batch_worker import BatchWorker, WorkerClosed
+from engine.denoise.buckets import (
+    BATCH_BUCKETS,
+    EXPR_SPAN_GUESSES,
+    LINE_SPAN_GUESSES,
+    REFRESH_BUCKETS,
+    SPAN_GUESSES,
+)
 from engine.denoise.context_cache import (
     DEFAULT_BUDGET_BYTES,
     DEFAULT_MAX_CHANGED,
@@ -49,8 +56,8 @@ from engine.denoise.context_refresh import refresh_context
 from engine.denoise.denoiser import Denoised, DenoiseJob, DenoiseLoop, StopSignal
 from engine.denoise.drafts import DraftFeed
 from engine.denoise.dreamon import denoise_expanding
-from engine.denoise.graphs import REFRESH_BUCKETS, PassCache
-from engine.denoise.kv_arena import BATCH_BUCKETS, common_layouts
+from engine.denoise.graphs import PassCache
+from engine.denoise.kv_arena import common_layouts
 from engine.denoise.prefill import context_ids, entry_alone
 from engine.denoise.repo_context import extra_ids
 from engine.denoise.speculation import speculate_accepted
@@ -58,9 +65,6 @@ from engine.model.quantize import parameter_count, weight_bytes
 from engine.request_checks import validate
 from engine.stop import apply_stop
 
-HOLE_BUCKETS = (8, 16, 32, 64)  # unknown span length: rows of these lengths share one batch
-LINE_BUCKETS = (8, 16, 24)  # 24 tokens: ~80+ characters, a long line; passes grow with it
-EXPR_BUCKETS = (8, 16)  # the rest of an argument list or a condition is short
 EXTRA_CANDIDATE_TEMPERATURE = 0.8  # extra candidates must differ: sample them when T = 0
 DREAMON_INITIAL_HOLE = 16  # DreamOn's L0 when the request gives none (its eval: 4..64)
 # Below this size a CPU step is a string of small ops (~25 query rows x a few hundred features):
@@ -87,8 +91,8 @@ def hole_lengths(request: CompletionRequest) -> list[int]:
     """Explicit span lengths, else buckets up to max_tokens (which is always the longest tried)."""
     if request.span_lengths is not None:
         return sorted(set(request.span_lengths))
-    short = {"line": LINE_BUCKETS, "expr": EXPR_BUCKETS}.get(request.stop)
-    buckets = short or HOLE_BUCKETS
+    short = {"line": LINE_SPAN_GUESSES, "expr": EXPR_SPAN_GUESSES}.get(request.stop)
+    buckets = short or SPAN_GUESSES
     longest = min(request.max_tokens, buckets[-1]) if short else request.max_tokens
     return sorted({b for b in buckets if b < longest} | {longest})
 

@@ -32,7 +32,7 @@ from lsp_server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
-HOLE_ROWS = (8, 16, 32, 64)  # the engine's hole-length rows (engine.engine.HOLE_BUCKETS)
+HOLE_ROWS = (8, 16, 32, 64)  # the engine's hole-length rows (engine.denoise.buckets.SPAN_GUESSES)
 NEXT_LINES = 5  # lines below the cursor the suffix-duplicate rule looks at
 INDENT_SAMPLE_CHARS = 8000  # each side of the cursor
 LOADING_STATES = ("unloaded", "loading")  # a request arriving now waits for the model

@@ -23,17 +23,14 @@ from collections import OrderedDict
 
 import torch
 
-from engine.denoise.kv_arena import BATCH_BUCKETS, KVArena, Layout, allocate
+from engine.denoise.buckets import BATCH_BUCKETS
+from engine.denoise.kv_arena import KVArena, Layout, allocate
 from engine.denoise.passes import StaticPass
 from engine.model.config import ModelArgs
 
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 48
-# Changed-token entries of a join pass (a request whose context came from the cache): a
-# keystroke changes a token or two plus the recomputed window on each side (context_cache:
-# 2 x 8), a pasted line a few dozen more (max_changed).
-REFRESH_BUCKETS = (32, 128)
 
 
 def shape_key(layout: Layout, refresh: int = 0) -> tuple[int, int, int, int]:

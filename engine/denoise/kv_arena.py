@@ -38,14 +38,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engine.denoise.buckets import (
+    BATCH_BUCKETS,
+    CONTEXT_BUCKETS,
+    LINE_SPAN_GUESSES,
+    QUERY_BUCKETS,
+    SPAN_GUESSES,
+)
 from engine.denoise.fim import InfillBatch
 from engine.model.config import ModelArgs
 from engine.model.transformer import ContextKV, KVSlots, Rope, apply_rope, rope_tables
 
 ALIGN = 16  # arena length multiple: keeps the bias rows aligned for the attention kernels
-BATCH_BUCKETS = (1, 2, 4, 8, 16)
-CONTEXT_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-HOLE_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -76,7 +80,7 @@ class Layout:
         rows = len(batch.hole_lengths)
         if static:  # one shape per bucket, so one captured graph serves many requests
             n_batch, context = bucket(rows, BATCH_BUCKETS), bucket(used, CONTEXT_BUCKETS)
-            query = bucket(lmax, HOLE_BUCKETS) + shift
+            query = bucket(lmax, QUERY_BUCKETS) + shift
         else:
             n_batch, context, query = rows, used, lmax + shift
         length = -(-(context + query + 1) // ALIGN) * ALIGN
@@ -112,15 +116,16 @@ class Layout:
 
 
 def common_layouts(args: ModelArgs) -> list[Layout]:
-    """The static shapes an editor's requests mostly take: the automatic line rows (8/16/24,
-    engine.LINE_BUCKETS) and block rows (8/16/32/64) at every context bucket of the window."""
+    """The static shapes an editor's requests mostly take: the automatic line rows (8/16/24)
+    and block rows (8/16/32/64), one row per span guess, at every context bucket of the window."""
     shift = 1 if args.logit_shift else 0
     layouts = []
-    for rows, lmax in ((3, 24), (4, 64)):
+    for guesses in (LINE_SPAN_GUESSES, SPAN_GUESSES):
+        rows, lmax = len(guesses), guesses[-1]
         for context in CONTEXT_BUCKETS:
             if context > args.max_context:
                 break
-            query = bucket(lmax, HOLE_BUCKETS) + shift
+            query = bucket(lmax, QUERY_BUCKETS) + shift
             layouts.append(Layout(
                 rows=rows, batch=bucket(rows, BATCH_BUCKETS), shift=shift, hole_start=shift,
                 lmax=lmax, context_used=context, context=context, query=query,

@@ -11,7 +11,7 @@ block's K/V every time. A member that leaves frees its rows; the members after i
 Joining happens between passes: the newcomer's context is encoded into its rows, or its reused
 K/V are written there (engine/denoise/prefill.py); its first logits come from that encode or from
 the next shared pass. When a newcomer's context came from the cache, that next pass is a join pass:
-the same shape plus a bucket of entries (graphs.REFRESH_BUCKETS) that compute its changed
+the same shape plus a bucket of entries (buckets.REFRESH_BUCKETS) that compute its changed
 context tokens, so a warm request costs no pass of its own and replays a graph too.
 """
 
@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from engine.denoise.buckets import BATCH_BUCKETS, REFRESH_BUCKETS
 from engine.denoise.context_cache import ReusePlan
 from engine.denoise.fim import InfillBatch
-from engine.denoise.graphs import REFRESH_BUCKETS, PassCache
+from engine.denoise.graphs import PassCache
 from engine.denoise.kv_arena import (
     ALIGN,
-    BATCH_BUCKETS,
     KVArena,
     Layout,
     bucket,

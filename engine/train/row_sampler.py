@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.denoise.buckets import SPAN_GUESSES  # a hole is as long as one the engine tries
 from engine.train.token_corpus import TokenCorpus
 
-HOLE_BUCKETS = (8, 16, 32, 64)  # the engine's span buckets (engine/engine.py)
 # How an infill row's hole length is drawn among the buckets that fit its middle. "uniform" pads
 # holes with ~75% EOS on average, and a small model then learns "EOS" as the safe answer for every
 # masked slot and floods holes with it; "small-first" favours the tightest bucket.
@@ -112,8 +112,8 @@ class TokenRowSampler:
 
     def fim_rows(self, rng: np.random.Generator, n: int) -> Rows:
         length = self.fim_seq_len
-        if n and length <= HOLE_BUCKETS[-1] + 2:
-            raise ValueError(f"infill rows need more than {HOLE_BUCKETS[-1] + 2} tokens")
+        if n and length <= SPAN_GUESSES[-1] + 2:
+            raise ValueError(f"infill rows need more than {SPAN_GUESSES[-1] + 2} tokens")
         ids = np.full((n, length), self.eos, dtype=np.int64)
         ids[:, 0] = self.bos
         protect = np.ones((n, length), dtype=bool)
@@ -160,7 +160,7 @@ class TokenRowSampler:
             else:  # an arbitrary span
                 lo = fs + int(u_a * (fe - fs))
                 hi = min(fe, lo + 1 + int(u_b * ARBITRARY_SPAN_TOKENS))
-            if 0 < hi - lo <= HOLE_BUCKETS[-1]:
+            if 0 < hi - lo <= SPAN_GUESSES[-1]:
                 return lo, hi, fs, fe
         return None
 
@@ -168,10 +168,10 @@ class TokenRowSampler:
               u_bucket: float) -> None:
         """Write `[BOS] prefix middle EOS*pad suffix [EOS]` into a row pre-filled with EOS."""
         middle = hi - lo
-        fitting = [i for i, b in enumerate(HOLE_BUCKETS) if b >= middle]
+        fitting = [i for i, b in enumerate(SPAN_GUESSES) if b >= middle]
         weights = self.hole_weights[fitting]
         pick = int(np.searchsorted(np.cumsum(weights) / weights.sum(), u_bucket, side="right"))
-        hole = HOLE_BUCKETS[fitting[min(pick, len(fitting) - 1)]]
+        hole = SPAN_GUESSES[fitting[min(pick, len(fitting) - 1)]]
         budget = len(ids) - 2 - hole
         # The engine's 3:1 prefix:suffix split; whatever one side leaves goes to the other.
         n_suffix = min(fe - hi, max(budget // 4, budget - (lo - fs)))

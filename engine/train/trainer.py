@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from engine.api import one_line
+from engine.denoise.buckets import SPAN_GUESSES
 from engine.model.config import ModelArgs
 from engine.model.embedded_model import EMBEDDED_DIR
 from engine.model.tokenizer import Tokenizer, train_bpe
@@ -61,7 +62,7 @@ from engine.train.corpus import (
 from engine.train.objective import masked_diffusion_loss
 from engine.train.prefetch import Prefetcher
 from engine.train.report import corpus_groups, training_report
-from engine.train.row_sampler import HOLE_BUCKETS, HOLE_POLICIES, TokenRowSampler, TokenTables
+from engine.train.row_sampler import HOLE_POLICIES, TokenRowSampler, TokenTables
 from engine.train.token_corpus import TokenCorpus, build_token_corpus, file_sha256
 
 TOKENIZER_SAMPLE_BYTES = 12_000_000  # BPE merges stabilise long before the whole corpus
@@ -632,7 +633,7 @@ def _preset(ns: argparse.Namespace) -> Preset:
 
 def default_fim_seq_len(preset: Preset) -> int:
     """Half the window, but room for the longest hole with context on both sides."""
-    return min(preset.seq_len, max(preset.seq_len // 2, 2 * HOLE_BUCKETS[-1]))
+    return min(preset.seq_len, max(preset.seq_len // 2, 2 * SPAN_GUESSES[-1]))
 
 
 def _changes(state: TrainState, ns: argparse.Namespace, fim_seq_len: int, preset: Preset
@@ -758,8 +759,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bench-batches", type=int, default=50, help="batches timed by --bench-data")
     ns = p.parse_args(argv)
     seq_len = PRESETS[ns.preset].seq_len
-    if ns.fim_seq_len is not None and not HOLE_BUCKETS[-1] + 2 < ns.fim_seq_len <= seq_len:
-        p.error(f"--fim-seq-len must be above {HOLE_BUCKETS[-1] + 2} (the longest hole and its "
+    if ns.fim_seq_len is not None and not SPAN_GUESSES[-1] + 2 < ns.fim_seq_len <= seq_len:
+        p.error(f"--fim-seq-len must be above {SPAN_GUESSES[-1] + 2} (the longest hole and its "
                 f"specials) and at most the preset's window, {seq_len}")
     if not ns.bench_data and not ns.minutes and not ns.steps and not ns.tokens:
         p.error("give at least one budget: --minutes, --steps or --tokens")

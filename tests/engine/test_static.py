@@ -64,7 +64,7 @@ def test_every_pass_of_a_request_sees_one_shape_and_one_bucket_shares_it(engines
     """Graph replays need fixed shapes: a cold request runs one shape throughout. A request
     whose context comes from the cache adds one join pass (the changed tokens, in a bucket of
     REFRESH_BUCKETS entries) and then runs the very same shape."""
-    from engine.denoise.graphs import REFRESH_BUCKETS
+    from engine.denoise.buckets import REFRESH_BUCKETS
 
     engine = engines["static"]
     monkeypatch.setattr(engine, "_speculate", False)  # its idle-time pass is no request's

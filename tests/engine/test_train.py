@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine.api import CompletionRequest
+from engine.denoise.buckets import SPAN_GUESSES
 from engine.engine import Engine
 from engine.model.tokenizer import Tokenizer, train_bpe
 from engine.model.transformer import Transformer
@@ -23,7 +24,7 @@ from engine.train import trainer as train
 from engine.train.corpus import CorpusManifest
 from engine.train.objective import masked_diffusion_loss
 from engine.train.prefetch import Prefetcher
-from engine.train.row_sampler import HOLE_BUCKETS, TokenRowSampler, TokenTables
+from engine.train.row_sampler import TokenRowSampler, TokenTables
 from engine.train.token_corpus import TokenCorpus, build_token_corpus
 
 SOURCES = [
@@ -123,7 +124,7 @@ def test_fim_rows_follow_the_engine_infill_layout(corpus, tokenizer):
     for row, protect in zip(fim.ids.tolist(), fim.protect, strict=True):
         assert row[0] == tokenizer.bos_id
         hole = np.flatnonzero(~protect).tolist()
-        assert len(hole) in HOLE_BUCKETS
+        assert len(hole) in SPAN_GUESSES
         assert hole == list(range(hole[0], hole[0] + len(hole)))  # one contiguous hole
         filled = [row[i] for i in hole]
         n_middle = next((k for k, t in enumerate(filled) if t == tokenizer.eos_id), len(filled))
@@ -149,7 +150,7 @@ def test_holes_are_lines_rest_of_lines_and_spans_with_the_bucket_policy(corpus, 
         text = tokenizer.decode(middle)
         blank += not text.strip()  # only an arbitrary span may be blank; never a chosen line
         kinds["line" if starts_line and text.endswith("\n") else "mid"] += 1
-        fitting = [b for b in HOLE_BUCKETS if b >= len(middle)]
+        fitting = [b for b in SPAN_GUESSES if b >= len(middle)]
         tight.append(len(hole) == fitting[0])
     assert kinds["line"] > 500 and kinds["mid"] > 100 and blank < 0.05 * len(fim.ids)
     # small-first: the tightest bucket ~55% of the time when several fit, more when one does.
