@@ -9,7 +9,6 @@ UTF-8 for Neovim, UTF-16 for VS Code), converted with C-speed encodes (chunked_t
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,6 +19,7 @@ from pygls.workspace import TextDocument, Workspace
 from pygls.workspace.position_codec import PositionCodec
 
 from lsp_server.chunked_text import ChunkedText, code_points_for, units
+from lsp_server.lines import line_end, line_start, split_lines
 
 if TYPE_CHECKING:
     from lsp_server.syntax.document_tree import DocumentTree
@@ -85,52 +85,6 @@ def take_snapshot(document: LspTextDocument, position: types.Position) -> Snapsh
         position=types.Position(line=position.line, character=position.character),
         codec=document.position_codec,
     )
-
-
-# LSP ends a line only at \r\n, \n or \r; str.splitlines also breaks at \f, \v, \x1c-\x1e,
-# \x85, U+2028 and U+2029, which would shift every position after such a character.
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_LINES_WITH_ENDS = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
-
-
-def split_lines(text: str) -> list[str]:
-    """The LSP lines of `text`, each with its line break (like splitlines(True), LSP breaks)."""
-    return _LINES_WITH_ENDS.findall(text)
-
-
-_CHUNK = 1 << 16  # characters counted per step when looking for a line
-
-
-def line_start(text: str, line: int) -> int | None:
-    """Offset where LSP line `line` begins; None when the text has fewer lines.
-
-    Line breaks are counted a chunk at a time with str.count (C speed, no objects made); only
-    the chunk holding the line is split.
-    """
-    if line == 0:
-        return 0
-    has_cr = "\r" in text
-    position, remaining = 0, line
-    while position < len(text):
-        end = min(position + _CHUNK, len(text))
-        if has_cr and text[end - 1] == "\r" and text[end : end + 1] == "\n":
-            end += 1  # never split a \r\n pair between two chunks
-        breaks = text.count("\n", position, end)
-        if has_cr:
-            breaks += text.count("\r", position, end) - text.count("\r\n", position, end)
-        if breaks >= remaining:
-            chunk = text[position:end]
-            pieces = _LINE_BREAK.split(chunk, remaining) if has_cr else chunk.split("\n", remaining)
-            return end - len(pieces[-1])
-        remaining -= breaks
-        position = end
-    return None
-
-
-def line_end(text: str, start: int) -> int:
-    """Offset of the line break that ends the line beginning at `start` (or the text's end)."""
-    found = _LINE_BREAK.search(text, start)
-    return found.start() if found else len(text)
 
 
 def encoding_of(codec: PositionCodec) -> int:

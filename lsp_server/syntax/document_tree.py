@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lsp_server.chunked_text import code_points_for, units
-from lsp_server.documents import line_end, line_start
+from lsp_server.lines import line_end, line_start
 from lsp_server.syntax.languages import new_parser
 
 MAX_DOCUMENT_BYTES = 1_000_000  # larger documents get no tree (settings.maxDocumentBytes)

@@ -1,4 +1,4 @@
-"""`python -m lsp_server.syntax.demo_parse`: how many demo-hole completions leave the file
+"""`python -m lsp_server.tools.demo_parse`: how many demo-hole completions leave the file
 parsable, today and with the syntax layer (issue 23's first target: >= 80%; 38.9% before).
 
 The real model (the embedded one unless --model) answers through the engine's Python API,
