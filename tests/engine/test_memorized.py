@@ -4,6 +4,7 @@ dual cache, stop modes, cancellation, timeout, seeds and candidates (issue 2 ite
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -139,16 +140,34 @@ def test_cancel_from_another_thread_returns_within_one_step(engine, monkeypatch)
     assert not worker.is_alive()
     stats = results[0].stats
     assert stats.cancelled and results[0].text == "" and results[0].candidates == []
-    assert stats.forward_passes == 2  # the encode and the step that was running: no more
+    # At most the encode and the step that was running: a cancel now stops that step between two
+    # layers (issue 20), so the cancelled result may count neither.
+    assert stats.forward_passes <= 2
 
 
-def test_timeout_returns_the_tokens_committed_so_far(engine):
+def test_timeout_returns_the_tokens_committed_so_far(engine, monkeypatch):
+    """A deadline that passes while the model runs keeps what it committed by then. (A deadline
+    already past on arrival answers before the model runs: tests/service/test_hostile_engine.py.)"""
     prefix, middle, suffix, n = middle_of(engine, SNIPPETS[3])
+    assert engine.wait_idle()
+    engine._cache.clear()  # a cold request: the encode, then steps
+    model = engine._loaded.model
+    real_step = model.step
+    steps = []
+
+    def step_then_outlive_the_deadline(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 1:
+            time.sleep(2.5)  # the first step completes, then the 2 s deadline passes
+        return out
+
+    monkeypatch.setattr(model, "step", step_then_outlive_the_deadline)
     result = engine.complete(CompletionRequest(
         prefix=prefix, suffix=suffix, span_lengths=(n,), max_tokens=n, stop="free",
-        sampler="maskgit_plus", timeout_ms=1e-3))
+        sampler="maskgit_plus", timeout_ms=2000))
     assert result.stats.timed_out and not result.stats.cancelled
-    assert result.stats.forward_passes == 1
+    assert len(steps) == 1 and result.stats.committed_tokens >= 1  # ~1 token per step
     # Best so far: the text before the first still-masked slot, a prefix of the true middle.
     assert middle.startswith(result.text)
 
