@@ -198,9 +198,9 @@ def test_utf8_size_counts_bytes_through_edits():
 def test_line_start_agrees_with_lsp_lines_across_chunk_boundaries(monkeypatch):
     import random
 
-    import lsp_server.documents as documents
+    import lsp_server.lines as lines_module
 
-    monkeypatch.setattr(documents, "_CHUNK", 5)  # tiny chunks: \r\n pairs fall on the edges
+    monkeypatch.setattr(lines_module, "_CHUNK", 5)  # tiny chunks: \r\n pairs fall on the edges
     pieces = ["a", "é", "\n", "\r", "\r\n", "\u2028", "\x0c"]
     rng = random.Random(7)
     for _ in range(2000):

@@ -28,6 +28,8 @@ export const SERVER_SETTING_KEYS = [
   "engineTokenFile",
   "engineIdleExitS",
   "contextReuse",
+  "syntax",
+  "extraContextTokens",
 ] as const;
 
 export type ServerSettingKey = (typeof SERVER_SETTING_KEYS)[number];
