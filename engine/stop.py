@@ -35,10 +35,12 @@ _CLOSERS = frozenset(_OPENERS.values())
 _QUOTES = frozenset("\"'`")
 
 
-def expression_end(text: str) -> int:
+def expression_end(text: str, *, colon_ends: bool = False, brace_ends: bool = False) -> int:
     """Where the expression around the cursor ends in `text`: just after a closer at depth 0
     (it closes a bracket opened before the cursor), or at a line break at depth 0; brackets
-    and line breaks inside a quoted string do not count (a string left open ends at its line)."""
+    and line breaks inside a quoted string do not count (a string left open ends at its line).
+    The server, knowing the cursor is in a condition, also ends it just after a `:` at depth 0
+    (Python) or just before a `{` at depth 0 (a brace language's body)."""
     depth = 0
     quote: str | None = None
     index = 0
@@ -57,11 +59,15 @@ def expression_end(text: str) -> int:
         elif char == "\n" and depth == 0:
             return index
         elif char in _OPENERS:
+            if char == "{" and depth == 0 and brace_ends:
+                return index
             depth += 1
         elif char in _CLOSERS:
             if depth == 0:
                 return index + 1
             depth -= 1
+        elif char == ":" and depth == 0 and colon_ends:
+            return index + 1
         index += 1
     return len(text)
 

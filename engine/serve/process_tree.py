@@ -25,7 +25,7 @@ from pathlib import Path
 
 TOKEN_ENV = "MASKFILL_STEP_TOKEN"
 PR_SET_CHILD_SUBREAPER = 36
-PROC = Path("/proc")
+PROC = Path("/proc/")
 
 
 def become_subreaper() -> bool:

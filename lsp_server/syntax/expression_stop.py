@@ -5,41 +5,13 @@ opens the body of a brace language's condition, or at the end of the line."""
 
 from __future__ import annotations
 
-_OPENERS = {"(": ")", "[": "]", "{": "}"}
-_CLOSERS = frozenset(_OPENERS.values())
-_QUOTES = frozenset("\"'`")
+from engine.stop import expression_end
 
 
 def apply_expression_stop(text: str, grammar: str | None, kind: str | None = None) -> str:
-    """`text` up to where the expression around the cursor ends (see the module doc)."""
-    depth = 0
-    quote: str | None = None
-    index = 0
-    while index < len(text):
-        char = text[index]
-        if quote is not None:
-            if char == "\\":
-                index += 2
-                continue
-            if char == quote:
-                quote = None
-            elif char == "\n":
-                return text[:index].rstrip()
-            index += 1
-            continue
-        if char in _QUOTES:
-            quote = char
-        elif char == "\n" and depth == 0:
-            return text[:index].rstrip()
-        elif char in _OPENERS:
-            if char == "{" and depth == 0 and kind == "condition" and grammar != "python":
-                return text[:index].rstrip()
-            depth += 1
-        elif char in _CLOSERS:
-            if depth == 0:
-                return text[: index + 1]
-            depth -= 1
-        elif char == ":" and depth == 0 and kind == "condition" and grammar == "python":
-            return text[: index + 1]
-        index += 1
-    return text
+    """`text` up to where the expression around the cursor ends (see the module doc): the
+    engine's own rule, told what only the server knows (a condition, and its language)."""
+    condition = kind == "condition"
+    end = expression_end(text, colon_ends=condition and grammar == "python",
+                         brace_ends=condition and grammar != "python")
+    return text if end == len(text) else text[:end].rstrip()
