@@ -40,6 +40,7 @@ import msgspec
 from aiohttp import web
 
 from engine.api import DRAFT_MASK, CompletionRequest, CompletionResult, Draft, EngineInfo
+from engine.serve.draft_queue import DraftQueue
 from engine.serve.fim_wire import HTTP_TIMEOUT_MS, MAX_N, ApiError, cut_at_stops, to_response
 
 if TYPE_CHECKING:
@@ -452,27 +453,15 @@ async def stream_drafts(request: web.Request, fim: FimApi, engine_request: Compl
     """`stream` with `stream_drafts`: a draft event at each of the denoising loop's host reads
     as they come, then the answer's events exactly as without drafts, then [DONE]. An engine
     error after the stream began comes as an `error` event (the status line is sent)."""
-    loop = asyncio.get_running_loop()
-    drafts: asyncio.Queue[Draft] = asyncio.Queue()
-
-    def on_draft(draft: Draft) -> None:  # the engine's draft thread
-        loop.call_soon_threadsafe(drafts.put_nowait, draft)
-
+    drafts = DraftQueue()
     head = answer_head(model)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
-    run = asyncio.ensure_future(fim._run(request, engine_request, on_draft=on_draft))
+    run = asyncio.ensure_future(fim._run(request, engine_request, on_draft=drafts.put))
     try:
-        while True:
-            getter = asyncio.ensure_future(drafts.get())
-            await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                break
-            await response.write(sse(draft_event(getter.result(), head, stops)))
-        while not drafts.empty():  # every draft is queued before the answer
-            await response.write(sse(draft_event(drafts.get_nowait(), head, stops)))
+        async for draft in drafts.until(run):
+            await response.write(sse(draft_event(draft, head, stops)))
         try:
             answer = {**to_response(run.result(), stops, model), **head}
         except ApiError as exc:

@@ -26,8 +26,9 @@ from typing import Any
 import msgspec
 from ray import serve
 
-from engine.api import CompletionResult, Draft, EngineError
+from engine.api import CompletionResult, EngineError
 from engine.serve.cluster.contract import EngineAnswer, EngineCall, StreamPart
+from engine.serve.draft_queue import DraftQueue
 from engine.serve.peer_api import fit_window, model_name
 from engine.serve.scheduler import FairScheduler, Job
 from engine.serve.server import load_for_service
@@ -139,24 +140,12 @@ class FimEngine:
         call = msgspec.msgpack.decode(payload, type=EngineCall)
         started = time.perf_counter()
         slot = await self._slot()
-        loop = asyncio.get_running_loop()
-        drafts: asyncio.Queue[Draft] = asyncio.Queue()
-
-        def on_draft(draft: Draft) -> None:  # the engine's draft thread
-            loop.call_soon_threadsafe(drafts.put_nowait, draft)
-
+        drafts = DraftQueue()
         who = {"model": model_name(slot.scheduler.info), "replica": self.replica}
-        run = asyncio.ensure_future(self._run(slot, call, on_draft))
+        run = asyncio.ensure_future(self._run(slot, call, drafts.put))
         try:
-            while True:
-                getter = asyncio.ensure_future(drafts.get())
-                await asyncio.wait({run, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    break
-                yield msgspec.msgpack.encode(StreamPart(draft=getter.result(), **who))
-            while not drafts.empty():  # every draft is queued before the answer
-                yield msgspec.msgpack.encode(StreamPart(draft=drafts.get_nowait(), **who))
+            async for draft in drafts.until(run):
+                yield msgspec.msgpack.encode(StreamPart(draft=draft, **who))
             result, error = run.result()
         finally:
             if not run.done():  # the caller hung up: stop the model between steps
