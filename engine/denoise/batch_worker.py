@@ -226,7 +226,11 @@ class BatchWorker:
                 ended = self.loop.iterate()
             except EncodeInterrupted:  # every request in the pass was cancelled mid-pass
                 for state in self.loop.abort():
-                    state.ticket.answer(None)
+                    # Answered as cancelled with what it had (passes, reused context), not as
+                    # unrun: a keystroke replay counts the reuse of superseded requests too.
+                    done = state.finish()
+                    done.cancelled = True
+                    state.ticket.answer(done)
                 self._idle_since = time.monotonic()
                 return True
             except Exception as error:  # noqa: BLE001 - a failed pass fails its requests
