@@ -60,10 +60,15 @@ def test_worker_in_shared_mode_serves_and_cancels_across_the_socket(slow_model, 
         wait_for(lambda: engine_stats(slow_model)["running"], "the job to run")
         second = worker.submit("file:///a.py", CompletionRequest(prefix="x = ", suffix="",
                                                                  max_tokens=4))
-        assert first.future.result(60).stats.cancelled  # newest wins, stopped in the engine
+        # Newest wins: the superseded request gets the engine's cancelled answer, or none when
+        # the engine takes longer than the client's short grace to confirm (issue 20: the newer
+        # request is never held behind it). Either way the engine stopped it.
+        superseded = first.future.result(60)
+        assert superseded is None or superseded.stats.cancelled
         assert not second.future.result(60).stats.cancelled
-        stats = engine_stats(slow_model)
-        assert stats["requests"]["cancelled"] == 1 and stats["requests"]["ok"] == 1
+        wait_for(lambda: engine_stats(slow_model)["requests"]["cancelled"] == 1,
+                 "the engine to count the superseded request cancelled")
+        assert engine_stats(slow_model)["requests"]["ok"] == 1
     finally:
         worker.close()
 
