@@ -69,18 +69,22 @@ class FimIngress(FimFront):
                 ended = True
                 return
             except RayActorError as exc:
-                if attempt == ATTEMPTS:
-                    raise ApiError(503, "the engine replicas serving this request died "
-                                   f"({ATTEMPTS} tries); retry shortly", "server_error") from None
-                self.retries += 1
-                log.warning("engine replica lost mid-stream, sending it again: %s",
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self._replica_lost(attempt, exc, "mid-stream")
             except RayTaskError as exc:
                 raise ApiError(503, f"the engine could not serve this request: "
                                f"{_cause(exc)}", "server_error") from None
             finally:  # a caller that hung up: the replica stops the model between steps
                 if not ended:
                     parts.cancel()
+
+    def _replica_lost(self, attempt: int, exc: RayActorError, when: str) -> None:
+        """A replica died under a request: send it again, or give up after ATTEMPTS tries."""
+        if attempt == ATTEMPTS:
+            raise ApiError(503, "the engine replicas serving this request died "
+                           f"({ATTEMPTS} tries); retry shortly", "server_error") from None
+        self.retries += 1
+        log.warning("engine replica lost %s, sending it again: %s", when,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     async def dispatch(self, call: EngineCall, key: str | None,
                        model: str | None) -> tuple[EngineAnswer, int]:
@@ -91,12 +95,7 @@ class FimIngress(FimFront):
                 raw = await handle.complete.remote(payload)
                 return msgspec.msgpack.decode(raw, type=EngineAnswer), attempt
             except RayActorError as exc:  # the replica died (or is unreachable)
-                if attempt == ATTEMPTS:
-                    raise ApiError(503, "the engine replicas serving this request died "
-                                   f"({ATTEMPTS} tries); retry shortly", "server_error") from None
-                self.retries += 1
-                log.warning("engine replica lost mid-request, sending it again: %s",
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self._replica_lost(attempt, exc, "mid-request")
             except RayTaskError as exc:  # the replica raised: a model that did not load
                 raise ApiError(503, f"the engine could not serve this request: "
                                f"{_cause(exc)}", "server_error") from None
