@@ -377,14 +377,18 @@ class Engine:
             stats.timed_out = not stats.cancelled
             return CompletionResult(text="", candidates=[], stats=stats)
         denoised = time.perf_counter()
-        candidates, best_row = self._rank(request, done, rows)
-        finished = time.perf_counter()
-
         stats.forward_passes = done.forward_passes
         stats.cancelled, stats.timed_out = done.cancelled, done.timed_out
         stats.reused_context_tokens = done.reused_tokens
         stats.speculative_hit = done.speculative_hit
         stats.batch_rows = done.batch_rows
+        if done.cancelled:  # the caller no longer wants it: nothing partial is ranked or returned
+            stats.timings_ms = {"tokenize": (tokenized - started) * 1000.0,
+                                "encode": done.encode_ms, "denoise": done.denoise_ms,
+                                "total": (denoised - started) * 1000.0}
+            return CompletionResult(text="", candidates=[], stats=stats)
+        candidates, best_row = self._rank(request, done, rows)
+        finished = time.perf_counter()
         if best_row is not None:
             stats.tokens_committed_per_step = done.commits[best_row]
             stats.padded_tokens = int(done.forced[best_row].sum())
@@ -398,8 +402,6 @@ class Engine:
             "decode": (finished - denoised) * 1000.0,
             "total": (finished - started) * 1000.0,
         }
-        if done.cancelled:  # the caller no longer wants it: nothing partial is returned
-            return CompletionResult(text="", candidates=[], stats=stats)
         text = candidates[0].text if candidates else ""
         if text and not done.timed_out and not expanding and request.use_cache:
             self._speculate_on(request, text, budget, max(lengths))
