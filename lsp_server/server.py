@@ -27,6 +27,7 @@ from lsprotocol import types
 from pygls.exceptions import FeatureRequestError, JsonRpcServerNotInitialized
 from pygls.lsp.server import LanguageServer
 
+from engine.api import one_line
 from lsp_server.completion import CompletionService, Selection
 from lsp_server.context import ContextGatherer, StableContext
 from lsp_server.context.gatherer import uri_path
@@ -352,7 +353,7 @@ class MaskfillServer(LanguageServer):
         if source is FeatureRequestError:  # already answered to the client, and logged
             return
         log.error("%s: %s", getattr(source, "__name__", source), error)
-        message = f"maskfill: internal error ({_one_line(error)}); see the server log"
+        message = f"maskfill: internal error ({one_line(error)}); see the server log"
         if self.engine_errors.allow(message):
             self.show(message, types.MessageType.Error)
 
@@ -594,7 +595,3 @@ async def _pull_configuration(ls: MaskfillServer) -> None:
         if values and isinstance(values[0], dict):
             ls.apply_settings(values[0])
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
