@@ -181,8 +181,13 @@ class EngineLike(Protocol):
         ...
 
 
-def one_line(error: BaseException, limit: int | None = None) -> str:
+def one_line(error: BaseException, limit: int | None = None, *, with_type: bool = False) -> str:
     """An exception as one line for a log or a message: its text with every run of whitespace
-    (newlines too) made one space, cut to `limit` characters; its type's name when it has none."""
+    (newlines too) made one space, cut to `limit` characters; its type's name when it has none.
+    `with_type`: the type's name goes first ("ImportError: ..."), for a report that says what
+    failed to someone who did not see the traceback (the doctor)."""
     text = " ".join(str(error).split())
-    return (text[:limit] if limit is not None else text) or type(error).__name__
+    text = text[:limit] if limit is not None else text
+    if not text:
+        return type(error).__name__
+    return f"{type(error).__name__}: {text}" if with_type else text

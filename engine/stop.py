@@ -72,13 +72,17 @@ def expression_end(text: str, *, colon_ends: bool = False, brace_ends: bool = Fa
     return len(text)
 
 
-def apply_stop(text: str, mode: str, prefix: str) -> str:
-    """Cut a completion per stop mode. `prefix` is the text before the cursor (for "block")."""
+def apply_stop(text: str, mode: str, prefix: str, *, colon_ends: bool = False,
+               brace_ends: bool = False) -> str:
+    """Cut a completion per stop mode: the one stop rule, applied by the engine and again by
+    the LSP server (lsp_server/postprocess.py cut_at_stop) on the same terms. `prefix` is the
+    text before the cursor (only its last line counts: "block"); `colon_ends`/`brace_ends`
+    are the server's knowledge of a condition (see expression_end; "expr")."""
     if mode == "free":
         return text
     if mode == "expr":
-        end = expression_end(text)
-        return text[:end].rstrip() if end < len(text) and text[end] == "\n" else text[:end]
+        end = expression_end(text, colon_ends=colon_ends, brace_ends=brace_ends)
+        return text if end == len(text) else text[:end].rstrip()
     if mode == "line":
         head, newline, rest = text.partition("\n")
         if newline and not head.strip():
@@ -94,7 +98,10 @@ def apply_stop(text: str, mode: str, prefix: str) -> str:
     if anchor is None:
         return text
     base = _indent(lines_with_cursor[anchor])
-    opens_block = lines_with_cursor[anchor].rstrip().endswith((":", "{"))
+    # A line ending in an opener is followed by a body deeper than it: the first line back at
+    # its depth (the closer, or the next statement) is outside the block. The closer is the
+    # document's (editors close brackets), as the server's duplicate trim assumes.
+    opens_block = lines_with_cursor[anchor].rstrip().endswith(BLOCK_OPENERS)
     for i in range(anchor + 1, len(lines)):
         if not lines[i].strip():
             continue

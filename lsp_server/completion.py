@@ -169,7 +169,9 @@ class CompletionService:
             offset,
             lines_before=s.context_lines_before,
             lines_after=s.context_lines_after,
-            budget_tokens=s.context_tokens,
+            # the most the engine may give the file's own text (_request's max_context_tokens
+            # with the largest extra block): the window's pre-cut never takes what it would keep
+            budget_tokens=s.context_tokens + self.extra_budget(s),
         )
         if looks_binary(window.prefix[-2000:] + window.suffix[:2000]):
             return None

@@ -18,6 +18,7 @@ from lsprotocol import types
 from pygls.workspace import TextDocument, Workspace
 from pygls.workspace.position_codec import PositionCodec
 
+from engine.denoise.fim import CHARS_PER_TOKEN_BOUND, precut_text
 from lsp_server.chunked_text import ChunkedText, code_points_for, units
 from lsp_server.lines import line_end, line_start, split_lines
 
@@ -26,11 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Without the model's tokenizer in the server process, the token budget is turned into a
-# character budget. Code averages 3-4 characters per token, so 3 keeps the window within
-# the budget; the engine still truncates exactly with request.max_context_tokens.
+# The server's estimate of a text's tokens without the model's tokenizer (code averages 3-4
+# characters per token): the extra context's budget (lsp_server/context/). The window itself
+# is not cut with it: the engine cuts the context on tokens (context_window below).
 CHARS_PER_TOKEN = 3
-PREFIX_SHARE = 0.75  # prefix:suffix about 3:1 (editors.md; Continue/Tabby use similar splits)
 
 
 @dataclass(frozen=True)
@@ -237,23 +237,18 @@ class ContextWindow:
 def context_window(
     text: str, offset: int, *, lines_before: int, lines_after: int, budget_tokens: int
 ) -> ContextWindow:
-    """Whole lines around the cursor within a token budget split about 3:1 prefix:suffix.
+    """Whole lines around the cursor within the line limits (settings), "\\n" line breaks.
 
-    Budget a side does not need (a cursor near the top or bottom of a file) goes to the other.
-    The cursor's own line is cut by characters only when it alone exceeds its share.
+    The one context cut is the engine's, on tokens (engine/denoise/fim.py: cut_context, about
+    3:1 prefix:suffix, a side's unused share going to the other). Here only what can never fit
+    `budget_tokens` goes, by the engine's own character bound (fim.precut_text), so an
+    enormous file is not sent whole: the prompt is the one the engine makes of the whole lines.
     """
-    budget = budget_tokens * CHARS_PER_TOKEN
-    prefix = _lines_before(text, offset, lines_before, budget)
-    suffix = _lines_after(text, offset, lines_after, budget)
-    prefix_share = int(budget * PREFIX_SHARE)
-    suffix_share = budget - prefix_share
-    if len(suffix) < suffix_share:
-        prefix_share = budget - len(suffix)
-    elif len(prefix) < prefix_share:
-        suffix_share = budget - len(prefix)
-    prefix = _keep_tail(prefix, prefix_share)
-    suffix = _keep_head(suffix, suffix_share)
-    return ContextWindow(prefix=_normalize_eol(prefix), suffix=_normalize_eol(suffix))
+    limit = max(budget_tokens, 0) * CHARS_PER_TOKEN_BOUND  # the scan's bound, as precut's
+    prefix = _normalize_eol(_lines_before(text, offset, lines_before, limit))
+    suffix = _normalize_eol(_lines_after(text, offset, lines_after, limit))
+    prefix, suffix = precut_text(prefix, suffix, budget_tokens)
+    return ContextWindow(prefix=prefix, suffix=suffix)
 
 
 def _lines_before(text: str, offset: int, max_lines: int, max_chars: int) -> str:
@@ -274,23 +269,6 @@ def _lines_after(text: str, offset: int, max_lines: int, max_chars: int) -> str:
         found = text.find("\n", end)
         end = len(text) if found == -1 else found + 1
     return text[offset:end]
-
-
-def _keep_tail(prefix: str, max_chars: int) -> str:
-    """The last `max_chars` of `prefix`, dropping a partial first line when there is one."""
-    if len(prefix) <= max_chars:
-        return prefix
-    cut = prefix[len(prefix) - max_chars :]
-    newline = cut.find("\n")
-    return cut[newline + 1 :] if newline != -1 else cut
-
-
-def _keep_head(suffix: str, max_chars: int) -> str:
-    if len(suffix) <= max_chars:
-        return suffix
-    cut = suffix[:max_chars]
-    newline = cut.rfind("\n")
-    return cut[: newline + 1] if newline != -1 else cut
 
 
 def _normalize_eol(text: str) -> str:

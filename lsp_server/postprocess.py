@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.api import StopMode
-from engine.stop import BLOCK_OPENERS, stop_for_cursor
+from engine.stop import apply_stop, stop_for_cursor
 
 CLOSERS = frozenset(")]}\"'`")
 # Characters the model may repeat from the text after the cursor without meaning new code.
@@ -52,37 +52,17 @@ def postprocess(text: str, context: CursorContext, stop: StopMode) -> str | None
     return text.replace("\n", context.eol) if context.eol != "\n" else text
 
 
-def _indent_width(line: str, tab_width: int = 4) -> int:
-    stripped = line[: len(line) - len(line.lstrip(" \t"))]
-    return len(stripped.expandtabs(tab_width))
-
-
 def cut_at_stop(text: str, context: CursorContext, stop: StopMode) -> str:
-    """line: up to the first line break. block: until a line leaves the cursor's scope.
-    expr: until the expression around the cursor ends (the enclosing bracket, a Python
-    condition's `:`, a brace language's body `{`)."""
-    if stop == "free":
-        return text.rstrip() if not context.line_after else text
+    """The engine's stop rule (engine/stop.py apply_stop: the one copy), told what only the
+    server knows: the cursor's syntax kind, for the expr stop. Then the suggestion's trailing
+    whitespace goes, unless text follows the cursor on its line (a block always ends clean)."""
     if stop == "expr":
         from lsp_server.syntax.expression_stop import apply_expression_stop
 
-        return apply_expression_stop(text, context.grammar, context.kind)
-    if stop == "line":
-        first = text.split("\n", 1)[0]
-        return first.rstrip() if not context.line_after.strip() else first
-    lines = text.split("\n")
-    base = _indent_width(context.line_before)
-    after_opener = context.line_before.rstrip().endswith(BLOCK_OPENERS)
-    kept = [lines[0]]
-    for line in lines[1:]:
-        if line.strip():
-            width = _indent_width(line)
-            # After an opener the body is deeper than the cursor line; on an empty line the
-            # block continues at the cursor's own depth.
-            if width < base or (after_opener and width <= base):
-                break
-        kept.append(line)
-    return "\n".join(kept).rstrip()
+        text = apply_expression_stop(text, context.grammar, context.kind)
+    else:
+        text = apply_stop(text, stop, context.line_before)
+    return text.rstrip() if stop == "block" or not context.line_after.strip() else text
 
 
 def trim_duplicate_suffix(text: str, context: CursorContext) -> str:

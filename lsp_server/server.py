@@ -27,6 +27,7 @@ from lsprotocol import types
 from pygls.exceptions import FeatureRequestError, JsonRpcServerNotInitialized
 from pygls.lsp.server import LanguageServer
 
+from engine.api import one_line
 from lsp_server.completion import CompletionService, Selection
 from lsp_server.context import ContextGatherer, StableContext
 from lsp_server.context.gatherer import uri_path
@@ -352,7 +353,7 @@ class MaskfillServer(LanguageServer):
         if source is FeatureRequestError:  # already answered to the client, and logged
             return
         log.error("%s: %s", getattr(source, "__name__", source), error)
-        message = f"maskfill: internal error ({_one_line(error)}); see the server log"
+        message = f"maskfill: internal error ({one_line(error)}); see the server log"
         if self.engine_errors.allow(message):
             self.show(message, types.MessageType.Error)
 
@@ -464,6 +465,40 @@ def selection_at(
     )
 
 
+class Handlers:
+    """The LSP handlers, each a module-level function decorated as pygls' examples decorate
+    theirs (`@server.feature(...)`): the decorators record it here, and `register` puts every
+    recorded one on a server. Their state is the server's (`ls`), so several servers can live
+    in one process (the tests make many)."""
+
+    def __init__(self) -> None:
+        self._features: list[tuple[str, Any, Callable[..., Any]]] = []
+        self._commands: list[tuple[str, Callable[..., Any]]] = []
+
+    def feature(self, name: str, options: Any = None) -> Callable[[Callable], Callable]:
+        def record(handler: Callable[..., Any]) -> Callable[..., Any]:
+            self._features.append((name, options, handler))
+            return handler
+
+        return record
+
+    def command(self, name: str) -> Callable[[Callable], Callable]:
+        def record(handler: Callable[..., Any]) -> Callable[..., Any]:
+            self._commands.append((name, handler))
+            return handler
+
+        return record
+
+    def register(self, server: LanguageServer) -> None:
+        for name, options, handler in self._features:
+            server.feature(name, options)(handler)
+        for name, handler in self._commands:
+            server.command(name)(handler)
+
+
+handlers = Handlers()
+
+
 def create_server(
     *,
     overrides: dict[str, Any] | None = None,
@@ -471,119 +506,131 @@ def create_server(
     parent_poll_s: float = 1.0,
 ) -> MaskfillServer:
     server = MaskfillServer(overrides=overrides, loader=loader, parent_poll_s=parent_poll_s)
-
-    @server.feature(types.INITIALIZE)
-    def initialize(ls: MaskfillServer, params: types.InitializeParams) -> None:
-        if ls._loop is None:
-            ls._loop = asyncio.get_running_loop()
-        # pygls' documents split lines with str.splitlines; ours use LSP's line breaks.
-        workspace = ls.workspace
-        ls.protocol._workspace = LspWorkspace(
-            workspace.root_uri,
-            server._text_document_sync_kind,
-            params.workspace_folders or [],
-            workspace.position_encoding,
-        )
-        ls.apply_settings(params.initialization_options)
-        ls.service.context = StableContext(ContextGatherer(
-            workspace_roots(params), lambda: list(ls.workspace.text_documents.values())))
-        pid = params.process_id
-        if pid is not None and not 0 < pid <= MAX_PID:
-            log.warning("processId %r is not a possible process id: not watching the editor", pid)
-        elif pid is not None and pid != os.getpid():
-            ls.spawn(ls.watch_parent(pid))
-        # pygls sends the reply as soon as this handler returns: requests that follow it are
-        # allowed (the model itself starts loading on `initialized`).
-        ls.initialized = True
-
-    @server.feature(types.INITIALIZED)
-    def initialized(ls: MaskfillServer, params: types.InitializedParams) -> None:
-        if not ls.load_started:  # a repeated `initialized` does not reload the model
-            ls.start_loading()
-
-    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
-    def did_change_configuration(ls: MaskfillServer, params: types.DidChangeConfigurationParams):
-        if isinstance(params.settings, dict) and params.settings:
-            ls.apply_settings(params.settings)
-            return
-        workspace = ls.client_capabilities.workspace if ls.client_capabilities else None
-        if workspace and workspace.configuration:  # pull model: ask, off the request path
-            ls.spawn(_pull_configuration(ls))
-
-    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
-    def did_open(ls: MaskfillServer, params: types.DidOpenTextDocumentParams) -> None:
-        ls.document_opened(params.text_document.uri)
-
-    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
-    def did_change(ls: MaskfillServer, params: types.DidChangeTextDocumentParams) -> None:
-        context = ls.service.context
-        if context is None or not params.content_changes:
-            return
-        change = params.content_changes[0]
-        line = change.range.start.line if isinstance(
-            change, types.TextDocumentContentChangePartial) else 0
-        context.gatherer.edited(params.text_document.uri, line)
-        context.activity()
-
-    @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
-    def did_close(ls: MaskfillServer, params: types.DidCloseTextDocumentParams) -> None:
-        if ls.service.context is not None:
-            ls.service.context.gatherer.closed(params.text_document.uri)
-
-    @server.feature(types.TEXT_DOCUMENT_DID_SAVE)
-    def did_save(ls: MaskfillServer, params: types.DidSaveTextDocumentParams) -> None:
-        if ls.service.context is not None:
-            ls.service.context.gatherer.saved(params.text_document.uri)
-
-    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
-    async def inline_completion(
-        ls: MaskfillServer, params: types.InlineCompletionParams
-    ) -> types.InlineCompletionList:
-        snapshot = ls.snapshot(params.text_document.uri, params.position)
-        if snapshot is None:
-            return types.InlineCompletionList(items=[])
-        document = find_document(ls, params.text_document.uri)
-        selection = selection_at(snapshot, params.context)
-        invoked = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
-        suggestions = await ls.service.suggest(
-            snapshot, document, invoked=invoked, selection=selection
-        )
-        return types.InlineCompletionList(items=inline_items(suggestions))
-
-    @server.feature(
-        types.TEXT_DOCUMENT_COMPLETION,
-        types.CompletionOptions(trigger_characters=TRIGGER_CHARACTERS),
-    )
-    async def completion(
-        ls: MaskfillServer, params: types.CompletionParams
-    ) -> types.CompletionList | None:
-        if client_has_inline_completion(ls.client_capabilities):
-            return None  # the client shows our inline items; no double suggestions
-        snapshot = ls.snapshot(params.text_document.uri, params.position)
-        if snapshot is None:
-            return None
-        document = find_document(ls, params.text_document.uri)
-        trigger = params.context.trigger_kind if params.context else None
-        invoked = trigger == types.CompletionTriggerKind.Invoked  # manual: all candidates
-        suggestions = await ls.service.suggest(snapshot, document, invoked=invoked)
-        return completion_list(suggestions, snapshot.line_before, snapshot.codec)
-
-    @server.command(STATUS_COMMAND)
-    def status(ls: MaskfillServer, *args: Any) -> dict[str, Any]:
-        return ls.status()
-
-    @server.command(TOGGLE_COMMAND)
-    def toggle(ls: MaskfillServer, *args: Any) -> dict[str, Any]:
-        ls.settings = msgspec.structs.replace(ls.settings, enabled=not ls.settings.enabled)
-        ls.notify_status()
-        return {"enabled": ls.settings.enabled}
-
-    @server.feature(types.SHUTDOWN)
-    def shutdown(ls: MaskfillServer, *args: Any) -> None:
-        ls.shutdown_requested = True
-        ls.free(timeout=0)  # starts freeing; `exit` waits for it (briefly, see __main__)
-
+    handlers.register(server)
     return server
+
+
+@handlers.feature(types.INITIALIZE)
+def initialize(ls: MaskfillServer, params: types.InitializeParams) -> None:
+    if ls._loop is None:
+        ls._loop = asyncio.get_running_loop()
+    # pygls' documents split lines with str.splitlines; ours use LSP's line breaks.
+    workspace = ls.workspace
+    ls.protocol._workspace = LspWorkspace(
+        workspace.root_uri,
+        ls._text_document_sync_kind,
+        params.workspace_folders or [],
+        workspace.position_encoding,
+    )
+    ls.apply_settings(params.initialization_options)
+    ls.service.context = StableContext(ContextGatherer(
+        workspace_roots(params), lambda: list(ls.workspace.text_documents.values())))
+    pid = params.process_id
+    if pid is not None and not 0 < pid <= MAX_PID:
+        log.warning("processId %r is not a possible process id: not watching the editor", pid)
+    elif pid is not None and pid != os.getpid():
+        ls.spawn(ls.watch_parent(pid))
+    # pygls sends the reply as soon as this handler returns: requests that follow it are
+    # allowed (the model itself starts loading on `initialized`).
+    ls.initialized = True
+
+
+@handlers.feature(types.INITIALIZED)
+def initialized(ls: MaskfillServer, params: types.InitializedParams) -> None:
+    if not ls.load_started:  # a repeated `initialized` does not reload the model
+        ls.start_loading()
+
+
+@handlers.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+def did_change_configuration(ls: MaskfillServer, params: types.DidChangeConfigurationParams):
+    if isinstance(params.settings, dict) and params.settings:
+        ls.apply_settings(params.settings)
+        return
+    workspace = ls.client_capabilities.workspace if ls.client_capabilities else None
+    if workspace and workspace.configuration:  # pull model: ask, off the request path
+        ls.spawn(_pull_configuration(ls))
+
+
+@handlers.feature(types.TEXT_DOCUMENT_DID_OPEN)
+def did_open(ls: MaskfillServer, params: types.DidOpenTextDocumentParams) -> None:
+    ls.document_opened(params.text_document.uri)
+
+
+@handlers.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+def did_change(ls: MaskfillServer, params: types.DidChangeTextDocumentParams) -> None:
+    context = ls.service.context
+    if context is None or not params.content_changes:
+        return
+    change = params.content_changes[0]
+    line = change.range.start.line if isinstance(
+        change, types.TextDocumentContentChangePartial) else 0
+    context.gatherer.edited(params.text_document.uri, line)
+    context.activity()
+
+
+@handlers.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+def did_close(ls: MaskfillServer, params: types.DidCloseTextDocumentParams) -> None:
+    if ls.service.context is not None:
+        ls.service.context.gatherer.closed(params.text_document.uri)
+
+
+@handlers.feature(types.TEXT_DOCUMENT_DID_SAVE)
+def did_save(ls: MaskfillServer, params: types.DidSaveTextDocumentParams) -> None:
+    if ls.service.context is not None:
+        ls.service.context.gatherer.saved(params.text_document.uri)
+
+
+@handlers.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+async def inline_completion(
+    ls: MaskfillServer, params: types.InlineCompletionParams
+) -> types.InlineCompletionList:
+    snapshot = ls.snapshot(params.text_document.uri, params.position)
+    if snapshot is None:
+        return types.InlineCompletionList(items=[])
+    document = find_document(ls, params.text_document.uri)
+    selection = selection_at(snapshot, params.context)
+    invoked = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
+    suggestions = await ls.service.suggest(
+        snapshot, document, invoked=invoked, selection=selection
+    )
+    return types.InlineCompletionList(items=inline_items(suggestions))
+
+
+@handlers.feature(
+    types.TEXT_DOCUMENT_COMPLETION,
+    types.CompletionOptions(trigger_characters=TRIGGER_CHARACTERS),
+)
+async def completion(
+    ls: MaskfillServer, params: types.CompletionParams
+) -> types.CompletionList | None:
+    if client_has_inline_completion(ls.client_capabilities):
+        return None  # the client shows our inline items; no double suggestions
+    snapshot = ls.snapshot(params.text_document.uri, params.position)
+    if snapshot is None:
+        return None
+    document = find_document(ls, params.text_document.uri)
+    trigger = params.context.trigger_kind if params.context else None
+    invoked = trigger == types.CompletionTriggerKind.Invoked  # manual: all candidates
+    suggestions = await ls.service.suggest(snapshot, document, invoked=invoked)
+    return completion_list(suggestions, snapshot.line_before, snapshot.codec)
+
+
+@handlers.command(STATUS_COMMAND)
+def status(ls: MaskfillServer, *args: Any) -> dict[str, Any]:
+    return ls.status()
+
+
+@handlers.command(TOGGLE_COMMAND)
+def toggle(ls: MaskfillServer, *args: Any) -> dict[str, Any]:
+    ls.settings = msgspec.structs.replace(ls.settings, enabled=not ls.settings.enabled)
+    ls.notify_status()
+    return {"enabled": ls.settings.enabled}
+
+
+@handlers.feature(types.SHUTDOWN)
+def shutdown(ls: MaskfillServer, *args: Any) -> None:
+    ls.shutdown_requested = True
+    ls.free(timeout=0)  # starts freeing; `exit` waits for it (briefly, see __main__)
 
 
 async def _pull_configuration(ls: MaskfillServer) -> None:
@@ -594,7 +641,3 @@ async def _pull_configuration(ls: MaskfillServer) -> None:
         if values and isinstance(values[0], dict):
             ls.apply_settings(values[0])
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

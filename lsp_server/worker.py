@@ -56,6 +56,7 @@ from engine.api import (
     EngineLike,
     EngineUnavailable,
     QuantMode,
+    one_line,
 )
 
 log = logging.getLogger(__name__)
@@ -418,7 +419,7 @@ class EngineWorker:
                 errors = [str(exc)]
                 break
             except Exception as exc:  # EngineError, OOM, a broken checkpoint: report, keep serving
-                errors.append(f"{device}: {_one_line(exc)}")
+                errors.append(f"{device}: {one_line(exc)}")
                 log.warning("loading %s on %s failed: %s", model_name(spec), device, exc)
                 continue
             finally:
@@ -463,7 +464,7 @@ class EngineWorker:
             try:
                 result = self._timed_run(engine, job, request)
             except EngineInputError as exc:  # this request alone is bad: not the device's fault
-                log.warning("completion refused: %s", _one_line(exc))
+                log.warning("completion refused: %s", one_line(exc))
                 break
             except EngineUnavailable as exc:  # silent, restarting, or refusing our token:
                 self._unavailable(exc)  # a shorter span would not help, the device is fine
@@ -473,7 +474,7 @@ class EngineWorker:
                 with self._lock:
                     self._failures_in_a_row += 1
                     repeated = self._failures_in_a_row >= FALLBACK_AFTER_FAILURES
-                message = _one_line(exc)
+                message = one_line(exc)
                 log.warning("completion failed (attempt %d): %s", attempt + 1, message)
                 self._on_event("engine-error", {"message": f"maskfill: {message}"})
                 if job.cancel.is_set():
@@ -501,7 +502,7 @@ class EngineWorker:
         is said once (an error the user must fix) and stays in the status until a request
         succeeds; the rest go through the server's repeat limiter."""
         self.stats.record_failure()
-        message = f"maskfill: {_one_line(exc)}"
+        message = f"maskfill: {one_line(exc)}"
         log.warning("completion failed: %s", message)
         if isinstance(exc, EngineAuthError):
             with self._lock:
@@ -546,8 +547,3 @@ def _resolve(job: Job, value: CompletionResult | None) -> None:
     with contextlib.suppress(InvalidStateError):
         if not job.future.done():
             job.future.set_result(value)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -12,15 +12,18 @@ dedents out of the block the cursor is in, "free" only at the end token.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from engine.model.config import ModelArgs
 
+if TYPE_CHECKING:  # torch is imported where the rows are built: the LSP server, which never
+    import torch  # imports torch, pre-cuts its window with precut_text
+    from torch import Tensor
+
 # A token spans at least one character, and code BPE tokens rarely exceed a few dozen: texts are
 # pre-cut to this many characters per budget token before tokenizing, so an enormous file never
-# gets tokenized whole. The exact cut is then made on tokens.
+# gets tokenized whole (nor sent whole: the LSP server pre-cuts its window with the same
+# precut_text). The exact cut is then made on tokens (cut_context): the one context cut.
 CHARS_PER_TOKEN_BOUND = 32
 PREFIX_SHARE = 0.75  # when both sides are too long, keep about 3:1 prefix:suffix
 
@@ -109,6 +112,8 @@ def build_infill_batch(
     hole_lengths: list[int],
     device: torch.device | str = "cpu",
 ) -> InfillBatch:
+    import torch
+
     lead = lead_specials(args) + list(prefix_ids)
     if args.logit_shift and not lead:
         lead = [args.eos_token_id]  # anchor for the shift: see lead_specials

@@ -32,6 +32,7 @@ from engine.api import (
     EngineInfo,
     EngineInputError,
     EngineLike,
+    one_line,
 )
 from engine.serve.stats import ServiceStats
 
@@ -285,7 +286,7 @@ class FairScheduler:
             self.stats.model_loads += 1
             self.state = "ready"
         except Exception as exc:  # a bad checkpoint or OOM: report it to every client
-            self.error = _one_line(exc)
+            self.error = one_line(exc)
             self.state = "failed"
             log.error("loading the model failed: %s", self.error)
         finally:
@@ -311,11 +312,11 @@ class FairScheduler:
                 result = self._engine.complete(request, job.cancel, on_draft=job.on_draft)
         except EngineInputError as exc:  # the client's mistake, not the engine's
             self.stats.record_outcome("rejected")
-            return None, _one_line(exc)
+            return None, one_line(exc)
         except Exception as exc:  # one bad request must not take the model thread down
             self.stats.record_outcome("error")
             log.warning("completion failed: %s", exc)
-            return None, _one_line(exc)
+            return None, one_line(exc)
         seconds = time.perf_counter() - started
         s = result.stats
         if s.cancelled or job.cancel.is_set():
@@ -343,8 +344,3 @@ def _answer(job: Job, result: CompletionResult | None, error: str | None) -> Non
         job.reply(result, error)
     except Exception:  # a broken reply path (closed connection) must not stop the thread
         log.exception("replying to job %s failed", job.id)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

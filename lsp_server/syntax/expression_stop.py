@@ -5,13 +5,12 @@ opens the body of a brace language's condition, or at the end of the line."""
 
 from __future__ import annotations
 
-from engine.stop import expression_end
+from engine.stop import apply_stop
 
 
 def apply_expression_stop(text: str, grammar: str | None, kind: str | None = None) -> str:
     """`text` up to where the expression around the cursor ends (see the module doc): the
     engine's own rule, told what only the server knows (a condition, and its language)."""
     condition = kind == "condition"
-    end = expression_end(text, colon_ends=condition and grammar == "python",
-                         brace_ends=condition and grammar != "python")
-    return text if end == len(text) else text[:end].rstrip()
+    return apply_stop(text, "expr", "", colon_ends=condition and grammar == "python",
+                      brace_ends=condition and grammar != "python")

@@ -12,9 +12,10 @@ import sys
 import warnings
 from typing import Any
 
+from engine.api import one_line
 from lsp_server.findings import Finding
 from lsp_server.settings import Settings
-from lsp_server.tools.doctor_kernels import check_quant_kernel, check_xformers, one_line
+from lsp_server.tools.doctor_kernels import check_quant_kernel, check_xformers
 
 INSTALL_HINT = "see the README's Install section"
 TIGHT_MEMORY_SHARE = 0.8  # the context cache and activations need room beside the weights
@@ -35,7 +36,8 @@ def check_torch() -> tuple[Finding, Any]:
     try:
         import torch
     except Exception as exc:  # ImportError, or a broken build failing in its own init
-        return Finding("fail", "torch", f"cannot import ({one_line(exc)}); {INSTALL_HINT}"), None
+        why = one_line(exc, with_type=True)
+        return Finding("fail", "torch", f"cannot import ({why}); {INSTALL_HINT}"), None
     if torch.version.cuda:
         build = f"CUDA {torch.version.cuda} build"
     elif getattr(torch.version, "hip", None):
@@ -114,9 +116,8 @@ def check_model(spec: str | None) -> tuple[Finding, Any]:
     try:
         from engine.model import weights
     except Exception as exc:  # torch is missing or broken: the torch line says so
-        return Finding(
-            "fail", "model", f"cannot check without a working torch ({one_line(exc)})"
-        ), None
+        why = one_line(exc, with_type=True)
+        return Finding("fail", "model", f"cannot check without a working torch ({why})"), None
     if spec is None:
         embedded = default_model_path()
         if embedded is None:

@@ -16,15 +16,11 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from engine.api import one_line
 from lsp_server.findings import Finding
 
 XFORMERS_ROLE = "optional: faster attention on CUDA; PyTorch SDPA is used without it"
 MAX_ATTENTION_DIFF = 2e-2  # fp16 kernels vs the SDPA reference on a tiny random input
-
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def installed_version(name: str) -> str | None:
@@ -89,7 +85,8 @@ def check_xformers(cuda_device: str | None, needed_on: str | None) -> Finding:
         return Finding(
             "warn",
             "xformers",
-            f"{version} is installed but does not import ({one_line(error)}); the engine uses "
+            f"{version} is installed but does not import ({one_line(error, with_type=True)}); "
+            "the engine uses "
             "PyTorch SDPA instead: `pip uninstall xformers`, or install the build made for "
             "this torch",
         )
@@ -138,7 +135,8 @@ def xformers_call_finding(
         return Finding(
             "warn",
             "xformers",
-            f"{version} imports but has no kernel for this torch and GPU ({one_line(exc)[:200]}); "
+            f"{version} imports but has no kernel for this torch and GPU "
+            f"({one_line(exc, with_type=True)[:200]}); "
             "every attention call would try it and fall back to SDPA: `pip uninstall xformers`, "
             "or install the build made for this torch",
         )
@@ -147,7 +145,7 @@ def xformers_call_finding(
         return Finding(
             status,
             "xformers",
-            f"{version} fails a real attention call ({one_line(exc)[:200]}): "
+            f"{version} fails a real attention call ({one_line(exc, with_type=True)[:200]}): "
             "`pip uninstall xformers` (the engine then uses PyTorch SDPA)",
         )
     if not diff <= MAX_ATTENTION_DIFF:  # also catches NaN
@@ -174,7 +172,7 @@ def check_quant_kernel(quant: str, needed_on: str | None) -> Finding:
         kernel, reason = probe_fast_kernel(quant, needed_on)
     except Exception as exc:  # noqa: BLE001 - any failure here is the finding
         return Finding("fail", "quant", f"{quant} layers do not run on {needed_on}: "
-                       f"{one_line(exc)[:200]}")
+                       f"{one_line(exc, with_type=True)[:200]}")
     if reason is not None:
         return Finding("warn", "quant", f"{quant}: the fast kernel does not run here ({reason}); "
                        "layers dequantize instead, slower than quant none")

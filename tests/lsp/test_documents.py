@@ -4,8 +4,8 @@ import pytest
 from lsprotocol import types
 from pygls.workspace.position_codec import PositionCodec
 
+from engine.denoise.fim import CHARS_PER_TOKEN_BOUND, precut_text
 from lsp_server.documents import (
-    CHARS_PER_TOKEN,
     LspTextDocument,
     context_window,
     detect_indent,
@@ -87,23 +87,46 @@ def test_context_window_takes_whole_lines_within_line_limits():
     assert window.suffix == "sor\nn1\n"
 
 
-def test_context_window_splits_budget_about_3_to_1():
+def test_context_window_drops_only_what_can_never_fit_the_budget():
+    # Issue 22: the server cut the window a second way (3 characters a token, 3:1 by
+    # characters, whole lines); now only the engine's own bound applies, the engine's token
+    # cut doing the rest (one context cut).
     line = "x" * 29 + "\n"  # 30 chars per line
     text = line * 200 + line * 200
     offset = len(line) * 200
-    budget = 100  # tokens
+    budget = 50  # tokens: a bound of 50 * CHARS_PER_TOKEN_BOUND characters a side
     window = context_window(text, offset, lines_before=1000, lines_after=1000, budget_tokens=budget)
-    chars = budget * CHARS_PER_TOKEN
-    assert 0.7 * chars * 0.75 <= len(window.prefix) <= chars * 0.75
-    assert 0.5 * chars * 0.25 <= len(window.suffix) <= chars * 0.25
-    assert window.prefix.endswith("\n") and window.suffix.endswith("\n")  # whole lines only
+    bound = budget * CHARS_PER_TOKEN_BOUND
+    assert (window.prefix, window.suffix) == precut_text(text[:offset], text[offset:], budget)
+    assert len(window.prefix) == len(window.suffix) == bound < len(text) // 2
+    roomy = context_window(text, offset, lines_before=1000, lines_after=10, budget_tokens=10**6)
+    assert roomy.prefix == text[:offset]  # the line limits only: 10 lines after the cursor line
+    assert roomy.suffix == line * 11
 
 
-def test_unused_suffix_budget_goes_to_the_prefix():
-    text = ("y" * 29 + "\n") * 200
-    window = context_window(text, len(text), lines_before=1000, lines_after=10, budget_tokens=100)
-    assert window.suffix == ""
-    assert len(window.prefix) > 100 * CHARS_PER_TOKEN * 0.75
+def test_a_long_files_prompt_is_the_engines_cut_of_its_whole_lines(memorized_model):
+    """The server's pre-cut takes nothing the engine would keep: the token rows the engine
+    makes of the window are the ones it makes of the whole lines around the cursor."""
+    from engine.denoise import fim
+    from engine.engine import Engine
+
+    rows = [f"    value_{i} = compute(value_{i - 1}, {i} * factor)  # step {i}\n"
+            for i in range(1, 400)]
+    text = "def long():\n" + "".join(rows)
+    offset = text.index("value_200 =")
+    budget_tokens = 40  # the server's window budget; the engine's is the same request's
+    window = context_window(text, offset, lines_before=200, lines_after=60,
+                            budget_tokens=budget_tokens)
+    whole = context_window(text, offset, lines_before=200, lines_after=60,
+                           budget_tokens=10**6)
+    assert len(window.prefix) < len(whole.prefix)  # the pre-cut did cut
+    engine = Engine.load(str(memorized_model))
+    try:
+        budget = fim.context_budget(engine.args, 16, budget_tokens)
+        assert engine._context_ids(window.prefix, window.suffix, budget) == (
+            engine._context_ids(whole.prefix, whole.suffix, budget))
+    finally:
+        engine.close()
 
 
 def test_context_window_normalizes_crlf():

@@ -1,5 +1,8 @@
 """Each post-processing rule on its own, then the pipeline order."""
 
+import pytest
+
+from engine.stop import apply_stop
 from lsp_server.postprocess import (
     CursorContext,
     choose_stop,
@@ -49,6 +52,59 @@ def test_block_mode_after_opener_keeps_the_body_only():
     assert cut_at_stop(text, ctx("def f(x):"), "block") == (
         "\n    if x:\n        return 1\n    return 2"
     )
+
+
+def test_line_mode_at_a_line_end_offers_the_next_line():
+    # The engine's rule: the completion starts with the line break, the next line is the one
+    # worth offering (the server's own copy cut it to "", and showed nothing).
+    assert cut_at_stop("\n    y = 2\n    z = 3", ctx("    x = 1"), "line") == "\n    y = 2"
+
+
+def test_block_mode_after_a_bracket_ends_at_the_line_back_at_its_depth():
+    text = "\n    a,\n    b,\n)\nprint(x)"
+    assert cut_at_stop(text, ctx("x = f("), "block") == "\n    a,\n    b,"
+
+
+def test_block_mode_at_column_0_of_a_blank_line_follows_the_first_written_line():
+    text = "    y = 2\n    z = 3\nw = 4"
+    assert cut_at_stop(text, ctx(""), "block") == "    y = 2\n    z = 3"
+
+
+# One stop rule (issue 22): the engine cuts with engine/stop.py, the server cuts again with the
+# same function. (prefix, line_after, mode, model text): the cases of both sides' tests, and the
+# ones where the server's former copy differed (a blank first line in line mode, a block after
+# `(`/`[`, a blank cursor line at column 0).
+STOP_CASES = [
+    ("    print(", ")", "line", "x + 1)\n    y = 2\n"),
+    ("return ", "", "line", "a + b\nprint(x)\n"),
+    ("def f(x):", "", "line", "\n    return x\n    y = 1\n"),
+    ("    y = 2", "", "line", "\n    z = 3  \n    w = 4"),
+    ("", "", "free", "a\nb\n\nc\n"),
+    ("def f(x):\n    y = ", "", "block", "x + 1\n    z = y * 2\n    return z\n\ndef g():\n"),
+    ("for i in range(3):", "", "block", "\n    print(i)\n    total += i\nprint(total)\n"),
+    ("if (x) {", "", "block", "\n  y++;\n}\nz();"),
+    ("class A:\n    def f(self):\n        ", "", "block", "return 1\n\n    def g(self):\n"),
+    ("def f():\n    ", "", "block", "a = 1\n    b = 2\n"),
+    ("    ", "", "block", "x = 1\n    y = 2\nz = 3\ndef other():"),
+    ("x = f(", "", "block", "\n    a,\n    b,\n)\nprint(x)"),
+    ("items = [", "", "block", "\n    1,\n    2,\n]\nnext()"),
+    ("", "", "block", "    y = 2\n    z = 3\nw = 4"),
+    ("    f(", ")", "expr", "a, b)\n    return x"),
+    ("f(", ")", "expr", "g(a), [1, 2])\nz"),
+    ("if ", "", "expr", "x > 0:  \n    y"),
+    ("f(", ")", "expr", "')', 1) + 2"),
+]
+
+
+@pytest.mark.parametrize(("prefix", "after", "mode", "text"), STOP_CASES)
+def test_the_server_cuts_where_the_engine_cuts(prefix, after, mode, text):
+    engine_cut = apply_stop(text, mode, prefix)  # what Engine.complete returns
+    context = ctx(prefix.rsplit("\n", 1)[-1], after)
+    server_cut = cut_at_stop(text, context, mode)
+    # the same place, the server only dropping trailing whitespace before an empty rest of line
+    assert server_cut == (engine_cut.rstrip() if mode == "block" or not after else engine_cut)
+    # and the server's second cut of the engine's answer changes nothing
+    assert cut_at_stop(engine_cut, context, mode) == server_cut
 
 
 # -- trim what duplicates the text after the cursor ------------------------------------------

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 
+import msgspec
 import pytest
 from lsprotocol import types
 from pygls.exceptions import JsonRpcServerNotInitialized
 
 from engine.api import EngineInfo
+from lsp_server import server as server_module
 from lsp_server.documents import LspTextDocument, LspWorkspace, take_snapshot
 from lsp_server.server import MessageLimiter, create_server, pid_alive, selection_at
 
@@ -237,3 +239,23 @@ async def test_completion_fallback_honours_the_trigger_kind():
         await handler(params)  # pygls binds the server
     assert asked == [True, False, False]  # only a manual request gets several candidates
     server.free()
+
+
+def test_handlers_are_module_functions_serving_each_server_its_own_state():
+    """Issue 22: the handlers were closures inside create_server(); they are module-level
+    functions now, put on every server made, each answering from its own server's state."""
+    first, _ = started_server()
+    second, _ = started_server()
+    try:
+        for server in (first, second):
+            features = server.protocol.fm.features
+            assert features[types.TEXT_DOCUMENT_INLINE_COMPLETION].func is (
+                server_module.inline_completion)
+            assert features[types.TEXT_DOCUMENT_DID_OPEN].func is server_module.did_open
+        first.settings = msgspec.structs.replace(first.settings, enabled=False)
+        status = server_module.STATUS_COMMAND
+        assert first.protocol.fm.commands[status]()["enabled"] is False
+        assert second.protocol.fm.commands[status]()["enabled"] is True
+    finally:
+        first.free()
+        second.free()
