@@ -1,27 +1,29 @@
 """The denoising loop: fill the masked holes of every request in flight, one step at a time.
 
-Reads top to bottom:
-1. `DenoiseLoop.start` admits a request between passes. Its logits come from one of three
-   places (engine/denoise/passes.py): a static pass over fixed shapes shared by every request in
-   flight
-   (the CUDA default, replayed as a CUDA graph; engine/denoise/static_batch.py), a shrinking eager
-   pass (the CPU default; requests in flight share it through packed_logits), or a full forward
-   every step (`use_cache` off: the reference path). The cached ones fill the context once per
-   request, from scratch or from the context cache (engine/denoise/prefill.py), and run the head
-   only on the entries that predict hole slots (entry s-1 for slot s when shifted).
-2. `DenoiseLoop.iterate` runs ONE pass for all of them; each request (a `RequestState`) samples
-   its masked slots, its transfer rule (engine/denoise/committer.py) picks which to commit, and its
-   hole is written in place. Once a row commits an end token, its still-masked slots to the right
-   become EOS (DreamOn's pad_eos_to_right). Every request advances one step per pass.
-3. Every `check_every` steps a request's hole is read to the host (one transfer for all the
-   requests due): it stops when no masks remain, and rows whose text the stop mode has already
-   decided are closed; a job's `on_read` (streamed drafts) is handed the same read, so drafts
-   cost no extra sync. Cancellation and the deadline are host-side flags, checked every step;
-   a request that ends leaves between passes without disturbing the others.
-4. With `cache_refresh_every`, a request's whole context is re-encoded every N steps.
+ONE driver, read top to bottom in `DenoiseLoop.turn`; the engine's worker thread
+(engine/denoise/batch_worker.py) calls it once per round with whatever it admitted, and
+`run_alone` calls it on the caller's thread for one request (the engine without a worker, the
+benchmarks). A round:
+1. admit: each newcomer's context is filled (from the context cache when it can) and it gets a
+   `Source` of logits (engine/denoise/passes.py): a member of the static batch over fixed shapes
+   (the CUDA default, replayed as a CUDA graph; engine/denoise/static_batch.py), a shrinking
+   eager source (the CPU default; sources in flight share one packed pass), or a full forward
+   every step (`use_cache` off: the reference). Sources of one group share one pass.
+2. step every request in flight: ONE pass per group; each request (a `RequestState`) samples its
+   masked slots, its sampler's strategy (engine/denoise/committer.py, strategies/) picks which to
+   commit, and its hole is written in place. Once a row commits an end token, its still-masked
+   slots to the right become EOS (DreamOn's pad_eos_to_right).
+3. one host read per interval: every `check_every` steps the holes of the requests due are read
+   to the host in ONE transfer: a request stops when no masks remain, rows whose text the stop
+   mode has already decided are closed, finished rows leave a shrinking pass, and a job's
+   `on_read` (streamed drafts) is handed the same read, so drafts cost no extra sync.
+4. finish: a request past its schedule, cancelled or past its deadline (host-side flags,
+   checked every step) is answered and leaves between passes without disturbing the others;
+   with `cache_refresh_every`, one still in flight re-encodes its context every N steps.
+A cancel reaches the model within one layer: the encode and the pass check it between layers
+(model.ENCODE_GATE / STEP_GATE) once every request in them was cancelled.
 
-`denoise` is the one-request case of the same loop. DreamOn's variable-length loop is
-engine/denoise/dreamon.py.
+DreamOn's variable-length loop is engine/denoise/dreamon.py.
 """
 
 from __future__ import annotations
@@ -29,25 +31,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from engine.api import CompletionRequest
-from engine.denoise.committer import DREAM_TOPK_SAMPLERS, TRANSFER, Committer, pad_after_end
+from engine.denoise.committer import Committer, pad_after_end
 from engine.denoise.context_cache import ContextCache
 from engine.denoise.fim import InfillBatch, lead_specials
 from engine.denoise.kv_arena import Layout
-from engine.denoise.passes import ShrinkingSource, UncachedSource, packed_logits
+from engine.denoise.passes import ShrinkingSource, Source, UncachedSource
 from engine.denoise.prefill import context_ids
 from engine.model.config import ModelArgs
+from engine.model.transformer import ENCODE_GATE, STEP_GATE, EncodeInterrupted
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DREAM_TOPK_SAMPLERS", "TRANSFER", "Committer", "DenoiseJob", "DenoiseLoop",
-           "Denoised", "RequestState", "StopSignal", "denoise", "pad_after_end"]
+__all__ = ["Answer", "DenoiseJob", "DenoiseLoop", "Denoised", "RequestState", "StopSignal",
+           "run_alone"]
+
+# Who waits for a request: told its result (None: it never ran) or the error that failed it.
+Answer = Callable[..., None]  # answer(result=None, error=None)
 
 
 @dataclass
@@ -139,8 +146,8 @@ def default_check_every(device: torch.device, static: bool) -> int:
 class RequestState:
     """One request between passes: its hole, masks, confidences and commit schedule."""
 
-    def __init__(self, job: DenoiseJob, source, layout: Layout, static: bool, started: float,
-                 mask_id: int):
+    def __init__(self, job: DenoiseJob, source: Source, layout: Layout, static: bool,
+                 started: float, mask_id: int):
         self.job, self.source, self.layout = job, source, layout
         self.started = started
         batch, request = job.batch, job.request
@@ -165,11 +172,15 @@ class RequestState:
             self.out.speculative_hit = prefilled.source is not None and \
                 prefilled.source.speculative
         self.result: Denoised | None = None  # set when it ends, before it leaves
-        self.ticket = None  # the worker's handle (engine/denoise/batch_worker.py)
+        self.answer: Answer | None = None  # who waits for it (None: nobody, a benchmark)
 
     @property
     def hole(self) -> Tensor:
         return self.source.hole
+
+    @property
+    def greedy(self) -> bool:
+        return self.commit.greedy
 
     def advance(self, logits: Tensor, mask_id: int, eos_id: int) -> None:
         """Commit this step's tokens from `logits` (its open rows, or all)."""
@@ -248,8 +259,8 @@ class RequestState:
 
 
 class DenoiseLoop:
-    """Drives every request in flight, one shared pass per iteration. Not thread-safe: one
-    thread (the engine's worker, or `denoise`'s caller) owns it and the model."""
+    """Drives every request in flight, one shared pass per round. Not thread-safe: one thread
+    (the engine's worker, or `run_alone`'s caller) owns it and the model."""
 
     def __init__(self, model, args: ModelArgs, *, passes=None, cache: ContextCache | None = None,
                  dtype: torch.dtype | None = None, banned_ids: Tensor | None = None):
@@ -266,6 +277,48 @@ class DenoiseLoop:
     def rows(self) -> int:
         return sum(s.job.rows for s in self.active)
 
+    def turn(self, newcomers: list[tuple[DenoiseJob, Answer | None]]) -> int:
+        """One round: admit the newcomers, then step every request in flight (one pass, one
+        host read for those due) and answer the ones that ended. Returns the rows of the pass
+        it ran (0: none ran, nothing in flight or the pass failed)."""
+        for job, answer in newcomers:
+            self._admit(job, answer)
+        if not self.active:
+            return 0
+        rows = self.rows
+        try:
+            with stop_gates([s.job.stop for s in self.active]):
+                ended = self.iterate()
+        except EncodeInterrupted:  # every request in the pass was cancelled mid-pass
+            for state in self.abort():
+                # Answered as cancelled with what it had (passes, reused context), not as
+                # unrun: a keystroke replay counts the reuse of superseded requests too.
+                done = state.finish()
+                done.cancelled = True
+                _tell(state.answer, done)
+            return 0
+        except Exception as error:  # noqa: BLE001 - a failed pass fails its requests
+            log.warning("a denoising pass failed: %s", error)
+            for state in self.abort():
+                _tell(state.answer, error=error)
+            return 0
+        for state in ended:
+            _tell(state.answer, state.result)
+        return rows
+
+    def _admit(self, job: DenoiseJob, answer: Answer | None) -> None:
+        """Start one newcomer; a failure (or a cancel during its encode) is its own."""
+        try:
+            with stop_gates([job.stop]):
+                state = self.start(job)
+        except EncodeInterrupted:  # cancelled during its context encode: it never ran
+            _tell(answer, None)
+            return
+        except Exception as error:  # noqa: BLE001 - this request fails, the others go on
+            _tell(answer, error=error)
+            return
+        state.answer = answer
+
     def start(self, job: DenoiseJob) -> RequestState:
         """Admit a request: fill its context (from the cache when it can) and its first
         logits where its prefill gives them."""
@@ -281,6 +334,7 @@ class DenoiseLoop:
         if keep:
             plan = self.cache.plan(context[0], context[1], len(lead_specials(args)),
                                    query_from=layout.lead, hole=layout.lmax)
+        source: Source
         if not request.use_cache:
             source = UncachedSource(self.model, batch, layout, job.banned_ids)
         elif static:
@@ -291,8 +345,7 @@ class DenoiseLoop:
         try:
             state = RequestState(job, source, layout, static, started, args.mask_token_id)
         except BaseException:
-            if static:
-                self.static.leave(source)
+            source.leave()
             raise
         prefilled = source.prefilled
         if keep and prefilled is not None and prefilled.entry is not None:  # cold: cache it now
@@ -306,21 +359,24 @@ class DenoiseLoop:
         rows = self.rows
         for s in states:
             s.out.batch_rows = max(s.out.batch_rows, rows)
+        # Step every request in flight: one pass per group of sources...
         logits = self._logits([s for s in states if s.pending is None])
         if self.cache is not None:  # warm requests whose first pass just ran
             for s in states:
-                entry = self.static.new_entry(s.source) if self._is_static(s) else \
-                    s.source.new_entry()
+                entry = s.source.new_entry()
                 if entry is not None:
                     self.cache.put(entry, replaces=s.source.prefilled.source)
+        # ...each commits its step...
         mask_id, eos_id = self.args.mask_token_id, self.args.eos_token_id
         for s in states:
             step_logits, s.pending = (s.pending if s.pending is not None else logits[s]), None
             s.advance(step_logits, mask_id, eos_id)
+        # ...one host read for the requests due...
         due = [s for s in states if s.due]
         for s, (tokens_now, open_now) in zip(due, _to_host([(s.hole, s.masked) for s in due]),
                                              strict=True):
             s.read(tokens_now, open_now, eos_id)
+        # ...and the ones that ended leave.
         ended = []
         for s in states:
             s.check_end()
@@ -336,11 +392,7 @@ class DenoiseLoop:
     def leave(self, state: RequestState) -> None:
         if state in self.active:
             self.active.remove(state)
-            if self._is_static(state):
-                self.static.leave(state.source)
-
-    def _is_static(self, state: RequestState) -> bool:
-        return self.static is not None and state.source in self.static.members
+            state.source.leave()
 
     def abort(self) -> list[RequestState]:
         """Drop every request in flight (after a failed pass); returns them."""
@@ -350,54 +402,79 @@ class DenoiseLoop:
         return dropped
 
     def _logits(self, states: list[RequestState]) -> dict[RequestState, Tensor]:
-        out: dict[RequestState, Tensor] = {}
-        if not states:
-            return out
-        shrinking = [s for s in states if s.source.shrinks]
-        if shrinking:
-            queries = [s.source.query(s.masked, s.stale, s.rows, s.commit.greedy)
-                       for s in shrinking]
-            for s, logits in zip(shrinking, packed_logits(self.model, shrinking[0].job.banned_ids,
-                                                          queries), strict=True):
-                out[s] = logits
-        if self.static is not None and any(s.source in self.static.members for s in states):
-            by_member = self.static.logits()
-            for s in states:
-                if s.source in by_member:
-                    out[s] = by_member[s.source]
+        """ONE pass per group of sources (the packed shrinking pass, the static batch's pass,
+        each reference source's own forward)."""
+        groups: dict[object, list[RequestState]] = {}
         for s in states:
-            if isinstance(s.source, UncachedSource):
-                out[s] = s.source.logits(s.masked, s.stale, s.rows)
+            groups.setdefault(s.source.group, []).append(s)
+        out: dict[RequestState, Tensor] = {}
+        for group, members in groups.items():
+            out.update(zip(members, group.run(members), strict=True))
         return out
 
     def _maybe_refresh(self, s: RequestState) -> None:
         every = s.job.request.cache_refresh_every
         if every <= 0 or s.step % every != 0:
             return
-        ids = _full_rows(s.job.batch, s.layout, s.hole)
-        if self._is_static(s):
-            self.static.refresh(s.source, ids)
-        else:
-            s.source.refresh(ids)
+        s.source.refresh(_full_rows(s.job.batch, s.layout, s.hole))
         s.rows = None
         s.stale.zero_()
 
 
-def denoise(model, args: ModelArgs, batch: InfillBatch, request: CompletionRequest, *,
-            temperatures: list[float], end_ids: Tensor, banned_ids: Tensor,
-            generator: torch.Generator, stop: StopSignal,
-            decided: Callable[[list[int]], bool] | None = None, passes=None,
-            check_every: int | None = None, cache: ContextCache | None = None) -> Denoised:
-    """Denoise every row of one request: the loop with a single request in flight.
+def run_alone(loop: DenoiseLoop, job: DenoiseJob) -> Denoised | None:
+    """Denoise one request on this thread: the same loop, with nothing else in flight. None
+    when it never ran (cancelled before it reached the model); raises what failed it."""
+    if job.stop.cancelled():
+        return None
+    told: dict = {}
 
-    `passes` (engine/graphs.PassCache) selects fixed shapes (captured graphs on CUDA); None
-    takes the shrinking eager pass. `cache`: a context cache to reuse from and add to."""
-    loop = DenoiseLoop(model, args, passes=passes, cache=cache, banned_ids=banned_ids)
-    state = loop.start(DenoiseJob(batch, request, temperatures, end_ids, banned_ids, generator,
-                                  stop, decided, check_every))
-    while state in loop.active:
-        loop.iterate()
-    return state.result
+    def answer(result: Denoised | None = None, error: BaseException | None = None) -> None:
+        told.update(result=result, error=error)
+
+    try:
+        with torch.inference_mode():
+            loop.turn([(job, answer)])
+            while not told and loop.active:
+                loop.turn([])
+    finally:
+        loop.abort()
+    if told.get("error") is not None:
+        raise told["error"]
+    return told.get("result")
+
+
+def _tell(answer: Answer | None, result: Denoised | None = None,
+          error: BaseException | None = None) -> None:
+    if answer is not None:
+        answer(result, error)
+    elif error is not None:  # nobody to tell (a benchmark driving the loop): fail loudly
+        raise error
+
+
+@contextmanager
+def stop_gates(stops: list[StopSignal]) -> Iterator[None]:
+    """While inside: between two layers of an encode or a pass, stop (EncodeInterrupted) once
+    every one of `stops` was cancelled."""
+    gate = _stop_gate(stops)
+    tokens = ENCODE_GATE.set(gate), STEP_GATE.set(gate)
+    try:
+        yield
+    finally:
+        ENCODE_GATE.reset(tokens[0])
+        STEP_GATE.reset(tokens[1])
+
+
+def _stop_gate(stops: list[StopSignal]) -> Callable[[Tensor], None]:
+    def gate(_hidden: Tensor) -> None:
+        """The flag is read on the host, no device sync: the layers already queued on a GPU
+        finish, none is added. Never while a CUDA graph is being captured (its Python runs
+        once; the replays never call this)."""
+        if stops and all(stop.cancelled() for stop in stops):
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                return
+            raise EncodeInterrupted
+
+    return gate
 
 
 def _to_host(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[list[list[int]],
