@@ -30,20 +30,15 @@ class Committer:
         longest: int | None = None,  # the longest real hole (masked may be wider: padding)
     ):
         # All greedy: a plain 0.0 lets the sampler skip the draw (known on the host, no sync).
-        hot = any(t > 0 for t in temperatures)
-        self.temperatures = (
-            torch.tensor(temperatures, device=masked.device) if hot else 0.0
-        )
+        # greedy: every row argmax, so its draw does not depend on which other slots get
+        # logits and a pass may compute them for the open slots only (passes.SlotLogits).
+        self.greedy = not any(t > 0 for t in temperatures)
+        self.temperatures: float | Tensor = (
+            0.0 if self.greedy else torch.tensor(temperatures, device=masked.device))
         longest = longest or masked.shape[1]
         kind = STRATEGIES[request.sampler]
         self.steps = (request.steps or longest) if kind.uses_steps else longest
         self.strategy = kind(request, masked, self.steps, generator, end_ids)
-
-    @property
-    def greedy(self) -> bool:
-        """Every row argmax: its draw does not depend on which other slots get logits, so a pass
-        may compute logits for the open slots only (engine/passes.SlotLogits)."""
-        return not isinstance(self.temperatures, Tensor)
 
     def __call__(self, logits: Tensor | SlotLogits, masked: Tensor, step: int,
                  rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -66,7 +61,7 @@ class Committer:
         """Sample, and score each slot for the transfer rule -> (b, Lmax) tensors. Slots with no
         logits (closed ones) get token 0 and score 0: the rules never take a closed slot."""
         temperatures = self.temperatures
-        if rows is not None and isinstance(temperatures, Tensor):
+        if rows is not None and not self.greedy:
             temperatures = temperatures[rows]
         slots = logits if isinstance(logits, SlotLogits) else None
         values = logits if slots is None else slots.values[None]

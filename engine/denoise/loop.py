@@ -136,128 +136,6 @@ class DenoiseJob:
                        generator=generator)
 
 
-def default_check_every(device: torch.device, static: bool) -> int:
-    """Steps between host reads. The shrinking CPU pass syncs every step anyway (its query
-    plan is sized on the host); a static pass waits a few steps, as dInfer does: each read
-    stalls the GPU queue, and a finished row merely idles in its static batch until then."""
-    return 2 if static else 1
-
-
-class RequestState:
-    """One request between passes: its hole, masks, confidences and commit schedule."""
-
-    def __init__(self, job: DenoiseJob, source: Source, layout: Layout, static: bool,
-                 started: float, mask_id: int):
-        self.job, self.source, self.layout = job, source, layout
-        self.started = started
-        batch, request = job.batch, job.request
-        hole = source.hole  # (rows, lmax): the loop writes the hole here; the next pass reads it
-        device = hole.device
-        self.hole_valid = batch.hole_valid
-        self.masked = (hole == mask_id) & self.hole_valid
-        self.stale = torch.zeros_like(self.masked)  # changed since their K/V were written
-        self.rows: Tensor | None = None  # shrinking: the rows still denoised (None: all)
-        self.out = Denoised(hole=hole, confidence=torch.zeros(hole.shape, device=device),
-                            forced=torch.zeros_like(self.hole_valid))
-        self.commit = Committer(request, self.masked, job.temperatures, job.generator,
-                                job.end_ids, longest=layout.lmax)
-        self.per_step: list[Tensor] = []
-        self.every = job.check_every or default_check_every(device, static)
-        self.step = 0
-        self.finished = False
-        self.pending: Tensor | None = source.first  # logits the prefill already made
-        prefilled = source.prefilled
-        if prefilled is not None:
-            self.out.reused_tokens = prefilled.reused
-            self.out.speculative_hit = prefilled.source is not None and \
-                prefilled.source.speculative
-        self.result: Denoised | None = None  # set when it ends, before it leaves
-        self.answer: Answer | None = None  # who waits for it (None: nobody, a benchmark)
-
-    @property
-    def hole(self) -> Tensor:
-        return self.source.hole
-
-    @property
-    def greedy(self) -> bool:
-        return self.commit.greedy
-
-    def advance(self, logits: Tensor, mask_id: int, eos_id: int) -> None:
-        """Commit this step's tokens from `logits` (its open rows, or all)."""
-        out, hole, job = self.out, self.source.hole, self.job
-        if out.forward_passes == 0:
-            if hole.is_cuda:  # one sync per request, so that encode_ms is the real cost
-                torch.cuda.synchronize(hole.device)
-            out.encode_ms = (time.perf_counter() - self.started) * 1000.0
-        out.forward_passes += 1
-        take, tokens, prob = self.commit(logits, self.masked, self.step, self.rows)
-        new = torch.where(take, tokens, hole)
-        out.confidence = torch.where(take, prob, out.confidence)
-        new, forced = pad_after_end(new, self.hole_valid, job.end_ids, mask_id, eos_id)
-        out.forced |= forced
-        if self.source.shrinks:
-            self.stale |= new != hole
-        hole.copy_(new)
-        self.masked = (new == mask_id) & self.hole_valid
-        self.per_step.append(take.sum(dim=1) + forced.sum(dim=1))
-        self.step += 1
-
-    @property
-    def due(self) -> bool:
-        return self.step % self.every == 0
-
-    def read(self, tokens_now: list[list[int]], open_now: list[list[bool]], eos_id: int) -> None:
-        """The interval's host read: close decided rows, finish when nothing is open, and let
-        finished rows leave a shrinking batch."""
-        if self.job.on_read is not None:
-            try:
-                self.job.on_read(self.step, tokens_now, open_now)
-            except Exception:  # noqa: BLE001 - a watcher must never fail the shared pass
-                log.exception("a draft watcher failed")
-        decided = self.job.decided
-        closed = _close_decided(tokens_now, open_now, decided) if decided else []
-        hole, out = self.source.hole, self.out
-        if closed:
-            close = torch.zeros_like(self.masked)
-            close[closed] = True
-            close &= self.masked
-            hole.copy_(torch.where(close, torch.full_like(hole, eos_id), hole))
-            out.forced |= close
-            self.per_step[-1] = self.per_step[-1] + close.sum(dim=1)
-            self.masked &= ~close
-        live = [r for r, slots in enumerate(open_now) if any(slots) and r not in closed]
-        if not live:
-            self.finished = True
-            return
-        n_rows = self.layout.rows
-        if self.source.shrinks and len(live) < (n_rows if self.rows is None else
-                                                self.rows.numel()):
-            still = torch.tensor(live, device=hole.device)
-            local = still if self.rows is None else torch.searchsorted(self.rows, still)
-            self.source.select(local)
-            self.rows = still
-
-    def check_end(self) -> None:
-        """After the step: the schedule's end, cancellation, the deadline."""
-        if not self.finished and (self.step >= self.commit.steps or
-                                  self.job.stop.halts(self.out)):
-            self.finished = True
-
-    def finish(self) -> Denoised:
-        """The request's result on the CPU (one transfer), detached from the buffers other
-        requests keep using."""
-        out, rows, lmax = self.out, self.layout.rows, self.layout.lmax
-        parts = [self.source.hole[:rows, :lmax], out.confidence[:rows, :lmax],
-                 out.forced[:rows, :lmax]]
-        if self.per_step:
-            parts.append(torch.stack(self.per_step, dim=1)[:rows])
-        out.hole, out.confidence, out.forced, *commits = _to_cpu(parts)
-        if commits:
-            out.commits = commits[0].tolist()
-        out.denoise_ms = (time.perf_counter() - self.started) * 1000.0 - out.encode_ms
-        return out
-
-
 class DenoiseLoop:
     """Drives every request in flight, one shared pass per round. Not thread-safe: one thread
     (the engine's worker, or `run_alone`'s caller) owns it and the model."""
@@ -475,6 +353,131 @@ def _stop_gate(stops: list[StopSignal]) -> Callable[[Tensor], None]:
             raise EncodeInterrupted
 
     return gate
+
+
+# ---- one request between passes: the parts of a step that are its own
+
+
+def default_check_every(device: torch.device, static: bool) -> int:
+    """Steps between host reads. The shrinking CPU pass syncs every step anyway (its query
+    plan is sized on the host); a static pass waits a few steps, as dInfer does: each read
+    stalls the GPU queue, and a finished row merely idles in its static batch until then."""
+    return 2 if static else 1
+
+
+class RequestState:
+    """One request between passes: its hole, masks, confidences and commit schedule."""
+
+    def __init__(self, job: DenoiseJob, source: Source, layout: Layout, static: bool,
+                 started: float, mask_id: int):
+        self.job, self.source, self.layout = job, source, layout
+        self.started = started
+        batch, request = job.batch, job.request
+        hole = source.hole  # (rows, lmax): the loop writes the hole here; the next pass reads it
+        device = hole.device
+        self.hole_valid = batch.hole_valid
+        self.masked = (hole == mask_id) & self.hole_valid
+        self.stale = torch.zeros_like(self.masked)  # changed since their K/V were written
+        self.rows: Tensor | None = None  # shrinking: the rows still denoised (None: all)
+        self.out = Denoised(hole=hole, confidence=torch.zeros(hole.shape, device=device),
+                            forced=torch.zeros_like(self.hole_valid))
+        self.commit = Committer(request, self.masked, job.temperatures, job.generator,
+                                job.end_ids, longest=layout.lmax)
+        self.per_step: list[Tensor] = []
+        self.every = job.check_every or default_check_every(device, static)
+        self.step = 0
+        self.finished = False
+        self.pending: Tensor | None = source.first  # logits the prefill already made
+        prefilled = source.prefilled
+        if prefilled is not None:
+            self.out.reused_tokens = prefilled.reused
+            self.out.speculative_hit = prefilled.source is not None and \
+                prefilled.source.speculative
+        self.result: Denoised | None = None  # set when it ends, before it leaves
+        self.answer: Answer | None = None  # who waits for it (None: nobody, a benchmark)
+
+    @property
+    def hole(self) -> Tensor:
+        return self.source.hole
+
+    @property
+    def greedy(self) -> bool:
+        return self.commit.greedy
+
+    def advance(self, logits: Tensor, mask_id: int, eos_id: int) -> None:
+        """Commit this step's tokens from `logits` (its open rows, or all)."""
+        out, hole, job = self.out, self.source.hole, self.job
+        if out.forward_passes == 0:
+            if hole.is_cuda:  # one sync per request, so that encode_ms is the real cost
+                torch.cuda.synchronize(hole.device)
+            out.encode_ms = (time.perf_counter() - self.started) * 1000.0
+        out.forward_passes += 1
+        take, tokens, prob = self.commit(logits, self.masked, self.step, self.rows)
+        new = torch.where(take, tokens, hole)
+        out.confidence = torch.where(take, prob, out.confidence)
+        new, forced = pad_after_end(new, self.hole_valid, job.end_ids, mask_id, eos_id)
+        out.forced |= forced
+        if self.source.shrinks:
+            self.stale |= new != hole
+        hole.copy_(new)
+        self.masked = (new == mask_id) & self.hole_valid
+        self.per_step.append(take.sum(dim=1) + forced.sum(dim=1))
+        self.step += 1
+
+    @property
+    def due(self) -> bool:
+        return self.step % self.every == 0
+
+    def read(self, tokens_now: list[list[int]], open_now: list[list[bool]], eos_id: int) -> None:
+        """The interval's host read: close decided rows, finish when nothing is open, and let
+        finished rows leave a shrinking batch."""
+        if self.job.on_read is not None:
+            try:
+                self.job.on_read(self.step, tokens_now, open_now)
+            except Exception:  # noqa: BLE001 - a watcher must never fail the shared pass
+                log.exception("a draft watcher failed")
+        decided = self.job.decided
+        closed = _close_decided(tokens_now, open_now, decided) if decided else []
+        hole, out = self.source.hole, self.out
+        if closed:
+            close = torch.zeros_like(self.masked)
+            close[closed] = True
+            close &= self.masked
+            hole.copy_(torch.where(close, torch.full_like(hole, eos_id), hole))
+            out.forced |= close
+            self.per_step[-1] = self.per_step[-1] + close.sum(dim=1)
+            self.masked &= ~close
+        live = [r for r, slots in enumerate(open_now) if any(slots) and r not in closed]
+        if not live:
+            self.finished = True
+            return
+        n_rows = self.layout.rows
+        if self.source.shrinks and len(live) < (n_rows if self.rows is None else
+                                                self.rows.numel()):
+            still = torch.tensor(live, device=hole.device)
+            local = still if self.rows is None else torch.searchsorted(self.rows, still)
+            self.source.select(local)
+            self.rows = still
+
+    def check_end(self) -> None:
+        """After the step: the schedule's end, cancellation, the deadline."""
+        if not self.finished and (self.step >= self.commit.steps or
+                                  self.job.stop.halts(self.out)):
+            self.finished = True
+
+    def finish(self) -> Denoised:
+        """The request's result on the CPU (one transfer), detached from the buffers other
+        requests keep using."""
+        out, rows, lmax = self.out, self.layout.rows, self.layout.lmax
+        parts = [self.source.hole[:rows, :lmax], out.confidence[:rows, :lmax],
+                 out.forced[:rows, :lmax]]
+        if self.per_step:
+            parts.append(torch.stack(self.per_step, dim=1)[:rows])
+        out.hole, out.confidence, out.forced, *commits = _to_cpu(parts)
+        if commits:
+            out.commits = commits[0].tolist()
+        out.denoise_ms = (time.perf_counter() - self.started) * 1000.0 - out.encode_ms
+        return out
 
 
 def _to_host(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[list[list[int]],
