@@ -1,10 +1,9 @@
 """The Engine facade: load a checkpoint once, then serve fill-in-the-middle completions.
 
 `complete` turns a CompletionRequest into token rows (engine/denoise/fim.py), denoises them in one
-batch
-(engine/denoise/denoiser.py) and turns the holes back into ranked text candidates. It may be called
-from several threads at once, each with its own cancel event: one worker thread owns the model and
-requests in flight together share every denoising pass (engine/denoise/batch_worker.py).
+batch (engine/denoise/loop.py) and turns the holes back into ranked text candidates. It may be
+called from several threads at once, each with its own cancel event: one worker thread owns the
+model and requests in flight together share every denoising pass (engine/denoise/batch_worker.py).
 
 Across requests the engine keeps recent contexts' K/V (engine/denoise/context_cache.py,
 `context_reuse`)
@@ -53,11 +52,11 @@ from engine.denoise.context_cache import (
     ContextCache,
 )
 from engine.denoise.context_refresh import refresh_context
-from engine.denoise.denoiser import Denoised, DenoiseJob, DenoiseLoop, StopSignal
 from engine.denoise.drafts import DraftFeed
 from engine.denoise.dreamon import denoise_expanding
 from engine.denoise.graphs import PassCache
 from engine.denoise.kv_arena import common_layouts
+from engine.denoise.loop import Denoised, DenoiseJob, DenoiseLoop, StopSignal, run_alone
 from engine.denoise.prefill import context_ids, entry_alone
 from engine.denoise.repo_context import extra_ids
 from engine.denoise.speculation import speculate_accepted
@@ -429,24 +428,16 @@ class Engine:
         return lead + prefix_ids, suffix_ids
 
     def _run(self, job: DenoiseJob) -> Denoised | None:
-        """Denoise on the worker (sharing passes), or here when not concurrent."""
-        if self._worker is not None:
-            try:
+        """Denoise on the worker (sharing passes), or here when not concurrent: the same loop
+        driver either way (engine/denoise/loop.py)."""
+        try:
+            if self._worker is not None:
                 return self._worker.run(job)
-            except WorkerClosed:
-                raise EngineError("the engine is closed") from None
-        with self._lock, torch.inference_mode():
+        except WorkerClosed:
+            raise EngineError("the engine is closed") from None
+        with self._lock:
             self._require()
-            if job.stop.cancelled():
-                return None
-            loop = self._loop
-            try:
-                state = loop.start(job)
-                while state in loop.active:
-                    loop.iterate()
-            finally:
-                loop.abort()
-            return state.result
+            return run_alone(self._loop, job)
 
     def _speculate_on(self, request: CompletionRequest, text: str, budget: int,
                       hole: int) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from engine.api import CompletionRequest
 from engine.denoise.context_cache import ContextCache
-from engine.denoise.denoiser import DenoiseJob, DenoiseLoop, StopSignal
+from engine.denoise.loop import DenoiseJob, DenoiseLoop, StopSignal
 
 CONTEXT = 2048
 EDITOR_CONTEXT = 1024  # the server's default context window (context_tokens in its settings)
@@ -80,9 +80,9 @@ def batch_times(model, args, device, context: int, warm: bool, reps: int,
     loop = DenoiseLoop(model, args, passes=passes, cache=cache, banned_ids=works[0].banned)
     if warm:
         for w in works:
-            loop.start(_job(w, w.batch))
+            loop.turn([(_job(w, w.batch), None)])
             while loop.active:
-                loop.iterate()
+                loop.turn([])
     keystroke = [11]
 
     def batches():
@@ -91,15 +91,14 @@ def batch_times(model, args, device, context: int, warm: bool, reps: int,
 
     def one_by_one():
         for w, b in zip(works, batches(), strict=True):
-            loop.start(_job(w, b))
+            loop.turn([(_job(w, b), None)])
             while loop.active:
-                loop.iterate()
+                loop.turn([])
 
     def together():
-        for w, b in zip(works, batches(), strict=True):
-            loop.start(_job(w, b))
+        loop.turn([(_job(w, b), None) for w, b in zip(works, batches(), strict=True)])
         while loop.active:
-            loop.iterate()
+            loop.turn([])
 
     best = {one_by_one: float("inf"), together: float("inf")}
     for _ in range(reps):

@@ -29,10 +29,10 @@ import torch
 from engine.api import CompletionRequest, one_line
 from engine.bench.opcount import DispatchCounter
 from engine.denoise.context_cache import ContextCache
-from engine.denoise.denoiser import StopSignal, denoise
 from engine.denoise.fim import InfillBatch, build_infill_batch
 from engine.denoise.graphs import PassCache
 from engine.denoise.kv_arena import Layout
+from engine.denoise.loop import DenoiseJob, DenoiseLoop, StopSignal, run_alone
 from engine.denoise.passes import masked_head
 from engine.denoise.static_batch import StaticBatch
 from engine.model.config import ModelArgs
@@ -139,10 +139,12 @@ class Workload:
         cache `contexts` when given."""
         request = CompletionRequest(prefix="", suffix="", span_lengths=(HOLE,), max_tokens=HOLE,
                                     sampler="maskgit_plus", steps=steps, stop="free", seed=0)
-        return denoise(model, self.args, batch or self.batch, request, temperatures=[0.0],
-                       end_ids=self.banned[1:2], banned_ids=self.banned,
-                       generator=torch.Generator(self.device).manual_seed(0), stop=StopSignal(),
-                       passes=passes, cache=contexts)
+        loop = DenoiseLoop(model, self.args, passes=passes, cache=contexts,
+                           banned_ids=self.banned)
+        return run_alone(loop, DenoiseJob(
+            batch or self.batch, request, temperatures=[0.0], end_ids=self.banned[1:2],
+            banned_ids=self.banned, generator=torch.Generator(self.device).manual_seed(0),
+            stop=StopSignal()))
 
     def typed(self, token: int) -> InfillBatch:
         """The same context with its last prefix token replaced: the next keystroke."""

@@ -3,8 +3,9 @@
 `Engine.complete` keeps its blocking API: it hands a DenoiseJob to `BatchWorker.run` and waits.
 The worker thread admits waiting jobs between passes, first come first served, while the rows in
 flight stay within a row budget, then runs one pass for every request in flight
-(engine/denoiser.DenoiseLoop): each advances one step per pass, so a long request cannot hold
-back a short one, and each leaves as soon as it is done, cancelled or past its deadline.
+(engine/denoise/loop.py, the one driver: `DenoiseLoop.turn`): each advances one step per pass,
+so a long request cannot hold back a short one, and each leaves as soon as it is done,
+cancelled or past its deadline.
 
 No request holds the whole batch: one with more rows than `max_job_rows` runs as chunks of at
 most that many, one after another, each queued behind whatever came meanwhile
@@ -13,7 +14,7 @@ share: engine/engine.py, MAX_JOB_ROWS_CPU). A waiting
 job that does not fit yet is passed over by smaller ones behind it, at most MAX_OVERTAKES times
 (then it waits first in line). A waiting job whose caller gave up or whose deadline passed is
 answered at once, unrun. A cancel reaches the model within one layer: the context encode and
-every pass check it between layers (model.ENCODE_GATE), as the background work below does.
+every pass check it between layers (loop.stop_gates), as the background work below does.
 
 Work that is not a request runs only when nothing is in flight or waiting: an `exclusive` job
 (DreamOn's own loop) and the low-priority `when_idle` tasks (engine/engine.py: the re-encode of
@@ -40,9 +41,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.denoise.denoiser import Denoised, DenoiseJob, DenoiseLoop
 from engine.denoise.job_chunks import merge, split_job
-from engine.model.transformer import ENCODE_GATE, STEP_GATE, EncodeInterrupted
+from engine.denoise.loop import Denoised, DenoiseJob, DenoiseLoop
+from engine.model.transformer import ENCODE_GATE, EncodeInterrupted
 
 log = logging.getLogger(__name__)
 IDLE_GRACE_S = 0.025
@@ -191,58 +192,25 @@ class BatchWorker:
             for ticket in waiting:
                 ticket.answer(error=WorkerClosed("the engine is closed"))
             for state in self.loop.abort():
-                state.ticket.answer(error=WorkerClosed("the engine is closed"))
+                state.answer(error=WorkerClosed("the engine is closed"))
 
     def _turn(self) -> bool:
         """One round: admit, then a pass (or exclusive work, or the idle task). False: stop."""
         admitted, exclusive, idle = self._admit()
         if admitted is None:
             return False
-        for ticket in admitted:
-            stop = ticket.job.stop
-            tokens = self._set_stop_gates(lambda _h, stop=stop: self._stop_gate([stop]))
-            try:
-                state = self.loop.start(ticket.job)
-            except EncodeInterrupted:  # cancelled during its context encode
-                ticket.answer(None)
-                continue
-            except Exception as error:  # noqa: BLE001 - this request fails, the others go on
-                ticket.answer(error=error)
-                continue
-            finally:
-                self._reset_stop_gates(tokens)
-            state.ticket = ticket
-        if exclusive is not None:
+        newcomers = [(ticket.job, ticket.answer) for ticket in admitted]
+        if exclusive is not None:  # (nothing admitted, nothing in flight: it waited for that)
             try:
                 exclusive.answer(exclusive.exclusive())
             except Exception as error:  # noqa: BLE001
                 exclusive.answer(error=error)
             self._idle_since = time.monotonic()
-        if self.loop.active:
-            self.peak_rows = max(self.peak_rows, self.loop.rows)
-            stops = [s.job.stop for s in self.loop.active]
-            tokens = self._set_stop_gates(lambda _h: self._stop_gate(stops))
-            try:
-                ended = self.loop.iterate()
-            except EncodeInterrupted:  # every request in the pass was cancelled mid-pass
-                for state in self.loop.abort():
-                    # Answered as cancelled with what it had (passes, reused context), not as
-                    # unrun: a keystroke replay counts the reuse of superseded requests too.
-                    done = state.finish()
-                    done.cancelled = True
-                    state.ticket.answer(done)
-                self._idle_since = time.monotonic()
-                return True
-            except Exception as error:  # noqa: BLE001 - a failed pass fails its requests
-                log.warning("a denoising pass failed: %s", error)
-                for state in self.loop.abort():
-                    state.ticket.answer(error=error)
-                return True
-            finally:
-                self._reset_stop_gates(tokens)
-            self.passes += 1
-            for state in ended:
-                state.ticket.answer(state.result)
+        elif newcomers or self.loop.active:
+            rows = self.loop.turn(newcomers)
+            if rows:
+                self.passes += 1
+                self.peak_rows = max(self.peak_rows, rows)
             if not self.loop.active:
                 self._idle_since = time.monotonic()
         elif idle is not None:
@@ -260,25 +228,6 @@ class BatchWorker:
             log.exception("idle task failed")
         finally:
             ENCODE_GATE.reset(token)
-
-    @staticmethod
-    def _set_stop_gates(gate: Callable[[torch.Tensor], None]) -> tuple:
-        return ENCODE_GATE.set(gate), STEP_GATE.set(gate)
-
-    @staticmethod
-    def _reset_stop_gates(tokens: tuple) -> None:
-        ENCODE_GATE.reset(tokens[0])
-        STEP_GATE.reset(tokens[1])
-
-    def _stop_gate(self, stops: list) -> None:
-        """Between two layers of a request's encode or pass: stop once every request in it
-        was cancelled. The flag is read on the host, no device sync:
-        the layers already queued on a GPU finish, none is added. Never while a CUDA graph
-        is being captured (its Python runs once; the replays never call this)."""
-        if stops and all(stop.cancelled() for stop in stops):
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                return
-            raise EncodeInterrupted
 
     def _gate(self, hidden: torch.Tensor) -> None:
         if hidden.is_cuda:  # the host runs ahead of the device: check where the device is

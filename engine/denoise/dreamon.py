@@ -14,7 +14,7 @@ from torch import Tensor
 
 from engine.api import CompletionRequest
 from engine.denoise import sampler
-from engine.denoise.denoiser import Denoised, StopSignal
+from engine.denoise.loop import Denoised, StopSignal
 from engine.model.config import ModelArgs
 
 

@@ -20,8 +20,8 @@ from dataclasses import replace
 
 import torch
 
-from engine.denoise.denoiser import Denoised, DenoiseJob
 from engine.denoise.fim import InfillBatch
+from engine.denoise.loop import Denoised, DenoiseJob
 
 SEED_MODULUS = 1 << 64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 

@@ -8,14 +8,16 @@ once per shape (engine/denoise/graphs.py), so eager and graphed passes cannot dr
 The denoising loop writes into `qids` between passes; the batch fills `rope`, `bias` and the
 arena when requests join or leave (engine/denoise/static_batch.py), never between other passes.
 
-The other ways to get a request's logits live here too: `ShrinkingSource` (the CPU default: its
-own arena, only the entries that matter, packed with other requests' by `packed_logits`) and
-`UncachedSource` (a full forward each pass, the reference).
+Where a request's logits come from is a `Source`, one protocol for the three kinds: a member of
+the static batch (engine/denoise/static_batch.py), `ShrinkingSource` (the CPU default: its own
+arena, only the entries that matter, packed with other requests' by `packed_logits`) and
+`UncachedSource` (a full forward each pass, the reference). Sources of one `group` share one pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -32,7 +34,7 @@ from engine.denoise.kv_arena import (
     query_ids,
     query_rope,
 )
-from engine.denoise.prefill import fill, joined_entry, masked_head
+from engine.denoise.prefill import Prefilled, fill, joined_entry, masked_head
 from engine.model.attention import SDPA_ONLY
 from engine.model.config import ModelArgs
 from engine.model.transformer import KVSlots, Rope, rope_tables
@@ -113,8 +115,45 @@ class StaticPass:
         self._graph = graph
 
 
-# ---- where a request's logits come from: one object per strategy, one loop
-# (engine/denoise/denoiser.py)
+# ---- where a request's logits come from: one protocol, one loop (engine/denoise/loop.py)
+
+
+class InFlight(Protocol):
+    """What a pass reads of a request in flight (engine/denoise/loop.RequestState)."""
+
+    source: Source
+    masked: Tensor  # (B, lmax) still-masked slots
+    stale: Tensor  # (B, lmax) slots changed since their K/V were written
+    rows: Tensor | None  # the rows still denoised (None: all)
+    greedy: bool  # every row argmax: logits of the open slots are enough
+
+
+class PassGroup(Protocol):
+    def run(self, requests: list[InFlight]) -> list[Tensor | SlotLogits]:
+        """ONE pass for these requests (all of this group's) -> each one's logits."""
+
+
+class Source(Protocol):
+    """One request's logits, pass after pass. The loop writes its hole in place between passes;
+    the next pass reads it."""
+
+    group: PassGroup  # the requests whose sources share a group share a pass
+    shrinks: bool  # finished rows leave its pass (`select`); it re-queries only what changed
+    hole: Tensor  # (rows, lmax) the request's hole, where the next pass reads it
+    first: Tensor | None  # logits its prefill already made (its first pass is free)
+    prefilled: Prefilled | None  # how its context was filled (reused tokens, the cache entry)
+
+    def new_entry(self):
+        """A warm request's context for the cache once its first pass ran (then None)."""
+
+    def select(self, local: Tensor) -> None:
+        """Keep only these of its rows in the pass (shrinking sources only)."""
+
+    def refresh(self, ids: Tensor) -> None:
+        """Re-encode its whole context with these ids (the holes as they are now)."""
+
+    def leave(self) -> None:
+        """It left the loop: free what it holds in a shared pass."""
 
 
 @dataclass
@@ -164,6 +203,10 @@ class ShrinkingSource:
         self._all_rows = torch.arange(layout.rows, device=device)[:, None]
         self._joined = False
 
+    @property
+    def group(self) -> PassGroup:
+        return PACKED
+
     def query(self, masked: Tensor, stale: Tensor, rows: Tensor | None,
               open_only: bool = False) -> Query:
         """The entries of the open `rows` (None: all) this pass must run. open_only: logits
@@ -211,6 +254,21 @@ class ShrinkingSource:
         self.arena = allocate(self.args, self.layout, self.dtype, ids.device)
         key_bias(self.layout, self.batch.hole_lengths, self.arena.bias)
         encode_rows(self.model, self.batch, ids, self.arena)
+
+    def leave(self) -> None:
+        pass  # its arena is its own
+
+
+class _Packed:
+    """Every shrinking source in flight: one packed pass (`packed_logits`)."""
+
+    def run(self, requests: list[InFlight]) -> list[Tensor | SlotLogits]:
+        source = requests[0].source
+        queries = [r.source.query(r.masked, r.stale, r.rows, r.greedy) for r in requests]
+        return packed_logits(source.model, source.banned_ids, queries)
+
+
+PACKED = _Packed()
 
 
 def _head_rows(hidden: Tensor, q: Query) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
@@ -267,8 +325,21 @@ class UncachedSource:
         self.first = None
         self.prefilled = None
 
+    @property
+    def group(self) -> PassGroup:
+        return self  # a pass of its own
+
+    def run(self, requests: list[InFlight]) -> list[Tensor]:
+        return [self.logits(r.masked, r.stale, r.rows) for r in requests]
+
     def new_entry(self):
         return None
+
+    def select(self, local: Tensor) -> None:
+        pass  # never called: it does not shrink
+
+    def leave(self) -> None:
+        pass
 
     def logits(self, masked: Tensor, stale: Tensor, rows: Tensor | None) -> Tensor:
         hidden = self.model(self.ids, self.batch.positions, self.batch.key_valid)

@@ -119,17 +119,7 @@ def neg_entropy(probs: Tensor) -> Tensor:
     return (probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1)
 
 
-def confidence(kind: str, sampled: Sampled) -> Tensor:
-    if kind in ("maskgit_plus", "threshold", "low_confidence"):
-        return token_probability(sampled.probs, sampled.tokens)
-    if kind == "topk_margin":
-        return top2_margin(sampled.probs)
-    if kind in ("entropy", "entropy_bounded"):
-        return neg_entropy(sampled.probs)
-    raise ValueError(f"no confidence defined for sampler {kind!r}")
-
-
-# ---- transfer strategies: (conf, masked, ...) -> take (B, n) bool -------------------------------
+# ---- transfer rules: (conf, masked, ...) -> take (B, n) bool (engine/denoise/strategies/ picks) --
 
 
 def _rank_descending(score: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from engine.denoise.kv_arena import (
     query_ids,
     query_rope,
 )
-from engine.denoise.passes import StaticPass
+from engine.denoise.passes import InFlight, StaticPass
 from engine.denoise.prefill import Prefilled, fill, joined_entry
 from engine.model.config import ModelArgs
 from engine.model.transformer import rope_tables
@@ -50,12 +50,27 @@ class StaticMember:
     first: Tensor | None = None
     prefilled: Prefilled | None = field(default=None, repr=False)
     joined: bool = False  # a warm member's join pass ran; its context not yet cached
+    group: StaticBatch | None = field(default=None, repr=False)  # the batch it is a member of
 
     shrinks = False
 
     @property
     def rows(self) -> int:
         return self.layout.rows
+
+    # ---- the Source protocol (engine/denoise/passes.py): the batch does the work
+
+    def new_entry(self):
+        return self.group.new_entry(self)
+
+    def select(self, local: Tensor) -> None:
+        pass  # never called: a static pass keeps its rows
+
+    def refresh(self, ids: Tensor) -> None:
+        self.group.refresh(self, ids)
+
+    def leave(self) -> None:
+        self.group.leave(self)
 
 
 class StaticBatch:
@@ -70,7 +85,7 @@ class StaticBatch:
 
     def join(self, batch: InfillBatch, layout: Layout, plan: ReusePlan | None,
              context: tuple[Tensor, Tensor] | None, keep: bool) -> StaticMember:
-        member = StaticMember(batch, layout, start=self.rows)
+        member = StaticMember(batch, layout, start=self.rows, group=self)
         self._reshape(self.members + [member])
         try:
             member.prefilled = fill(self.model, self.args, batch, self._rows(member),
@@ -107,6 +122,11 @@ class StaticBatch:
             later.start = start
             start += later.rows
         self._reshape(rest)
+
+    def run(self, requests: list[InFlight]) -> list[Tensor]:
+        """The PassGroup of every member: one pass, each request's share of it."""
+        by_member = self.logits()
+        return [by_member[r.source] for r in requests]
 
     def logits(self) -> dict[StaticMember, Tensor]:
         """One pass for every member -> each member's (rows, lmax, V) logits (views of the

@@ -1,5 +1,5 @@
 """Concurrent requests share denoising passes (engine/denoise/batch_worker.py,
-engine/denoise/denoiser.py,
+engine/denoise/loop.py,
 engine/denoise/static_batch.py): issue 13 item 2. Each request must get exactly what it gets alone,
 whoever joins, leaves or is cancelled beside it."""
 

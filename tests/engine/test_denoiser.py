@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.api import CompletionRequest, EngineError
-from engine.denoise.denoiser import pad_after_end
+from engine.denoise.committer import pad_after_end
 from engine.engine import Engine, hole_lengths
 from tests.fixtures.checkpoints import make_tiny_checkpoint
 
@@ -288,8 +288,8 @@ class ScriptedLogits:
 def test_dreamon_loop_expands_commits_and_deletes_as_scripted():
     from types import SimpleNamespace
 
-    from engine.denoise.denoiser import StopSignal
     from engine.denoise.dreamon import denoise_expanding
+    from engine.denoise.loop import StopSignal
 
     eos, mask, expand = 5, 6, 7
     args = SimpleNamespace(expand_token_id=expand, mask_token_id=mask)
@@ -311,8 +311,8 @@ def test_dreamon_loop_expands_commits_and_deletes_as_scripted():
 def test_dreamon_loop_refuses_expansion_once_the_budget_is_spent():
     from types import SimpleNamespace
 
-    from engine.denoise.denoiser import StopSignal
     from engine.denoise.dreamon import denoise_expanding
+    from engine.denoise.loop import StopSignal
 
     eos, mask, expand = 5, 6, 7
     args = SimpleNamespace(expand_token_id=expand, mask_token_id=mask)

@@ -51,10 +51,10 @@ def test_confidence_kinds():
     probs = torch.tensor([[[0.6, 0.3, 0.1]]])
     tokens = torch.tensor([[0]])
     s = sampler.Sampled(tokens, probs)
-    assert torch.allclose(sampler.confidence("maskgit_plus", s), torch.tensor([[0.6]]))
-    assert torch.allclose(sampler.confidence("topk_margin", s), torch.tensor([[0.3]]))
+    assert torch.allclose(sampler.token_probability(s.probs, s.tokens), torch.tensor([[0.6]]))
+    assert torch.allclose(sampler.top2_margin(s.probs), torch.tensor([[0.3]]))
     expected = sum(p * math.log(p) for p in (0.6, 0.3, 0.1))
-    assert torch.allclose(sampler.confidence("entropy", s), torch.tensor([[expected]]))
+    assert torch.allclose(sampler.neg_entropy(s.probs), torch.tensor([[expected]]))
 
 
 def test_threshold_commits_confident_slots_and_at_least_one_per_row_with_masks():
