@@ -19,7 +19,8 @@ from lsprotocol import types
 from pygls.workspace import TextDocument
 
 from engine.api import Candidate, CompletionRequest, CompletionResult, ContextChunk, StopMode
-from lsp_server.cache import ExactCache, TypedThrough, inserted_at
+from engine.serve.exact_cache import ExactCache
+from lsp_server.cache import TypedThrough, inserted_at
 from lsp_server.context import ContextBlock, StableContext, extra_context_tokens
 from lsp_server.documents import Snapshot, context_window, detect_indent, looks_binary
 from lsp_server.postprocess import CursorContext, choose_stop, is_useless, postprocess

@@ -57,6 +57,7 @@ from engine.api import (
     EngineUnavailable,
     QuantMode,
 )
+from engine.serve.newest_wins import NewestWins
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,9 @@ class EngineWorker:
         self._failures_in_a_row = 0
         self._auth_refused = False  # the last request's token was refused (self.error says it)
         self._in_loader = False  # a load cannot be interrupted: close() does not wait for one
+        # Newest wins per document (engine/serve/newest_wins.py): an older job is dropped while
+        # it waits, else flagged (a flagged job waiting to resume is dropped at its turn).
+        self._newest: NewestWins[Job] = NewestWins(self._superseded)
         self._thread = threading.Thread(target=self._run, name="maskfill-engine", daemon=True)
         self._thread.start()
 
@@ -279,12 +283,7 @@ class EngineWorker:
             if self._closing:
                 self._drop(job)
                 return job
-            previous = self._pending.pop(key, None)
-            if previous is not None:
-                self._drop(previous)
-            for older in [*self._running, *(run.job for run in self._resume)]:
-                if older.key == key:
-                    older.cancel.set()  # a flagged job waiting to resume is dropped at its turn
+            self._newest.begin(key, job)
             self._pending[key] = job
             # Newest wins across documents too; a job an idle runner takes at once is not waiting.
             while len(self._pending) > MAX_PENDING_JOBS + self._idle_runners():
@@ -309,10 +308,20 @@ class EngineWorker:
 
     # -- the worker thread ---------------------------------------------------------------
 
+    def _superseded(self, older: Job) -> None:
+        """A newer job for its document came (lock held)."""
+        if self._pending.get(older.key) is older:
+            del self._pending[older.key]
+            self._drop(older)
+        else:
+            older.cancel.set()
+
     def _drop(self, job: Job) -> None:
         job.cancel.set()
         _resolve(job, None)
         self.stats.record_drop()
+        with self._lock:
+            self._newest.end(job.key, job)
 
     def _drop_waiting(self) -> None:
         """Drop every job not running yet (lock held)."""
@@ -388,6 +397,7 @@ class EngineWorker:
         finally:
             with self._lock:
                 self._running.remove(run.job)
+                self._newest.end(run.job.key, run.job)
                 self._lock.notify_all()
 
     def _free(self) -> None:

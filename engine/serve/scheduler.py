@@ -2,10 +2,12 @@
 
 Clients are served fairly in turn: each has its own queue and the thread takes one job from
 each client with work, round-robin, so one busy window (or an HTTP script) cannot starve the
-others. Newest wins per (client, key): a new job for a key drops that client's pending job for
-it and stops its running one between denoising steps, as the in-process worker does per
-document. Up to `max_in_flight` jobs run at once, each on its own thread calling the engine,
-which batches them into shared denoising passes (engine/denoise/batch_worker.py).
+others. Newest wins per (client, key), by the one rule of engine/serve/newest_wins.py: a new
+job for a key drops that client's pending job for it and stops its running one between
+denoising steps, as the in-process worker does per document. Deterministic requests are
+answered from the exact cache (engine/serve/exact_cache.py) when asked again. Up to
+`max_in_flight` jobs run at once, each on its own thread calling the engine, which batches
+them into shared denoising passes (engine/denoise/batch_worker.py).
 
 A request's deadline (timeout_ms) counts from its submission, its wait here included: a job
 still queued at its deadline is answered at once with an empty timed-out result, and one that
@@ -22,8 +24,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-import msgspec
-
 from engine.api import (
     CompletionRequest,
     CompletionResult,
@@ -33,6 +33,8 @@ from engine.api import (
     EngineInputError,
     EngineLike,
 )
+from engine.serve.exact_cache import ExactCache, request_key
+from engine.serve.newest_wins import NewestWins
 from engine.serve.stats import ServiceStats
 
 log = logging.getLogger(__name__)
@@ -61,44 +63,6 @@ class Job:
         return (self.deadline - time.monotonic()) * 1000.0
 
 
-class ResultCache:
-    """Exact-request LRU for deterministic requests: several windows (or a script) asking the
-    same thing get one model run."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict[bytes, CompletionResult] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(request: CompletionRequest) -> bytes | None:
-        deterministic = request.seed is not None or (
-            request.temperature == 0 and request.num_candidates == 1
-        )
-        if not deterministic:
-            return None
-        try:
-            return msgspec.msgpack.encode(replace(request, timeout_ms=None))
-        except (OverflowError, TypeError, msgspec.EncodeError):  # refused by validate anyway
-            return None
-
-    def get(self, key: bytes) -> CompletionResult | None:
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-            return found
-
-    def put(self, key: bytes, result: CompletionResult) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            self._items[key] = result
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-
 class FairScheduler:
     """Owns the engine on one thread. Public methods are safe from any thread."""
 
@@ -107,7 +71,7 @@ class FairScheduler:
         cache_size: int = 256, max_in_flight: int = 1,
     ):
         self.stats = stats or ServiceStats()
-        self.cache = ResultCache(cache_size)
+        self.cache: ExactCache[CompletionResult] = ExactCache(cache_size)
         self.state = "loading"  # loading | ready | failed | closed
         self.error: str | None = None
         self.info: EngineInfo | None = None
@@ -119,6 +83,8 @@ class FairScheduler:
         self.max_in_flight = max(1, max_in_flight)
         self._runners: list[threading.Thread] = []
         self._closing = False
+        # Newest wins per (client, key): an older job is dropped while queued, else stopped.
+        self._newest: NewestWins[Job] = NewestWins(self._superseded)
         self._ready = threading.Event()  # set once the load succeeded or failed
         self._thread = threading.Thread(target=self._run, name="maskfill-model", daemon=True)
         self._thread.start()
@@ -134,18 +100,19 @@ class FairScheduler:
         if self.state == "failed":
             _answer(job, None, f"the model did not load: {self.error}")
             return
-        cache_key = ResultCache.key(job.request)
+        cache_key = request_key(job.request)
         if cache_key is not None and (hit := self.cache.get(cache_key)) is not None:
             self.stats.record_cache(True)
             self.stats.record_outcome("cached")  # a request like any other in /metrics
-            self._supersede(job)
+            self._begin(job)
+            self._end(job)
             _answer(job, hit, None)
             return
         with self._lock:
             if self._closing:
                 _answer(job, None, "the engine is shutting down")
                 return
-            self._supersede(job)
+            self._begin(job)
             self._queues.setdefault(job.client, deque()).append(job)
             self._lock.notify()
 
@@ -194,23 +161,32 @@ class FairScheduler:
 
     # -- helpers (lock held where noted) ---------------------------------------------------
 
-    def _supersede(self, job: Job) -> None:
-        """Newest wins per (client, key); caller holds the lock or is about to answer."""
-        if not job.key:
-            return
-        with self._lock:
-            queue = self._queues.get(job.client, ())
-            for older in [j for j in queue if j.key == job.key]:
-                queue.remove(older)
-                self._drop(older)
-            for running in self._running:
-                if running.client == job.client and running.key == job.key:
-                    running.cancel.set()
+    def _begin(self, job: Job) -> None:
+        """Newest wins per (client, key) (engine/serve/newest_wins.py); a job without a key
+        competes with nothing."""
+        if job.key:
+            with self._lock:
+                self._newest.begin((job.client, job.key), job)
+
+    def _end(self, job: Job) -> None:
+        if job.key:
+            with self._lock:
+                self._newest.end((job.client, job.key), job)
+
+    def _superseded(self, older: Job) -> None:
+        """A newer job for its key came (lock held): dropped while queued, else stopped."""
+        queue = self._queues.get(older.client, ())
+        if older in queue:
+            queue.remove(older)
+            self._drop(older)
+        else:
+            older.cancel.set()
 
     def _drop(self, job: Job) -> None:
         job.cancel.set()
         if not job.answered:
             self.stats.record_outcome("dropped")
+        self._end(job)
         _answer(job, None, None)
 
     def _expire(self) -> float | None:
@@ -222,6 +198,7 @@ class FairScheduler:
                     queue.remove(job)
                     job.cancel.set()
                     self.stats.record_outcome("timed_out")
+                    self._end(job)
                     _answer(job, timed_out_result(), None)
                 elif soonest is None or job.deadline - now < soonest:
                     soonest = job.deadline - now
@@ -275,6 +252,7 @@ class FairScheduler:
         finally:
             with self._lock:
                 self._running.remove(job)  # before answering: status must not lag it
+                self._end(job)
                 self._lock.notify_all()
             _answer(job, *outcome)
 
@@ -323,7 +301,7 @@ class FairScheduler:
         else:
             outcome = "timed_out" if s.timed_out else "ok"
             self.stats.record_run(outcome, seconds, s.forward_passes, s.model_tokens)
-            cache_key = ResultCache.key(job.request)
+            cache_key = request_key(job.request)
             if cache_key is not None and not s.timed_out:
                 self.stats.record_cache(False)
                 self.cache.put(cache_key, result)
