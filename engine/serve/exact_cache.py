@@ -1,7 +1,7 @@
 """The one exact-result cache: an LRU of finished answers keyed by everything that decides
 them. Two places keep an instance: the LSP server (post-processed suggestions keyed by the
 context and the knobs: lsp_server/completion.py) and the shared engine (results of deterministic
-requests keyed by the request itself, `request_key`: engine/serve/scheduler.py), so several
+requests keyed by the request itself, `request_key`: engine/serve/host.py), so several
 windows, or a script, asking the same thing get one model run. Thread-safe; torch-free."""
 
 from __future__ import annotations

@@ -45,9 +45,9 @@ from engine.serve.fim_wire import (
     to_engine_request,
     to_response,
 )
+from engine.serve.host import Job
 from engine.serve.log_throttle import ThrottledLog
 from engine.serve.metrics import CONTENT_TYPE, registry_for, render
-from engine.serve.scheduler import Job
 
 if TYPE_CHECKING:
     from engine.serve.server import EngineService

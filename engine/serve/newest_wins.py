@@ -2,7 +2,7 @@
 a key, every older entry still registered for it is superseded: the caller's `supersede`
 decides what that means for it (a waiting job is dropped, a running one flagged to stop
 between denoising steps, an LSP request answered empty). Used by the LSP server per document
-(lsp_server/scheduler.py, on the event loop), and by the engine host per (client, document)
+(lsp_server/debounce.py, on the event loop), and by the engine host per (client, document)
 (engine/serve/host.py, under its lock). Not locked itself: its user serializes the calls.
 Torch-free."""
 

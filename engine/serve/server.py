@@ -40,6 +40,7 @@ from engine.api import EngineError, EngineInputError
 from engine.request_checks import validate
 from engine.serve import paths
 from engine.serve.connection_cap import ACCEPT_BACKLOG, connection_limit
+from engine.serve.host import Job, ServiceHost
 from engine.serve.log_throttle import ThrottledLog, flush_all, throttle_accept_errors
 from engine.serve.protocol import (
     HEADER_BYTES,
@@ -58,7 +59,6 @@ from engine.serve.protocol import (
     encode,
     frame_length,
 )
-from engine.serve.scheduler import FairScheduler, Job
 
 log = logging.getLogger(__name__)
 # What strangers can make the engine log, one line per connection otherwise (issue 20.10).
@@ -137,9 +137,9 @@ def host_port(value: str) -> tuple[str, int]:
 
 
 class EngineService:
-    """Connections, status and idle tracking around one FairScheduler."""
+    """Connections, status and idle tracking around one ServiceHost."""
 
-    def __init__(self, scheduler: FairScheduler, *, token: str | None = None,
+    def __init__(self, scheduler: ServiceHost, *, token: str | None = None,
                  idle_exit_s: float = 0.0):
         self.scheduler = scheduler
         self.token = token
@@ -377,7 +377,7 @@ def load_for_service(model: str, device: str, quant: str):
     return engine
 
 
-async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -> int:
+async def serve(options: ServeOptions, scheduler: ServiceHost | None = None) -> int:
     """Run until SIGTERM/SIGINT or idle exit. Returns the process exit code."""
     lock = None
     if options.lock is not None:
@@ -389,7 +389,7 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
             return EXIT_ALREADY_RUNNING
     token = _token(options)
     throttle_accept_errors(asyncio.get_running_loop())
-    scheduler = scheduler or FairScheduler(
+    scheduler = scheduler or ServiceHost(
         lambda: load_for_service(options.model, options.device, options.quant),
         cache_size=options.cache_size, max_in_flight=options.max_in_flight)
     service = EngineService(scheduler, token=token, idle_exit_s=options.idle_exit_s)

@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.serve.host import Job
 from engine.serve.newest_wins import NewestWins
-from lsp_server.worker import Job
 
 
 @dataclass
-class Ticket:
+class DocumentRequest:
     """One in-flight request for a document."""
 
     uri: str
@@ -57,21 +57,21 @@ class LatestPerDocument:
     (engine/serve/newest_wins.py); on the event loop only."""
 
     def __init__(self) -> None:
-        self._newest: NewestWins[Ticket] = NewestWins(Ticket.supersede)
+        self._newest: NewestWins[DocumentRequest] = NewestWins(DocumentRequest.supersede)
 
     @property
     def superseded(self) -> int:
         return self._newest.superseded
 
-    def begin(self, uri: str) -> Ticket:
-        ticket = Ticket(uri=uri)
+    def begin(self, uri: str) -> DocumentRequest:
+        ticket = DocumentRequest(uri=uri)
         self._newest.begin(uri, ticket)
         return ticket
 
-    def end(self, ticket: Ticket) -> None:
+    def end(self, ticket: DocumentRequest) -> None:
         self._newest.end(ticket.uri, ticket)
 
-    def is_latest(self, ticket: Ticket) -> bool:
+    def is_latest(self, ticket: DocumentRequest) -> bool:
         return self._newest.is_latest(ticket.uri, ticket)
 
 
