@@ -1,43 +1,9 @@
-"""Answers that need no model run: an exact-context LRU and typed-through reuse."""
+"""Answers that need no model run besides the exact cache (engine/serve/exact_cache.py, the
+one LRU the server and the shared engine both keep): typed-through reuse."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable
 from dataclasses import dataclass
-
-
-class ExactCache:
-    """LRU of finished suggestions keyed by everything that decides them (context + knobs)."""
-
-    def __init__(self, capacity: int = 256):
-        self.capacity = capacity
-        self._entries: OrderedDict[Hashable, tuple[str, ...]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: Hashable) -> tuple[str, ...] | None:
-        texts = self._entries.get(key)
-        if texts is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return texts
-
-    def put(self, key: Hashable, texts: tuple[str, ...]) -> None:
-        if self.capacity <= 0:
-            return
-        self._entries[key] = texts
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,17 @@ from lsprotocol import types
 from pygls.workspace import TextDocument
 
 from engine.api import Candidate, CompletionRequest, CompletionResult, ContextChunk, StopMode
-from lsp_server.cache import ExactCache, TypedThrough, inserted_at
+from engine.serve.exact_cache import ExactCache
+from lsp_server.cache import TypedThrough, inserted_at
 from lsp_server.context import ContextBlock, StableContext, extra_context_tokens
+from lsp_server.debounce import AdaptiveDebounce, DocumentRequest, LatestPerDocument
 from lsp_server.documents import Snapshot, context_window, detect_indent, looks_binary
+from lsp_server.engine_host import LspEngineHost
 from lsp_server.postprocess import CursorContext, choose_stop, is_useless, postprocess
 from lsp_server.protocol import Suggestion, cover_auto_closed, shift
-from lsp_server.scheduler import AdaptiveDebounce, LatestPerDocument, Ticket
 from lsp_server.settings import Settings
 from lsp_server.syntax.pick import SyntaxView, hole_check, pick, view_at
 from lsp_server.syntax.rank import Row
-from lsp_server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class CompletionService:
 
     def __init__(
         self,
-        worker: EngineWorker,
+        worker: LspEngineHost,
         settings: Callable[[], Settings],
         on_held: Callable[[], None] = lambda: None,
     ):
@@ -133,7 +134,7 @@ class CompletionService:
         self._model_changed.set()
         self._model_changed = asyncio.Event()
 
-    async def _model_ready(self, ticket: Ticket) -> bool:
+    async def _model_ready(self, ticket: DocumentRequest) -> bool:
         """Hold a request that arrives while the model loads (an empty answer would leave
         the editor with nothing until the next keystroke), up to timeoutMs; True once the
         model is ready, False if it failed, time ran out or a newer request replaced it."""
@@ -259,7 +260,7 @@ class CompletionService:
         self,
         snap: Snapshot,
         document: TextDocument,
-        ticket: Ticket,
+        ticket: DocumentRequest,
         delay_ms: float,
         invoked: bool,
         selection: Selection | None,

@@ -69,7 +69,7 @@ def resolve_mode(mode: str, device: str) -> str:
 
 
 def make_engine(spec) -> SharedEngine | RemoteEngine:
-    """Loader for the shared and remote modes (spec: lsp_server.worker.LoadSpec)."""
+    """Loader for the shared and remote modes (spec: lsp_server.engine_host.LoadSpec)."""
     mode = resolve_mode(spec.mode, spec.device)
     if mode == "remote":
         return RemoteEngine.open(spec.endpoint, spec.token_file, spec.model)

@@ -33,10 +33,10 @@ from lsp_server.context import ContextGatherer, StableContext
 from lsp_server.context.gatherer import uri_path
 from lsp_server.documents import LspTextDocument, LspWorkspace, Snapshot, offset_at, take_snapshot
 from lsp_server.engine_client import resolve_mode
+from lsp_server.engine_host import CLOSE_WAIT_S, Loader, LoadSpec, LspEngineHost, load_engine
 from lsp_server.protocol import client_has_inline_completion, completion_list, inline_items
 from lsp_server.rpc import MaskfillProtocol
 from lsp_server.settings import SETTINGS_SECTION, Settings, parse_settings
-from lsp_server.worker import CLOSE_WAIT_S, EngineWorker, Loader, LoadSpec, load_engine
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class MaskfillServer(LanguageServer):
         self.overrides = overrides or {}  # CLI --model/--device/--quant win over the client
         self.settings = self._with_overrides(Settings())
         self.parent_poll_s = parent_poll_s
-        self.worker = EngineWorker(loader, on_event=self._engine_event)
+        self.worker = LspEngineHost(loader, on_event=self._engine_event)
         self.service = CompletionService(
             self.worker, lambda: self.settings, on_held=self.notify_status
         )

@@ -4,7 +4,7 @@ Lines of one of the engine's own source files are deleted and typed back one key
 real time (seeded human-like gaps: ~120 ms between keys, longer pauses at line ends and now
 and then). Each keystroke is one automatic completion request, shaped like the server's: a
 context window of whole lines around the cursor, the `auto` stop mode at the cursor, 32 tokens,
-greedy. The server's policy is replayed too (lsp_server/scheduler.py, restated here because the
+greedy. The server's policy is replayed too (lsp_server/debounce.py, restated here because the
 engine never imports LSP code): a keystroke cancels the request in flight for the document
 (newest wins), and a request waits an adaptive debounce first, so keys typed faster than that
 never reach the engine.
@@ -41,7 +41,7 @@ TYPED_FROM = "def precut_text("  # the function whose lines are typed back
 TYPED_CHARS = 150
 LINES_BEFORE, LINES_AFTER = 200, 60  # the server's context window defaults
 MAX_TOKENS = 32
-# AdaptiveDebounce defaults (lsp_server/settings.py, lsp_server/scheduler.py)
+# AdaptiveDebounce defaults (lsp_server/settings.py, lsp_server/debounce.py)
 DEBOUNCE_MIN_MS, DEBOUNCE_MAX_MS, PAUSE_S, SMOOTHING, MARGIN = 75.0, 400.0, 2.0, 0.3, 1.25
 
 

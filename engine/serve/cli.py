@@ -60,6 +60,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--http-max-connections", type=int, default=128,
                    help="open HTTP connections at most, fewer if the file limit is low "
                    "(default 128); further ones are closed at once")
+    s.add_argument("--tcp-max-connections", type=int, default=128,
+                   help="open --tcp connections at most, fewer if the file limit is low "
+                   "(default 128); further ones are refused with a message and closed")
     s.add_argument("--idle-exit-s", type=float, default=0.0,
                    help="exit once no client was connected for this long (0: never)")
     s.add_argument("--endpoint-file", type=Path, default=None, help=argparse.SUPPRESS)
@@ -107,6 +110,8 @@ def build_options(args: argparse.Namespace):
                     "editors: use --http with --tls-cert/--tls-key)", args.tcp)
     if args.http_read_timeout_s <= 0 or args.http_max_connections < 1:
         raise EngineError("--http-read-timeout-s must be > 0 and --http-max-connections >= 1")
+    if args.tcp_max_connections < 1:
+        raise EngineError("--tcp-max-connections must be >= 1")
     return ServeOptions(
         model=model, device=args.device, quant=args.quant, socket=socket_path, lock=lock,
         tcp=host_port(args.tcp) if args.tcp else None,
@@ -117,6 +122,7 @@ def build_options(args: argparse.Namespace):
         max_in_flight=max(1, args.max_in_flight), tls_cert=args.tls_cert,
         tls_key=args.tls_key, http_read_timeout_s=args.http_read_timeout_s,
         http_max_connections=args.http_max_connections,
+        tcp_max_connections=args.tcp_max_connections,
         http_allowed_hosts=tuple(args.allowed_host))
 
 

@@ -35,6 +35,7 @@ from engine.api import (
     EngineInputError,
 )
 from engine.request_checks import validate
+from engine.serve.connection_cap import ACCEPT_BACKLOG, connection_limit
 from engine.serve.fim_wire import (
     HTTP_TIMEOUT_MS,
     ApiError,
@@ -44,14 +45,9 @@ from engine.serve.fim_wire import (
     to_engine_request,
     to_response,
 )
+from engine.serve.host import Job
 from engine.serve.log_throttle import ThrottledLog
 from engine.serve.metrics import CONTENT_TYPE, registry_for, render
-from engine.serve.scheduler import Job
-
-try:
-    import resource
-except ImportError:  # Windows: no file limit to read
-    resource = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from engine.serve.server import EngineService
@@ -61,10 +57,6 @@ log = logging.getLogger(__name__)
 READ_TIMEOUT_S = 15.0  # request head, body, and idle keep-alive, each
 LINGER_S = 1.0  # reading (and dropping) the unread body of a refused request before closing
 MAX_CONNECTIONS = 128  # open HTTP connections, at most (fewer under a low file limit)
-RESERVED_FDS = 64  # descriptors always left to the Unix socket's clients and the engine itself
-# asyncio accepts up to `backlog` connections per loop pass: a flood past the cap then holds
-# about twice this many descriptors for an instant (until the refused ones are closed).
-ACCEPT_BACKLOG = 16
 SESSION_HEADERS = ("x-session-id", "x-session")  # a caller's own fairness key (the cluster's too)
 MAX_SESSION_CHARS = 512
 LOOPBACK_HOSTS = ("localhost",)
@@ -298,31 +290,6 @@ def tls_context(cert: str | os.PathLike, key: str | os.PathLike) -> ssl.SSLConte
         raise EngineError(f"cannot use --tls-cert {cert} with --tls-key {key}: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
     return context
-
-
-def connection_limit(wanted: int) -> int:
-    """At most `wanted` HTTP connections, and never so many that the file limit leaves fewer
-    than RESERVED_FDS descriptors for everything else: past the limit `accept` fails for every
-    listener alike, the editors' Unix socket included."""
-    if resource is None:
-        return wanted
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    room = soft - open_descriptors() - RESERVED_FDS
-    if room < wanted:
-        log.warning("the file limit (%d) leaves room for %d HTTP connections (raise it with "
-                    "`ulimit -n`)", soft, max(1, room))
-    return max(1, min(wanted, room))
-
-
-def open_descriptors() -> int:
-    for folder in ("/proc/self/fd", "/dev/fd"):
-        try:
-            return len(os.listdir(folder))
-        except OSError:
-            continue
-    return 32
 
 
 class ConnectionCap:

@@ -10,6 +10,11 @@ A client is held to its share: at most MAX_CLIENT_JOBS completions unanswered an
 MAX_UNSENT_BYTES of replies it has not read. One that goes past either (a script that floods
 requests, a client that writes and never reads) is told why and disconnected, so it cannot
 grow the engine's memory; the warning is logged at most once per LOG_EVERY_S.
+
+The `--tcp` listener is held like the HTTP API's (issue 20.6): at most `tcp_max_connections`
+open at once (fewer under a low file limit, so the editors' Unix socket always has descriptors
+left), a connection past the cap is told why in a Refused frame and closed at once (the
+refusal logged, throttled), and one that has not said hello within HELLO_TIMEOUT_S is closed.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import msgspec
 from engine.api import EngineError, EngineInputError
 from engine.request_checks import validate
 from engine.serve import paths
+from engine.serve.connection_cap import ACCEPT_BACKLOG, connection_limit
+from engine.serve.host import Job, ServiceHost
 from engine.serve.log_throttle import ThrottledLog, flush_all, throttle_accept_errors
 from engine.serve.protocol import (
     HEADER_BYTES,
@@ -52,12 +59,12 @@ from engine.serve.protocol import (
     encode,
     frame_length,
 )
-from engine.serve.scheduler import FairScheduler, Job
 
 log = logging.getLogger(__name__)
 # What strangers can make the engine log, one line per connection otherwise (issue 20.10).
 refused_log = ThrottledLog(log, "connections refused")
 closed_log = ThrottledLog(log, "connections closed for bad frames")
+over_cap_log = ThrottledLog(log, "TCP connections refused (over the connection cap)")
 
 EXIT_ALREADY_RUNNING = 3  # another engine holds this key's lock: use that one
 HELLO_TIMEOUT_S = 10.0
@@ -109,6 +116,7 @@ class ServeOptions:
     tls_key: Path | None = None
     http_read_timeout_s: float = 15.0  # request head, body, idle keep-alive (each)
     http_max_connections: int = 128  # fewer under a low file limit
+    tcp_max_connections: int = 128  # --tcp connections, likewise
     http_allowed_hosts: tuple[str, ...] = ()  # Host names served on loopback besides its own
 
 
@@ -129,9 +137,9 @@ def host_port(value: str) -> tuple[str, int]:
 
 
 class EngineService:
-    """Connections, status and idle tracking around one FairScheduler."""
+    """Connections, status and idle tracking around one ServiceHost."""
 
-    def __init__(self, scheduler: FairScheduler, *, token: str | None = None,
+    def __init__(self, scheduler: ServiceHost, *, token: str | None = None,
                  idle_exit_s: float = 0.0):
         self.scheduler = scheduler
         self.token = token
@@ -142,6 +150,7 @@ class EngineService:
         self.last_activity = time.monotonic()
         self.stopped = asyncio.Event()
         self.writers: set[asyncio.StreamWriter] = set()
+        self.tcp_open = 0  # connections on the --tcp listener, hello said or not
         self._ids = itertools.count(1)
         self.over_limit_log = LogThrottle()
 
@@ -209,6 +218,23 @@ class EngineService:
             writer.close()
 
     # -- the msgpack protocol ------------------------------------------------------------
+
+    async def tcp_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             *, limit: int) -> None:
+        """A `--tcp` connection: served while fewer than `limit` are open, else refused."""
+        if self.tcp_open >= limit:
+            over_cap_log.warning("refused a TCP connection from %s: %d are open (the cap)",
+                                 writer.get_extra_info("peername"), limit)
+            with contextlib.suppress(Exception):
+                writer.write(encode(Refused(message=f"too many connections: {limit} are open "
+                                            "(this engine's cap); try again later")))
+                writer.close()
+            return
+        self.tcp_open += 1
+        try:
+            await self.connection(reader, writer, needs_token=True)
+        finally:
+            self.tcp_open -= 1
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          *, needs_token: bool) -> None:
@@ -351,7 +377,7 @@ def load_for_service(model: str, device: str, quant: str):
     return engine
 
 
-async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -> int:
+async def serve(options: ServeOptions, scheduler: ServiceHost | None = None) -> int:
     """Run until SIGTERM/SIGINT or idle exit. Returns the process exit code."""
     lock = None
     if options.lock is not None:
@@ -363,7 +389,7 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
             return EXIT_ALREADY_RUNNING
     token = _token(options)
     throttle_accept_errors(asyncio.get_running_loop())
-    scheduler = scheduler or FairScheduler(
+    scheduler = scheduler or ServiceHost(
         lambda: load_for_service(options.model, options.device, options.quant),
         cache_size=options.cache_size, max_in_flight=options.max_in_flight)
     service = EngineService(scheduler, token=token, idle_exit_s=options.idle_exit_s)
@@ -375,8 +401,10 @@ async def serve(options: ServeOptions, scheduler: FairScheduler | None = None) -
         if options.socket is not None:
             endpoints["socket"] = await _serve_unix(service, options.socket, closers)
         if options.tcp is not None:
+            limit = connection_limit(options.tcp_max_connections, "TCP")
             server = await asyncio.start_server(
-                lambda r, w: service.connection(r, w, needs_token=True), *options.tcp)
+                lambda r, w: service.tcp_connection(r, w, limit=limit), *options.tcp,
+                backlog=ACCEPT_BACKLOG)
             closers.append(server)
             host, port = server.sockets[0].getsockname()[:2]
             endpoints["tcp"] = f"{host}:{port}"

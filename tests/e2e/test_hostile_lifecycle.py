@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from lsp_server.worker import CLOSE_WAIT_S
+from lsp_server.engine_host import CLOSE_WAIT_S
 from tests.e2e.raw_client import LIVENESS_S, Server, connect, free_port, inline_params
 
 INLINE = "textDocument/inlineCompletion"

@@ -1,6 +1,7 @@
 """Exact-context LRU and typed-through reuse."""
 
-from lsp_server.cache import ExactCache, TypedThrough, inserted_at
+from engine.serve.exact_cache import ExactCache
+from lsp_server.cache import TypedThrough, inserted_at
 
 
 def test_lru_hit_miss_and_eviction():

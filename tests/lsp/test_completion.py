@@ -10,8 +10,8 @@ from pygls.workspace.position_codec import PositionCodec
 from engine.api import Candidate, CompletionResult, CompletionStats
 from lsp_server.completion import CompletionService, Selection
 from lsp_server.documents import LspTextDocument, take_snapshot
+from lsp_server.engine_host import Job
 from lsp_server.settings import Settings
-from lsp_server.worker import Job
 
 UTF16 = PositionCodec(types.PositionEncodingKind.Utf16)
 

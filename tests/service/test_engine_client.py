@@ -15,11 +15,11 @@ import pytest
 
 from engine.api import CompletionRequest, EngineAuthError, EngineError
 from engine.serve.client import EngineConnection
+from engine.serve.host import ServiceHost
 from engine.serve.launcher import EngineLocation
-from engine.serve.scheduler import FairScheduler
 from engine.serve.server import EngineService
 from lsp_server.engine_client import RemoteEngine, SharedEngine, resolve_mode
-from lsp_server.worker import EngineWorker, LoadSpec
+from lsp_server.engine_host import LoadSpec, LspEngineHost
 from tests.service.conftest import fim_answer, memorized_hole, slow_request, wait_gone
 
 WAIT_S = 180.0
@@ -50,7 +50,7 @@ def engine_stats(model, device="cpu") -> dict:
 
 
 def test_worker_in_shared_mode_serves_and_cancels_across_the_socket(slow_model, runtime_dir):
-    worker = EngineWorker()  # the real loader: it picks the shared engine from the spec
+    worker = LspEngineHost()  # the real loader: it picks the shared engine from the spec
     try:
         worker.load(LoadSpec(model=str(slow_model), mode="shared", idle_exit_s=10))
         wait_for(lambda: worker.state in ("ready", "failed"), "the load")
@@ -108,7 +108,7 @@ class HttpEngine:
         from engine.serve.http_api import start_http
 
         torch.set_num_threads(1)
-        self.scheduler = FairScheduler(lambda: Engine.load(str(model)))
+        self.scheduler = ServiceHost(lambda: Engine.load(str(model)))
         assert self.scheduler.wait_loaded(WAIT_S) and self.scheduler.state == "ready"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever)
@@ -172,7 +172,7 @@ def test_an_unreachable_remote_endpoint_fails_the_load_clearly(runtime_dir):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    worker = EngineWorker()
+    worker = LspEngineHost()
     try:
         worker.load(LoadSpec(model=None, mode="remote", endpoint=f"http://127.0.0.1:{port}"))
         wait_for(lambda: worker.state in ("ready", "failed"), "the load")

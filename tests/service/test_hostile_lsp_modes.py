@@ -360,12 +360,12 @@ class RecordingHttpEngine:
         import torch
 
         from engine.engine import Engine
+        from engine.serve.host import ServiceHost
         from engine.serve.http_api import build_app
-        from engine.serve.scheduler import FairScheduler
         from engine.serve.server import EngineService
 
         torch.set_num_threads(1)
-        self.scheduler = FairScheduler(lambda: Engine.load(str(model)))
+        self.scheduler = ServiceHost(lambda: Engine.load(str(model)))
         assert self.scheduler.wait_loaded(180) and self.scheduler.state == "ready"
         self.sessions: list[str | None] = []
         app = build_app(EngineService(self.scheduler, token=TOKEN))

@@ -10,8 +10,8 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from engine.serve.host import ServiceHost
 from engine.serve.http_api import build_app
-from engine.serve.scheduler import FairScheduler
 from engine.serve.server import EngineService
 from tests.service.conftest import fim_answer, memorized_hole, slow_request
 
@@ -20,13 +20,13 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LIMIT = 64 * 1024
 
 
-def _scheduler(model) -> FairScheduler:
+def _scheduler(model) -> ServiceHost:
     import torch
 
     from engine.engine import Engine
 
     torch.set_num_threads(1)
-    scheduler = FairScheduler(lambda: Engine.load(str(model)))
+    scheduler = ServiceHost(lambda: Engine.load(str(model)))
     assert scheduler.wait_loaded(120) and scheduler.state == "ready", scheduler.error
     return scheduler
 

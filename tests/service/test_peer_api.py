@@ -21,7 +21,7 @@ from engine.serve.peer_api import model_name
 from engine.serve.server import EngineService
 from tests.fixtures import peer_requests as peers
 from tests.service.conftest import fim_answer, memorized_hole
-from tests.service.test_http_api import _scheduler  # a loaded, ready FairScheduler
+from tests.service.test_http_api import _scheduler  # a loaded, ready ServiceHost
 
 TOKEN = "peer-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -1,5 +1,5 @@
 """`FimEngine`: one Serve replica holding the model(s), as the shared engine does on one
-machine (engine/serve/scheduler.py: fair turns between sessions, batched passes for the
+machine (engine/serve/host.py: fair turns between sessions, batched passes for the
 requests in flight, the exact-request cache, cancel between steps).
 
 With one checkpoint the replica loads it in its constructor, so it is RUNNING only once it
@@ -29,8 +29,8 @@ from ray import serve
 from engine.api import CompletionResult, EngineError
 from engine.serve.cluster.contract import EngineAnswer, EngineCall, StreamPart
 from engine.serve.draft_queue import DraftQueue
+from engine.serve.host import Job, ServiceHost
 from engine.serve.peer_api import fit_window, model_name
-from engine.serve.scheduler import FairScheduler, Job
 from engine.serve.server import load_for_service
 from engine.serve.stats import ServiceStats
 
@@ -46,7 +46,7 @@ class ModelSlot:
                  max_in_flight: int):
         self.name, self.spec = name, spec
         self.warm = 0  # answered requests whose context K/V came from an earlier request
-        self.scheduler = FairScheduler(lambda: load_for_service(spec, device, quant),
+        self.scheduler = ServiceHost(lambda: load_for_service(spec, device, quant),
                                        stats=ServiceStats(), cache_size=cache_size,
                                        max_in_flight=max_in_flight)
 

@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lsp_server.worker import Job
+from engine.serve.host import Job
+from engine.serve.newest_wins import NewestWins
 
 
 @dataclass
-class Ticket:
+class DocumentRequest:
     """One in-flight request for a document."""
 
     uri: str
@@ -52,27 +53,26 @@ class Ticket:
 
 
 class LatestPerDocument:
-    """Registry of the newest request per document uri."""
+    """The newest request per document uri, by the one newest-wins rule
+    (engine/serve/newest_wins.py); on the event loop only."""
 
     def __init__(self) -> None:
-        self._tickets: dict[str, Ticket] = {}
-        self.superseded = 0
+        self._newest: NewestWins[DocumentRequest] = NewestWins(DocumentRequest.supersede)
 
-    def begin(self, uri: str) -> Ticket:
-        previous = self._tickets.get(uri)
-        if previous is not None:
-            previous.supersede()
-            self.superseded += 1
-        ticket = Ticket(uri=uri)
-        self._tickets[uri] = ticket
+    @property
+    def superseded(self) -> int:
+        return self._newest.superseded
+
+    def begin(self, uri: str) -> DocumentRequest:
+        ticket = DocumentRequest(uri=uri)
+        self._newest.begin(uri, ticket)
         return ticket
 
-    def end(self, ticket: Ticket) -> None:
-        if self._tickets.get(ticket.uri) is ticket:
-            del self._tickets[ticket.uri]
+    def end(self, ticket: DocumentRequest) -> None:
+        self._newest.end(ticket.uri, ticket)
 
-    def is_latest(self, ticket: Ticket) -> bool:
-        return self._tickets.get(ticket.uri) is ticket
+    def is_latest(self, ticket: DocumentRequest) -> bool:
+        return self._newest.is_latest(ticket.uri, ticket)
 
 
 class AdaptiveDebounce:

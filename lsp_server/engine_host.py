@@ -1,14 +1,18 @@
-"""One thread owns the model: it loads it, hands completion jobs to runners, and frees it.
+"""The LSP server's engine host: the LSP-facing adapter over engine/serve/host.py `EngineHost`
+(the one thread that owns the model, loads it, hands completion jobs to runners and frees it;
+the shared engine process is the same host). What is the LSP server's own here: the loader (an
+in-process engine, or a client of a shared or remote one), its events, the retries and the
+fallback device, and the counters of `maskfill.status`.
 
 Keeping the engine off the asyncio loop lets the server answer `initialize`, `didChange` and
 cancellations while a model loads or denoises. When the engine takes concurrent calls
 (`concurrent_calls`: the in-process engine shares its denoising passes between them, the shared
 engine and a remote endpoint serve each on its own), up to MAX_IN_FLIGHT jobs run at once, each
 on its own runner thread, so documents of one window are served together instead of in turn;
-any other engine gets one job at a time, on the owning thread. Newest wins per document:
-submitting a job for a document drops its pending one and flags its running one (its cancel
-Event is checked by the engine between denoising steps) and starts once that one has stopped,
-so a burst of keystrokes costs at most a couple of model runs.
+any other engine gets one job at a time, on the owning thread. Newest wins per document (the
+one rule, engine/serve/newest_wins.py): submitting a job for a document drops its pending one
+and flags its running one (its cancel Event is checked by the engine between denoising steps)
+and starts once that one has stopped, so a burst of keystrokes costs at most a couple of runs.
 
 The queue is bounded across documents too: beyond MAX_PENDING_JOBS waiting jobs (running ones,
 and those an idle runner takes at once, not counted) the oldest is dropped, so a request never
@@ -32,16 +36,14 @@ restarting, a remote endpoint refusing the token): the job answers nothing at on
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import statistics
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -51,13 +53,13 @@ from engine.api import (
     CompletionResult,
     EngineAuthError,
     EngineError,
-    EngineInfo,
     EngineInputError,
     EngineLike,
     EngineUnavailable,
     QuantMode,
     one_line,
 )
+from engine.serve.host import EngineHost, Job
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +131,6 @@ def load_engine(spec: LoadSpec) -> EngineLike:
                          context_reuse=spec.context_reuse)
     engine.use_cpu_threads()  # the server process exists to run this engine
     return engine
-
-
-@dataclass
-class Job:
-    key: str  # the document's uri: newest wins per key
-    request: CompletionRequest
-    cancel: threading.Event = field(default_factory=threading.Event)
-    future: Future[CompletionResult | None] = field(default_factory=Future)
 
 
 class WorkerStats:
@@ -212,39 +206,30 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
-class Run:
-    """A job handed to a runner, with the request to try and which try it is."""
+class Fallback:
+    """A reload asked for by a runner after repeated failures: the same model on `spec`'s
+    (fallback) device, the job that tipped it over run first there."""
 
-    job: Job
-    request: CompletionRequest
-    attempt: int = 0  # 0: as asked; 1: half the span; 2: on the fallback device (the last)
+    spec: LoadSpec
 
 
-class EngineWorker:
-    """The thread that owns the engine. All public methods are safe to call from any thread."""
+class LspEngineHost(EngineHost):
+    """The LSP server's engine host (engine/serve/host.py), one client, a job per document;
+    this adapter adds the loader and its events, the retries and the fallback device. All
+    public methods are safe to call from any thread."""
+
+    inline_single = True  # an engine that takes one call at a time runs it on this thread
+    one_run_per_key = True  # a burst of keystrokes costs a couple of runs, as newest-wins intends
 
     def __init__(self, loader: Loader = load_engine, on_event: EventSink | None = None):
+        super().__init__(name="maskfill-engine", max_in_flight=1)
         self._loader = loader
         self._on_event = on_event or (lambda kind, payload: None)
-        self._lock = threading.Condition()
-        self._pending: OrderedDict[str, Job] = OrderedDict()
-        self._running: list[Job] = []  # on a runner now; a flagged one may still be stopping
-        self._resume: deque[Run] = deque()  # retried first, once the fallback reload is done
-        self._load_request: LoadSpec | None = None
-        self._fallback_request: LoadSpec | None = None  # asked for by a runner (see docstring)
-        self._closing = False
-        self._engine: EngineLike | None = None
         self._spec: LoadSpec | None = None
-        self._max_in_flight = 1  # for the loaded engine; changed only while no runner runs
-        self.state = "unloaded"  # unloaded | loading | ready | failed | closed
-        self.info: EngineInfo | None = None
-        self.error: str | None = None
         self.stats = WorkerStats()
         self._failures_in_a_row = 0
         self._auth_refused = False  # the last request's token was refused (self.error says it)
-        self._in_loader = False  # a load cannot be interrupted: close() does not wait for one
-        self._thread = threading.Thread(target=self._run, name="maskfill-engine", daemon=True)
-        self._thread.start()
+        self.start()
 
     # -- called from the server ---------------------------------------------------------
 
@@ -256,42 +241,16 @@ class EngineWorker:
     def device(self) -> str | None:
         return self._spec.device if self._spec else None
 
-    @property
-    def jobs_in_flight(self) -> int:
-        """Jobs on a runner now (flagged ones still stopping included)."""
-        with self._lock:
-            return len(self._running)
-
     def load(self, spec: LoadSpec) -> None:
         """(Re)load in the background; waiting jobs are dropped and running ones stopped (they
         were for the old model), and the old model is freed once their runners returned."""
         with self._lock:
-            self._load_request = spec
-            self._fallback_request = None  # the new load decides the device
             self.state = "loading"
-            self._drop_waiting()
-            for job in self._running:
-                job.cancel.set()
-            self._lock.notify_all()
+            self.request_load(spec, drop_waiting=True)  # replaces a pending fallback too
 
-    def submit(self, key: str, request: CompletionRequest) -> Job:
+    def submit(self, key: str, request: CompletionRequest) -> Job:  # type: ignore[override]
         job = Job(key=key, request=request)
-        with self._lock:
-            if self._closing:
-                self._drop(job)
-                return job
-            previous = self._pending.pop(key, None)
-            if previous is not None:
-                self._drop(previous)
-            for older in [*self._running, *(run.job for run in self._resume)]:
-                if older.key == key:
-                    older.cancel.set()  # a flagged job waiting to resume is dropped at its turn
-            self._pending[key] = job
-            # Newest wins across documents too; a job an idle runner takes at once is not waiting.
-            while len(self._pending) > MAX_PENDING_JOBS + self._idle_runners():
-                _, oldest = self._pending.popitem(last=False)
-                self._drop(oldest)
-            self._lock.notify_all()
+        super().submit(job)
         return job
 
     def close(self, timeout: float = CLOSE_WAIT_S) -> None:
@@ -299,110 +258,36 @@ class EngineWorker:
         here, have returned, waiting at most `timeout` seconds for it (0: do not wait). A load
         in progress is not waited for: the thread frees what it loaded when the load returns
         (or the process ends first)."""
-        with self._lock:
-            self._closing = True
-            self._drop_waiting()
-            for job in self._running:
-                job.cancel.set()
-            self._lock.notify_all()
-        if timeout > 0 and not self._in_loader and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        super().close(timeout)
 
-    # -- the worker thread ---------------------------------------------------------------
+    # -- host hooks (lock held where the host holds it) ----------------------------------
 
-    def _drop(self, job: Job) -> None:
-        job.cancel.set()
-        _resolve(job, None)
+    def _on_drop(self, job: Job) -> None:
         self.stats.record_drop()
 
-    def _drop_waiting(self) -> None:
-        """Drop every job not running yet (lock held)."""
-        for job in self._pending.values():
-            self._drop(job)
-        self._pending.clear()
-        for run in self._resume:
-            self._drop(run.job)
-        self._resume.clear()
+    def _can_run(self) -> bool:
+        return True  # with no model (not loaded, or its load failed) a job is dropped at once
 
-    def _idle_runners(self) -> int:
-        """Runners free to take a job now (lock held): none while a reload waits."""
-        if self._load_request is not None or self._fallback_request is not None:
-            return 0
-        return max(0, self._max_in_flight - len(self._running) - len(self._resume))
+    def _on_start(self, in_flight: int) -> None:
+        self.stats.record_in_flight(in_flight)
 
-    def _next_task(self) -> LoadSpec | Run | None:
-        with self._lock:
-            while True:
-                if self._closing:
-                    return None
-                reload = self._load_request or self._fallback_request
-                if reload is not None:
-                    if not self._running:  # never free or replace the model under a runner
-                        self._load_request = self._fallback_request = None
-                        return reload
-                elif len(self._running) < self._max_in_flight and (run := self._take()):
-                    self._running.append(run.job)
-                    self.stats.record_in_flight(len(self._running))
-                    return run
-                self._lock.wait()
-
-    def _take(self) -> Run | None:
-        """The next job to start (lock held): one resumed after the fallback reload, else the
-        oldest waiting job whose document has no run still stopping. One run per document at
-        a time keeps a burst of keystrokes at a couple of runs, as newest-wins intends."""
-        if self._resume:
-            return self._resume.popleft()
-        stopping = {job.key for job in self._running}
-        key = next((key for key in self._pending if key not in stopping), None)
-        if key is None:
-            return None
-        job = self._pending.pop(key)
-        return Run(job, job.request)
-
-    def _run(self) -> None:
-        try:
-            while (task := self._next_task()) is not None:
-                if isinstance(task, LoadSpec):
-                    try:
-                        self._load(task)
-                    except Exception:  # a bug in a load must not take the model thread down
-                        log.exception("engine worker load failed")
-                elif self._max_in_flight == 1:  # one at a time: on this thread, as before
-                    self._serve(task)
-                else:
-                    threading.Thread(target=self._serve, args=(task,), name="maskfill-job",
-                                     daemon=True).start()
-        finally:
-            with self._lock:  # close() flagged them: each returns within a denoising step
-                while self._running:
-                    self._lock.wait()
-            self._free()
-            self.state = "closed"
-
-    def _serve(self, run: Run) -> None:
-        """One job, on a runner thread (or the worker thread when one runs at a time)."""
-        try:
-            self._complete(run)
-        except Exception:  # a bug in one job must not take its thread (or the worker) down
-            log.exception("engine worker job failed")
-            self._drop(run.job)
-        finally:
-            with self._lock:
-                self._running.remove(run.job)
-                self._lock.notify_all()
+    def _max_waiting(self) -> int | None:
+        # Newest wins across documents too; a job an idle runner takes at once is not waiting.
+        if self._pending_load is not None:
+            return MAX_PENDING_JOBS
+        return MAX_PENDING_JOBS + max(0, self.max_in_flight - len(self._running)
+                                      - len(self._front))
 
     def _free(self) -> None:
-        self._max_in_flight = 1
-        if self._engine is not None:
-            try:
-                self._engine.close()
-            except Exception:  # freeing must never raise into shutdown
-                log.exception("engine.close() failed")
-            self._engine = None
-            log.info("model freed")
+        self.max_in_flight = 1
+        super()._free()
+
+    # -- the owning thread ---------------------------------------------------------------
+
+    def _load_task(self, task: LoadSpec | Fallback) -> None:
+        self._load(task.spec if isinstance(task, Fallback) else task)
 
     def _load(self, spec: LoadSpec) -> None:
-        self._free()
         self.info = None
         devices = [spec.device]
         if spec.fallback_device and spec.fallback_device != spec.device:
@@ -412,7 +297,6 @@ class EngineWorker:
             attempt = dataclasses.replace(spec, device=device)
             self._on_event("load-begin", {"model": model_name(spec), "device": device})
             started = time.perf_counter()
-            self._in_loader = True
             try:
                 engine = self._loader(attempt)
             except NoModelConfigured as exc:
@@ -422,14 +306,12 @@ class EngineWorker:
                 errors.append(f"{device}: {one_line(exc)}")
                 log.warning("loading %s on %s failed: %s", model_name(spec), device, exc)
                 continue
-            finally:
-                self._in_loader = False
             with self._lock:
-                superseded = self._load_request is not None or self._closing
+                superseded = isinstance(self._pending_load, LoadSpec) or self._closing
                 self._engine, self._spec = engine, attempt
                 # An engine that does not say it takes concurrent calls gets one at a time.
                 concurrent = bool(getattr(engine, "concurrent_calls", False))
-                self._max_in_flight = MAX_IN_FLIGHT if concurrent else 1
+                self.max_in_flight = MAX_IN_FLIGHT if concurrent else 1
                 self._failures_in_a_row = 0
             self.info = engine.info()
             self.error = None
@@ -454,12 +336,20 @@ class EngineWorker:
 
     # -- a runner thread -----------------------------------------------------------------
 
-    def _complete(self, run: Run) -> None:
-        job, request, attempt = run.job, run.request, run.attempt
+    def _serve_job(self, job: Job) -> tuple[CompletionResult | None, str | None] | None:
+        try:
+            return self._complete(job)
+        except Exception:  # a bug in one job must not take its thread (or the worker) down
+            log.exception("engine worker job failed")
+            self._drop(job)
+            return None
+
+    def _complete(self, job: Job) -> tuple[CompletionResult | None, None] | None:
+        request, attempt = job.request, job.attempt
         engine = self._engine  # not replaced while this job is in self._running
         if job.cancel.is_set() or engine is None:
             self._drop(job)  # flagged jobs never reach the model
-            return
+            return None
         while True:
             try:
                 result = self._timed_run(engine, job, request)
@@ -485,17 +375,17 @@ class EngineWorker:
                     )
                     attempt = 1
                     continue
-                if attempt == 1 and repeated and self._retry_on_fallback(Run(job, request, 2)):
-                    return
+                if attempt == 1 and repeated and self._retry_on_fallback(job, request):
+                    return None
                 break
             with self._lock:
                 self._failures_in_a_row = 0
                 if self._auth_refused:  # the endpoint takes our token again
                     self._auth_refused = False
                     self.error = None
-            _resolve(job, result)
-            return
+            return result, None
         self._drop(job)
+        return None
 
     def _unavailable(self, exc: EngineUnavailable) -> None:
         """An engine that cannot answer now: counted and said, never retried. A refused token
@@ -525,25 +415,21 @@ class EngineWorker:
         self.stats.record_result(result, elapsed_ms, cancelled)
         return result
 
-    def _retry_on_fallback(self, run: Run) -> bool:
-        """After repeated failures: ask the worker thread to move the model to the fallback
+    def _retry_on_fallback(self, job: Job, request: CompletionRequest) -> bool:
+        """After repeated failures: ask the owning thread to move the model to the fallback
         device (a runner never loads: others may still be running on this model) and queue
-        `run` to go first there. False when there is no other device, or a load or close
-        already decides what happens next."""
+        `job` (its last request, as the last try) to go first there. False when there is no
+        other device, or a load or close already decides what happens next."""
         with self._lock:
             spec = self._spec
-            if (self._closing or self._load_request is not None or spec is None
+            if (self._closing or isinstance(self._pending_load, LoadSpec) or spec is None
                     or spec.fallback_device in (None, spec.device)):
                 return False
-            if self._fallback_request is None:
-                self._fallback_request = dataclasses.replace(spec, device=spec.fallback_device)
-            self._resume.append(run)
-            self._lock.notify_all()
+            if self._pending_load is None:
+                self.request_load(Fallback(dataclasses.replace(spec, device=spec.fallback_device)),
+                                  drop_waiting=False)
+            job.request, job.attempt = request, 2
+            self.run_first(job)
             return True
 
 
-def _resolve(job: Job, value: CompletionResult | None) -> None:
-    """Set the job's result unless its waiter already gave up (asyncio cancels the future)."""
-    with contextlib.suppress(InvalidStateError):
-        if not job.future.done():
-            job.future.set_result(value)

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from engine.api import CompletionRequest, CompletionResult, CompletionStats, EngineInfo
-from engine.serve.scheduler import FairScheduler, Job
+from engine.serve.host import Job, ServiceHost
 
 WAIT_S = 30.0
 
@@ -62,7 +62,7 @@ def engine():
 
 @pytest.fixture
 def scheduler(engine):
-    s = FairScheduler(lambda: engine)
+    s = ServiceHost(lambda: engine)
     assert s.wait_loaded(WAIT_S) and s.state == "ready"
     yield s
     s.close()
@@ -134,7 +134,7 @@ def test_a_failed_load_is_reported_to_every_request():
     def broken():
         raise RuntimeError("CUDA out of memory\nlong trace")
 
-    s = FairScheduler(broken)
+    s = ServiceHost(broken)
     assert s.wait_loaded(WAIT_S)
     answers = Answers()
     s.submit(answers.job(1, 1, "x"))
@@ -146,7 +146,7 @@ def test_a_failed_load_is_reported_to_every_request():
 def test_several_jobs_run_at_once_when_the_engine_batches(engine):
     """max_in_flight > 1: the engine (which batches concurrent calls into shared passes) gets
     several jobs at once, still taken from the clients in turn; newest-wins still cancels."""
-    s = FairScheduler(lambda: engine, max_in_flight=3)
+    s = ServiceHost(lambda: engine, max_in_flight=3)
     try:
         assert s.wait_loaded(WAIT_S)
         answers = Answers()

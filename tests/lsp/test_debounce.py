@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from lsp_server.scheduler import AdaptiveDebounce, LatestPerDocument
+from lsp_server.debounce import AdaptiveDebounce, LatestPerDocument
 
 
 class FakeClock:

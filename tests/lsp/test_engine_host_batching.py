@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from engine.api import CompletionRequest
-from lsp_server.worker import EngineWorker, LoadSpec, load_engine
+from lsp_server.engine_host import LoadSpec, LspEngineHost, load_engine
 from tests.engine.test_batching import Gate, own_rows
 from tests.fixtures.memorized import SNIPPETS, split_middle
 
@@ -37,7 +37,7 @@ def test_two_documents_share_denoising_passes(memorized_model):
         engines.append(load_engine(spec))
         return engines[-1]
 
-    worker = EngineWorker(loader)
+    worker = LspEngineHost(loader)
     try:
         worker.load(LoadSpec(model=str(memorized_model), context_reuse=False))
         wait_until(lambda: worker.state in ("ready", "failed"), timeout=120)

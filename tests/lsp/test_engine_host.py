@@ -17,12 +17,12 @@ from engine.api import (
     EngineInfo,
     EngineInputError,
 )
-from lsp_server.worker import (
+from lsp_server.engine_host import (
     FALLBACK_AFTER_FAILURES,
     MAX_IN_FLIGHT,
     MAX_PENDING_JOBS,
-    EngineWorker,
     LoadSpec,
+    LspEngineHost,
 )
 
 OUT_OF_MEMORY = EngineError("out of memory (probe)")
@@ -88,7 +88,7 @@ def probe_worker():
         probes.append(probe)
         return probe
 
-    worker = EngineWorker(loader, on_event=lambda kind, payload: events.append((kind, payload)))
+    worker = LspEngineHost(loader, on_event=lambda kind, payload: events.append((kind, payload)))
     worker.load(LoadSpec(model="probe"))
     wait_until(lambda: worker.ready)
     yield worker, probes, events
@@ -153,7 +153,7 @@ def failing_on_cuda_worker(failures: int):
         probes.append(probe)
         return probe
 
-    worker = EngineWorker(loader)
+    worker = LspEngineHost(loader)
     worker.load(LoadSpec(model="probe", device="cuda", fallback_device="cpu"))
     wait_until(lambda: worker.ready)
     return worker, probes
@@ -186,7 +186,7 @@ def test_load_failure_falls_back_then_reports():
             raise RuntimeError("CUDA out of memory")
         return SchedulingProbe(spec.device)
 
-    worker = EngineWorker(loader, on_event=lambda kind, payload: events.append((kind, payload)))
+    worker = LspEngineHost(loader, on_event=lambda kind, payload: events.append((kind, payload)))
     worker.load(LoadSpec(model="m", device="cuda", fallback_device="cpu"))
     wait_until(lambda: worker.ready)
     assert worker.device == "cpu"
@@ -195,7 +195,7 @@ def test_load_failure_falls_back_then_reports():
     def broken(spec):
         raise EngineError("config.json is missing")
 
-    failing = EngineWorker(broken, on_event=lambda kind, payload: events.append((kind, payload)))
+    failing = LspEngineHost(broken, on_event=lambda kind, payload: events.append((kind, payload)))
     failing.load(LoadSpec(model="m"))
     wait_until(lambda: failing.state == "failed")
     assert "config.json is missing" in failing.error
@@ -242,11 +242,11 @@ def test_a_waiter_giving_up_does_not_break_the_worker(probe_worker):
 
 
 def test_no_model_configured_fails_once_with_a_clear_message(monkeypatch):
-    import lsp_server.worker as worker_module
+    import lsp_server.engine_host as worker_module
 
     monkeypatch.setattr(worker_module, "default_model_path", lambda: None)
     events = []
-    worker = EngineWorker(
+    worker = LspEngineHost(
         worker_module.load_engine, on_event=lambda kind, payload: events.append(kind)
     )
     worker.load(LoadSpec(model=None, device="cuda", fallback_device="cpu"))
@@ -266,7 +266,7 @@ def test_bad_input_is_refused_alone_and_never_moves_the_model():
         probes.append(probe)
         return probe
 
-    worker = EngineWorker(loader)
+    worker = LspEngineHost(loader)
     worker.load(LoadSpec(model="probe", device="cuda", fallback_device="cpu"))
     wait_until(lambda: worker.ready)
     for _ in range(FALLBACK_AFTER_FAILURES + 2):
@@ -297,7 +297,7 @@ def test_close_does_not_wait_for_a_load_in_progress():
         gate.wait(10)
         return SchedulingProbe(spec.device)
 
-    worker = EngineWorker(slow_loader)
+    worker = LspEngineHost(slow_loader)
     worker.load(LoadSpec(model="probe"))
     wait_until(lambda: worker._in_loader)
     worker.close(timeout=30)
@@ -376,7 +376,7 @@ def overlap_worker(**probe_options):
         probes.append(OverlapProbe(spec.device, **probe_options))
         return probes[-1]
 
-    worker = EngineWorker(loader)
+    worker = LspEngineHost(loader)
     worker.load(LoadSpec(model="probe"))
     wait_until(lambda: worker.ready)
     return worker, probes
@@ -498,7 +498,7 @@ def test_repeated_failures_move_the_model_after_the_other_runners_returned():
         probes.append(probe)
         return probe
 
-    worker = EngineWorker(loader)
+    worker = LspEngineHost(loader)
     worker.load(LoadSpec(model="probe", device="cuda", fallback_device="cpu"))
     wait_until(lambda: worker.ready)
     cuda = probes[0]
