@@ -166,10 +166,12 @@ def probe_bodies() -> list[dict]:
              "max_tokens": 8} for i in range(PROBE_REQUESTS)]
 
 
-def overhead_probe(shared: Client, cluster: Client) -> tuple[float, float]:
+def overhead_probe(shared: Client, cluster: Client) -> tuple[float, float, dict[str, float]]:
     """p50 round trips (shared engine, cluster) of requests answered from the exact-request
     cache, the two fronts taking turns request by request (the machine's load then weighs on
-    both alike)."""
+    both alike); and where the cluster's time goes, p50s from its headers: `http_ms` (round
+    trip minus the front: Serve's proxy or direct-ingress server, HTTP), `handle_ms` (front
+    minus replica: our front's work and the handle hop to the engine replica), `engine_ms`."""
     bodies = probe_bodies()
     for i, body in enumerate(bodies):  # fill the caches (the cluster's: on the home replica)
         for client, session in ((shared, None), (cluster, f"probe-{i}")):
@@ -177,11 +179,19 @@ def overhead_probe(shared: Client, cluster: Client) -> tuple[float, float]:
             if status != 200:
                 raise EngineError(f"probe request answered {status}")
     times: dict[int, list[float]] = {0: [], 1: []}
+    split: dict[str, list[float]] = {"http_ms": [], "handle_ms": [], "engine_ms": []}
     for _ in range(PROBE_ROUNDS):
         for i, body in enumerate(bodies):
             times[0].append(shared.post(body)[3])
-            times[1].append(cluster.post(body, f"probe-{i}")[3])
-    return statistics.median(times[0]), statistics.median(times[1])
+            _, headers, _, ms = cluster.post(body, f"probe-{i}")
+            times[1].append(ms)
+            if "x-maskfill-front-ms" in headers:
+                front, engine = (float(headers[f"x-maskfill-{k}-ms"]) for k in ("front", "engine"))
+                split["http_ms"].append(ms - front)
+                split["handle_ms"].append(front - engine)
+                split["engine_ms"].append(engine)
+    return (statistics.median(times[0]), statistics.median(times[1]),
+            {k: round(statistics.median(v), 2) for k, v in split.items() if v})
 
 
 def find_ingress(first: int, token: str) -> int:
@@ -347,7 +357,7 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
             time.sleep(5.0)  # HAProxy lists the replicas a little after serve.run returns
         ready_s = time.monotonic() - started
         client = Client(find_ingress(ingress_port, token) if direct_ingress else port, token)
-        shared_probe, probe = overhead_probe(shared.client, client)
+        shared_probe, probe, probe_split = overhead_probe(shared.client, client)
         total = sum(len(s.keys) for s in sessions)
         from engine.serve.cluster.registry import replica_pids
 
@@ -356,6 +366,7 @@ def cluster_phase(model: str, sessions: list[Session], token: str, haproxy: bool
         if killer.watcher is not None:
             killer.watcher.join()
         return {"probe_ms_p50": probe, "shared_probe_ms_p50": shared_probe,
+                "probe_split": probe_split,
                 "ready_s": ready_s, "killer": killer,
                 "replacement_s": killer.replacement_s}
     finally:
@@ -403,6 +414,7 @@ def figures(sessions: list[Session], one: dict, cluster: dict) -> dict:
                                         2),
         "cluster_probe_ms_p50": round(cluster["probe_ms_p50"], 2),
         "shared_engine_probe_ms_p50": round(cluster["shared_probe_ms_p50"], 2),
+        "cluster_probe_split_ms_p50": cluster["probe_split"],
         "cluster_overhead_ms_p50_replay": round(statistics.median(overheads), 2)
         if overheads else None,
         "cluster_ms_p50": round(statistics.median([k.ms for k in answered]), 1)

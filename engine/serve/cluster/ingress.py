@@ -130,7 +130,10 @@ class FimIngress(FimFront):
 
         if len(self.served_models) < 2:
             return [await info(None)]
-        return list(await asyncio.gather(*(info(m) for m in self.served_models)))
+        # One at a time: handle calls made from one HTTP request share its internal request
+        # id, and two such calls in flight at once were never answered (Serve 2.60 matches
+        # routed requests by that id).
+        return [await info(m) for m in self.served_models]
 
     def metrics_route(self) -> Response:
         ingress = {"retries": self.retries,
