@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import get_args
@@ -148,7 +149,10 @@ def run_cluster(args: argparse.Namespace) -> int:
     if args.haproxy:
         from engine.serve.cluster.app import haproxy_env
 
-        folder = paths.private_dir(paths.runtime_dir() / "haproxy")
+        # A short private folder (0700): Serve puts HAProxy's sockets in a 56-character folder
+        # under it, and HAProxy refuses a socket path over 97 characters (the runtime folder
+        # was too deep: "socket path ... too long").
+        folder = Path(tempfile.mkdtemp(prefix="mfha-"))
         os.environ.update(haproxy_env(options.topology, folder))
         if options.topology == "routed":  # handle calls over gRPC: the ingress -> replica hop
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # costs half
@@ -173,7 +177,9 @@ def run_cluster(args: argparse.Namespace) -> int:
             port = find_direct_ingress("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         _stop(local, APP_NAME)
-        raise EngineError(f"cannot deploy on Ray: {str(exc).strip().splitlines()[0]}") from None
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        cause = " | ".join(lines[-6:]) if lines else repr(exc)  # a remote error's cause is last
+        raise EngineError(f"cannot deploy on Ray: {cause}") from None
     shown = f"[{host}]" if ":" in host else host
     endpoints = {"http": f"http://{shown}:{port}", "app": APP_NAME,
                  "replicas": options.replicas if options.autoscaling is None else "auto",
