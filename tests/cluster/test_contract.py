@@ -70,6 +70,8 @@ def test_options_from_the_command_line(tmp_path):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--http", "0.0.0.0:8000"], "not a loopback address"),
     (["--detach"], "--detach needs --address"),
+    (["--direct-ingress", "--haproxy"], "--direct-ingress is the routed topology"),
+    (["--direct-ingress", "--http", "127.0.0.1:0"], "needs a fixed --http port"),
 ])
 def test_unsafe_or_impossible_requests_are_refused_before_anything_starts(
         argv, message, tmp_path, capsys, monkeypatch):

@@ -105,6 +105,33 @@ def direct_ingress_env(port: int, spare: int = 0, optimized: bool = False) -> di
     return env
 
 
+DIRECT_INGRESS_SPARE_PORTS = 8  # after the first: for an ingress replica's replacement
+
+
+def find_direct_ingress(host: str, first: int, spare: int = DIRECT_INGRESS_SPARE_PORTS,
+                        timeout_s: float = 120.0) -> int:
+    """The port of `first`..`first + spare` on which the ingress replica serves HTTP (Serve's
+    direct ingress takes the first free one; it listens a little after serve.run returns):
+    the first that answers GET /health at all."""
+    import http.client
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for port in range(first, first + spare + 1):
+            connection = http.client.HTTPConnection(host, port, timeout=5.0)
+            try:
+                connection.request("GET", "/health")
+                connection.getresponse().read()
+                return port
+            except (OSError, http.client.HTTPException):
+                continue
+            finally:
+                connection.close()
+        time.sleep(0.2)
+    raise TimeoutError(f"no ingress replica listens on {host}:{first}-{first + spare}")
+
+
 def engine_actor_options(options: ClusterOptions) -> dict[str, Any]:
     env = {"OMP_WAIT_POLICY": "PASSIVE", **options.env}
     actor: dict[str, Any] = {"num_cpus": options.cpus_per_replica,

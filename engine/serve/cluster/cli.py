@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import get_args
@@ -58,9 +59,18 @@ def add_cluster_parser(sub) -> None:
     c.add_argument("--max-ongoing", type=int, default=16,
                    help="requests a replica takes at once (it batches them)")
     c.add_argument("--ingress-replicas", type=int, default=1)
-    c.add_argument("--haproxy", action="store_true", help="low-latency ingress: Serve's "
-                   "HAProxy instead of its Python proxy (local cluster; on an existing one, "
-                   "start it with RAY_SERVE_ENABLE_HA_PROXY=1)")
+    c.add_argument("--haproxy", action="store_true", help="low-latency ingress on a fixed "
+                   "port: Serve's HAProxy instead of its Python proxy, with Serve's "
+                   "throughput-optimized settings; same router, retry and streaming (local "
+                   "cluster; on an existing one, start it with RAY_SERVE_ENABLE_HA_PROXY=1 "
+                   "RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    c.add_argument("--direct-ingress", action="store_true", help="lower latency, nothing "
+                   "given up: no Serve proxy; the ingress replica serves HTTP itself (Serve's "
+                   "direct ingress and throughput-optimized settings), keeping the session "
+                   "router, the retry on another replica and streaming. Its port is the "
+                   "--http port, or one of the next 8 when the ingress replica is replaced "
+                   "(the line printed at start names it). Local cluster; on an existing one, "
+                   "start it with RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     c.add_argument("--direct", action="store_true", help="engine replicas take HTTP "
                    "themselves, one hop less; with --haproxy, HAProxy hashes x-session-id "
                    "(no load guard; one checkpoint)")
@@ -125,18 +135,33 @@ def run_cluster(args: argparse.Namespace) -> int:
         raise EngineError("--detach needs --address: a local cluster ends with this command")
     token = paths.ensure_token(args.token_file or paths.runtime_dir() / paths.TOKEN_FILE_NAME)
     options = build_options(args, token)
+    if args.direct_ingress and port == 0:
+        raise EngineError("--direct-ingress needs a fixed --http port (the ingress replica "
+                          "takes it or one of the next 8)")
+    if args.direct_ingress and (args.haproxy or args.direct):
+        raise EngineError("--direct-ingress is the routed topology without Serve's proxy; "
+                          "--haproxy and --direct are the other low-latency modes")
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    if args.direct_ingress:
+        from engine.serve.cluster.app import DIRECT_INGRESS_SPARE_PORTS, direct_ingress_env
+
+        os.environ.update(direct_ingress_env(port, DIRECT_INGRESS_SPARE_PORTS, optimized=True))
     if args.haproxy:
         from engine.serve.cluster.app import haproxy_env
 
-        folder = paths.private_dir(paths.runtime_dir() / "haproxy")
+        # A short private folder (0700): Serve puts HAProxy's sockets in a 56-character folder
+        # under it, and HAProxy refuses a socket path over 97 characters (the runtime folder
+        # was too deep: "socket path ... too long").
+        folder = Path(tempfile.mkdtemp(prefix="mfha-"))
         os.environ.update(haproxy_env(options.topology, folder))
+        if options.topology == "routed":  # handle calls over gRPC: the ingress -> replica hop
+            os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # costs half
     try:  # after the environment is set: Ray reads parts of it at import
         import ray
         from ray import serve
     except ImportError:
         raise EngineError("`cluster` needs Ray Serve: pip install 'maskfill[cluster]'") from None
-    from engine.serve.cluster.app import APP_NAME, build_app
+    from engine.serve.cluster.app import APP_NAME, build_app, find_direct_ingress
 
     local = args.address is None
     init = dict(address=args.address, log_to_driver=args.verbose)
@@ -148,9 +173,13 @@ def run_cluster(args: argparse.Namespace) -> int:
         context = ray.init(**init)
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(options), name=APP_NAME, route_prefix="/")
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+        if args.direct_ingress:  # the port Serve gave the ingress replica
+            port = find_direct_ingress("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         _stop(local, APP_NAME)
-        raise EngineError(f"cannot deploy on Ray: {str(exc).strip().splitlines()[0]}") from None
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        cause = " | ".join(lines[-6:]) if lines else repr(exc)  # a remote error's cause is last
+        raise EngineError(f"cannot deploy on Ray: {cause}") from None
     shown = f"[{host}]" if ":" in host else host
     endpoints = {"http": f"http://{shown}:{port}", "app": APP_NAME,
                  "replicas": options.replicas if options.autoscaling is None else "auto",

@@ -16,6 +16,7 @@ from engine.api import CompletionRequest, CompletionResult, Draft
 from engine.serve.fim_wire import ApiError, FimRequest
 
 FIM_PATH = "/v1/fim/completions"
+MODELS_PATH = "/v1/models"
 SESSION_HEADER = "x-session-id"  # Serve's own session header (RAY_SERVE_SESSION_ID_HEADER_KEY)
 MAX_SESSION_CHARS = 512
 

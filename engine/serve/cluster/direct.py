@@ -45,5 +45,8 @@ class DirectFimEngine(FimFront, FimEngine):
     async def health_route(self) -> Response:
         return health_answer((await self.health())["models"], 1)
 
+    async def model_infos(self) -> list[tuple[str, int]]:
+        return [await self.model_info()]
+
     def metrics_route(self) -> Response:
         return metrics_response(render({self.replica: self.record_routing_stats()}, {}))

@@ -4,7 +4,8 @@
 naming the field (OpenAI's error shape plus the status as `code`), bodies over the limit
 refused as they stream in, `stream: true` answered as server-sent events as the shared engine
 does, with `stream_drafts` the partial fills as the replica denoises; and the shared engine's
-peer routes, `POST /v1/completions` and `POST /infill` (engine/serve/peer_api.py's pieces).
+peer routes, `POST /v1/completions`, `POST /infill` and `GET /v1/models`
+(engine/serve/peer_api.py's pieces).
 
 A subclass says how a checked request reaches an engine (`dispatch`) and what /health and
 /metrics report: FimIngress (ingress.py) hands it to an engine replica through a Serve handle;
@@ -29,6 +30,7 @@ from engine.serve import peer_api
 from engine.serve.cluster import contract
 from engine.serve.cluster.contract import (
     FIM_PATH,
+    MODELS_PATH,
     SESSION_HEADER,
     EngineAnswer,
     EngineCall,
@@ -36,7 +38,7 @@ from engine.serve.cluster.contract import (
 )
 from engine.serve.fim_wire import ApiError, stop_strings, to_engine_request, to_response
 from engine.serve.metrics import CONTENT_TYPE
-from engine.serve.peer_api import answer_head, completion_events, draft_event, sse
+from engine.serve.peer_api import answer_head, completion_events, draft_event, model_card, sse
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -60,6 +62,7 @@ class FimFront:
         self.token_digest = token_digest
         self.served_models = list(models)
         self.max_body_bytes = max_body_bytes
+        self.created = int(time.time())  # OpenAI's model `created`: when this front started
 
     # -- what a subclass provides --------------------------------------------------------
 
@@ -75,6 +78,10 @@ class FimFront:
         raise NotImplementedError
 
     async def health_route(self) -> Response:
+        raise NotImplementedError
+
+    async def model_infos(self) -> list[tuple[str, int]]:
+        """(id, context window) of every served checkpoint, in `served_models` order."""
         raise NotImplementedError
 
     def metrics_route(self) -> Response:
@@ -101,9 +108,11 @@ class FimFront:
                 return await self.infill(request)
             if path == "/metrics" and method == "GET":
                 return self.metrics_route()
+            if method == "GET" and (path == MODELS_PATH or path.startswith(MODELS_PATH + "/")):
+                return await self.models(path[len(MODELS_PATH) + 1:])
             raise ApiError(404, f"no route {method} {path} (POST {FIM_PATH}, POST "
-                           "/v1/completions, POST /infill, GET /health, GET /metrics)",
-                           "not_found_error")
+                           "/v1/completions, POST /infill, GET /v1/models, GET /health, "
+                           "GET /metrics)", "not_found_error")
         except ApiError as exc:
             return error_response(exc)
 
@@ -149,6 +158,20 @@ class FimFront:
         return JSONResponse(response, headers=answer_headers(answer, attempts))
 
     # -- the peer routes, as engine/serve/peer_api.py serves them on one machine -----------
+
+    async def models(self, wanted: str) -> Response:
+        """`GET /v1/models` (or one model, `/v1/models/{id}`) in the shared engine's shape: the
+        name answers carry (with several checkpoints, the names a body's `model` picks) and
+        each one's window, which maskfill-lsp's remote mode must fit."""
+        cards = [model_card(name, window, self.created) for name, window in
+                 await self.model_infos()]
+        if not wanted:
+            return JSONResponse({"object": "list", "data": cards})
+        for card in cards:
+            if card["id"] == wanted:
+                return JSONResponse(card)
+        raise ApiError(404, f"model {wanted!r} is not served here (served: "
+                       f"{', '.join(c['id'] for c in cards)})", "not_found_error")
 
     def _peer_call(self, request: Request, engine_request) -> tuple[EngineCall, str | None]:
         key = contract.session_key(self.token_digest, request.headers.get(SESSION_HEADER))

@@ -112,6 +112,29 @@ class FimIngress(FimFront):
         replicas = len(replica_stats(self.app_name, self.engine_deployment))
         return health_answer(replica["models"], replicas)
 
+    async def model_infos(self) -> list[tuple[str, int]]:
+        """One engine replica's answer per checkpoint (several: each asked as a request for it
+        would be, loading it there if no replica holds it yet); a replica that dies meanwhile
+        is asked once more."""
+        async def info(model: str | None) -> tuple[str, int]:
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    name, window = await self._handle(None, model).model_info.remote()
+                    return model or name, window
+                except RayActorError as exc:
+                    self._replica_lost(attempt, exc, "answering /v1/models")
+                except RayTaskError as exc:
+                    raise ApiError(503, f"the engine could not list its model: {_cause(exc)}",
+                                   "server_error") from None
+            raise AssertionError("unreachable")
+
+        if len(self.served_models) < 2:
+            return [await info(None)]
+        # One at a time: handle calls made from one HTTP request share its internal request
+        # id, and two such calls in flight at once were never answered (Serve 2.60 matches
+        # routed requests by that id).
+        return [await info(m) for m in self.served_models]
+
     def metrics_route(self) -> Response:
         ingress = {"retries": self.retries,
                    "routed": router_counters(self.app_name, self.engine_deployment)}

@@ -179,6 +179,14 @@ class FimEngine:
             slot.scheduler.cancel(call.client, job.id)
             raise
 
+    async def model_info(self) -> tuple[str, int]:
+        """(name answers give the model, its context window) of the checkpoint this call is
+        for (the multiplexed one; loaded if it is not yet), for the front's GET /v1/models."""
+        info = (await self._slot()).scheduler.info
+        if info is None:
+            raise EngineError("the model is not loaded")
+        return model_name(info), info.max_context
+
     async def health(self) -> dict[str, Any]:
         """What /health reports for this replica."""
         states = {name: slot.scheduler.state for name, slot in self.slots.items()}
