@@ -179,16 +179,15 @@ def run(engine, data: CrossfileSet, items: Sequence[Item], condition: str,
     return summarize(predictions), predictions
 
 
-def evaluate(ns) -> dict:
+def evaluate(ns, model: str) -> dict:
     """`python -m engine.eval --suite crossfile-py`: every condition (ns.conditions) over the
-    set's items (ns.limit spread evenly), with the stored contexts; a table, then one JSON
-    line with each condition's scores."""
+    set's items (ns.limit spread evenly), with the stored contexts, on `model` (a checkpoint
+    folder); a table, then one JSON line with each condition's scores."""
     import time
 
     import torch
 
     from engine.engine import Engine
-    from engine.eval.harness import resolve_model
 
     data = load_set(ns.data_dir)
     contexts = load_contexts(ns.data_dir)
@@ -202,7 +201,6 @@ def evaluate(ns) -> dict:
         items = [items[i * len(items) // ns.limit] for i in range(ns.limit)]
     max_tokens = ns.max_tokens or MAX_TOKENS
     torch.set_num_threads(ns.threads)
-    model = resolve_model(ns.model)
     engine = Engine.load(model, device=ns.device, quant=ns.quant,
                          context_reuse=ns.context_reuse == "on")
     try:

@@ -438,7 +438,7 @@ def run(ns: argparse.Namespace) -> dict:
     if ns.suite == "crossfile-py":  # its own conditions and scores (engine/eval/crossfile.py)
         from engine.eval.crossfile import evaluate
 
-        return evaluate(ns)
+        return evaluate(ns, resolve_model(ns.model))
     suite_name = "jsonl" if ns.suite.startswith("jsonl:") else ns.suite
     tasks, spec = load_tasks(ns.suite, ns.data_dir)
     engine = model_label = model_dir = window = None
