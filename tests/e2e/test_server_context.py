@@ -70,7 +70,7 @@ async def test_a_request_carries_the_other_open_files_window(memorized_model):
 async def _first_request_after_an_open(memorized_model, idle_s: float) -> dict:
     """The status after: a request in main.py with no other file open (no block), then
     other.py opened and the user idle for `idle_s`, then one character typed and the next
-    request: the first to carry the new block."""
+    request: the first to carry the new block, run by the model."""
     client, _ = await start(memorized_model, VSCODE, settings={"extraContextTokens": 64})
     try:
         assert (await wait_ready(client))["loadState"] == "ready"
@@ -88,9 +88,12 @@ async def _first_request_after_an_open(memorized_model, idle_s: float) -> dict:
                 assert loop.time() < deadline, "no pre-warm"
                 await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)  # its encoding runs on the engine's idle queue
-        replace(client, current, 2, (2, len("    return ")), (2, len("    return ")), "r")
-        await inline(client, current, 2, len("    return r"), invoked=True)
+        # "z" continues no suggestion: the request is not answered by typing through one
+        replace(client, current, 2, (2, len("    return ")), (2, len("    return ")), "z")
+        runs = (await status(client))["modelRuns"]
+        await inline(client, current, 2, len("    return z"), invoked=True)
         after = await status(client)
+        assert after["modelRuns"] == runs + 1
         [snippet] = after["context"]["snippets"]
         assert snippet["path"] == "virtual-workspace/other.py"
         return after
