@@ -16,7 +16,7 @@ TRAIN_DEVICE  ?= cuda
 TRAIN_ARGS    ?=# more python -m engine.train.gpu flags, e.g. --compile off, --batch-rows 64
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-gpu gpu-check gpu-wheels lint fix bench bench-gpu eval train train-gpu vsix bench-cluster
+.PHONY: help setup run test test-gpu gpu-check gpu-wheels lint fix bench bench-gpu eval eval-crossfile train train-gpu vsix bench-cluster
 .PHONY: test-vscode bench-vscode
 
 help: ## list the targets
@@ -64,6 +64,9 @@ bench-gpu: $(SETUP) ## the same on CUDA
 
 eval: $(STAMP) ## FIM benchmarks with the embedded model (HumanEval single-line infilling)
 	$(PY) -m engine.eval --suite humaneval-single
+
+eval-crossfile: $(STAMP) ## the cross-file set per context condition (EVAL_ARGS="--model DIR --device cuda")
+	$(PY) -m engine.eval --suite crossfile-py $(EVAL_ARGS)
 
 train: $(STAMP) ## train the embedded model (see engine/train/trainer.py --help)
 	$(PY) -m engine.train

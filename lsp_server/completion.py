@@ -115,6 +115,10 @@ class CompletionService:
         self.context: StableContext | None = None
         self.last_context: ContextBlock | None = None
         self.model_window: int | None = None  # the loaded model's window, for the budget
+        # The last request's cursor, to re-gather there when an open/close/save changes the
+        # workspace while the user idles (refresh_context), and whether its block changed.
+        self._last_cursor: tuple[Snapshot, TextDocument | None] | None = None
+        self._block_changed = False
         self.held = 0  # requests waiting for the model to load
         self.max_tokens_limit: int | None = None  # from the loaded model's window
         self._model_changed = asyncio.Event()  # set (and replaced) when the load state moves
@@ -187,6 +191,8 @@ class CompletionService:
             if s.stop_mode == "auto" and syntax.stop is not None:
                 stop = syntax.stop
         block = self._context_block(snap, window.prefix, window.suffix, s)
+        if selection is None:
+            self._last_cursor = (snap, document)
         return Prepared(
             prefix=window.prefix,
             suffix=window.suffix,
@@ -210,19 +216,35 @@ class CompletionService:
         """The stable extra-context block for this request (empty without a gatherer or a
         budget); the gatherer's failure costs the block, never the completion."""
         budget = self.extra_budget(s)
+        self._block_changed = False
         if self.context is None or budget <= 0:
             self.last_context = ContextBlock()
             return self.last_context
         line = snap.text.count("\n", 0, snap.offset)
         own = (line - prefix.count("\n"), line + suffix.count("\n"))
         try:
-            block, _changed = self.context.current(
+            block, self._block_changed = self.context.current(
                 snap.uri, snap.text, snap.offset, budget, own, snap.language_id)
         except Exception:
             log.exception("context gathering failed; the request goes without it")
             return ContextBlock()
         self.last_context = block
         return block
+
+    def refresh_context(self) -> CompletionRequest | None:
+        """After an open, close or save while the user idles: the block re-gathered at the
+        last request's cursor; when it changed, the request the next keystroke there would
+        send (for the engine to pre-warm, so that keystroke reuses the new block's K/V),
+        else None. The next request finds the block gathered and sends it unchanged."""
+        if self._last_cursor is None or self.context is None:
+            return None
+        snap, document = self._last_cursor
+        if document is not None and getattr(document, "source", snap.text) != snap.text:
+            return None  # typed since: the next request gathers for itself
+        prepared = self.prepare(snap, invoked=False, selection=None, document=document)
+        if prepared is None or not self._block_changed or not prepared.extra:
+            return None
+        return self._request(prepared)
 
     @staticmethod
     def _syntax_view(snap: Snapshot, document: TextDocument | None, s: Settings):

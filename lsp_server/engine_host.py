@@ -147,6 +147,8 @@ class WorkerStats:
         self.peak_in_flight = 0  # most jobs running at once
         self.peak_batch_rows = 0  # most rows a finished run shared a pass with (its own included)
         self.engine_ms: deque[float] = deque(maxlen=1024)  # finished runs, newest last
+        self.last_reused_context_tokens = 0  # K/V the last finished run took from the cache
+        self.prewarms = 0  # contexts handed to the engine to encode while idle (issue 23)
 
     def record_start(self) -> None:
         with self._lock:
@@ -170,6 +172,7 @@ class WorkerStats:
                 self.cancelled_runs += 1
                 return
             self.engine_ms.append(elapsed_ms)
+            self.last_reused_context_tokens = result.stats.reused_context_tokens
             self.forward_passes += result.stats.forward_passes
             self.committed_tokens += result.stats.model_tokens
             self.peak_batch_rows = max(self.peak_batch_rows, result.stats.batch_rows)
@@ -185,6 +188,8 @@ class WorkerStats:
                 "failures": self.failures,
                 "peakJobsInFlight": self.peak_in_flight,
                 "peakBatchRows": self.peak_batch_rows,
+                "lastReusedContextTokens": self.last_reused_context_tokens,
+                "prewarms": self.prewarms,
                 "forwardPassesPerToken": (
                     round(self.forward_passes / self.committed_tokens, 3)
                     if self.committed_tokens
@@ -247,6 +252,26 @@ class LspEngineHost(EngineHost):
         with self._lock:
             self.state = "loading"
             self.request_load(spec, drop_waiting=True)  # replaces a pending fallback too
+
+    def prewarm(self, request: CompletionRequest) -> bool:
+        """Hand `request`'s context to the engine to encode into its cache when it is idle
+        (Engine.prewarm: no denoising), so the next request sharing its start is warm (a new
+        extra-context block, issue 23). False when the loaded engine cannot (not ready, or an
+        engine without prewarm: another process's)."""
+        with self._lock:
+            engine = self._engine if self.state == "ready" else None
+        prewarm = getattr(engine, "prewarm", None)
+        if prewarm is None:
+            return False
+        try:
+            done = bool(prewarm(request))
+        except Exception:  # a pre-warm is an optimisation: it must never cost anything else
+            log.exception("prewarm failed")
+            return False
+        if done:
+            with self.stats._lock:
+                self.stats.prewarms += 1
+        return done
 
     def submit(self, key: str, request: CompletionRequest) -> Job:  # type: ignore[override]
         job = Job(key=key, request=request)

@@ -53,6 +53,9 @@ TRIGGER_CHARACTERS = [".", "(", " ", ":", "=", ","]
 ENGINE_ERROR_REPEAT_S = 60.0  # the same engine error is shown at most once per this long
 # Process ids an OS can hand out (pid_t is 32-bit signed; Windows ids are DWORDs): anything
 # else as the LSP processId is a client bug, not an editor to watch.
+# An open, close or save changes the extra-context block; once the user has been idle this long
+# after it, the block is re-gathered at the last cursor and the engine pre-warms it (issue 23).
+PREWARM_IDLE_S = 0.3
 MAX_PID = 2**32 - 1 if sys.platform == "win32" else 2**31 - 1
 
 
@@ -107,6 +110,7 @@ class MaskfillServer(LanguageServer):
         self._progress_token: str | None = None
         self._progress_begun = False
         self._background: set[asyncio.Task] = set()
+        self._prewarm_task: asyncio.Task | None = None
 
     # -- settings -----------------------------------------------------------------------
 
@@ -243,6 +247,31 @@ class MaskfillServer(LanguageServer):
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    def workspace_changed(self) -> None:
+        """An open, close or save: pre-warm the new block once the user idles."""
+        self.not_idle()
+        if self.service.context is not None:
+            self._prewarm_task = asyncio.ensure_future(self._prewarm_when_idle())
+
+    def not_idle(self) -> None:
+        """A keystroke: the next request gathers (and encodes) the block itself."""
+        if self._prewarm_task is not None:
+            self._prewarm_task.cancel()
+            self._prewarm_task = None
+
+    async def _prewarm_when_idle(self) -> None:
+        await asyncio.sleep(PREWARM_IDLE_S)
+        self._prewarm_task = None
+        if not self.worker.ready:
+            return
+        try:
+            request = self.service.refresh_context()
+        except Exception:  # a pre-warm is an optimisation: it must never cost anything else
+            log.exception("re-gathering the context for a pre-warm failed")
+            return
+        if request is not None:
+            self.worker.prewarm(request)
+
     def spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
@@ -336,6 +365,7 @@ class MaskfillServer(LanguageServer):
         s = self.settings
         if self.service.context is not None:
             self.service.context.gatherer.opened(uri)
+            self.workspace_changed()
         if document is None or not s.syntax or document.utf8_size() > s.max_document_bytes:
             return
         try:
@@ -566,18 +596,21 @@ def did_change(ls: MaskfillServer, params: types.DidChangeTextDocumentParams) ->
         change, types.TextDocumentContentChangePartial) else 0
     context.gatherer.edited(params.text_document.uri, line)
     context.activity()
+    ls.not_idle()
 
 
 @handlers.feature(types.TEXT_DOCUMENT_DID_CLOSE)
 def did_close(ls: MaskfillServer, params: types.DidCloseTextDocumentParams) -> None:
     if ls.service.context is not None:
         ls.service.context.gatherer.closed(params.text_document.uri)
+        ls.workspace_changed()
 
 
 @handlers.feature(types.TEXT_DOCUMENT_DID_SAVE)
 def did_save(ls: MaskfillServer, params: types.DidSaveTextDocumentParams) -> None:
     if ls.service.context is not None:
         ls.service.context.gatherer.saved(params.text_document.uri)
+        ls.workspace_changed()
 
 
 @handlers.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())

@@ -10,10 +10,10 @@ the embedded model never saw. Conditions (what extra context the prompt carries)
 - both     imports, then windows
 - oracle   the file that defines the name, around the definition (the ceiling)
 
-The engine never imports the server: the context of a condition comes from a callable the
-caller passes (lsp_server.context.crossfile builds it with the server's gatherer). Until
-CompletionRequest carries the extra context as its own field, `layout_prompt` places it as
-comment-prefixed blocks before the file's text, the way Copilot lays it out.
+The engine never imports the server: each item's context per condition was gathered offline with
+the server's gatherer (`python -m lsp_server.context.crossfile --write-contexts`, run by the set's
+build.py) and stored in the set's contexts.jsonl.gz, at a few token budgets. It goes into
+`CompletionRequest.extra`; the engine lays it out (engine/denoise/repo_context.py).
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.api import CompletionRequest
+from engine.api import CompletionRequest, ContextChunk, EngineError
 
 SET_DIR = Path(__file__).resolve().parent / "benchmarks" / "crossfile-py"
 CONDITIONS = ("none", "windows", "imports", "both", "oracle")
-CHARS_PER_TOKEN = 3  # as the server estimates tokens without a tokenizer
+CONTEXTS_FILE = "contexts.jsonl.gz"
+CONTEXT_BUDGETS = (128, 512)  # extra-context tokens (the server's estimate) stored per item
+MAX_TOKENS = 32  # span budget: a line
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -131,49 +133,97 @@ def summarize(predictions: Sequence[tuple[Item, str]]) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- prompts
+# ----------------------------------------------------------------------------- contexts
 
 
-def comment_block(extra: Sequence[tuple[str, str]], comment: str = "#") -> str:
-    """Copilot's layout of extra context: `# Compare this snippet from PATH:` and the lines,
-    each commented, one block per chunk."""
-    blocks = []
-    for path, text in extra:
-        lines = [f"{comment} Compare this snippet from {path}:"]
-        lines += [f"{comment} {line}".rstrip() for line in text.split("\n")]
-        blocks.append("\n".join(lines) + "\n")
-    return "".join(blocks)
+def load_contexts(folder: Path | None = None) -> dict[tuple[str, int], dict[str, tuple]]:
+    """contexts.jsonl.gz: (task_id, budget) -> condition -> the chunks, as ContextChunk."""
+    path = (folder or SET_DIR) / CONTEXTS_FILE
+    if not path.is_file():
+        raise EngineError(f"{path} is missing: build it with `python -m "
+                          "lsp_server.context.crossfile --write-contexts`")
+    out = {}
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            out[row["task_id"], row["budget"]] = {
+                condition: tuple(ContextChunk(p, t) for p, t in chunks)
+                for condition, chunks in row["conditions"].items()}
+    return out
 
 
-def layout_prompt(prefix: str, suffix: str, extra: Sequence[tuple[str, str]],
-                  window_tokens: int, max_tokens: int) -> tuple[str, str]:
-    """(prefix, suffix) with the extra context before the file's text, the file's prefix
-    cut from its start (and the suffix from its end) so the extra block survives the
-    engine's own cut to the window: 3:1 prefix:suffix of what the block leaves."""
-    block = comment_block(extra)
-    room = max(0, (window_tokens - max_tokens - 8) * CHARS_PER_TOKEN - len(block))
-    suffix_room = room // 4
-    suffix = suffix[:suffix_room]
-    prefix_room = room - len(suffix)
-    if len(prefix) > prefix_room:
-        prefix = prefix[len(prefix) - prefix_room :]
-        prefix = prefix[prefix.find("\n") + 1 :] if "\n" in prefix[:-1] else prefix
-    return block + prefix, suffix
+def pick_budget(window: int, max_tokens: int, budgets: Sequence[int]) -> int:
+    """The largest stored budget within the half of the context the engine gives the extra
+    block (engine/engine.py `_context_ids`); the smallest when none is."""
+    room = (window - max_tokens) // 2
+    fitting = [b for b in budgets if b <= room]
+    return max(fitting) if fitting else min(budgets)
 
 
 def run(engine, data: CrossfileSet, items: Sequence[Item], condition: str,
-        extra_for: Callable[[Item, str], Sequence[tuple[str, str]]],
-        max_tokens: int = 32) -> tuple[dict, list[tuple[Item, str]]]:
-    """Complete every item under `condition` (line stop, greedy) and score it."""
+        extra_for: Callable[[Item, str], Sequence[tuple[str, str] | ContextChunk]],
+        max_tokens: int = MAX_TOKENS) -> tuple[dict, list[tuple[Item, str]]]:
+    """Complete every item under `condition` (line stop, greedy) and score it. The context
+    goes in the request's `extra` field; the engine lays it out (repository tokens when the
+    tokenizer has them, else comment blocks) and cuts the file's own text to what is left."""
     if condition not in CONDITIONS:
         raise ValueError(f"unknown condition {condition!r} ({', '.join(CONDITIONS)})")
-    window = engine.info().max_context
     predictions = []
     for item in items:
         prefix, suffix = data.hole(item)
-        extra = extra_for(item, condition) if condition != "none" else ()
-        prefix, suffix = layout_prompt(prefix, suffix, extra, window, max_tokens)
-        result = engine.complete(CompletionRequest(prefix=prefix, suffix=suffix,
+        extra = tuple(c if isinstance(c, ContextChunk) else ContextChunk(*c)
+                      for c in (extra_for(item, condition) if condition != "none" else ()))
+        result = engine.complete(CompletionRequest(prefix=prefix, suffix=suffix, extra=extra,
                                                    max_tokens=max_tokens, stop="line"))
         predictions.append((item, result.text))
     return summarize(predictions), predictions
+
+
+def evaluate(ns, model: str) -> dict:
+    """`python -m engine.eval --suite crossfile-py`: every condition (ns.conditions) over the
+    set's items (ns.limit spread evenly), with the stored contexts, on `model` (a checkpoint
+    folder); a table, then one JSON line with each condition's scores."""
+    import time
+
+    import torch
+
+    from engine.engine import Engine
+
+    data = load_set(ns.data_dir)
+    contexts = load_contexts(ns.data_dir)
+    budgets = sorted({budget for _, budget in contexts})
+    conditions = ns.conditions.split(",") if getattr(ns, "conditions", None) else CONDITIONS
+    for condition in conditions:
+        if condition not in CONDITIONS:
+            raise EngineError(f"unknown condition {condition!r} ({', '.join(CONDITIONS)})")
+    items = data.items
+    if ns.limit is not None and ns.limit < len(items):
+        items = [items[i * len(items) // ns.limit] for i in range(ns.limit)]
+    max_tokens = ns.max_tokens or MAX_TOKENS
+    torch.set_num_threads(ns.threads)
+    engine = Engine.load(model, device=ns.device, quant=ns.quant,
+                         context_reuse=ns.context_reuse == "on")
+    try:
+        window = engine.info().max_context
+        budget = ns.extra_tokens or pick_budget(window, max_tokens, budgets)
+        if budget not in budgets:
+            raise EngineError(f"no stored contexts for a {budget}-token budget "
+                              f"(stored: {budgets})")
+        results = {}
+        for condition in conditions:
+            started = time.perf_counter()
+            summary, _ = run(engine, data, items, condition,
+                             lambda item, c: contexts[item.task_id, budget][c], max_tokens)
+            summary["seconds"] = round(time.perf_counter() - started, 1)
+            results[condition] = summary
+    finally:
+        engine.close()
+    print(f"suite crossfile-py · model {model} · window {window} · extra budget {budget} tokens")
+    print(f"{'condition':<10}{'tasks':>6}{'EM':>8}{'ES':>8}{'id-EM':>8}{'id-F1':>8}")
+    for condition, r in results.items():
+        print(f"{condition:<10}{r['tasks']:>6}{r['exact_match']:>8.3f}"
+              f"{r['edit_similarity']:>8.3f}{r['identifier_em']:>8.3f}{r['identifier_f1']:>8.3f}")
+    record = {"suite": "crossfile-py", "model": model, "device": ns.device, "window": window,
+              "extra_budget_tokens": budget, "max_tokens": max_tokens, "conditions": results}
+    print(json.dumps(record), flush=True)
+    return record

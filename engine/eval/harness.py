@@ -10,6 +10,9 @@ read another copy laid out the same way):
                     non-empty completions whose completed file parses
 - latency-1k        median completion latency at ~1000 tokens of context (demo code); a model
                     whose window is shorter sees less, and the record says how much
+- crossfile-py      the local cross-file set (engine/eval/crossfile.py): exact match, edit
+                    similarity and identifier EM/F1 per context condition (none, windows,
+                    imports, both, oracle), the context sent in the request's `extra`
 - jsonl:PATH        any file of {task_id, prompt, suffix} records; scored like HumanEval when they
                     also carry `test` and `entry_point`
 
@@ -133,7 +136,7 @@ def load_tasks(suite: str, data_dir: Path | None = None) -> tuple[list[Task], Su
         return _jsonl_tasks(Path(suite.removeprefix("jsonl:"))), SUITE_SPECS["jsonl"]
     else:
         raise EngineError(f"unknown suite {suite!r} (humaneval-single, humaneval-multi, "
-                          "santacoder-py, demo-holes, latency-1k, jsonl:PATH)")
+                          "santacoder-py, demo-holes, latency-1k, crossfile-py, jsonl:PATH)")
     return tasks, SUITE_SPECS[suite]
 
 
@@ -355,7 +358,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="humaneval-single",
                    help="humaneval-single | humaneval-multi | santacoder-py | demo-holes | "
-                        "latency-1k | jsonl:PATH")
+                        "latency-1k | crossfile-py | jsonl:PATH")
     p.add_argument("--model", default=None, help="checkpoint folder or HF id (default: embedded)")
     p.add_argument("--limit", type=int, default=None, help="N tasks spread evenly over the suite")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -383,6 +386,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the copy shipped in engine/eval/benchmarks/)")
     p.add_argument("--context-reuse", choices=["on", "off"], default="on",
                    help="reuse the previous task's encoded context where it matches (engine)")
+    p.add_argument("--conditions", default=None,
+                   help="crossfile-py: comma-separated context conditions (default: none,"
+                        "windows,imports,both,oracle)")
+    p.add_argument("--extra-tokens", type=int, default=None,
+                   help="crossfile-py: the stored context budget to send (default: the largest "
+                        "within half the model's context)")
     ns = p.parse_args(argv)
     if ns.limit is not None and ns.limit < 1:
         p.error("--limit must be at least 1")
@@ -426,6 +435,10 @@ def resolve_model(spec: str | None) -> str:
 
 
 def run(ns: argparse.Namespace) -> dict:
+    if ns.suite == "crossfile-py":  # its own conditions and scores (engine/eval/crossfile.py)
+        from engine.eval.crossfile import evaluate
+
+        return evaluate(ns, resolve_model(ns.model))
     suite_name = "jsonl" if ns.suite.startswith("jsonl:") else ns.suite
     tasks, spec = load_tasks(ns.suite, ns.data_dir)
     engine = model_label = model_dir = window = None

@@ -12,8 +12,11 @@ errors of the FIM API (http_api.py):
   (`max_tokens`): how maskfill-lsp's remote mode learns the window it must fit.
 - `POST /infill`: llama-server's fill-in-the-middle endpoint, as llama.vscode and llama.vim call
   it: the text before the cursor is `input_prefix` + `prompt`, after it `input_suffix`; the
-  `input_extra` chunks (other files) go before the prefix with llama-server's own separator for
-  a model without file tokens, so the engine cuts them first when the window is short;
+  `input_extra` chunks (other files, `{filename, text}`) go in the request's `extra`, in the
+  order sent (the ring's oldest first: a stable head for the K/V reuse): the engine lays them
+  out before the prefix with the tokenizer's repository token (`<|file_sep|>`, as llama-server
+  does for a model with FIM file tokens) or as comment blocks, within half the window, whole
+  chunks only (engine/denoise/repo_context.py);
   `n_predict` is the span budget (0: a cache warm-up, answered at once without the model),
   `n_cmpl` the number of candidates (an array answers when it is over 1, as llama-server's does),
   `t_max_prompt_ms` + `t_max_predict_ms` the deadline, `response_fields` picks fields by path.
@@ -39,7 +42,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from aiohttp import web
 
-from engine.api import DRAFT_MASK, CompletionRequest, CompletionResult, Draft, EngineInfo
+from engine.api import (
+    DRAFT_MASK,
+    CompletionRequest,
+    CompletionResult,
+    ContextChunk,
+    Draft,
+    EngineInfo,
+)
 from engine.serve.draft_queue import DraftQueue
 from engine.serve.fim_wire import HTTP_TIMEOUT_MS, MAX_N, ApiError, cut_at_stops, to_response
 
@@ -52,8 +62,6 @@ MAX_STOPS = 32  # Continue sends up to 16 stop strings to an OpenAI-compatible F
 MAX_STOP_CHARS = 256
 MAX_EXTRA_CHUNKS = 64  # llama.vim and llama.vscode keep a ring of 16
 MAX_SEED = 2**63 - 1
-# llama-server's chunk separator for a model without FIM file tokens (format_infill).
-SNIPPET_SEPARATOR = "\n\n--- snippet ---\n\n"
 HF_SNAPSHOT = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
 
 FIM_MAX_TOKENS = 512  # http_api.FimRequest's max_tokens bound
@@ -248,14 +256,13 @@ def infill_check(body: InfillRequest) -> None:
 
 
 def infill_request(body: InfillRequest, stops: list[str], span: Span) -> CompletionRequest:
-    extra = "".join(SNIPPET_SEPARATOR + chunk.text for chunk in body.input_extra)
-    if extra:
-        extra += SNIPPET_SEPARATOR
+    extra = tuple(ContextChunk(chunk.filename, chunk.text) for chunk in body.input_extra
+                  if chunk.text.strip())
     deadline = HTTP_TIMEOUT_MS
     if body.t_max_predict_ms and body.t_max_predict_ms > 0:
         deadline = min(HTTP_TIMEOUT_MS, body.t_max_predict_ms + max(0, body.t_max_prompt_ms))
     return CompletionRequest(
-        prefix=extra + body.input_prefix + body.prompt, suffix=body.input_suffix,
+        prefix=body.input_prefix + body.prompt, suffix=body.input_suffix, extra=extra,
         max_tokens=span(body.n_predict if body.n_predict > 0 else None),
         stop="line" if "\n" in stops else "free", temperature=body.temperature,
         top_p=body.top_p, seed=body.seed if body.seed >= 0 else None,

@@ -21,7 +21,7 @@ import time
 from engine.api import ContextChunk
 from lsp_server.context import ContextGatherer, OpenFile, StableContext
 
-OTHERS = ("engine.py", "prefill.py", "context_cache.py")
+OTHERS = ("../engine.py", "prefill.py", "context_cache.py")  # beside engine/denoise/fim.py
 
 
 def decorator(budget: int):
@@ -30,11 +30,11 @@ def decorator(budget: int):
 
     folder = keystroke_replay.SOURCE.parent
     typed_uri = keystroke_replay.SOURCE.as_uri()
-    docs = {(folder / name).as_uri(): OpenFile((folder / name).as_uri(), "python", 1,
-                                               (folder / name).read_text(encoding="utf-8"))
-            for name in OTHERS}
+    paths = [(folder / name).resolve() for name in OTHERS]
+    docs = {path.as_uri(): OpenFile(path.as_uri(), "python", 1, path.read_text(encoding="utf-8"))
+            for path in paths}
     current = OpenFile(typed_uri, "python", 1, "")
-    gatherer = ContextGatherer([folder.parent], lambda: [*docs.values(), current])
+    gatherer = ContextGatherer([folder.parents[1]], lambda: [*docs.values(), current])
     for uri in docs:
         gatherer.opened(uri)
     gatherer.opened(typed_uri)

@@ -4,12 +4,22 @@ as `maskfill-lsp --explain-context`); the memorized model answers the request fo
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 from lsprotocol import types
 
-from tests.e2e.server_session import VSCODE, inline, open_document, start, status, stop, wait_ready
+from tests.e2e.server_session import (
+    VSCODE,
+    inline,
+    open_document,
+    replace,
+    start,
+    status,
+    stop,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -55,3 +65,50 @@ async def test_a_request_carries_the_other_open_files_window(memorized_model):
         assert final["extraContextTokens"] == 0 and final["context"]["snippets"] == []
     finally:
         await stop(client)
+
+
+async def _first_request_after_an_open(memorized_model, idle_s: float) -> dict:
+    """The status after: a request in main.py with no other file open (no block), then
+    other.py opened and the user idle for `idle_s`, then one character typed and the next
+    request: the first to carry the new block, run by the model."""
+    client, _ = await start(memorized_model, VSCODE, settings={"extraContextTokens": 64})
+    try:
+        assert (await wait_ready(client))["loadState"] == "ready"
+        root = Path.cwd() / "virtual-workspace"
+        other, current = (root / "other.py").as_uri(), (root / "main.py").as_uri()
+        open_document(client, current, CURRENT)
+        await inline(client, current, 2, len("    return "), invoked=True)
+        assert (await status(client))["context"]["snippets"] == []
+        open_document(client, other, OTHER)
+        await asyncio.sleep(idle_s)
+        if idle_s:  # the engine encodes the new block on its idle queue: wait for the count
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while (await status(client))["prewarms"] < 1:
+                assert loop.time() < deadline, "no pre-warm"
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # its encoding runs on the engine's idle queue
+        # "z" continues no suggestion: the request is not answered by typing through one
+        replace(client, current, 2, (2, len("    return ")), (2, len("    return ")), "z")
+        runs = (await status(client))["modelRuns"]
+        await inline(client, current, 2, len("    return z"), invoked=True)
+        after = await status(client)
+        assert after["modelRuns"] == runs + 1
+        [snippet] = after["context"]["snippets"]
+        assert snippet["path"] == "virtual-workspace/other.py"
+        return after
+    finally:
+        await stop(client)
+
+
+async def test_a_block_changed_while_idle_is_prewarmed_so_the_next_request_reuses_it(
+        memorized_model):
+    """An open while the user idles changes the block; the server re-gathers it at the last
+    cursor and the engine pre-warms it, so the first request carrying it starts warm. Typed
+    at once instead (no idle moment), the same request encodes the new block cold."""
+    warm = await _first_request_after_an_open(memorized_model, idle_s=1.0)
+    assert warm["prewarms"] == 1
+    assert warm["lastReusedContextTokens"] > 0, warm
+    cold = await _first_request_after_an_open(memorized_model, idle_s=0.0)
+    assert cold["prewarms"] == 0
+    assert cold["lastReusedContextTokens"] < warm["lastReusedContextTokens"], (cold, warm)

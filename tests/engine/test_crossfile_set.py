@@ -8,14 +8,17 @@ import json
 
 import pytest
 
+from engine.eval import harness
 from engine.eval.crossfile import (
+    CONDITIONS,
+    CONTEXT_BUDGETS,
     SET_DIR,
-    comment_block,
     edit_similarity,
     exact_match,
     identifier_scores,
-    layout_prompt,
+    load_contexts,
     load_set,
+    pick_budget,
     summarize,
 )
 
@@ -66,10 +69,57 @@ def test_scores():
     assert summary["tasks"] == 0 and summary["exact_match"] is None
 
 
-def test_layout_keeps_the_extra_block_within_the_window():
-    extra = [("pkg/a.py", "def f(x):\n    return x")]
-    prefix, suffix = layout_prompt("line\n" * 1000 + "y = ", "\nz\n" * 500, extra, 384, 32)
-    assert prefix.startswith(comment_block(extra))
-    assert "# Compare this snippet from pkg/a.py:\n# def f(x):\n#     return x\n" in prefix
-    assert prefix.endswith("y = ")
-    assert len(prefix) + len(suffix) <= (384 - 32) * 3
+def test_every_item_has_its_stored_context_per_condition_and_budget(data):
+    contexts = load_contexts()
+    assert set(contexts) == {(i.task_id, b) for i in data.items for b in CONTEXT_BUDGETS}
+    for (task_id, _), conditions in contexts.items():
+        assert set(conditions) == set(CONDITIONS[1:]), task_id
+    # the oracle condition carries the defining file; some items find context in every source
+    for item in data.items[::50]:
+        assert contexts[item.task_id, 128]["oracle"][0].path == item.oracle
+    for condition in ("windows", "imports", "both"):
+        assert sum(bool(contexts[i.task_id, 512][condition]) for i in data.items) > 100
+
+
+def test_the_budget_is_the_largest_within_half_the_context():
+    assert pick_budget(384, 32, (128, 512)) == 128
+    assert pick_budget(4096, 32, (128, 512)) == 512
+    assert pick_budget(200, 32, (128, 512)) == 128  # none fits: the smallest
+
+
+def test_the_suite_runs_every_condition_through_the_engine(memorized_model, capsys,
+                                                         monkeypatch):
+    """`python -m engine.eval --suite crossfile-py` on 3 items with a tiny model: each
+    condition scored, the stored context sent in the request's `extra` field (never pasted
+    into the prefix), a table then one JSON line."""
+    from engine.engine import Engine
+
+    sent = []
+    complete = Engine.complete
+
+    def recording(self, request, *args, **kwargs):
+        sent.append(request)
+        return complete(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "complete", recording)
+    record = harness.run(harness.parse_args(["--suite", "crossfile-py", "--model",
+                                             str(memorized_model), "--limit", "3",
+                                             "--threads", "1"]))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == record
+    assert any(line.startswith("oracle") for line in out)
+    assert record["suite"] == "crossfile-py" and record["extra_budget_tokens"] in CONTEXT_BUDGETS
+    assert list(record["conditions"]) == list(CONDITIONS)
+    for summary in record["conditions"].values():
+        assert summary["tasks"] == 3
+        assert 0.0 <= summary["edit_similarity"] <= 1.0
+    assert len(sent) == 3 * len(CONDITIONS)
+    contexts, budget = load_contexts(), record["extra_budget_tokens"]
+    items = [harness_item for harness_item in load_set().items]
+    picked = [items[i * len(items) // 3] for i in range(3)]
+    for n, condition in enumerate(CONDITIONS):
+        for item, request in zip(picked, sent[3 * n : 3 * n + 3], strict=True):
+            wanted = () if condition == "none" else contexts[item.task_id, budget][condition]
+            assert request.extra == wanted, (condition, item.task_id)
+            assert "Compare this snippet" not in request.prefix
+    assert any(r.extra for r in sent)

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from engine.api import EngineInfo
+from engine.api import CompletionRequest, ContextChunk, EngineInfo
 from engine.serve import peer_api
 from engine.serve.http_api import build_app
 from engine.serve.peer_api import model_name
@@ -177,9 +177,17 @@ async def test_llama_vim_infill_answers_the_response_fields_it_asks_for(api, hol
     assert data["timings/prompt_n"] > 0 and data["timings/predicted_n"] > 0
 
 
-def with_extra(prefix: str) -> str:
-    sep = peer_api.SNIPPET_SEPARATOR
-    return sep + peers.EXTRA_TEXT + sep + prefix
+def test_input_extra_becomes_the_requests_extra_chunks():
+    """`input_extra: [{filename, text}]` goes in CompletionRequest.extra (the engine lays it
+    out with the tokenizer's repository tokens when it has them), never pasted into the
+    prefix; empty chunks are left out."""
+    body = peers.llama_vim_infill("def f(x):\n    ", "\n", t_max_predict_ms=600_000)
+    body["input_extra"].append({"text": "  \n", "filename": "empty.py", "time": [1, 2]})
+    decoded = peer_api._decode(json.dumps(body).encode(), peer_api.InfillRequest)
+    request = peer_api.infill_request(decoded, ["\n"], lambda asked: 64)
+    chunk = body["input_extra"][0]
+    assert request.extra == (ContextChunk(chunk["filename"], peers.EXTRA_TEXT),)
+    assert request.prefix == body["input_prefix"] + body["prompt"]
 
 
 async def test_input_extra_goes_before_the_prefix(api, hole):
@@ -192,9 +200,12 @@ async def test_input_extra_goes_before_the_prefix(api, hole):
         counts.append((await response.json())["timings/prompt_n"])
         contents.append((await response.json())["content"])
     assert counts[1] > counts[0], counts  # the chunk reached the model's context ...
-    # ... laid out as llama-server does for a model without file tokens, before the prefix
-    # (the memorized model, which never saw such text, may well answer nothing after it).
-    assert contents[1] == fim_answer_at(CEILING, with_extra(prefix), suffix)
+    # ... as the engine lays out a request's extra chunks (engine/denoise/repo_context.py; the
+    # memorized model, which never saw such text, may well answer nothing after it).
+    chunks = (ContextChunk(extra["input_extra"][0]["filename"], peers.EXTRA_TEXT),)
+    assert contents[1] == fim_answer(MEMORIZED[0], CompletionRequest(
+        prefix=prefix, suffix=suffix, max_tokens=CEILING, stop="free", top_p=extra["top_p"],
+        extra=chunks))
     assert contents[0] == hole[2]
 
 

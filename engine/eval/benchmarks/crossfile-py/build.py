@@ -9,7 +9,10 @@ Per package: its .py files and licence files are copied into the set; per module
 imported from another module of the package, at its first use in the module, makes one item:
 the hole runs from the use to the end of the line (the whole file around it as prefix and
 suffix), and the oracle is the module that defines the name. Written next to this script:
-repos.jsonl.gz, items.jsonl.gz, LICENSES/<package>/..., and the counts in MANIFEST.json.
+repos.jsonl.gz, items.jsonl.gz, LICENSES/<package>/..., and the counts in MANIFEST.json; then
+contexts.jsonl.gz, each item's context per condition as the LSP server's gatherer picks it
+(`python -m lsp_server.context.crossfile --write-contexts`, run from the repository root: the
+engine's eval reads the stored chunks and never imports the server).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import ast
 import gzip
 import hashlib
 import json
+import subprocess
 import sys
 import zipfile
 from dataclasses import asdict, dataclass
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                "per_package": PER_PACKAGE, "excluded_as_copied_from_stdlib": list(FROM_STDLIB)}
     (HERE / "MANIFEST.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"{len(items)} items from {len(manifest)} packages")
-    return 0
+    return subprocess.call([sys.executable, "-m", "lsp_server.context.crossfile",
+                            "--write-contexts"], cwd=HERE.parents[3])
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
