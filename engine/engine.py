@@ -423,8 +423,8 @@ class Engine:
         lead = extra_ids(tok, extra, max(budget, 0) // 2) if extra else []
         budget -= len(lead)
         prefix, suffix = fim.precut_text(prefix, suffix, budget)
-        prefix_ids, suffix_ids = fim.cut_context(
-            _encode(tok, prefix, "prefix"), _encode(tok, suffix, "suffix"), budget)
+        prefix_ids, suffix_ids = fim.context_near_hole(
+            lambda text: _encode(tok, text, "the text around the hole"), prefix, suffix, budget)
         return lead + prefix_ids, suffix_ids
 
     def _run(self, job: DenoiseJob) -> Denoised | None:

@@ -11,6 +11,7 @@ dedents out of the block the cursor is in, "free" only at the end token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,49 @@ def precut_text(prefix: str, suffix: str, budget_tokens: int) -> tuple[str, str]
     if len(suffix) > limit:
         suffix = suffix[:limit]
     return prefix, suffix
+
+
+# Tokens dropped at the cut end of a piece tokenized on its own: a merge across the cut (a
+# run of blank lines, say) can make them differ from the whole text's; the rest never do.
+PIECE_MARGIN_TOKENS = 16
+PIECE_CHARS_PER_TOKEN = 4  # the first guess at a piece's size; doubled while it falls short
+
+
+def tokens_near_hole(encode: Callable[[str], list[int]], text: str, need: int, *,
+                     before: bool) -> list[int]:
+    """At least `need` of `text`'s tokens nearest the hole (all of them when it has fewer),
+    without tokenizing the rest: a piece next to the hole, cut at a line boundary, grows until
+    it holds `need` tokens past the margin. `before`: `text` is the prefix (keep its end).
+    Each keystroke then costs what the budget holds, not what the editor sent."""
+    chars = (max(need, 0) + PIECE_MARGIN_TOKENS) * PIECE_CHARS_PER_TOKEN
+    while chars < len(text):
+        if before:
+            cut = text.rfind("\n", 0, len(text) - chars)
+            piece = text[cut + 1:] if cut >= 0 else text
+        else:
+            cut = text.find("\n", chars)
+            piece = text[:cut + 1] if cut >= 0 else text
+        if len(piece) == len(text):
+            break
+        ids = encode(piece)
+        if len(ids) >= need + PIECE_MARGIN_TOKENS:
+            return ids[PIECE_MARGIN_TOKENS:] if before else ids[:-PIECE_MARGIN_TOKENS]
+        chars *= 2
+    return encode(text)
+
+
+def context_near_hole(encode: Callable[[str], list[int]], prefix: str, suffix: str,
+                      budget: int) -> tuple[list[int], list[int]]:
+    """`cut_context` of the whole texts' tokens, tokenizing only the pieces it can keep: the
+    suffix's share first, then the prefix, then more suffix if the prefix came up short."""
+    budget = max(budget, 0)
+    floor = budget - int(budget * PREFIX_SHARE)
+    suffix_ids = tokens_near_hole(encode, suffix, floor, before=False)
+    prefix_ids = tokens_near_hole(encode, prefix, budget - min(len(suffix_ids), floor),
+                                  before=True)
+    if len(suffix_ids) >= floor and len(prefix_ids) < budget - floor:
+        suffix_ids = tokens_near_hole(encode, suffix, budget - len(prefix_ids), before=False)
+    return cut_context(prefix_ids, suffix_ids, budget)
 
 
 def cut_context(

@@ -169,3 +169,28 @@ def test_auto_stop_mode_follows_the_cursor():
     assert stop_for_cursor("def f(x):", "") == "block"  # a line that opens a block
     assert stop_for_cursor("    ", "") == "block"  # an empty line
     assert stop_for_cursor("    y = 2", "") == "line"  # end of a written line: the next line
+
+
+def _embedded_encode():
+    from engine.model.embedded_model import EMBEDDED_DIR
+    from engine.model.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(EMBEDDED_DIR).encode
+
+
+@pytest.mark.parametrize("budget", [0, 7, 64, 320, 960])
+@pytest.mark.parametrize("where", [0.0, 0.05, 0.5, 0.97, 1.0])
+def test_tokenizing_near_the_hole_keeps_what_the_whole_text_would(budget, where):
+    """The engine tokenizes only pieces next to the hole; the rows must be what tokenizing the
+    whole file and cutting gives (blank-line runs and long lines at the cuts included)."""
+    from pathlib import Path
+
+    from engine.denoise.fim import context_near_hole
+
+    encode = _embedded_encode()
+    source = Path(__file__).resolve().parents[2] / "engine" / "engine.py"
+    text = source.read_text() + "\n\n\n\n    x = '" + "y" * 3000 + "'\n\n" + source.read_text()
+    at = int(len(text) * where)
+    prefix, suffix = text[:at], text[at:]
+    assert context_near_hole(encode, prefix, suffix, budget) == cut_context(
+        encode(prefix), encode(suffix), budget)
