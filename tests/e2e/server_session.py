@@ -24,13 +24,13 @@ TEST_SETTINGS = {"timeoutMs": 120000}
 GATED_SERVER = """
 import functools, pathlib, sys, time
 import lsp_server.server as server
-from lsp_server import worker
+from lsp_server import engine_host
 from lsp_server.__main__ import main
 gate = pathlib.Path(sys.argv.pop(1))
 def gated_load(spec):
     while not gate.exists():
         time.sleep(0.02)
-    return worker.load_engine(spec)
+    return engine_host.load_engine(spec)
 server.create_server = functools.partial(server.create_server, loader=gated_load)
 sys.exit(main())
 """
