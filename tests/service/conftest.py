@@ -21,6 +21,7 @@ import pytest
 from engine.serve.client import EngineConnection
 
 STOP_WAIT_S = 15.0
+CONNECT_WAIT_S = 60.0  # a hang guard only
 
 
 def pid_alive(pid: int) -> bool:
@@ -162,3 +163,16 @@ def fim_answer(model: Path, request) -> str:
         return engine.complete(dataclasses.replace(request, span_lengths=None)).text
     finally:
         engine.close()
+
+
+def connect_unix(path: Path) -> EngineConnection:
+    """The editors' connection, retried while the engine is busy refusing a flood (its
+    handshake waits 10 s for the engine's welcome)."""
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    while True:
+        try:
+            return EngineConnection.unix(path, name="editor")
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -24,7 +24,7 @@ import aiohttp  # noqa: F401 - the HTTP API's package: without it these tests ar
 import pytest
 
 from engine.serve.client import EngineConnection
-from tests.service.conftest import STOP_WAIT_S, ServedEngine, memorized_hole
+from tests.service.conftest import STOP_WAIT_S, ServedEngine, connect_unix, memorized_hole
 
 HANG_S = 60.0  # hang guards only: every wait below ends far sooner when things work
 LOAD_S = 180.0
@@ -208,18 +208,6 @@ def test_an_http_flood_under_a_low_file_limit_leaves_the_unix_socket_answering(
     log = stderr_after_stop(engine)
     refusals = log.count("refused an HTTP connection")
     assert 1 <= refusals <= 5 and "more HTTP connections refused" in log, log
-
-
-def connect_unix(path: Path) -> EngineConnection:
-    """The editors' connection (its handshake waits 10 s for the engine's welcome)."""
-    deadline = time.monotonic() + HANG_S
-    while True:
-        try:
-            return EngineConnection.unix(path, name="editor")
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 # -- 20.7: folders named for a token file or a socket ------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 from engine.serve.client import EngineConnection
 from engine.serve.launcher import wait_ready
 from engine.serve.protocol import HEADER_BYTES, Refused, decode_server, frame_length
-from tests.service.conftest import STOP_WAIT_S, ServedEngine, memorized_hole
+from tests.service.conftest import STOP_WAIT_S, ServedEngine, connect_unix, memorized_hole
 
 HANG_S = 60.0  # hang guards only
 LOAD_S = 180.0
@@ -67,17 +67,6 @@ def refusals(socks: list[socket.socket]) -> list[str]:
             if isinstance(message, Refused):
                 told.append(message.message)
     return told
-
-
-def connect_unix(path: Path) -> EngineConnection:
-    deadline = time.monotonic() + HANG_S
-    while True:
-        try:
-            return EngineConnection.unix(path, name="editor")
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def test_a_tcp_flood_is_refused_with_a_message_and_leaves_the_unix_socket_answering(

@@ -52,6 +52,15 @@ class Strategy:
         raise NotImplementedError
 
 
+
+class DreamScheduled(Strategy):
+    """A sampler on Dream's timestep schedule (the reference samplers of Dream's repository)."""
+
+    def __init__(self, request: CompletionRequest, masked: Tensor, steps: int,
+                 generator: torch.Generator | None, end_ids: Tensor):
+        super().__init__(request, masked, steps, generator, end_ids)
+        self.schedule = sampler.dream_schedule(steps)
+
 def content_first(drawn: Drawn, masked: Tensor, end_ids: Tensor) -> Tensor:
     """Slots whose draw is an end token wait while their row still has content slots to fill.
 
