@@ -78,6 +78,12 @@ class Recorder(TorchDispatchMode):
         inputs = [t for t in leaves if isinstance(t, torch.Tensor)]
         asked = next((d for d in leaves if isinstance(d, torch.device)), None)
         if self.role == CALLER:
+            if func.overloadpacket is aten.lift_fresh:
+                # torch.tensor(data) fills a new tensor without dispatching an op, at an
+                # address the worker may have freed a moment ago (its tag is stale): it is
+                # the caller's own, made on the host.
+                for t in inputs:
+                    self.where.tag(t, CALLER)
             touched = [self.where.of(t) for t in inputs]
             if DEVICE in touched:
                 self.where.violations.append(f"{func} read a device tensor")
