@@ -6,6 +6,13 @@ A request whose replica dies while serving it (or before) is sent once more and 
 picks another replica: FIM is deterministic for greedy decoding and sampled requests carry a
 seed fixed before the first try, so the answer is the one the dead replica would have given.
 A caller that hangs up cancels the request on the replica (the engine stops between steps).
+
+Handle calls go over Serve's inter-deployment gRPC (`_by_reference=False`), not Ray actor calls:
+the request and answer are small msgpack bytes, so passing them by value skips the object
+store and Ray's task submission, and the accept/reject reply that Serve's router waits for
+comes as the call's initial metadata instead of a first streamed item. That halved the handle
+hop (docs/LOG.md, "issue 24: router overhead"). Serve starts that gRPC server in every replica
+whatever the caller picks, so nothing new listens.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+from grpc.aio import AioRpcError
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, Response
@@ -30,6 +38,10 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS = 2  # the first try and one retry on another replica
 HEALTH_TIMEOUT_S = 10.0
+# A replica that died or cannot be reached. Over gRPC Serve raises ActorUnavailableError (a
+# RayActorError) for UNAVAILABLE; any other transport failure (the connection reset under a
+# call) comes as the raw AioRpcError. The replica's own exceptions come as RayTaskError.
+REPLICA_LOST = (RayActorError, AioRpcError)
 
 
 class FimIngress(FimFront):
@@ -39,7 +51,7 @@ class FimIngress(FimFront):
 
         super().__init__(token_digest=token_digest, models=models,
                          max_body_bytes=max_body_bytes)
-        self.engine = engine
+        self.engine = engine.options(_by_reference=False)  # gRPC (module docstring)
         self.app_name = serve.get_replica_context().app_name
         self.engine_deployment = engine.deployment_name
         self.retries = 0
@@ -68,7 +80,7 @@ class FimIngress(FimFront):
                         yield part, attempt
                 ended = True
                 return
-            except RayActorError as exc:
+            except REPLICA_LOST as exc:
                 self._replica_lost(attempt, exc, "mid-stream")
             except RayTaskError as exc:
                 raise ApiError(503, f"the engine could not serve this request: "
@@ -77,7 +89,7 @@ class FimIngress(FimFront):
                 if not ended:
                     parts.cancel()
 
-    def _replica_lost(self, attempt: int, exc: RayActorError, when: str) -> None:
+    def _replica_lost(self, attempt: int, exc: Exception, when: str) -> None:
         """A replica died under a request: send it again, or give up after ATTEMPTS tries."""
         if attempt == ATTEMPTS:
             raise ApiError(503, "the engine replicas serving this request died "
@@ -94,7 +106,7 @@ class FimIngress(FimFront):
             try:
                 raw = await handle.complete.remote(payload)
                 return msgspec.msgpack.decode(raw, type=EngineAnswer), attempt
-            except RayActorError as exc:  # the replica died (or is unreachable)
+            except REPLICA_LOST as exc:  # the replica died (or is unreachable)
                 self._replica_lost(attempt, exc, "mid-request")
             except RayTaskError as exc:  # the replica raised: a model that did not load
                 raise ApiError(503, f"the engine could not serve this request: "
@@ -105,7 +117,7 @@ class FimIngress(FimFront):
         """One round trip to an engine replica: 200 once one can answer."""
         try:
             replica = await asyncio.wait_for(self.engine.health.remote(), HEALTH_TIMEOUT_S)
-        except (asyncio.TimeoutError, RayActorError, RayTaskError) as exc:
+        except (asyncio.TimeoutError, RayTaskError, *REPLICA_LOST) as exc:
             body = {"status": "unavailable", "state": "unavailable",
                     "error": f"no engine replica answered: {type(exc).__name__}"}
             return JSONResponse(body, status_code=503)
@@ -121,7 +133,7 @@ class FimIngress(FimFront):
                 try:
                     name, window = await self._handle(None, model).model_info.remote()
                     return model or name, window
-                except RayActorError as exc:
+                except REPLICA_LOST as exc:
                     self._replica_lost(attempt, exc, "answering /v1/models")
                 except RayTaskError as exc:
                     raise ApiError(503, f"the engine could not list its model: {_cause(exc)}",
