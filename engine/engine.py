@@ -445,21 +445,33 @@ class Engine:
         """When the worker is idle: the context as if `text` were accepted, into the cache,
         beside the hole the next request will use (engine/denoise/speculation.py). `prefix_ids`,
         `suffix_ids` and `hole`: this request's context, which the speculation follows."""
-        if not self._speculate or self._worker is None:
+        if not self._speculate or self._worker is None or self._loaded is None:
             return
-        loaded = self._loaded
-        if loaded is None:
-            return
-        following = replace(request, prefix=request.prefix + text, stop=stop_after_accepting(
+        accepted = request.prefix + text
+        predicted = replace(request, prefix=accepted, stop=stop_after_accepting(
             request.stop, request.prefix, request.suffix, text))
-        next_hole = max(hole_lengths(following))
+        holes = [max(hole_lengths(predicted))]
+        if hole not in holes:
+            # The stop may be a fixed setting that only agreed with the automatic rule here (an
+            # HTTP client's `block`): its next request asks for this hole again. Grown from
+            # this context, that speculation is one step-sized pass.
+            holes.append(hole)
+        for rank, next_hole in enumerate(holes):
+            self._worker.when_idle(self._speculation(request, accepted, next_hole, prefix_ids,
+                                                     suffix_ids, hole),
+                                   key=("speculate", rank))
+        for rank in range(len(holes), 2):  # an older request's second one is moot now
+            self._worker.when_idle(None, key=("speculate", rank))
+
+    def _speculation(self, request: CompletionRequest, accepted: str, next_hole: int,
+                     prefix_ids: list[int], suffix_ids: list[int], hole: int
+                     ) -> Callable[[], None]:
+        """The idle task that speculates (accepted, request.suffix) beside a `next_hole` hole."""
+        loaded, cache = self._loaded, self._cache
         budget = fim.context_budget(loaded.args, next_hole, request.max_context_tokens)
-        if budget < 0:
-            return
-        cache = self._cache
 
         def task() -> None:
-            if self._loaded is None:
+            if self._loaded is None or budget < 0:
                 return
             follows = None
             if next_hole != hole:  # nothing of this hole length to grow from: say what it follows
@@ -467,13 +479,13 @@ class Engine:
                 follows = cache.find(*context_ids(batch), hole)
                 if follows is None:  # evicted, or superseded: nobody is at that cursor now
                     return
-            next_prefix, next_suffix = self._context_ids(following.prefix, following.suffix,
-                                                         budget, following.extra)
+            next_prefix, next_suffix = self._context_ids(accepted, request.suffix, budget,
+                                                         request.extra)
             speculate_accepted(loaded.model, loaded.args, cache, next_prefix, next_suffix,
                                next_hole, self._banned_all, loaded.dtype, loaded.device,
                                follows=follows)
 
-        self._worker.when_idle(task, key="speculate")
+        return task
 
     def prewarm(self, request: CompletionRequest) -> bool:
         """When the worker is idle: encode `request`'s context into the cache (no denoising),

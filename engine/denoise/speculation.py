@@ -15,7 +15,10 @@ warm prefill over the accepted tokens: one step-sized pass, engine/denoise/prefi
 accepted text cannot reuse that context (a long edit) it is skipped. Beside another hole length
 no entry can be grown from (reusing states computed beside the other hole changes answers: the
 cache refuses it), so it is encoded in full, as a cold request would: the answer after accepting
-is then exactly the cold one's.
+is then exactly the cold one's. The engine guesses that stop as the server's automatic rule
+would pick it; when that changes the hole, it speculates beside this request's hole too (grown,
+one step-sized pass), for a client whose stop is a fixed setting. A speculation encoded in full
+stops between two layers when a request arrives (model.ENCODE_GATE), as a refresh does.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ and the speculative next context (engine/denoise/speculation.py): issue 13 items
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -240,7 +242,8 @@ def test_the_speculation_serves_a_next_request_with_another_stop_and_answers_as_
     automatic request a `line` one (24-slot hole, not 32), and a `line` completion that opens a
     block the reverse. Cached states serve only the hole length they were computed beside, so
     the speculation is made beside the next request's hole (in full: no entry of that length
-    to grow from), and that request's answer is the cold one's."""
+    to grow from), and that request's answer is the cold one's; the one beside this request's
+    hole is made too, for a client whose stop is fixed."""
     warm, cold = memorized["warm"], memorized["cold"]
     text = SNIPPETS[snippet]
     at = text.index(cursor) + len(cursor)
@@ -252,6 +255,8 @@ def test_the_speculation_serves_a_next_request_with_another_stop_and_answers_as_
     accepted = _automatic(prefix + shown.text, suffix)
     first = _automatic(prefix, suffix)
     assert max(hole_lengths(accepted)) != max(hole_lengths(first)), (first.stop, accepted.stop)
+    speculated = sorted(e.hole for e in warm._cache.entries() if e.speculative)
+    assert speculated == sorted({max(hole_lengths(first)), max(hole_lengths(accepted))})
     hits = warm._cache.speculative_hits
     after = warm.complete(accepted)
     assert after.stats.speculative_hit and warm._cache.speculative_hits == hits + 1
@@ -261,6 +266,14 @@ def test_the_speculation_serves_a_next_request_with_another_stop_and_answers_as_
     again = cold.complete(accepted)
     assert [c.text for c in after.candidates] == [c.text for c in again.candidates]
     assert after.text == again.text
+
+    # A client whose stop is a fixed setting that agreed with the rule at the first cursor
+    # (an HTTP script's `block`) asks for the first hole again: that speculation is there too.
+    assert warm.wait_idle()
+    warm._cache.clear()
+    assert warm.complete(first).text == shown.text and warm.wait_idle()
+    fixed = warm.complete(replace(accepted, stop=first.stop))
+    assert fixed.stats.speculative_hit
 
 
 def test_a_request_that_arrives_first_drops_the_speculation_it_would_wait_for(memorized):
