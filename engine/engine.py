@@ -21,6 +21,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import get_args
 
 import torch
@@ -62,7 +63,7 @@ from engine.denoise.repo_context import extra_ids
 from engine.denoise.speculation import speculate_accepted
 from engine.model.quantize import parameter_count, weight_bytes
 from engine.request_checks import validate
-from engine.stop import apply_stop
+from engine.stop import apply_stop, stop_after_accepting
 
 EXTRA_CANDIDATE_TEMPERATURE = 0.8  # extra candidates must differ: sample them when T = 0
 DREAMON_INITIAL_HOLE = 16  # DreamOn's L0 when the request gives none (its eval: 4..64)
@@ -403,7 +404,7 @@ class Engine:
         }
         text = candidates[0].text if candidates else ""
         if text and not done.timed_out and not expanding and request.use_cache:
-            self._speculate_on(request, text, budget, max(lengths))
+            self._speculate_on(request, text, prefix_ids, suffix_ids, max(lengths))
         return CompletionResult(text=text, candidates=candidates, stats=stats)
 
     # ---- internals --------------------------------------------------------------------------
@@ -439,24 +440,52 @@ class Engine:
             self._require()
             return run_alone(self._loop, job)
 
-    def _speculate_on(self, request: CompletionRequest, text: str, budget: int,
-                      hole: int) -> None:
-        """When the worker is idle: the context as if `text` were accepted, into the cache."""
-        if not self._speculate or self._worker is None:
+    def _speculate_on(self, request: CompletionRequest, text: str, prefix_ids: list[int],
+                      suffix_ids: list[int], hole: int) -> None:
+        """When the worker is idle: the context as if `text` were accepted, into the cache,
+        beside the hole the next request will use (engine/denoise/speculation.py). `prefix_ids`,
+        `suffix_ids` and `hole`: this request's context, which the speculation follows."""
+        if not self._speculate or self._worker is None or self._loaded is None:
             return
-        loaded = self._loaded
-        if loaded is None:
-            return
+        accepted = request.prefix + text
+        predicted = replace(request, prefix=accepted, stop=stop_after_accepting(
+            request.stop, request.prefix, request.suffix, text))
+        holes = [max(hole_lengths(predicted))]
+        if hole not in holes:
+            # The stop may be a fixed setting that only agreed with the automatic rule here (an
+            # HTTP client's `block`): its next request asks for this hole again. Grown from
+            # this context, that speculation is one step-sized pass.
+            holes.append(hole)
+        for rank, next_hole in enumerate(holes):
+            self._worker.when_idle(self._speculation(request, accepted, next_hole, prefix_ids,
+                                                     suffix_ids, hole),
+                                   key=("speculate", rank))
+        for rank in range(len(holes), 2):  # an older request's second one is moot now
+            self._worker.when_idle(None, key=("speculate", rank))
+
+    def _speculation(self, request: CompletionRequest, accepted: str, next_hole: int,
+                     prefix_ids: list[int], suffix_ids: list[int], hole: int
+                     ) -> Callable[[], None]:
+        """The idle task that speculates (accepted, request.suffix) beside a `next_hole` hole."""
+        loaded, cache = self._loaded, self._cache
+        budget = fim.context_budget(loaded.args, next_hole, request.max_context_tokens)
 
         def task() -> None:
-            if self._loaded is None:
+            if self._loaded is None or budget < 0:
                 return
-            prefix_ids, suffix_ids = self._context_ids(request.prefix + text, request.suffix,
-                                                       budget, request.extra)
-            speculate_accepted(loaded.model, loaded.args, self._cache, prefix_ids, suffix_ids,
-                               hole, self._banned_all, loaded.dtype, loaded.device)
+            follows = None
+            if next_hole != hole:  # nothing of this hole length to grow from: say what it follows
+                batch = fim.build_infill_batch(loaded.args, prefix_ids, suffix_ids, [hole])
+                follows = cache.find(*context_ids(batch), hole)
+                if follows is None:  # evicted, or superseded: nobody is at that cursor now
+                    return
+            next_prefix, next_suffix = self._context_ids(accepted, request.suffix, budget,
+                                                         request.extra)
+            speculate_accepted(loaded.model, loaded.args, cache, next_prefix, next_suffix,
+                               next_hole, self._banned_all, loaded.dtype, loaded.device,
+                               follows=follows)
 
-        self._worker.when_idle(task, key="speculate")
+        return task
 
     def prewarm(self, request: CompletionRequest) -> bool:
         """When the worker is idle: encode `request`'s context into the cache (no denoising),

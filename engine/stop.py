@@ -30,6 +30,20 @@ def stop_for_cursor(line_before: str, line_after: str) -> str:
     return "line"
 
 
+def stop_after_accepting(stop: str, prefix: str, suffix: str, accepted: str) -> str:
+    """The stop mode of the request that follows accepting `accepted` at the cursor, for the
+    engine's speculation (engine/denoise/speculation.py): when `stop` is the one the editor's
+    automatic rule gives at this cursor, the request is taken as automatic and the rule is
+    applied at the cursor after the accepted text; otherwise the user set `stop`, and the
+    next request asks for it again. (A fixed setting that happens to agree with the rule here
+    is taken as automatic: where that changes the hole, the engine also speculates beside this
+    request's own hole, engine/engine.py _speculate_on.)"""
+    line_after = suffix.split("\n", 1)[0]
+    if stop != stop_for_cursor(prefix.rsplit("\n", 1)[-1], line_after):
+        return stop
+    return stop_for_cursor((prefix + accepted).rsplit("\n", 1)[-1], line_after)
+
+
 _OPENERS = {"(": ")", "[": "]", "{": "}"}
 _CLOSERS = frozenset(_OPENERS.values())
 _QUOTES = frozenset("\"'`")

@@ -1,27 +1,28 @@
 """The thread that owns the model: concurrent requests share each denoising pass.
 
-`Engine.complete` keeps its blocking API: it hands a DenoiseJob to `BatchWorker.run` and waits.
-The worker thread admits waiting jobs between passes, first come first served, while the rows in
-flight stay within a row budget, then runs one pass for every request in flight
-(engine/denoise/loop.py, the one driver: `DenoiseLoop.turn`): each advances one step per pass,
-so a long request cannot hold back a short one, and each leaves as soon as it is done,
-cancelled or past its deadline.
+`Engine.complete` keeps its blocking API: it hands a DenoiseJob (one request's denoising) to
+`BatchWorker.run` and waits on its Submission. The worker thread admits waiting submissions
+between passes, first come first served, while the rows in flight stay within a row budget,
+then runs one pass for every request in flight (engine/denoise/loop.py, the one driver:
+`DenoiseLoop.turn`): each advances one step per pass, so a long request cannot hold back a short
+one, and each leaves as soon as it is done, cancelled or past its deadline.
 
 No request holds the whole batch: one with more rows than `max_job_rows` runs as chunks of at
 most that many, one after another, each queued behind whatever came meanwhile
 (engine/denoise/job_chunks.py), so there is always room for others beside it (the engine picks the
 share: engine/engine.py, MAX_JOB_ROWS_CPU). A waiting
-job that does not fit yet is passed over by smaller ones behind it, at most MAX_OVERTAKES times
-(then it waits first in line). A waiting job whose caller gave up or whose deadline passed is
+request that does not fit yet is passed over by smaller ones behind it, at most MAX_OVERTAKES times
+(then it waits first in line). A waiting request whose caller gave up or whose deadline passed is
 answered at once, unrun. A cancel reaches the model within one layer: the context encode and
 every pass check it between layers (loop.stop_gates), as the background work below does.
 
-Work that is not a request runs only when nothing is in flight or waiting: an `exclusive` job
-(DreamOn's own loop) and the low-priority `when_idle` tasks (engine/engine.py: the re-encode of
-a worn reuse chain, engine/denoise/context_refresh.py, then the speculative next context), one per
-idle turn, all dropped when a request arrives first. A started speculation runs to its end (one
-step-sized pass); a started refresh stops between two layers of its encode when a request
-arrives (model.ENCODE_GATE), so a request waits one layer at most.
+Work that is not a shared-loop request runs only when nothing is in flight or waiting:
+`exclusive` work (DreamOn's own loop, a CUDA graph capture) and the low-priority `when_idle`
+tasks (engine/engine.py: the re-encode of a worn reuse chain, engine/denoise/context_refresh.py,
+then the speculative next context), one per idle turn, all dropped when a request arrives
+first. A started speculation grown from the last context runs to its end (one step-sized
+pass); a started refresh, prewarm or speculation encoded in full stops between two layers of
+its encode when a request arrives (model.ENCODE_GATE), so a request waits one layer at most.
 Idle tasks also wait IDLE_GRACE_S of idleness first: a caller that sends requests back to
 back (a script, an eval) would otherwise find each one queued behind a speculation (measured:
 +18 ms a request on the embedded model), while an editor's next request comes a debounce
@@ -47,7 +48,7 @@ from engine.model.transformer import ENCODE_GATE, EncodeInterrupted
 
 log = logging.getLogger(__name__)
 IDLE_GRACE_S = 0.025
-# How often smaller jobs may be admitted past a waiting one that does not fit yet: enough to
+# How often smaller requests may be admitted past a waiting one that does not fit yet: enough to
 # keep short requests moving beside a big one, few enough that the big one's wait is bounded.
 MAX_OVERTAKES = 8
 # Workers still running at interpreter exit are stopped first: a daemon thread frozen inside
@@ -62,15 +63,21 @@ def _close_all() -> None:
 
 
 class WorkerClosed(RuntimeError):
-    """The worker stopped (the engine was closed) before this job could finish."""
+    """The worker stopped (the engine was closed) before this submission could finish."""
 
 
 @dataclass(eq=False)
-class Ticket:
+class Submission:
+    """What a caller handed the worker (`_submit`), blocked until it is answered: a request's
+    denoise job for the shared loop, or exclusive work. It waits in the worker's line, is
+    admitted (in flight: the loop's RequestState), and is answered once. Not to be confused
+    with a host's Job (engine/serve/host.py): a request queued at the host, one level up,
+    whose runner thread calls Engine.complete, which makes the submission."""
+
     job: DenoiseJob | None  # a request for the shared loop
     exclusive: Callable[[], object] | None = None  # or work that needs the model alone
     rows: int = 0
-    overtaken: int = 0  # jobs admitted ahead of it while it did not fit
+    overtaken: int = 0  # submissions admitted ahead of it while it did not fit
     done: threading.Event = field(default_factory=threading.Event)
     result: object = None
     error: BaseException | None = None
@@ -87,7 +94,7 @@ class BatchWorker:
         self.row_budget = row_budget
         self.max_job_rows = max_job_rows or max(1, row_budget - row_budget // 4)
         self._cond = threading.Condition()
-        self._waiting: deque[Ticket] = deque()
+        self._waiting: deque[Submission] = deque()
         # Pending idle tasks by key, in the order they run (dicts keep insertion order).
         self._idle_tasks: dict[Hashable, Callable[[], None]] = {}
         self._closing = False
@@ -107,10 +114,10 @@ class BatchWorker:
         A job with more rows than max_job_rows runs in chunks, one after another."""
         chunks = split_job(job, self.max_job_rows) if job.generator is None else [job]
         if len(chunks) == 1:
-            return self._submit(Ticket(job=job, rows=job.rows))
+            return self._submit(Submission(job=job, rows=job.rows))
         parts: list[Denoised] = []
         for chunk in chunks:
-            done = self._submit(Ticket(job=chunk, rows=chunk.rows))
+            done = self._submit(Submission(job=chunk, rows=chunk.rows))
             if done is None:  # given up while it waited: what ran so far is the answer
                 break
             parts.append(done)
@@ -126,7 +133,7 @@ class BatchWorker:
 
     def run_exclusive(self, work: Callable[[], object]) -> object:
         """Run `work` on the model thread with nothing else in flight."""
-        return self._submit(Ticket(job=None, exclusive=work))
+        return self._submit(Submission(job=None, exclusive=work))
 
     def when_idle(self, task: Callable[[], None] | None, key: Hashable = "idle",
                   first: bool = False) -> None:
@@ -160,18 +167,18 @@ class BatchWorker:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
-    def _submit(self, ticket: Ticket) -> object:
+    def _submit(self, submission: Submission) -> object:
         with self._cond:
             if self._closing:
                 raise WorkerClosed("the engine is closed")
             self._idle_tasks = {}  # a request arrived: what was prepared for later is moot
-            self._waiting.append(ticket)
+            self._waiting.append(submission)
             self._ensure_thread()
             self._cond.notify()
-        ticket.done.wait()
-        if ticket.error is not None:
-            raise ticket.error
-        return ticket.result
+        submission.done.wait()
+        if submission.error is not None:
+            raise submission.error
+        return submission.result
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
@@ -189,8 +196,8 @@ class BatchWorker:
         finally:
             with self._cond:
                 waiting, self._waiting = list(self._waiting), deque()
-            for ticket in waiting:
-                ticket.answer(error=WorkerClosed("the engine is closed"))
+            for submission in waiting:
+                submission.answer(error=WorkerClosed("the engine is closed"))
             for state in self.loop.abort():
                 state.answer(error=WorkerClosed("the engine is closed"))
 
@@ -199,7 +206,7 @@ class BatchWorker:
         admitted, exclusive, idle = self._admit()
         if admitted is None:
             return False
-        newcomers = [(ticket.job, ticket.answer) for ticket in admitted]
+        newcomers = [(submission.job, submission.answer) for submission in admitted]
         if exclusive is not None:  # (nothing admitted, nothing in flight: it waited for that)
             try:
                 exclusive.answer(exclusive.exclusive())
@@ -235,8 +242,9 @@ class BatchWorker:
         if self._waiting or self._closing:
             raise EncodeInterrupted
 
-    def _admit(self) -> tuple[list[Ticket] | None, Ticket | None, Callable[[], None] | None]:
-        """Jobs to start now (FIFO within the row budget), exclusive work that may run now,
+    def _admit(self) -> tuple[list[Submission] | None, Submission | None,
+                              Callable[[], None] | None]:
+        """Requests to start now (FIFO within the row budget), exclusive work that may run now,
         the idle task when there is nothing else; (None, ...) when closing."""
         with self._cond:
             self._busy = False
@@ -255,23 +263,23 @@ class BatchWorker:
                     continue
                 self._cond.wait()
             self._busy = True
-            admitted: list[Ticket] = []
+            admitted: list[Submission] = []
             rows = self.loop.rows
-            passed: list[Ticket] = []  # waiting jobs that did not fit this time
-            for ticket in list(self._waiting):
-                if ticket.exclusive is not None:
+            passed: list[Submission] = []  # waiting requests that did not fit this time
+            for submission in list(self._waiting):
+                if submission.exclusive is not None:
                     if passed or self.loop.active or admitted:
                         break  # it waits for the batch to drain; nobody overtakes it
-                    self._waiting.remove(ticket)
-                    return admitted, ticket, None
-                if rows and rows + ticket.rows > self.row_budget:
-                    passed.append(ticket)
-                    if ticket.overtaken >= MAX_OVERTAKES:
+                    self._waiting.remove(submission)
+                    return admitted, submission, None
+                if rows and rows + submission.rows > self.row_budget:
+                    passed.append(submission)
+                    if submission.overtaken >= MAX_OVERTAKES:
                         break  # its turn: nobody else goes first until it fits
                     continue
-                self._waiting.remove(ticket)
-                admitted.append(ticket)
-                rows += ticket.rows
+                self._waiting.remove(submission)
+                admitted.append(submission)
+                rows += submission.rows
                 for waiting in passed:
                     waiting.overtaken += 1
                 if rows >= self.row_budget:
@@ -282,9 +290,9 @@ class BatchWorker:
             return admitted, None, idle
 
     def _drop_cancelled(self) -> None:
-        """Answer waiting jobs whose caller gave up or whose deadline passed before they
+        """Answer waiting requests whose caller gave up or whose deadline passed before they
         reached the model (the caller reads which from its StopSignal)."""
-        for ticket in [t for t in self._waiting if t.job is not None and
-                       (t.job.stop.cancelled() or t.job.stop.expired())]:
-            self._waiting.remove(ticket)
-            ticket.answer(None)
+        for submission in [s for s in self._waiting if s.job is not None and
+                           (s.job.stop.cancelled() or s.job.stop.expired())]:
+            self._waiting.remove(submission)
+            submission.answer(None)

@@ -53,8 +53,10 @@ _order = itertools.count()
 
 @dataclass(eq=False)
 class Job:
-    """One completion asked of the host; answered exactly once: its future gets the result
-    (None when dropped or failed) and its `reply`, if any, gets (result, error)."""
+    """One completion asked of the host (a request queued at the host: only hosts have jobs;
+    the engine below hands the worker a DenoiseJob as a Submission, docs/ARCHITECTURE.md);
+    answered exactly once: its future gets the result (None when dropped or failed) and its
+    `reply`, if any, gets (result, error)."""
 
     request: CompletionRequest
     key: str = ""  # the document: newest wins per (client, key); "" competes with nothing

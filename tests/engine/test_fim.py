@@ -13,7 +13,7 @@ from engine.denoise.fim import (
     trim_at_end,
 )
 from engine.model.config import ModelArgs
-from engine.stop import apply_stop, stop_for_cursor
+from engine.stop import apply_stop, stop_after_accepting, stop_for_cursor
 
 MASK, EOS, BOS = 90, 91, 92
 
@@ -169,6 +169,20 @@ def test_auto_stop_mode_follows_the_cursor():
     assert stop_for_cursor("def f(x):", "") == "block"  # a line that opens a block
     assert stop_for_cursor("    ", "") == "block"  # an empty line
     assert stop_for_cursor("    y = 2", "") == "line"  # end of a written line: the next line
+
+
+def test_the_stop_after_accepting_is_the_automatic_one_at_the_new_cursor_unless_set():
+    """The engine speculates beside the next request's hole (engine/denoise/speculation.py),
+    whose length follows that request's stop mode."""
+    # Automatic (the rule gives `block` here): a block that ends on a written line -> `line`.
+    assert stop_after_accepting("block", "def f(x):", "\n", "\n    return x") == "line"
+    # ... and a line that opens a block -> `block`.
+    assert stop_after_accepting("line", "    y = 2", "\n", "\n    if y:") == "block"
+    assert stop_after_accepting("line", "    x = foo(", "bar)\n", "a, ") == "line"
+    # Not what the rule gives here: the user's setting, asked for again.
+    assert stop_after_accepting("block", "    y = 2", "\n", "\n    z = 3") == "block"
+    assert stop_after_accepting("expr", "f(", ")\n", "x") == "expr"
+    assert stop_after_accepting("free", "def f(x):", "\n", "\n    return x") == "free"
 
 
 def _embedded_encode():

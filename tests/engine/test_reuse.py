@@ -3,6 +3,8 @@ and the speculative next context (engine/denoise/speculation.py): issue 13 items
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ from engine.denoise.context_cache import CachedContext, ContextCache, match
 from engine.denoise.fim import build_infill_batch, lead_specials
 from engine.denoise.kv_arena import Layout, allocate, key_bias, query_ids
 from engine.denoise.prefill import context_ids, prefill
-from engine.engine import Engine
+from engine.engine import Engine, hole_lengths
+from engine.stop import stop_for_cursor
 from tests.fixtures.checkpoints import make_tiny_checkpoint
 from tests.fixtures.memorized import SNIPPETS, split_middle
 
@@ -223,6 +226,54 @@ def test_the_accepted_completion_s_context_is_ready_and_other_typing_drops_it(me
     other = engine.complete(CompletionRequest(prefix=prefix + " q", **base))
     assert not other.stats.speculative_hit
     assert speculated[0] not in cache.entries() and cache.speculative_drops == drops + 1
+
+
+def _automatic(prefix: str, suffix: str) -> CompletionRequest:
+    """An editor's automatic request: the stop mode its cursor gives, 32 tokens."""
+    stop = stop_for_cursor(prefix.rsplit("\n", 1)[-1], suffix.split("\n", 1)[0])
+    return CompletionRequest(prefix=prefix, suffix=suffix, max_tokens=32, stop=stop)
+
+
+@pytest.mark.parametrize("snippet, cursor", [(0, "def add(a, b):"),
+                                             (4, "    result = 0")])
+def test_the_speculation_serves_a_next_request_with_another_stop_and_answers_as_cold(
+        memorized, snippet, cursor):
+    """Issue 22: accepting a `block` completion that ends on a written line makes the next
+    automatic request a `line` one (24-slot hole, not 32), and a `line` completion that opens a
+    block the reverse. Cached states serve only the hole length they were computed beside, so
+    the speculation is made beside the next request's hole (in full: no entry of that length
+    to grow from), and that request's answer is the cold one's; the one beside this request's
+    hole is made too, for a client whose stop is fixed."""
+    warm, cold = memorized["warm"], memorized["cold"]
+    text = SNIPPETS[snippet]
+    at = text.index(cursor) + len(cursor)
+    prefix, suffix = text[:at], text[at:]
+    assert warm.wait_idle()
+    warm._cache.clear()
+    shown = warm.complete(_automatic(prefix, suffix))
+    assert shown.text and warm.wait_idle()
+    accepted = _automatic(prefix + shown.text, suffix)
+    first = _automatic(prefix, suffix)
+    assert max(hole_lengths(accepted)) != max(hole_lengths(first)), (first.stop, accepted.stop)
+    speculated = sorted(e.hole for e in warm._cache.entries() if e.speculative)
+    assert speculated == sorted({max(hole_lengths(first)), max(hole_lengths(accepted))})
+    hits = warm._cache.speculative_hits
+    after = warm.complete(accepted)
+    assert after.stats.speculative_hit and warm._cache.speculative_hits == hits + 1
+    # every token of the prefix and suffix (and a special or so) came from the cache
+    assert after.stats.reused_context_tokens > after.stats.prefix_tokens + \
+        after.stats.suffix_tokens
+    again = cold.complete(accepted)
+    assert [c.text for c in after.candidates] == [c.text for c in again.candidates]
+    assert after.text == again.text
+
+    # A client whose stop is a fixed setting that agreed with the rule at the first cursor
+    # (an HTTP script's `block`) asks for the first hole again: that speculation is there too.
+    assert warm.wait_idle()
+    warm._cache.clear()
+    assert warm.complete(first).text == shown.text and warm.wait_idle()
+    fixed = warm.complete(replace(accepted, stop=first.stop))
+    assert fixed.stats.speculative_hit
 
 
 def test_a_request_that_arrives_first_drops_the_speculation_it_would_wait_for(memorized):
