@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -38,7 +39,7 @@ from engine.model.embedded_model import default_model_path as embedded_model_pat
 from engine.serve import paths
 from engine.serve.client import EngineConnection, EngineGone, cancelled_result
 from engine.serve.launcher import EngineExited, EngineLocation, connect_or_start, wait_ready
-from engine.serve.tls import client_context
+from engine.serve.tls import client_context, handshake_failure
 
 log = logging.getLogger(__name__)
 
@@ -360,13 +361,18 @@ class RemoteEngine:
             connection.request("GET", self._base + "/health")
             connection.getresponse().read()
         except (OSError, http.client.HTTPException) as exc:
-            raise EngineError(f"the remote engine at {self.url} is unreachable: {exc}") from None
+            raise self._unreachable(exc) from None
         finally:
             connection.close()
         name, window = self._model_window()
         self._info = dataclasses.replace(
             self._info, model=name or self._info.model, max_context=window or 0,
             load_ms=(time.perf_counter() - started) * 1000)
+
+    def _unreachable(self, exc: BaseException) -> EngineError:
+        if isinstance(exc, ssl.SSLCertVerificationError):  # say which setting fixes it
+            return handshake_failure(exc, self.url)
+        return EngineError(f"the remote engine at {self.url} is unreachable: {exc}")
 
     def _model_window(self) -> tuple[str | None, int | None]:
         """(model id, context window) from GET /v1/models: the entry named by the `model`
@@ -457,7 +463,7 @@ class RemoteEngine:
             response = connection.getresponse()
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise EngineError(f"the remote engine at {self.url} is unreachable: {exc}") from None
+            raise self._unreachable(exc) from None
         if response.status in (401, 403):  # no retry can fix a refused credential
             raise EngineAuthError(
                 f"the remote engine at {self.url} refused the token ({response.status}: "

@@ -16,16 +16,17 @@ import socket
 import ssl
 import threading
 
-from engine.api import EngineError
+from engine.api import EngineError, EngineUnavailable
 
 READ_CHUNK = 64 * 1024
 # The first bytes of a TLS record: content type (alert 21, handshake 22), then major version 3.
 TLS_RECORD_TYPES = (0x15, 0x16)
 
 
-class EngineTlsError(EngineError):
+class EngineTlsError(EngineUnavailable):
     """The TLS session with an engine could not be set up (a certificate not trusted, a name
-    that does not match, a peer that does not speak TLS): a retry would fail the same way."""
+    that does not match, a peer that does not speak TLS): a retry, at any span, would fail the
+    same way, so a request answers nothing and is not tried again."""
 
 
 def server_context(cert: str | os.PathLike, key: str | os.PathLike) -> ssl.SSLContext:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,36 @@ def test_a_remote_tcp_address_needs_tls_or_insecure_tcp(serve_engine, memorized_
                           "--tls-cert", str(certificate[0]), "--tls-key", str(certificate[1]))
     assert secure.endpoints["tcp_url"].startswith("tls://0.0.0.0:")
     wait_loaded(port_of(secure), TOKEN, client_context(certificate[0]))
+
+
+def wait_https_ready(url: str, context) -> None:
+    deadline = time.monotonic() + LOAD_S
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5, context=context) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        assert time.monotonic() < deadline, "the HTTPS engine did not load its model"
+        time.sleep(0.1)
+
+
+async def test_remote_mode_checks_an_https_engine_against_the_ca_file(
+        serve_engine, memorized_model, token_file, certificate):
+    pytest.importorskip("aiohttp")  # the HTTP API's package
+    engine = serve_engine(memorized_model, "--no-socket", "--http", "127.0.0.1:0",
+                          "--token-file", str(token_file), "--tls-cert", str(certificate[0]),
+                          "--tls-key", str(certificate[1]))
+    url = engine.endpoints["http"].replace("127.0.0.1", "localhost")
+    wait_https_ready(url, client_context(certificate[0]))
+    client, _ = await start(None, VSCODE, settings={
+        "engineMode": "remote", "engineEndpoint": url, "engineTokenFile": str(token_file),
+        "engineCaFile": str(certificate[0]), "timeoutMs": 120_000})
+    try:
+        assert (await wait_ready(client, LOAD_S))["loadState"] == "ready"
+        uri = "file:///w/even.py"
+        open_document(client, uri, PREFIX)
+        assert BODY in [item.insert_text for item in await inline(client, uri, 1, 0)]
+    finally:
+        await stop(client)
