@@ -164,7 +164,7 @@ class EngineConnection:
             channel.handshake()
         except (OSError, ssl.SSLError) as exc:  # timeouts and resets included
             sock.close()
-            raise handshake_failure(exc, f"tls://{host}:{port}") from None
+            raise handshake_failure(exc, f"tls://{host}:{port}", channel.first_answer) from None
         return cls(channel, name=name, token=token)
 
     @property

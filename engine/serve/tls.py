@@ -17,6 +17,7 @@ import ssl
 import threading
 
 from engine.api import EngineError, EngineUnavailable
+from engine.serve.protocol import HEADER_BYTES, FrameError, Refused, decode_server, frame_length
 
 READ_CHUNK = 64 * 1024
 # The first bytes of a TLS record: content type (alert 21, handshake 22), then major version 3.
@@ -60,8 +61,9 @@ def looks_like_tls(data: bytes) -> bool:
     return len(data) >= 2 and data[0] in TLS_RECORD_TYPES and data[1] == 3
 
 
-def handshake_failure(exc: BaseException, where: str) -> EngineTlsError:
-    """What to tell the user when the TLS handshake with the engine at `where` failed."""
+def handshake_failure(exc: BaseException, where: str, answer: bytes = b"") -> EngineTlsError:
+    """What to tell the user when the TLS handshake with the engine at `where` failed; `answer`:
+    the first bytes the engine sent (a plain engine's refusal frame says why it closed)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         reason = exc.verify_message or str(exc)
         if "hostname" in reason.lower() or "mismatch" in reason.lower():
@@ -73,9 +75,22 @@ def handshake_failure(exc: BaseException, where: str) -> EngineTlsError:
             "for a self-signed engine, set engineCaFile to its certificate (or to the CA that "
             "signed it)")
     reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    refusal = _refusal_in(answer)
+    if refusal is not None:
+        reason = f"it answered in plain TCP: {refusal}"
     return EngineTlsError(
         f"no TLS session with the engine at {where} ({reason}): if it serves plain TCP (no "
         "--tls-cert), use tcp://HOST:PORT")
+
+
+def _refusal_in(answer: bytes) -> str | None:
+    """The message of a plain Refused frame at the start of `answer`, if it holds one."""
+    try:
+        length = frame_length(answer[:HEADER_BYTES])
+        message = decode_server(answer[HEADER_BYTES:HEADER_BYTES + length])
+    except (FrameError, ValueError):  # struct.error is a ValueError
+        return None
+    return message.message if isinstance(message, Refused) else None
 
 
 class TlsChannel:
@@ -94,6 +109,7 @@ class TlsChannel:
         self._lock = threading.Lock()  # the SSLObject and its buffers
         self._wire_lock = threading.Lock()  # outgoing records, drained and sent in order
         self._plain = bytearray()  # decrypted bytes not yet handed to the reader
+        self.first_answer = b""  # the engine's first bytes (handshake_failure reads them)
 
     def handshake(self) -> None:
         """Run the handshake (the socket's timeout bounds each wait); ssl.SSLError, OSError or
@@ -110,6 +126,7 @@ class TlsChannel:
                 if not data:
                     raise ConnectionError("the engine closed the connection during the TLS "
                                           "handshake") from None
+                self.first_answer = self.first_answer or data
                 with self._lock:
                     self._incoming.write(data)
             except ssl.SSLError:

@@ -139,13 +139,30 @@ def test_plain_and_tls_clients_meeting_the_other_kind_get_clear_errors(
     assert plain_engine.endpoints["tcp_url"] == f"tcp://127.0.0.1:{plain_port}"
     with pytest.raises(EngineError, match="tls://HOST:PORT"):
         _connect_endpoint(f"tcp://127.0.0.1:{tls_port}", str(token_file))
-    with pytest.raises(EngineTlsError, match="tcp://HOST:PORT"):
+    with pytest.raises(EngineTlsError, match="answered in plain TCP.*tcp://HOST:PORT"):
         _connect_endpoint(f"tls://127.0.0.1:{plain_port}", str(token_file),
                           str(certificate[0]))
     # Both engines still serve the right kind of client.
     wait_loaded(tls_port, TOKEN, client_context(certificate[0]))
     wait_loaded(plain_port, TOKEN)
     assert HANDSHAKE_FAILED in stderr_after_stop(tls_engine)
+
+
+def test_a_tls_client_past_the_connection_cap_is_told_why(serve_engine, memorized_model,
+                                                           token_file, certificate):
+    engine = serve_engine(memorized_model, "--no-socket", "--tcp", "127.0.0.1:0",
+                          "--token-file", str(token_file), "--tcp-max-connections", "1",
+                          "--tls-cert", str(certificate[0]), "--tls-key", str(certificate[1]))
+    context = client_context(certificate[0])
+    held = EngineConnection.tcp("127.0.0.1", port_of(engine), token=TOKEN, name="held",
+                                tls=context)
+    try:
+        with pytest.raises(EngineTlsError, match="too many connections"):
+            EngineConnection.tcp("127.0.0.1", port_of(engine), token=TOKEN, name="second",
+                                 tls=context)
+        assert held.status().state in ("loading", "ready")  # the held one is still served
+    finally:
+        held.close()
 
 
 def start_refused(model: Path, *args: str) -> subprocess.CompletedProcess:
