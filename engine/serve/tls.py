@@ -85,10 +85,12 @@ def handshake_failure(exc: BaseException, where: str, answer: bytes = b"") -> En
 
 def _refusal_in(answer: bytes) -> str | None:
     """The message of a plain Refused frame at the start of `answer`, if it holds one."""
+    if len(answer) < HEADER_BYTES:
+        return None
     try:
         length = frame_length(answer[:HEADER_BYTES])
         message = decode_server(answer[HEADER_BYTES:HEADER_BYTES + length])
-    except (FrameError, ValueError):  # struct.error is a ValueError
+    except FrameError:
         return None
     return message.message if isinstance(message, Refused) else None
 

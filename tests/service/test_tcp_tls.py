@@ -5,8 +5,10 @@ against it, on the tiny memorized checkpoint. Deadlines are hang guards only."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -234,3 +236,18 @@ async def test_remote_mode_checks_an_https_engine_against_the_ca_file(
         assert BODY in [item.insert_text for item in await inline(client, uri, 1, 0)]
     finally:
         await stop(client)
+
+
+def test_a_tls_client_whose_peer_closes_at_once_gets_a_clear_error(token_file, certificate):
+    """Not an engine at all (or one that drops the connection): a clear EngineTlsError, not a
+    decoding error from the empty answer."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    closer = threading.Thread(target=lambda: listener.accept()[0].close(), daemon=True)
+    closer.start()
+    try:
+        with pytest.raises(EngineTlsError, match="closed the connection during the TLS"):
+            _connect_endpoint(f"tls://127.0.0.1:{listener.getsockname()[1]}", str(token_file),
+                              str(certificate[0]))
+    finally:
+        closer.join(10)
+        listener.close()
