@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -38,6 +39,7 @@ from engine.model.embedded_model import default_model_path as embedded_model_pat
 from engine.serve import paths
 from engine.serve.client import EngineConnection, EngineGone, cancelled_result
 from engine.serve.launcher import EngineExited, EngineLocation, connect_or_start, wait_ready
+from engine.serve.tls import client_context, handshake_failure
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ def make_engine(spec) -> SharedEngine | RemoteEngine:
     """Loader for the shared and remote modes (spec: lsp_server.engine_host.LoadSpec)."""
     mode = resolve_mode(spec.mode, spec.device)
     if mode == "remote":
-        return RemoteEngine.open(spec.endpoint, spec.token_file, spec.model)
+        return RemoteEngine.open(spec.endpoint, spec.token_file, spec.model,
+                                 ca_file=spec.ca_file)
     if mode != "shared":
         raise EngineError(f"unknown engineMode {mode!r}")
     return SharedEngine.open(spec)
@@ -135,7 +138,7 @@ class SharedEngine:
     def _connect_once(self) -> EngineConnection:
         spec = self._spec
         if spec.endpoint:  # a user-managed engine: connect, never start one
-            connection = _connect_endpoint(spec.endpoint, spec.token_file)
+            connection = _connect_endpoint(spec.endpoint, spec.token_file, spec.ca_file)
         else:
             location = EngineLocation(self._model, spec.device, spec.quant)
             connection = connect_or_start(location, _client_name(),
@@ -237,19 +240,28 @@ class SharedEngine:
             connection.close()
 
 
-def _connect_endpoint(endpoint: str, token_file: str | None) -> EngineConnection:
+def _connect_endpoint(endpoint: str, token_file: str | None,
+                      ca_file: str | None = None) -> EngineConnection:
+    """A user-run engine: unix:/path, tcp://host:port, or tls://host:port (its certificate
+    checked against engineCaFile, else the system's CAs, and its host name too)."""
     parsed = urllib.parse.urlparse(endpoint)
     if parsed.scheme == "unix":
         return EngineConnection.unix(parsed.path, name=_client_name())
-    if parsed.scheme == "tcp" and parsed.hostname and parsed.port:
+    if parsed.scheme in ("tcp", "tls") and parsed.hostname and parsed.port:
+        tls = client_context(ca_file) if parsed.scheme == "tls" else None
         token = paths.read_token(_token_path(token_file))
         try:
             return EngineConnection.tcp(parsed.hostname, parsed.port, token=token,
-                                        name=_client_name())
+                                        name=_client_name(), tls=tls)
         except OSError as exc:
             raise EngineError(f"the engine at {endpoint} is unreachable: {exc}") from None
-    raise EngineError(f"engineEndpoint {endpoint!r} in shared mode must be unix:/path/to.sock "
-                      "or tcp://127.0.0.1:PORT")
+        except EngineGone as exc:  # not a death to restart for: say what may be wrong
+            hint = (" (if it serves TLS, --tls-cert, use tls://HOST:PORT)"
+                    if tls is None else "")
+            raise EngineError(f"the engine at {endpoint} closed the connection: {exc}{hint}"
+                              ) from None
+    raise EngineError(f"engineEndpoint {endpoint!r} in shared mode must be unix:/path/to.sock, "
+                      "tcp://127.0.0.1:PORT or tls://HOST:PORT")
 
 
 def _token_path(token_file: str | None) -> Path:
@@ -275,7 +287,8 @@ class RemoteEngine:
     concurrent_calls = True
     keyed_calls = True  # complete() takes the document's key (the worker passes it)
 
-    def __init__(self, url: str, token: str | None, model: str | None):
+    def __init__(self, url: str, token: str | None, model: str | None,
+                 ca_file: str | None = None):
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise EngineError(f"engineEndpoint {url!r} in remote mode must be an http(s) URL")
@@ -287,6 +300,8 @@ class RemoteEngine:
         self._base = next((self._path[: -len(tail)] for tail in (FIM_PATH, "/v1/completions")
                            if self._path.endswith(tail)), "")
         self._token = token
+        # https: the endpoint's certificate checked against engineCaFile, else the system CAs.
+        self._tls = client_context(ca_file) if parsed.scheme == "https" else None
         self._token_source: Path | None = None  # read again when it changes (a fixed token)
         self._token_stamp: tuple[int, int] | None = None
         self._model = model
@@ -296,12 +311,13 @@ class RemoteEngine:
                                 parameters=0, max_context=0, load_ms=0.0)
 
     @classmethod
-    def open(cls, url: str | None, token_file: str | None, model: str | None) -> RemoteEngine:
+    def open(cls, url: str | None, token_file: str | None, model: str | None,
+             ca_file: str | None = None) -> RemoteEngine:
         if not url:
             raise EngineError("engineMode is remote but engineEndpoint is not set")
         token_path = Path(token_file).expanduser() if token_file else None
         token = paths.read_token(token_path) if token_path else None
-        engine = cls(url, token, model)
+        engine = cls(url, token, model, ca_file)
         engine._token_source = token_path
         engine._token_stamp = _stamp(token_path)
         engine.probe()
@@ -309,8 +325,10 @@ class RemoteEngine:
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         p = self._parsed
-        kind = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
-        return kind(p.hostname, p.port, timeout=timeout)
+        if self._tls is not None:
+            return http.client.HTTPSConnection(p.hostname, p.port, timeout=timeout,
+                                               context=self._tls)
+        return http.client.HTTPConnection(p.hostname, p.port, timeout=timeout)
 
     def _headers(self) -> dict[str, str]:
         self._reread_token()
@@ -343,13 +361,18 @@ class RemoteEngine:
             connection.request("GET", self._base + "/health")
             connection.getresponse().read()
         except (OSError, http.client.HTTPException) as exc:
-            raise EngineError(f"the remote engine at {self.url} is unreachable: {exc}") from None
+            raise self._unreachable(exc) from None
         finally:
             connection.close()
         name, window = self._model_window()
         self._info = dataclasses.replace(
             self._info, model=name or self._info.model, max_context=window or 0,
             load_ms=(time.perf_counter() - started) * 1000)
+
+    def _unreachable(self, exc: BaseException) -> EngineError:
+        if isinstance(exc, ssl.SSLCertVerificationError):  # say which setting fixes it
+            return handshake_failure(exc, self.url)
+        return EngineError(f"the remote engine at {self.url} is unreachable: {exc}")
 
     def _model_window(self) -> tuple[str | None, int | None]:
         """(model id, context window) from GET /v1/models: the entry named by the `model`
@@ -440,7 +463,7 @@ class RemoteEngine:
             response = connection.getresponse()
             raw = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise EngineError(f"the remote engine at {self.url} is unreachable: {exc}") from None
+            raise self._unreachable(exc) from None
         if response.status in (401, 403):  # no retry can fix a refused credential
             raise EngineAuthError(
                 f"the remote engine at {self.url} refused the token ({response.status}: "

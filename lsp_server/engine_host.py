@@ -80,6 +80,7 @@ class LoadSpec:
     mode: str = "inprocess"  # auto | inprocess | shared | remote (lsp_server/engine_client.py)
     endpoint: str | None = None
     token_file: str | None = None
+    ca_file: str | None = None  # checks a tls:// or https:// engine's certificate (engineCaFile)
     idle_exit_s: float = 300.0  # an auto-started shared engine's wait after its last client
     context_reuse: bool = True  # keep recent contexts' K/V across requests (in-process engine)
 

@@ -46,7 +46,7 @@ STATUS_COMMAND = "maskfill.status"
 TOGGLE_COMMAND = "maskfill.toggle"
 STATUS_NOTIFICATION = "maskfill/didChangeStatus"  # busy/ready state, like Copilot's
 _ENGINE_KEYS = ("model", "device", "quant", "fallback_device", "engine_mode", "engine_endpoint",
-                "engine_token_file", "engine_idle_exit_s", "context_reuse")
+                "engine_token_file", "engine_ca_file", "engine_idle_exit_s", "context_reuse")
 # Characters after which clients using textDocument/completion ask us again; newest-wins and
 # the debounce keep these from flooding the model.
 TRIGGER_CHARACTERS = [".", "(", " ", ":", "=", ","]
@@ -160,7 +160,8 @@ class MaskfillServer(LanguageServer):
             LoadSpec(
                 model=s.model, device=s.device, quant=s.quant, fallback_device=s.fallback_device,
                 mode=s.engine_mode, endpoint=s.engine_endpoint, token_file=s.engine_token_file,
-                idle_exit_s=s.engine_idle_exit_s, context_reuse=s.context_reuse,
+                ca_file=s.engine_ca_file, idle_exit_s=s.engine_idle_exit_s,
+                context_reuse=s.context_reuse,
             )
         )
         self.service.model_state_changed()

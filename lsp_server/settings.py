@@ -46,8 +46,12 @@ class Settings(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fiel
     max_document_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1_000_000
     # auto: one shared engine process on a GPU, the model in this process on CPU (README).
     engine_mode: EngineMode = "auto"
-    engine_endpoint: str | None = None  # remote: http(s) URL; shared: unix:/path or tcp://h:p
+    # remote: http(s) URL; shared: unix:/path, tcp://h:p, or tls://h:p (an engine with --tls-cert)
+    engine_endpoint: str | None = None
     engine_token_file: str | None = None  # token for TCP/HTTP; must be private to the user
+    # PEM CA file that tls:// and https:// engines' certificates are checked against (a
+    # self-signed engine's own certificate); None: the system's CAs.
+    engine_ca_file: str | None = None
     engine_idle_exit_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
     # Reuse the last contexts' K/V across keystrokes (in-process engine; README, engine section).
     context_reuse: bool = True

@@ -24,8 +24,9 @@ def add_serve_parser(sub) -> None:
     s = sub.add_parser(
         "serve", help="keep one model resident for every editor window (and HTTP clients)",
         description="Serve completions from one resident model over a private Unix socket "
-        "(what maskfill-lsp connects to), optionally over loopback TCP and an HTTP FIM API. "
-        "TCP and HTTP need the token in --token-file.")
+        "(what maskfill-lsp connects to), optionally over TCP and an HTTP FIM API. "
+        "TCP and HTTP need the token in --token-file; off loopback they need TLS "
+        "(--tls-cert/--tls-key).")
     s.add_argument("--model", default=None, help="checkpoint folder or Hugging Face repo id "
                    "(local cache only); default: the embedded model")
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -34,7 +35,8 @@ def add_serve_parser(sub) -> None:
                    "engine-<key>.sock in the per-user runtime folder)")
     s.add_argument("--no-socket", action="store_true", help="serve no Unix socket")
     s.add_argument("--lock", type=Path, default=None, help=argparse.SUPPRESS)
-    s.add_argument("--tcp", metavar="HOST:PORT", help="also serve the socket protocol on TCP")
+    s.add_argument("--tcp", metavar="HOST:PORT", help="also serve the socket protocol on TCP "
+                   "(TLS with --tls-cert/--tls-key: clients connect to tls://HOST:PORT)")
     s.add_argument("--http", metavar="HOST:PORT", help="serve the HTTP FIM API, /health and "
                    "/metrics (needs aiohttp and prometheus-client: "
                    f"`{install_hint('serve')}`)".replace("%", "%%"))
@@ -44,13 +46,18 @@ def add_serve_parser(sub) -> None:
                    "(default: <runtime folder>/token)")
     s.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --tcp/--http address (clients need the token; "
-                   "a remote --http needs --tls-cert/--tls-key or --insecure-http)")
+                   "a remote --tcp/--http needs --tls-cert/--tls-key, or --insecure-tcp/"
+                   "--insecure-http)")
     s.add_argument("--tls-cert", type=Path, default=None,
-                   help="serve --http over HTTPS with this PEM certificate (chain)")
+                   help="serve --http over HTTPS and --tcp over TLS with this PEM certificate "
+                   "(chain)")
     s.add_argument("--tls-key", type=Path, default=None, help="the PEM private key of --tls-cert")
     s.add_argument("--insecure-http", action="store_true",
                    help="serve a remote --http without TLS: the token crosses the network in "
                    "clear")
+    s.add_argument("--insecure-tcp", action="store_true",
+                   help="serve a remote --tcp without TLS: the token and the code cross the "
+                   "network in clear")
     s.add_argument("--http-read-timeout-s", type=float, default=15.0,
                    help="seconds an HTTP connection may take to send a request head, or a body, "
                    "or stay idle between requests (default 15)")
@@ -98,16 +105,18 @@ def build_options(args: argparse.Namespace):
                               "bind it (clients will need the token)")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise EngineError("--tls-cert and --tls-key go together")
-    if args.tls_cert is not None and not args.http:
-        raise EngineError("--tls-cert/--tls-key secure --http; there is no --http")
+    if args.tls_cert is not None and not (args.http or args.tcp):
+        raise EngineError("--tls-cert/--tls-key secure --tcp and --http; neither is given")
     if (args.http and not is_loopback(host_port(args.http)[0]) and args.tls_cert is None
             and not args.insecure_http):
         raise EngineError(f"--http {args.http} would send the token across the network in "
                           "clear: give --tls-cert and --tls-key (HTTPS), or --insecure-http to "
                           "accept that")
-    if args.tcp and not is_loopback(host_port(args.tcp)[0]):
-        log.warning("--tcp %s is plain TCP: the token crosses the network in clear (remote "
-                    "editors: use --http with --tls-cert/--tls-key)", args.tcp)
+    if (args.tcp and not is_loopback(host_port(args.tcp)[0]) and args.tls_cert is None
+            and not args.insecure_tcp):
+        raise EngineError(f"--tcp {args.tcp} would send the token and your code across the "
+                          "network in clear: give --tls-cert and --tls-key (editors then "
+                          "connect to tls://HOST:PORT), or --insecure-tcp to accept that")
     if args.http_read_timeout_s <= 0 or args.http_max_connections < 1:
         raise EngineError("--http-read-timeout-s must be > 0 and --http-max-connections >= 1")
     if args.tcp_max_connections < 1:

@@ -4,6 +4,8 @@ A reader thread routes each reply to the request that named its id, so a Cancel 
 while the Complete it stops is still waiting. `complete` has the signature of
 Engine.complete: the caller's cancel Event is watched while the answer is awaited and turned
 into a Cancel message, so newest-wins and $/cancelRequest reach the model across the socket.
+Over TCP the session may be TLS (an engine serving `--tcp` with `--tls-cert`): `tcp(tls=...)`
+checks the engine's certificate and name before the token is sent.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -40,6 +43,7 @@ from engine.serve.protocol import (
     encode,
     frame_length,
 )
+from engine.serve.tls import EngineTlsError, TlsChannel, handshake_failure, looks_like_tls
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,10 @@ SEND_TIMEOUT_S = 5.0
 
 class EngineGone(EngineError):
     """The connection to the engine closed (it exited, crashed or was killed)."""
+
+
+class AnsweredInTls(FrameError):
+    """A plain connection reached a TLS listener."""
 
 
 class EngineSilent(EngineUnavailable):
@@ -86,10 +94,13 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _read_frame(sock: socket.socket):
+def _read_frame(sock: socket.socket | TlsChannel):
     header = _recv_exactly(sock, HEADER_BYTES)
     if header is None:
         return None
+    if looks_like_tls(header):  # a TLS server's alert to a plain client
+        raise AnsweredInTls("the engine answered in TLS (it serves --tcp with --tls-cert): "
+                            "connect with tls://HOST:PORT")
     body = _recv_exactly(sock, frame_length(header))
     if body is None:
         return None
@@ -97,7 +108,8 @@ def _read_frame(sock: socket.socket):
 
 
 class EngineConnection:
-    def __init__(self, sock: socket.socket, *, name: str = "", token: str | None = None):
+    def __init__(self, sock: socket.socket | TlsChannel, *, name: str = "",
+                 token: str | None = None):
         self._sock = sock
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -108,6 +120,9 @@ class EngineConnection:
         try:
             sock.sendall(encode(Hello(client=name, token=token)))
             first = _read_frame(sock)
+        except AnsweredInTls as exc:
+            sock.close()
+            raise EngineTlsError(str(exc)) from None
         except (OSError, FrameError) as exc:
             sock.close()
             raise EngineGone(f"the engine did not answer hello: {exc}") from None
@@ -136,10 +151,21 @@ class EngineConnection:
         return cls(sock, name=name)
 
     @classmethod
-    def tcp(cls, host: str, port: int, *, token: str, name: str = "") -> EngineConnection:
+    def tcp(cls, host: str, port: int, *, token: str, name: str = "",
+            tls: ssl.SSLContext | None = None) -> EngineConnection:
+        """Over TCP; with `tls`, a TLS session whose certificate and host name are checked
+        before the token is sent (EngineTlsError when they are not good)."""
         sock = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(sock, name=name, token=token)
+        if tls is None:
+            return cls(sock, name=name, token=token)
+        channel = TlsChannel(sock, tls, server_hostname=host)
+        try:
+            channel.handshake()
+        except (OSError, ssl.SSLError) as exc:  # timeouts and resets included
+            sock.close()
+            raise handshake_failure(exc, f"tls://{host}:{port}", channel.first_answer) from None
+        return cls(channel, name=name, token=token)
 
     @property
     def alive(self) -> bool:

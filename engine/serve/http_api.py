@@ -22,7 +22,6 @@ import hashlib
 import ipaddress
 import itertools
 import logging
-import os
 import ssl
 from typing import TYPE_CHECKING
 
@@ -31,7 +30,6 @@ from aiohttp import web
 
 from engine.api import (
     CompletionRequest,
-    EngineError,
     EngineInputError,
 )
 from engine.request_checks import validate
@@ -278,18 +276,6 @@ def build_app(service: EngineService, max_body_bytes: int = 1024 * 1024,
     app.router.add_get("/health", api.health)
     app.router.add_get("/metrics", api.metrics)
     return app
-
-
-def tls_context(cert: str | os.PathLike, key: str | os.PathLike) -> ssl.SSLContext:
-    """A server context (TLS 1.2+, the ssl module's defaults) from PEM files; a clear error
-    for a missing file, a wrong key or a password-protected key."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key, password=lambda: b"")
-    except (OSError, ssl.SSLError) as exc:
-        raise EngineError(f"cannot use --tls-cert {cert} with --tls-key {key}: "
-                          f"{getattr(exc, 'strerror', None) or exc}") from None
-    return context
 
 
 class ConnectionCap:

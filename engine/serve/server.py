@@ -15,6 +15,9 @@ The `--tcp` listener is held like the HTTP API's (issue 20.6): at most `tcp_max_
 open at once (fewer under a low file limit, so the editors' Unix socket always has descriptors
 left), a connection past the cap is told why in a Refused frame and closed at once (the
 refusal logged, throttled), and one that has not said hello within HELLO_TIMEOUT_S is closed.
+With `--tls-cert/--tls-key` it speaks TLS: the handshake runs inside the capped connection (so
+handshakes count against the cap) and must end within HELLO_TIMEOUT_S; a failed one (a plain
+client, a client that does not trust the certificate) closes the connection, logged throttled.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -59,12 +63,14 @@ from engine.serve.protocol import (
     encode,
     frame_length,
 )
+from engine.serve.tls import server_context
 
 log = logging.getLogger(__name__)
 # What strangers can make the engine log, one line per connection otherwise (issue 20.10).
 refused_log = ThrottledLog(log, "connections refused")
 closed_log = ThrottledLog(log, "connections closed for bad frames")
 over_cap_log = ThrottledLog(log, "TCP connections refused (over the connection cap)")
+handshake_log = ThrottledLog(log, "TCP connections closed for a failed TLS handshake")
 
 EXIT_ALREADY_RUNNING = 3  # another engine holds this key's lock: use that one
 HELLO_TIMEOUT_S = 10.0
@@ -112,7 +118,7 @@ class ServeOptions:
     max_body_bytes: int = 1024 * 1024
     # Jobs handed to the engine at once: it batches them into shared denoising passes.
     max_in_flight: int = 8
-    tls_cert: Path | None = None  # --http over HTTPS with these PEM files
+    tls_cert: Path | None = None  # --http over HTTPS and --tcp over TLS with these PEM files
     tls_key: Path | None = None
     http_read_timeout_s: float = 15.0  # request head, body, idle keep-alive (each)
     http_max_connections: int = 128  # fewer under a low file limit
@@ -140,9 +146,10 @@ class EngineService:
     """Connections, status and idle tracking around one ServiceHost."""
 
     def __init__(self, scheduler: ServiceHost, *, token: str | None = None,
-                 idle_exit_s: float = 0.0):
+                 idle_exit_s: float = 0.0, tcp_tls: ssl.SSLContext | None = None):
         self.scheduler = scheduler
         self.token = token
+        self.tcp_tls = tcp_tls  # the --tcp listener's TLS, done per connection
         self.idle_exit_s = idle_exit_s
         self.started = time.monotonic()
         self.clients: dict[int, str] = {}
@@ -232,6 +239,15 @@ class EngineService:
             return
         self.tcp_open += 1
         try:
+            if self.tcp_tls is not None and writer.get_extra_info("sslcontext") is None:
+                try:
+                    await writer.start_tls(self.tcp_tls, ssl_handshake_timeout=HELLO_TIMEOUT_S)
+                except (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError) as exc:
+                    why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                    handshake_log.warning("closing a TCP connection from %s: the TLS handshake "
+                                          "failed (%s)", writer.get_extra_info("peername"), why)
+                    writer.transport.abort()
+                    return
             await self.connection(reader, writer, needs_token=True)
         finally:
             self.tcp_open -= 1
@@ -388,11 +404,16 @@ async def serve(options: ServeOptions, scheduler: ServiceHost | None = None) -> 
                   file=sys.stderr)
             return EXIT_ALREADY_RUNNING
     token = _token(options)
+    tls = (server_context(options.tls_cert, options.tls_key)
+           if options.tls_cert is not None and options.tls_key is not None else None)
     throttle_accept_errors(asyncio.get_running_loop())
     scheduler = scheduler or ServiceHost(
         lambda: load_for_service(options.model, options.device, options.quant),
         cache_size=options.cache_size, max_in_flight=options.max_in_flight)
-    service = EngineService(scheduler, token=token, idle_exit_s=options.idle_exit_s)
+    # Python 3.10 has no StreamWriter.start_tls: there the listener does the handshake.
+    per_connection_tls = hasattr(asyncio.StreamWriter, "start_tls")
+    service = EngineService(scheduler, token=token, idle_exit_s=options.idle_exit_s,
+                            tcp_tls=tls if per_connection_tls else None)
     closers: list = []
     endpoints: dict[str, Any] = {"pid": os.getpid()}
     if token is not None:  # where a client reads it (`maskfill-engine token` prints it too)
@@ -402,17 +423,20 @@ async def serve(options: ServeOptions, scheduler: ServiceHost | None = None) -> 
             endpoints["socket"] = await _serve_unix(service, options.socket, closers)
         if options.tcp is not None:
             limit = connection_limit(options.tcp_max_connections, "TCP")
+            listener_tls = {} if per_connection_tls or tls is None else {
+                "ssl": tls, "ssl_handshake_timeout": HELLO_TIMEOUT_S}
             server = await asyncio.start_server(
                 lambda r, w: service.tcp_connection(r, w, limit=limit), *options.tcp,
-                backlog=ACCEPT_BACKLOG)
+                backlog=ACCEPT_BACKLOG, **listener_tls)
             closers.append(server)
             host, port = server.sockets[0].getsockname()[:2]
             endpoints["tcp"] = f"{host}:{port}"
+            # What an LSP's engineEndpoint names (tls://: checked against its certificate).
+            bracketed = f"[{host}]" if ":" in host else host
+            endpoints["tcp_url"] = f"{'tls' if tls is not None else 'tcp'}://{bracketed}:{port}"
         if options.http is not None:
-            from engine.serve.http_api import start_http, tls_context
+            from engine.serve.http_api import start_http
 
-            tls = (tls_context(options.tls_cert, options.tls_key)
-                   if options.tls_cert is not None and options.tls_key is not None else None)
             runner, url = await start_http(
                 service, *options.http, max_body_bytes=options.max_body_bytes,
                 read_timeout_s=options.http_read_timeout_s,

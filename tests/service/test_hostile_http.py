@@ -10,7 +10,6 @@ import contextlib
 import http.client
 import json
 import resource
-import shutil
 import socket
 import ssl
 import stat
@@ -24,6 +23,7 @@ import aiohttp  # noqa: F401 - the HTTP API's package: without it these tests ar
 import pytest
 
 from engine.serve.client import EngineConnection
+from tests.fixtures.certificates import self_signed
 from tests.service.conftest import STOP_WAIT_S, ServedEngine, connect_unix, memorized_hole
 
 HANG_S = 60.0  # hang guards only: every wait below ends far sooner when things work
@@ -320,47 +320,6 @@ def test_refused_connections_are_logged_throttled(memorized_model, engines):
 
 
 # -- TLS, --insecure-http, the loopback Host ---------------------------------------------------
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and localhost, made with `cryptography` (else openssl)."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    try:
-        import datetime
-        import ipaddress
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        if not shutil.which("openssl"):
-            pytest.skip("neither the cryptography package nor openssl is available")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
-                        "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                        "-keyout", str(key), "-out", str(cert)], check=True,
-                       capture_output=True, timeout=60)
-        return cert, key
-    private = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(private.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(private, hashes.SHA256()))
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(private.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    key.chmod(0o600)
-    return cert, key
 
 
 def test_https_with_tls_cert_and_key(memorized_model, engines, tmp_path):

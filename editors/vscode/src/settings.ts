@@ -26,6 +26,7 @@ export const SERVER_SETTING_KEYS = [
   "engineMode",
   "engineEndpoint",
   "engineTokenFile",
+  "engineCaFile",
   "engineIdleExitS",
   "contextReuse",
   "syntax",
