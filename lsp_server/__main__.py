@@ -21,6 +21,7 @@ SWITCH_INTERVAL_S = 0.0005
 # After `exit`: how long the engine thread may take to free the model. Freeing a loaded model
 # takes milliseconds; a load in progress cannot be interrupted and is not waited for.
 EXIT_WAIT_S = 0.3
+PROFILE_ENV = "MASKFILL_PROFILE"
 
 log = logging.getLogger("lsp_server")
 
@@ -117,6 +118,18 @@ def tcp_token(token_file: str | None) -> str:
     return ensure_token(runtime_dir() / TOKEN_FILE_NAME)
 
 
+def start_profile():
+    """A cProfile of the event loop's thread while serving, written to $MASKFILL_PROFILE at
+    the end (lsp_server.tools.bench --profile); None when the variable is unset."""
+    if not os.environ.get(PROFILE_ENV):
+        return None
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    return profiler
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve, then end the process (os._exit) with the LSP exit code; returns only on a
     command-line error."""
@@ -155,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from lsp_server.server import create_server
 
     server = create_server(overrides=overrides, parent_poll_s=args.parent_poll_ms / 1000)
+    profiler = start_profile()
     if tcp is not None:
         transport.serve_tcp(server, *tcp, token=token)
     else:
@@ -162,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
         sys.stdout = sys.stderr
         transport.serve_stdio(server, sys.stdin.buffer, protocol_out)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(os.environ[PROFILE_ENV])
     code = server.exit_code()
     server.free(timeout=EXIT_WAIT_S)
     if server.worker.state != "closed":  # a model load cannot be interrupted
