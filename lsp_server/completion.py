@@ -367,7 +367,8 @@ class CompletionService:
         texts = [row.text for row in rows]
         if prepared.syntax is not None and rows:
             try:
-                picked = pick(prepared.syntax, rows, want=prepared.candidates, check=check)
+                picked = pick(prepared.syntax, rows, want=prepared.candidates, check=check,
+                              shown=lambda text: not is_useless(text, prepared.cursor))
             except Exception:  # a grammar's failure must never cost the completion
                 log.exception("syntax pick failed; today's choice kept")
             else:
