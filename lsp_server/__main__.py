@@ -21,7 +21,6 @@ SWITCH_INTERVAL_S = 0.0005
 # After `exit`: how long the engine thread may take to free the model. Freeing a loaded model
 # takes milliseconds; a load in progress cannot be interrupted and is not waited for.
 EXIT_WAIT_S = 0.3
-PROFILE_ENV = "MASKFILL_PROFILE"
 
 log = logging.getLogger("lsp_server")
 
@@ -119,15 +118,18 @@ def tcp_token(token_file: str | None) -> str:
 
 
 def start_profile():
-    """A cProfile of the event loop's thread while serving, written to $MASKFILL_PROFILE at
-    the end (lsp_server.tools.bench --profile); None when the variable is unset."""
-    if not os.environ.get(PROFILE_ENV):
+    """(profiler, file): a cProfile of the event loop's thread while serving, to be written to
+    $MASKFILL_PROFILE at the end (lsp_server.tools.bench --profile); None when it is unset."""
+    from lsp_server.request_timing import PROFILE_ENV
+
+    path = os.environ.get(PROFILE_ENV)
+    if not path:
         return None
     import cProfile
 
     profiler = cProfile.Profile()
     profiler.enable()
-    return profiler
+    return profiler, path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from lsp_server.server import create_server
 
     server = create_server(overrides=overrides, parent_poll_s=args.parent_poll_ms / 1000)
-    profiler = start_profile()
+    profile = start_profile()
     if tcp is not None:
         transport.serve_tcp(server, *tcp, token=token)
     else:
@@ -176,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
         sys.stdout = sys.stderr
         transport.serve_stdio(server, sys.stdin.buffer, protocol_out)
-    if profiler is not None:
-        profiler.disable()
-        profiler.dump_stats(os.environ[PROFILE_ENV])
+    if profile is not None:
+        profile[0].disable()
+        profile[0].dump_stats(profile[1])
     code = server.exit_code()
     server.free(timeout=EXIT_WAIT_S)
     if server.worker.state != "closed":  # a model load cannot be interrupted

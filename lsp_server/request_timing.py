@@ -20,6 +20,8 @@ from typing import Any
 
 TIMED_METHODS = frozenset({"textDocument/inlineCompletion", "textDocument/completion"})
 KEEP = 64  # the status shows the last this many timed requests
+# A file name: the server cProfiles its event loop's thread into it (lsp_server/__main__.py)
+PROFILE_ENV = "MASKFILL_PROFILE"
 
 current: contextvars.ContextVar[RequestTiming | None] = contextvars.ContextVar(
     "maskfill_request_timing", default=None)

@@ -36,8 +36,8 @@ from typing import Any
 
 from lsprotocol import types
 
-from lsp_server.__main__ import PROFILE_ENV
 from lsp_server.client import ClientError, Session, inline_params, server_command
+from lsp_server.request_timing import PROFILE_ENV
 
 PROFILE_LINES = 30
 NO_WAITING = {"debounceMinMs": 0, "debounceMaxMs": 0, "cacheSize": 0, "timeoutMs": 600000}
