@@ -20,6 +20,7 @@ from typing import Any
 
 TIMED_METHODS = frozenset({"textDocument/inlineCompletion", "textDocument/completion"})
 KEEP = 64  # the status shows the last this many timed requests
+MAX_OPEN = 1024  # timed requests awaiting their answer at most (the oldest is forgotten)
 # A file name: the server cProfiles its event loop's thread into it (lsp_server/__main__.py)
 PROFILE_ENV = "MASKFILL_PROFILE"
 
@@ -73,6 +74,8 @@ class RequestTimings:
         self.recent: deque[dict[str, Any]] = deque(maxlen=KEEP)
 
     def begin(self, msg_id: Any, method: str, started: float, started_cpu: float) -> RequestTiming:
+        if len(self.open) >= MAX_OPEN:  # one never answered through _send_handler_result
+            self.open.pop(next(iter(self.open)))
         timing = self.open[msg_id] = RequestTiming(method, started, started_cpu)
         return timing
 
