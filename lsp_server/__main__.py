@@ -117,6 +117,21 @@ def tcp_token(token_file: str | None) -> str:
     return ensure_token(runtime_dir() / TOKEN_FILE_NAME)
 
 
+def start_profile():
+    """(profiler, file): a cProfile of the event loop's thread while serving, to be written to
+    $MASKFILL_PROFILE at the end (lsp_server.tools.bench --profile); None when it is unset."""
+    from lsp_server.request_timing import PROFILE_ENV
+
+    path = os.environ.get(PROFILE_ENV)
+    if not path:
+        return None
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    return profiler, path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve, then end the process (os._exit) with the LSP exit code; returns only on a
     command-line error."""
@@ -155,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from lsp_server.server import create_server
 
     server = create_server(overrides=overrides, parent_poll_s=args.parent_poll_ms / 1000)
+    profile = start_profile()
     if tcp is not None:
         transport.serve_tcp(server, *tcp, token=token)
     else:
@@ -162,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
         sys.stdout = sys.stderr
         transport.serve_stdio(server, sys.stdin.buffer, protocol_out)
+    if profile is not None:
+        profile[0].disable()
+        profile[0].dump_stats(profile[1])
     code = server.exit_code()
     server.free(timeout=EXIT_WAIT_S)
     if server.worker.state != "closed":  # a model load cannot be interrupted

@@ -20,11 +20,12 @@ from pygls.workspace import TextDocument
 
 from engine.api import Candidate, CompletionRequest, CompletionResult, ContextChunk, StopMode
 from engine.serve.exact_cache import ExactCache
+from lsp_server import request_timing
 from lsp_server.cache import TypedThrough, inserted_at
 from lsp_server.context import ContextBlock, StableContext, extra_context_tokens
 from lsp_server.debounce import AdaptiveDebounce, DocumentRequest, LatestPerDocument
 from lsp_server.documents import Snapshot, context_window, detect_indent, looks_binary
-from lsp_server.engine_host import LspEngineHost
+from lsp_server.engine_host import CALL_MS, LspEngineHost
 from lsp_server.postprocess import CursorContext, choose_stop, is_useless, postprocess
 from lsp_server.protocol import Suggestion, cover_auto_closed, shift
 from lsp_server.settings import Settings
@@ -306,12 +307,15 @@ class CompletionService:
         ticket.job = self.worker.submit(snap.uri, self._request(prepared))
         # The hole's syntax check is built in a thread while the model runs.
         check = None if prepared.syntax is None else asyncio.get_running_loop().run_in_executor(
-            None, hole_check, prepared.syntax)
+            None, request_timing.timed_in_thread, request_timing.current.get(), hole_check,
+            prepared.syntax)
         try:
             result = await asyncio.wrap_future(ticket.job.future)
         except asyncio.CancelledError:  # $/cancelRequest: stop the model between steps
             ticket.job.cancel.set()
             raise
+        if result is not None:
+            request_timing.engine_ran(result.stats.timings_ms.get(CALL_MS))
         if result is None or result.stats.cancelled or generation != self.generation:
             return []  # stopped, or made under settings (or a model) that no longer hold
         self.model_answers += 1
@@ -363,7 +367,8 @@ class CompletionService:
         texts = [row.text for row in rows]
         if prepared.syntax is not None and rows:
             try:
-                picked = pick(prepared.syntax, rows, want=prepared.candidates, check=check)
+                picked = pick(prepared.syntax, rows, want=prepared.candidates, check=check,
+                              shown=lambda text: not is_useless(text, prepared.cursor))
             except Exception:  # a grammar's failure must never cost the completion
                 log.exception("syntax pick failed; today's choice kept")
             else:

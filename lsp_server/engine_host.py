@@ -68,6 +68,8 @@ FALLBACK_AFTER_FAILURES = 4  # consecutive failed runs before moving to the fall
 # side by side, each a few rows of a shared pass (the CPU engine's pass budget is 32 rows).
 MAX_IN_FLIGHT = 4
 MAX_PENDING_JOBS = 2  # waiting jobs, all documents together (beyond the running ones)
+# The key in a result's stats.timings_ms under which the host puts engine.complete's wall time.
+CALL_MS = "call"
 CLOSE_WAIT_S = 5.0  # close(): the longest wait for the thread to free the model, by default
 
 
@@ -437,6 +439,8 @@ class LspEngineHost(EngineHost):
         else:
             result = engine.complete(request, job.cancel)
         elapsed_ms = (time.perf_counter() - started) * 1000
+        # The request's own measure of the engine's time (lsp_server/request_timing.py).
+        result.stats.timings_ms[CALL_MS] = elapsed_ms
         cancelled = result.stats.cancelled or job.cancel.is_set()
         self.stats.record_result(result, elapsed_ms, cancelled)
         return result

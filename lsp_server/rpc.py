@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -37,6 +38,8 @@ from pygls.protocol.json_rpc import (
     JsonRPCRequestMessage,
     JsonRPCResponseMessage,
 )
+
+from lsp_server import request_timing
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +90,13 @@ class MaskfillProtocol(LanguageServerProtocol):
         super().__init__(server, converter)
         self.initialize_received = False  # set once a well-formed `initialize` is dispatched
         self.exit_received = False
+        self.timings = request_timing.RequestTimings()  # completion requests, for the status
 
     # -- reading ------------------------------------------------------------------------------
 
     def receive(self, body: bytes) -> None:
         """Check one message body and dispatch it, or answer why it cannot be."""
+        received = (time.perf_counter(), time.thread_time())
         try:
             data = json.loads(body)
         except ValueError as exc:  # also invalid UTF-8
@@ -124,7 +129,7 @@ class MaskfillProtocol(LanguageServerProtocol):
         if method == types.CANCEL_REQUEST and not _valid_id(_param(data, "id")):
             log.info("dropped $/cancelRequest for an impossible id")  # pygls would crash on it
             return
-        self._dispatch(data, request_id)
+        self._dispatch(data, request_id, received)
 
     def _lifecycle_refusal(self, method: str) -> JsonRpcException | None:
         if method == types.EXIT:
@@ -145,7 +150,9 @@ class MaskfillProtocol(LanguageServerProtocol):
         else:
             self._answer_error(request_id, error)
 
-    def _dispatch(self, data: dict, request_id: Any) -> None:
+    def _dispatch(
+        self, data: dict, request_id: Any, received: tuple[float, float] | None = None
+    ) -> None:
         method = data.get("method")
         try:
             message = self._structure(data)
@@ -161,7 +168,15 @@ class MaskfillProtocol(LanguageServerProtocol):
             return
         if method == types.INITIALIZE:
             self.initialize_received = True
-        self.handle_message(message)
+        if received is None or request_id is None or method not in request_timing.TIMED_METHODS:
+            self.handle_message(message)
+            return
+        # The handler's task is created inside handle_message: it keeps this timing.
+        token = request_timing.current.set(self.timings.begin(request_id, method, *received))
+        try:
+            self.handle_message(message)
+        finally:
+            request_timing.current.reset(token)
 
     def _structure(self, data: dict) -> Any:
         """pygls' structure_message without its traceback logging."""
@@ -189,6 +204,12 @@ class MaskfillProtocol(LanguageServerProtocol):
         unknown command, invalid arguments) is one line; only a failure of ours, which
         answers InternalError, has its traceback logged."""
         self._request_futures.pop(msg_id, None)
+        try:
+            self._answer_handler_result(future, msg_id)
+        finally:
+            self.timings.end(msg_id)  # the response is written
+
+    def _answer_handler_result(self, future: Future[Any], msg_id: Any) -> None:
         if future.cancelled():
             error = JsonRpcRequestCancelled(f'Request with id "{msg_id}" is canceled')
             self._send_response(msg_id, error=error.to_response_error())

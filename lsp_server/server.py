@@ -421,6 +421,9 @@ class MaskfillServer(LanguageServer):
             if self.service.last_context is not None else None,
             "extraContextTokens": self.service.extra_budget(s),
             **self.worker.stats.snapshot(),
+            # The last completion requests: wall time from the request read to the response
+            # written, the engine's part of it, the rest (the server's overhead), CPU times.
+            "recentRequests": list(self.protocol.timings.recent),
         }
 
 

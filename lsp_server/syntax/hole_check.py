@@ -68,6 +68,8 @@ class HoleCheck:
         self.hole = len(self._before)  # byte offset of the hole
         self.checks = 0  # parses done for candidates
         self.filler: str | None = None  # the first reference's filler
+        self._judged: dict[str, bool] = {}  # accepts() by candidate
+        self._tolerated: frozenset = frozenset()
         # (header?, signature) of each reference: the file with a filler that leaves no
         # error at the hole; at most one with a block header and one without.
         self._references: list[tuple[bool, tuple]] = []
@@ -97,6 +99,8 @@ class HoleCheck:
                 self._references.append((header, self._signature(tree, inserted, header)))
                 if len(self._references) == 2:
                     break
+        # Errors some reference has too: a candidate with any other one is refused at once.
+        self._tolerated = frozenset().union(*(errors for _, (errors, _) in self._references))
 
     def _fillers(self, before: str, after: str) -> list[str]:
         """Reference fillers to try. For a hole at the start of a line of an indented
@@ -143,29 +147,46 @@ class HoleCheck:
         )
         return self._parser.parse(self._before + inserted + self._after, tree)
 
-    def _problems(self, tree, inserted: bytes) -> list:
+    def _problems(self, tree, inserted: bytes):
         """Error nodes, plus what tree-sitter-python lets pass and Python refuses: an empty
-        block body, a statement indented off its block's column."""
+        block body, a statement indented off its block's column (lazily: a candidate is
+        usually refused on the first)."""
         root = tree.root_node
         low, high = self.hole - WINDOW, self.hole + len(inserted) + WINDOW
-        found = _errors(root) + _empty_blocks(root, low, high)
+        yield from _errors(root)
+        yield from _empty_blocks(root, low, high)
         if self.grammar in INDENTED:
-            found += _indent_errors(root, self._before + inserted + self._after, low, high)
-        return found
+            yield from _indent_errors(root, self._before + inserted + self._after, low, high)
 
     def _signature(self, tree, inserted: bytes, header: bool):
         """(errors, shape) of a tree whose hole holds `inserted`; `header`: compare the
         types of nodes starting in the hole loosely (_suffix_leaves)."""
-        root = tree.root_node
+        return (self._error_keys(tree, inserted),
+                (tuple(self._prefix_shape(tree)),
+                 tuple(self._suffix_shape(tree, inserted, header))))
+
+    def _error_keys(self, tree, inserted: bytes) -> frozenset:
         hole_end = self.hole + len(inserted)
-        errors = frozenset(self._error_key(e, hole_end) for e in self._problems(tree, inserted))
-        first_checked = hole_end + self._unchecked_after
-        shape = (
-            tuple(_prefix_leaves(root, self.hole)),
-            tuple(_suffix_leaves(root, self.hole, hole_end, first_checked, self._lead,
-                                 header)),
-        )
-        return errors, shape
+        return frozenset(self._error_key(e, hole_end) for e in self._problems(tree, inserted))
+
+    def _error_keys_within(self, tree, inserted: bytes, tolerated: frozenset):
+        """The tree's error keys, or None as soon as one is not in `tolerated`."""
+        hole_end = self.hole + len(inserted)
+        keys = set()
+        for problem in self._problems(tree, inserted):
+            key = self._error_key(problem, hole_end)
+            if key is None or key not in tolerated:
+                return None
+            keys.add(key)
+        return keys
+
+    def _prefix_shape(self, tree):
+        return _prefix_leaves(tree.root_node, self.hole)
+
+    def _suffix_shape(self, tree, inserted: bytes, header: bool):
+        hole_end = self.hole + len(inserted)
+        return _suffix_leaves(tree.root_node, self.hole, hole_end,
+                              hole_end + self._unchecked_after, self._lead, header)
 
     def _error_key(self, node, hole_end: int):
         """An error's place in terms that do not depend on the hole's content; None when it
@@ -179,25 +200,49 @@ class HoleCheck:
         return None
 
     def accepts(self, candidate: str) -> bool | None:
-        """Whether the file with `candidate` in the hole parses and keeps its shape."""
+        """Whether the file with `candidate` in the hole parses and keeps its shape.
+
+        Each distinct candidate is parsed once (the rows of one request share most of the
+        cuts `truncate` tries); its errors are judged before its shape, and the shape is
+        walked only as far as it matches a reference's (most rejected cuts fail on errors)."""
         if not self.has_opinion:
             return None
+        known = self._judged.get(candidate)
+        if known is not None:
+            return known
         inserted = utf8(candidate)
         self.checks += 1
         tree = self._tree_with(inserted)
-        opens = self._opens_block(candidate)
-        signatures: dict[bool, tuple] = {}
-        for header, (reference_errors, reference_shape) in self._references:
-            if header not in signatures:
-                signatures[header] = self._signature(tree, inserted, header)
-            errors, shape = signatures[header]
-            if any(key is None or key not in reference_errors for key in errors):
-                continue
+        errors = self._error_keys_within(tree, inserted, self._tolerated)
+        accepted = False
+        if errors is not None:
             # A candidate that opens what the suffix continues (see _opens_block) needs no
             # shape match.
-            if opens or shape == reference_shape:
-                return True
-        return False
+            opens = None
+            prefix: list = []  # the candidate's prefix leaves, as far as walked
+            walk = None
+            for header, (reference_errors, (reference_prefix, reference_suffix)) in (
+                    self._references):
+                if not errors <= reference_errors:
+                    continue
+                if opens is None:
+                    opens = self._opens_block(candidate)
+                if opens:
+                    accepted = True
+                    break
+                if walk is None:  # the first comparison walks only as far as it matches
+                    walk = _collect(self._prefix_shape(tree), prefix)
+                    same_prefix = _same(walk, reference_prefix)
+                else:
+                    for _ in walk:  # walk the rest (the references' prefixes may differ)
+                        pass
+                    same_prefix = tuple(prefix) == reference_prefix
+                if same_prefix and _same(self._suffix_shape(tree, inserted, header),
+                                         reference_suffix):
+                    accepted = True
+                    break
+        self._judged[candidate] = accepted
+        return accepted
 
     def _opens_block(self, candidate: str) -> bool:
         """The candidate's last line opens a block or a bracket (`else:`, `for ...:`, `{`,
@@ -237,6 +282,22 @@ class HoleCheck:
             if self.accepts(first[:end]):
                 return Cut(first[:end], True, len(lines) - 1)
         return Cut(candidate, False)
+
+
+def _same(items, reference: tuple) -> bool:
+    """Whether the iterable `items` equals `reference`, stopping at the first difference."""
+    count = 0
+    for count, item in enumerate(items, 1):
+        if count > len(reference) or item != reference[count - 1]:
+            return False
+    return count == len(reference)
+
+
+def _collect(items, into: list):
+    """`items`, each also appended to `into` as it is produced."""
+    for item in items:
+        into.append(item)
+        yield item
 
 
 def _width(line: str) -> int:

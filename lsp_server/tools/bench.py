@@ -1,10 +1,19 @@
 """Server benchmark: what the LSP layer adds on top of the engine, and how it absorbs typing.
 
     python -m lsp_server.tools.bench [--model PATH] [--device cpu] [--requests 30]
+                                     [--profile FILE]
+
+--profile: the server runs under cProfile (its event loop's thread; $MASKFILL_PROFILE), the
+stats go to FILE and the costliest functions are printed.
 
 1. Overhead: sequential Automatic requests with debounce and caches off, each on a fresh
-   context so the model runs every time; overhead = client round trip - the engine's time for
-   that request (measured around engine.complete by the worker, read from maskfill.status).
+   context so the model runs every time. The server times each one itself (maskfill.status
+   `recentRequests`, lsp_server/request_timing.py): overhead = from the request's body read to
+   its response written, minus the engine's time (engine.complete, timed by the worker). Also
+   the CPU time the server's event loop thread spent meanwhile, and the CPU time of the work
+   it handed to a thread (the hole's syntax check, run while the model runs): CPU time is what
+   load on the machine does not inflate. The client's round trip (its own JSON work and the
+   pipes included) is printed beside.
 2. Rapid typing: 100 didChange + inlineCompletion pairs sent back to back on one document with
    the default settings (like Neovim: nothing cancelled by the client); the model runs counted.
 
@@ -17,17 +26,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import pstats
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from lsprotocol import types
 
 from lsp_server.client import ClientError, Session, inline_params, server_command
+from lsp_server.request_timing import PROFILE_ENV
 
+PROFILE_LINES = 30
 NO_WAITING = {"debounceMinMs": 0, "debounceMaxMs": 0, "cacheSize": 0, "timeoutMs": 600000}
 DEFAULTS = {"debounceMinMs": 75, "debounceMaxMs": 400, "cacheSize": 256}
+# name -> label, in the table's order
+TIMED = {
+    "overhead": "server overhead (wall)",
+    "loop_cpu": "  event loop CPU",
+    "offloaded_cpu": "  hole check CPU (thread)",
+    "engine": "engine",
+    "round_trip": "client round trip",
+    "round_trip_overhead": "round trip - engine",
+}
 BASE = "def add(a, b):\n    return a + b\n\n\ndef is_even(n):\n"
 
 
@@ -38,7 +61,7 @@ def percentile(values: list[float], p: float) -> float:
 
 async def measure_overhead(session: Session, count: int) -> dict[str, list[float]]:
     uri = "file:///bench/overhead.py"
-    round_trips, engine, overhead = [], [], []
+    timings: dict[str, list[float]] = {key: [] for key in TIMED}
     for i in range(count + 1):  # the first request warms paths up and is not counted
         text = f"# request {i}\n{BASE}"  # a fresh context every time: no cache can answer
         session.client.text_document_did_open(
@@ -55,14 +78,18 @@ async def measure_overhead(session: Session, count: int) -> dict[str, list[float
         )
         elapsed = (time.perf_counter() - started) * 1000
         after = await session.status()
-        if after["modelRuns"] != before["modelRuns"] + 1 or not after["recentEngineMs"]:
+        timed = after["recentRequests"][-1] if after["recentRequests"] else {}
+        if after["modelRuns"] != before["modelRuns"] + 1 or timed.get("engineMs") is None:
             raise ClientError(f"request {i} did not run the model exactly once")
         if i == 0:
             continue
-        round_trips.append(elapsed)
-        engine.append(after["recentEngineMs"][-1])
-        overhead.append(elapsed - after["recentEngineMs"][-1])
-    return {"round_trip": round_trips, "engine": engine, "overhead": overhead}
+        timings["round_trip"].append(elapsed)
+        timings["engine"].append(timed["engineMs"])
+        timings["overhead"].append(timed["overheadMs"])
+        timings["loop_cpu"].append(timed["loopCpuMs"])
+        timings["offloaded_cpu"].append(timed["offloadedCpuMs"])
+        timings["round_trip_overhead"].append(elapsed - timed["engineMs"])
+    return timings
 
 
 async def rapid_typing(session: Session, count: int = 100) -> dict[str, Any]:
@@ -120,9 +147,8 @@ def report(outcome: dict[str, Any], requests: int) -> dict[str, Any]:
     timings, rapid, status = outcome["timings"], outcome["rapid"], outcome["status"]
     print(f"model {status['model']} on {status['device']} ({status['dtype']})")
     print(f"{'':<28}{'p50 ms':>10}{'p95 ms':>10}")
-    for name in ("round_trip", "engine", "overhead"):
+    for name, label in TIMED.items():
         values = timings[name]
-        label = "server overhead" if name == "overhead" else name.replace("_", " ")
         print(f"{label:<28}{statistics.median(values):>10.2f}{percentile(values, 0.95):>10.2f}")
     print(
         f"100 rapid edits+requests: {rapid['model_runs']} model runs, "
@@ -131,6 +157,9 @@ def report(outcome: dict[str, Any], requests: int) -> dict[str, Any]:
     return {
         "server_overhead_ms_p50": round(statistics.median(timings["overhead"]), 3),
         "server_overhead_ms_p95": round(percentile(timings["overhead"], 0.95), 3),
+        "server_loop_cpu_ms_p50": round(statistics.median(timings["loop_cpu"]), 3),
+        "server_loop_cpu_ms_p95": round(percentile(timings["loop_cpu"], 0.95), 3),
+        "server_offloaded_cpu_ms_p50": round(statistics.median(timings["offloaded_cpu"]), 3),
         "round_trip_ms_p50": round(statistics.median(timings["round_trip"]), 3),
         "engine_ms_p50": round(statistics.median(timings["engine"]), 3),
         "overhead_requests": requests,
@@ -146,13 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu, cuda, ...")
     parser.add_argument("--requests", type=int, default=30, help="sequential requests timed")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the server's log")
+    parser.add_argument("--profile", type=Path, help="cProfile the server's event loop into FILE")
     args = parser.parse_args(argv)
+    if args.profile is not None:
+        os.environ[PROFILE_ENV] = str(args.profile.resolve())
     try:
         outcome = asyncio.run(run(args))
     except (ClientError, OSError, RuntimeError, asyncio.TimeoutError) as exc:
         print(f"maskfill server bench failed: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(report(outcome, args.requests)))
+    figures = report(outcome, args.requests)
+    if args.profile is not None:
+        pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(PROFILE_LINES)
+    print(json.dumps(figures))
     return 0
 
 

@@ -15,6 +15,7 @@ import pytest_asyncio
 from lsprotocol import types
 from pygls.exceptions import JsonRpcRequestCancelled
 
+from lsp_server.request_timing import KEEP
 from tests.e2e.server_session import (
     NEOVIM,
     VSCODE,
@@ -300,3 +301,24 @@ async def test_only_lsp_line_breaks_split_lines_in_edits_and_positions(server):
     assert (await status(client))["requests"] == before["requests"]
     await inline(client, uri, 1, 5)  # the end of "t = s": a valid position, served
     assert (await status(client))["requests"] == before["requests"] + 1
+
+
+async def test_the_status_times_each_completion_request_around_the_engine(server):
+    """Issue 23's server overhead, as the server measures it: from the request read to its
+    response written, the engine's part (engine.complete) and the rest; CPU times beside."""
+    client, _, name = server
+    uri = f"file:///{name}/timed.py"
+    open_document(client, uri, "def is_even(n):\n")
+    before = await status(client)
+    await inline(client, uri, 1, 0, invoked=False)
+    ran = await status(client)
+    assert ran["modelRuns"] == before["modelRuns"] + 1
+    timed = ran["recentRequests"][-1]
+    assert timed["method"] == "textDocument/inlineCompletion"
+    assert timed["engineMs"] > 0 and timed["wallMs"] >= timed["engineMs"]
+    assert abs(timed["overheadMs"] - (timed["wallMs"] - timed["engineMs"])) < 0.01
+    assert timed["loopCpuMs"] >= 0 and timed["offloadedCpuMs"] > 0  # the hole check ran
+    await inline(client, uri, 1, 0, invoked=False)  # the exact-context cache answers
+    cached = (await status(client))["recentRequests"][-1]
+    assert cached["engineMs"] is None and cached["overheadMs"] == cached["wallMs"]
+    assert len(ran["recentRequests"]) == min(len(before["recentRequests"]) + 1, KEEP)
