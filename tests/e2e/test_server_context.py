@@ -67,11 +67,15 @@ async def test_a_request_carries_the_other_open_files_window(memorized_model):
         await stop(client)
 
 
-async def _first_request_after_an_open(memorized_model, idle_s: float) -> dict:
+async def _first_request_after_an_open(memorized_model, idle_s: float, settings=None,
+                                       encoded=None) -> dict:
     """The status after: a request in main.py with no other file open (no block), then
     other.py opened and the user idle for `idle_s`, then one character typed and the next
-    request: the first to carry the new block, run by the model."""
-    client, _ = await start(memorized_model, VSCODE, settings={"extraContextTokens": 64})
+    request: the first to carry the new block, run by the model. `encoded`: a callable that
+    says whether the engine has encoded the pre-warm (another process's engine); without it,
+    a second of idle queue."""
+    client, _ = await start(memorized_model, VSCODE,
+                            settings={"extraContextTokens": 64, **(settings or {})})
     try:
         assert (await wait_ready(client))["loadState"] == "ready"
         root = Path.cwd() / "virtual-workspace"
@@ -87,7 +91,11 @@ async def _first_request_after_an_open(memorized_model, idle_s: float) -> dict:
             while (await status(client))["prewarms"] < 1:
                 assert loop.time() < deadline, "no pre-warm"
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(1.0)  # its encoding runs on the engine's idle queue
+            if encoded is None:
+                await asyncio.sleep(1.0)  # its encoding runs on the engine's idle queue
+            while encoded is not None and not encoded():
+                assert loop.time() < deadline, "the engine did not encode the pre-warm"
+                await asyncio.sleep(0.1)
         # "z" continues no suggestion: the request is not answered by typing through one
         replace(client, current, 2, (2, len("    return ")), (2, len("    return ")), "z")
         runs = (await status(client))["modelRuns"]
