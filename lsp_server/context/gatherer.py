@@ -320,3 +320,11 @@ class StableContext:
     def activity(self) -> None:
         """An edit happened: the idle clock starts again."""
         self._last_activity = self.gatherer._clock()
+
+    def idle_in(self) -> float:
+        """Seconds until the idle rule would re-gather the block (0: it would now). The
+        server re-gathers then, while the user still idles, and pre-warms a changed block,
+        so the next keystroke finds it gathered and encoded instead of paying for both."""
+        if self._last_activity is None:
+            return 0.0
+        return max(0.0, IDLE_S - (self.gatherer._clock() - self._last_activity))
