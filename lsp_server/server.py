@@ -282,7 +282,9 @@ class MaskfillServer(LanguageServer):
             log.exception("re-gathering the context for a pre-warm failed")
             return
         if request is not None:
-            self.worker.prewarm(request)
+            # Off the event loop: a shared engine's socket send may wait on a stopped engine
+            # (up to its send timeout), and the editor's messages must not.
+            await asyncio.get_running_loop().run_in_executor(None, self.worker.prewarm, request)
 
     def spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)
