@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from lsp_server.context.identifiers import identifiers
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WINDOW_LINES = 60
 STRIDE_LINES = 30
@@ -25,8 +27,8 @@ MAX_FILE_LINES = 10_000
 TOP_WINDOWS = 4
 NEAR_DUPLICATE = 0.9  # a window this similar to the cursor's own lines adds nothing
 MAX_VOCABULARY = 1 << 20  # identifiers numbered before the index starts afresh
-
-_NO_IDS = np.zeros(0, dtype=np.int32)
+# numpy is imported at the first indexing, not with the server: a server without an
+# in-process engine (shared, remote) would otherwise load it at start for nothing.
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class Vocabulary:
         return len(self.ids)
 
     def numbered(self, names: frozenset[str]) -> np.ndarray:
+        import numpy as np
+
         ids = self.ids
         out = np.fromiter((ids.setdefault(name, len(ids)) for name in names), dtype=np.int32,
                           count=len(names))
@@ -61,6 +65,8 @@ class Vocabulary:
 
     def known(self, names: frozenset[str]) -> np.ndarray:
         """The ids of `names` that some window holds (an unnumbered name matches nothing)."""
+        import numpy as np
+
         ids = self.ids
         return np.fromiter((ids[name] for name in names if name in ids), dtype=np.int32)
 
@@ -71,6 +77,8 @@ class _FileIndex:
 
     def __init__(self, key: str, version: object, text: str, vocabulary: Vocabulary,
                  previous: _FileIndex | None = None):
+        import numpy as np
+
         self.version = version
         self.lines = tuple(text.split("\n")[:MAX_FILE_LINES])
         count = len(self.lines)
@@ -88,13 +96,15 @@ class _FileIndex:
         self.sizes = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
         self.bounds = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(self.sizes, out=self.bounds[1:])
-        self.indices = np.concatenate(ids) if ids else _NO_IDS
+        self.indices = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
         self.starts = np.fromiter((w.start for w in self.windows), dtype=np.int64)
         self.ends = np.fromiter((w.end for w in self.windows), dtype=np.int64)
 
     def common_counts(self, in_target: np.ndarray) -> np.ndarray:
         """Per window: how many of the target's identifiers it holds (`in_target`: a mask over
         the vocabulary)."""
+        import numpy as np
+
         hits = np.zeros(len(self.indices) + 1, dtype=np.int64)
         np.cumsum(in_target[self.indices], out=hits[1:])
         return hits[self.bounds[1:]] - hits[self.bounds[:-1]]
@@ -151,6 +161,8 @@ class WindowIndex:
         `files`: (key, version, text getter) in priority order (at most MAX_FILES are read); `own`:
         (key, first, last line) of the request's own context, whose windows are skipped;
         `time_left`: whether a file may still be indexed now."""
+        import numpy as np
+
         target = identifiers(target_lines[-TARGET_LINES:])
         if not target:
             return []
