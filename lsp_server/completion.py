@@ -233,12 +233,15 @@ class CompletionService:
         return block
 
     def refresh_context(self) -> CompletionRequest | None:
-        """After an open, close or save while the user idles: the block re-gathered at the
-        last request's cursor; when it changed, the request the next keystroke there would
-        send (for the engine to pre-warm, so that keystroke reuses the new block's K/V),
-        else None. The next request finds the block gathered and sends it unchanged."""
+        """After an open, close or save, or a pause long enough for the block's idle rule,
+        while the user idles: the block re-gathered at the last request's cursor; when it
+        changed, the request the next keystroke there would send (for the engine to
+        pre-warm, so that keystroke reuses the new block's K/V), else None. The next
+        request finds the block gathered and sends it unchanged."""
         if self._last_cursor is None or self.context is None:
             return None
+        if self.extra_budget(self._settings()) <= 0:
+            return None  # no block (the embedded model's default): nothing to prepare
         snap, document = self._last_cursor
         if document is not None and getattr(document, "source", snap.text) != snap.text:
             return None  # typed since: the next request gathers for itself

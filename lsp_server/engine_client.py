@@ -172,6 +172,19 @@ class SharedEngine:
             raise EngineError(f"the shared engine stopped ({exc}); it is restarted for the "
                               "next request") from None
 
+    def prewarm(self, request: CompletionRequest) -> bool:
+        """Ask the shared engine to encode `request`'s context when idle (fire and forget);
+        False when it cannot: no live connection (a pre-warm starts no engine), or an engine
+        of an older install, which does not name "prewarm" in its Welcome and would drop the
+        connection on the unknown message."""
+        connection = self._connection
+        if connection is None or not connection.alive:
+            return False
+        try:
+            return connection.prewarm(request)
+        except EngineGone:
+            return False  # the next request reconnects
+
     def _live_connection(self, request: CompletionRequest,
                          cancel: threading.Event | None) -> EngineConnection | None:
         """The connection, restarting the engine if it is gone; None when cancelled first."""

@@ -250,18 +250,30 @@ class MaskfillServer(LanguageServer):
 
     def workspace_changed(self) -> None:
         """An open, close or save: pre-warm the new block once the user idles."""
-        self.not_idle()
-        if self.service.context is not None:
-            self._prewarm_task = asyncio.ensure_future(self._prewarm_when_idle())
+        self._arm_prewarm(PREWARM_IDLE_S)
 
     def not_idle(self) -> None:
-        """A keystroke: the next request gathers (and encodes) the block itself."""
+        """A keystroke: the next request gathers (and encodes) the block itself. Should the
+        user then idle as long as the block's idle rule asks, the block is re-gathered and
+        pre-warmed during that pause, not by the next keystroke's request (which would
+        encode a changed block cold: the replay's reuse with open files fell for that)."""
+        self._arm_prewarm(None)
+
+    def _arm_prewarm(self, delay: float | None) -> None:
         if self._prewarm_task is not None:
             self._prewarm_task.cancel()
             self._prewarm_task = None
+        if self.service.context is not None:
+            self._prewarm_task = asyncio.ensure_future(self._prewarm_when_idle(delay))
 
-    async def _prewarm_when_idle(self) -> None:
-        await asyncio.sleep(PREWARM_IDLE_S)
+    async def _prewarm_when_idle(self, delay: float | None) -> None:
+        """After `delay` s, or (None) once the stable block's idle rule would re-gather it
+        (each request restarts that clock): re-gather, and pre-warm a changed block."""
+        if delay is not None:
+            await asyncio.sleep(delay)
+        else:
+            while (left := self.service.context.idle_in()) > 0:
+                await asyncio.sleep(left + 0.01)
         self._prewarm_task = None
         if not self.worker.ready:
             return
@@ -271,7 +283,9 @@ class MaskfillServer(LanguageServer):
             log.exception("re-gathering the context for a pre-warm failed")
             return
         if request is not None:
-            self.worker.prewarm(request)
+            # Off the event loop: a shared engine's socket send may wait on a stopped engine
+            # (up to its send timeout), and the editor's messages must not.
+            await asyncio.get_running_loop().run_in_executor(None, self.worker.prewarm, request)
 
     def spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -34,6 +34,7 @@ from engine.serve.protocol import (
     Complete,
     FrameError,
     Hello,
+    Prewarm,
     Refused,
     Result,
     StatusQuery,
@@ -205,6 +206,21 @@ class EngineConnection:
         if reply.error is not None:
             raise EngineError(reply.error)
         return reply.result if reply.result is not None else cancelled_result()
+
+    @property
+    def can_prewarm(self) -> bool:
+        """Whether the engine said it serves Prewarm (an older one drops the connection)."""
+        return "prewarm" in self.welcome.capabilities
+
+    def prewarm(self, request: CompletionRequest) -> bool:
+        """Ask the engine to encode `request`'s context when idle; no reply is awaited.
+        False (nothing sent) when the engine does not serve it; EngineGone when lost."""
+        if not self.can_prewarm:
+            return False
+        if self.lost is not None:
+            raise EngineGone(f"the engine connection is closed ({self.lost})")
+        self._send(Prewarm(request=request))
+        return True
 
     def status(self, timeout: float = 10.0) -> StatusReply:
         job_id, future = self._open()

@@ -418,6 +418,29 @@ class ServiceHost(EngineHost):
             return
         super().submit(job)
 
+    def prewarm(self, request: CompletionRequest) -> bool:
+        """Hand `request`'s context to the engine to encode when it is idle (Engine.prewarm:
+        no denoising, no answer), for a client's next request sharing its start (issue 23).
+        False when there is no ready engine or it cannot pre-warm; never raises."""
+        with self._lock:
+            engine = self._engine if self.state == "ready" else None
+        prewarm = getattr(engine, "prewarm", None)
+        if prewarm is None:
+            return False
+        try:
+            done = bool(prewarm(request))
+        except Exception as exc:  # an optimisation: it must never cost anything else
+            log.warning("a pre-warm failed: %s", one_line(exc))
+            return False
+        if done:
+            self.stats.record_prewarm()
+        return done
+
+    @property
+    def prewarms_encoded(self) -> int | None:
+        """Contexts the engine encoded ahead of a request (None: an engine that cannot)."""
+        return getattr(self._engine, "prewarms", None)
+
     def _refuse_closing(self, job: Job) -> None:
         job.answer(None, "the engine is shutting down")
 

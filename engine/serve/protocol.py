@@ -15,6 +15,12 @@ import msgspec
 from engine.api import CompletionRequest, CompletionResult, EngineInfo
 
 PROTOCOL_VERSION = 1
+# Messages past version 1's that this engine serves, named in its Welcome. An engine of an
+# older install refuses a message it does not know and closes the connection (decode_client:
+# FrameError), so a client sends one only when the Welcome names it; the version stays 1,
+# because a Welcome's unknown field is ignored by an older client and an older Welcome has
+# no capabilities.
+CAPABILITIES = ("prewarm",)
 # A completion request carries at most a few hundred KB of context; anything far larger is a
 # broken or hostile peer, refused before its body is read.
 MAX_FRAME_BYTES = 8 * 1024 * 1024
@@ -45,7 +51,15 @@ class StatusQuery(msgspec.Struct, tag="status", kw_only=True):
     id: int
 
 
-ClientMessage = Hello | Complete | Cancel | StatusQuery
+class Prewarm(msgspec.Struct, tag="prewarm", kw_only=True):
+    """Fire and forget: encode `request`'s context into the engine's cache when it is idle
+    (no denoising, no reply), so the next request sharing its start is warm (a new
+    extra-context block, issue 23). Only to an engine whose Welcome names "prewarm"."""
+
+    request: CompletionRequest
+
+
+ClientMessage = Hello | Complete | Cancel | StatusQuery | Prewarm
 
 
 class Welcome(msgspec.Struct, tag="welcome", kw_only=True):
@@ -53,6 +67,7 @@ class Welcome(msgspec.Struct, tag="welcome", kw_only=True):
     pid: int
     state: str  # loading | ready | failed
     error: str | None = None
+    capabilities: tuple[str, ...] = ()  # CAPABILITIES of the engine (none: an older one)
 
 
 class Result(msgspec.Struct, tag="result", kw_only=True):

@@ -47,6 +47,7 @@ from engine.serve.connection_cap import ACCEPT_BACKLOG, connection_limit
 from engine.serve.host import Job, ServiceHost
 from engine.serve.log_throttle import ThrottledLog, flush_all, throttle_accept_errors
 from engine.serve.protocol import (
+    CAPABILITIES,
     HEADER_BYTES,
     PROTOCOL_VERSION,
     Cancel,
@@ -54,6 +55,7 @@ from engine.serve.protocol import (
     Complete,
     FrameError,
     Hello,
+    Prewarm,
     Refused,
     Result,
     StatusQuery,
@@ -204,6 +206,7 @@ class EngineService:
             "residentBytes": self.resident_bytes(),
             "uptimeS": round(time.monotonic() - self.started, 1),
             **s.stats.snapshot(),
+            "prewarmsEncoded": s.prewarms_encoded,
         }
 
     async def watch_idle(self) -> None:
@@ -289,7 +292,8 @@ class EngineService:
             assert isinstance(hello, Hello)
             client = self.new_client(hello.client or "anonymous")
             s = self.scheduler
-            send(Welcome(version=PROTOCOL_VERSION, pid=os.getpid(), state=s.state, error=s.error))
+            send(Welcome(version=PROTOCOL_VERSION, pid=os.getpid(), state=s.state, error=s.error,
+                         capabilities=CAPABILITIES))
             while (message := await read_message(reader)) is not None:
                 self.touch()
                 if writer.is_closing():  # dropped over a limit while this was read
@@ -309,6 +313,10 @@ class EngineService:
                                  request=message.request, reply=reply_from_any_thread(message.id)))
                 elif isinstance(message, Cancel):
                     s.cancel(client, message.id)
+                elif isinstance(message, Prewarm):
+                    # No reply: a refused or impossible pre-warm costs the client nothing.
+                    if self._refusal(message) is None:
+                        s.prewarm(message.request)
                 elif isinstance(message, StatusQuery):
                     status = self.status()
                     send(StatusReply(id=message.id, state=status["state"], error=status["error"],
@@ -330,7 +338,7 @@ class EngineService:
                 await writer.drain()
                 writer.close()
 
-    def _refusal(self, message: Complete) -> str | None:
+    def _refusal(self, message: Complete | Prewarm) -> str | None:
         """Why a request is refused at the door (its bad field named), before it is queued."""
         info = self.scheduler.info
         try:

@@ -30,6 +30,7 @@ class ServiceStats:
         self.cache_hits = 0
         self.cache_misses = 0
         self.model_loads = 0
+        self.prewarms = 0  # pre-warms handed to the engine (its idle queue encodes them)
         self.recent_ms: deque[float] = deque(maxlen=1024)
 
     def record_run(self, outcome: str, seconds: float, forward_passes: int, tokens: int) -> None:
@@ -46,6 +47,10 @@ class ServiceStats:
     def record_outcome(self, outcome: str) -> None:
         with self._lock:
             self.outcomes[outcome] += 1
+
+    def record_prewarm(self) -> None:
+        with self._lock:
+            self.prewarms += 1
 
     def record_cache(self, hit: bool) -> None:
         with self._lock:
@@ -73,6 +78,7 @@ class ServiceStats:
             latencies = sorted(self.recent_ms)
             outcomes = dict(self.outcomes)
             hits, misses, loads = self.cache_hits, self.cache_misses, self.model_loads
+            prewarms = self.prewarms
         p50 = latencies[len(latencies) // 2] if latencies else None
         p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
         fpt = self.forward_passes_per_token()
@@ -84,4 +90,5 @@ class ServiceStats:
             "cacheHits": hits,
             "cacheMisses": misses,
             "modelLoads": loads,
+            "prewarms": prewarms,
         }

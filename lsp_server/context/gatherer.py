@@ -21,7 +21,7 @@ from typing import Protocol
 
 from pygls.uris import to_fs_path
 
-from lsp_server.context.python_imports import ImportResolver
+from lsp_server.context.python_imports import ImportResolver, ImportScan, scan_imports
 from lsp_server.context.recent_edits import RecentEdits
 from lsp_server.context.snippet import ContextBlock, Snippet, estimate_tokens
 from lsp_server.context.windows import WindowIndex
@@ -89,6 +89,7 @@ class ContextGatherer:
         self._windows = WindowIndex()
         self._recent = RecentEdits()
         self._touched: dict[str, float] = {}  # uri -> when last opened or edited (MRU order)
+        self._scan: tuple[str, str, ImportScan] | None = None  # (uri, text, its imports)
         self.generation = 0  # bumped on open, close and save: the stable block is stale
         self.out_of_time = 0  # gatherings that skipped a source for the time budget
 
@@ -145,7 +146,7 @@ class ContextGatherer:
 
         picked: list[Snippet] = []
         if language == "python" and "imports" in sources:
-            picked.extend(self._import_snippets(lines, line, path, docs))
+            picked.extend(self._import_snippets(uri, text, lines, line, path, docs))
         if "windows" not in sources:
             pass
         elif spent_ms() < self._time_budget_ms:
@@ -174,7 +175,17 @@ class ContextGatherer:
             return self.files.relative(path)
         return path.name if path is not None else uri
 
-    def _import_snippets(self, lines, line, path, docs) -> list[Snippet]:
+    def _imports_of(self, uri: str, text: str, lines: list[str]) -> ImportScan:
+        """scan_imports of this text, kept for the last document: gatherings at other
+        cursors of the same version do not scan it again."""
+        kept = self._scan
+        if kept is not None and kept[0] == uri and (kept[1] is text or kept[1] == text):
+            return kept[2]
+        scan = scan_imports(lines)
+        self._scan = (uri, text, scan)
+        return scan
+
+    def _import_snippets(self, uri, text, lines, line, path, docs) -> list[Snippet]:
         by_path = {}
         for doc in docs.values():
             doc_path = uri_path(doc.uri)
@@ -186,7 +197,8 @@ class ContextGatherer:
         )
         current = self.files.inside(path) if path is not None else None
         out = []
-        for found in resolver.definitions_near(lines, line, current or path):
+        scan = self._imports_of(uri, text, lines)
+        for found in resolver.definitions_near(lines, line, current or path, scan=scan):
             if current is not None and found.path == current:
                 continue
             out.append(Snippet(self.files.relative(found.path), found.text, found.start_line,
@@ -308,3 +320,11 @@ class StableContext:
     def activity(self) -> None:
         """An edit happened: the idle clock starts again."""
         self._last_activity = self.gatherer._clock()
+
+    def idle_in(self) -> float:
+        """Seconds until the idle rule would re-gather the block (0: it would now). The
+        server re-gathers then, while the user still idles, and pre-warms a changed block,
+        so the next keystroke finds it gathered and encoded instead of paying for both."""
+        if self._last_activity is None:
+            return 0.0
+        return max(0.0, IDLE_S - (self.gatherer._clock() - self._last_activity))

@@ -196,7 +196,9 @@ def test_block_is_byte_identical_between_keystrokes(workspace, clock):
     gatherer.saved(doc.uri)
     request(cursor)
     assert stable.gathers == gathers + 2
+    assert stable.idle_in() > 0  # the server waits this long before re-gathering
     clock.now += 1.5
+    assert stable.idle_in() == 0
     request(cursor)
     assert stable.gathers == gathers + 3
 

@@ -67,11 +67,15 @@ async def test_a_request_carries_the_other_open_files_window(memorized_model):
         await stop(client)
 
 
-async def _first_request_after_an_open(memorized_model, idle_s: float) -> dict:
+async def _first_request_after_an_open(memorized_model, idle_s: float, settings=None,
+                                       encoded=None) -> dict:
     """The status after: a request in main.py with no other file open (no block), then
     other.py opened and the user idle for `idle_s`, then one character typed and the next
-    request: the first to carry the new block, run by the model."""
-    client, _ = await start(memorized_model, VSCODE, settings={"extraContextTokens": 64})
+    request: the first to carry the new block, run by the model. `encoded`: a callable that
+    says whether the engine has encoded the pre-warm (another process's engine); without it,
+    a second of idle queue."""
+    client, _ = await start(memorized_model, VSCODE,
+                            settings={"extraContextTokens": 64, **(settings or {})})
     try:
         assert (await wait_ready(client))["loadState"] == "ready"
         root = Path.cwd() / "virtual-workspace"
@@ -87,7 +91,11 @@ async def _first_request_after_an_open(memorized_model, idle_s: float) -> dict:
             while (await status(client))["prewarms"] < 1:
                 assert loop.time() < deadline, "no pre-warm"
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(1.0)  # its encoding runs on the engine's idle queue
+            if encoded is None:
+                await asyncio.sleep(1.0)  # its encoding runs on the engine's idle queue
+            while encoded is not None and not encoded():
+                assert loop.time() < deadline, "the engine did not encode the pre-warm"
+                await asyncio.sleep(0.1)
         # "z" continues no suggestion: the request is not answered by typing through one
         replace(client, current, 2, (2, len("    return ")), (2, len("    return ")), "z")
         runs = (await status(client))["modelRuns"]
@@ -112,3 +120,39 @@ async def test_a_block_changed_while_idle_is_prewarmed_so_the_next_request_reuse
     cold = await _first_request_after_an_open(memorized_model, idle_s=0.0)
     assert cold["prewarms"] == 0
     assert cold["lastReusedContextTokens"] < warm["lastReusedContextTokens"], (cold, warm)
+
+
+async def test_a_block_the_idle_rule_changes_is_prewarmed_during_the_pause(memorized_model):
+    """Another open file edited, then the user idles past the block's idle rule: the server
+    re-gathers the block during the pause and the engine pre-warms it, so the next keystroke's
+    request carries the changed block and starts warm (before, that request re-gathered the
+    block itself and encoded it cold: the replay's reuse with open files fell for it)."""
+    client, _ = await start(memorized_model, VSCODE, settings={"extraContextTokens": 64})
+    try:
+        assert (await wait_ready(client))["loadState"] == "ready"
+        root = Path.cwd() / "virtual-workspace"
+        other, current = (root / "other.py").as_uri(), (root / "main.py").as_uri()
+        open_document(client, other, OTHER)
+        open_document(client, current, CURRENT)
+        await inline(client, current, 2, len("    return "), invoked=True)
+        first = await status(client)
+        assert first["context"]["snippets"][0]["text"] == OTHER.rstrip("\n")
+        # Edited, the other file's window differs; no open/close/save: only the idle rule
+        # re-gathers the block.
+        replace(client, other, 2, (4, 0), (4, 0), "    count = len(items)\n")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while (await status(client))["prewarms"] < 1:
+            assert loop.time() < deadline, "no pre-warm during the pause"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # its encoding runs on the engine's idle queue
+        replace(client, current, 2, (2, len("    return ")), (2, len("    return ")), "z")
+        runs = (await status(client))["modelRuns"]
+        await inline(client, current, 2, len("    return z"), invoked=True)
+        after = await status(client)
+        assert after["modelRuns"] == runs + 1
+        assert after["prewarms"] == 1
+        assert any("count = len(items)" in s["text"] for s in after["context"]["snippets"])
+        assert after["lastReusedContextTokens"] > 0, after
+    finally:
+        await stop(client)
