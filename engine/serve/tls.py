@@ -116,6 +116,15 @@ class TlsChannel:
     def handshake(self) -> None:
         """Run the handshake (the socket's timeout bounds each wait); ssl.SSLError, OSError or
         ConnectionError when it fails."""
+        try:
+            self._handshake()
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            # a peer that closed before reading our hello resets the connection instead of
+            # ending it: the same failure as an empty answer
+            raise ConnectionError("the engine closed the connection during the TLS "
+                                  "handshake") from exc
+
+    def _handshake(self) -> None:
         while True:
             try:
                 with self._lock:

@@ -5,6 +5,7 @@ against it, on the tiny memorized checkpoint. Deadlines are hang guards only."""
 
 from __future__ import annotations
 
+import select
 import socket
 import subprocess
 import sys
@@ -32,14 +33,6 @@ LOAD_S = 180.0  # hang guard for the model load
 PREFIX = "def is_even(n):\n"
 BODY = next(s for s in SNIPPETS if s.startswith(PREFIX))[len(PREFIX):].rstrip("\n")
 HANDSHAKE_FAILED = "the TLS handshake failed"
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "token"
-    path.write_text(TOKEN + "\n")
-    path.chmod(0o600)
-    return path
 
 
 @pytest.fixture
@@ -238,11 +231,24 @@ async def test_remote_mode_checks_an_https_engine_against_the_ca_file(
         await stop(client)
 
 
-def test_a_tls_client_whose_peer_closes_at_once_gets_a_clear_error(token_file, certificate):
+def _close_at_once(conn: socket.socket) -> None:
+    conn.close()
+
+
+def _close_with_the_hello_unread(conn: socket.socket) -> None:
+    """Close once the client's hello has arrived, unread: the client's socket is reset."""
+    select.select([conn], [], [], 10)
+    conn.close()
+
+
+@pytest.mark.parametrize("close", [_close_at_once, _close_with_the_hello_unread],
+                         ids=["at-once", "hello-unread"])
+def test_a_tls_client_whose_peer_closes_at_once_gets_a_clear_error(token_file, certificate,
+                                                                   close):
     """Not an engine at all (or one that drops the connection): a clear EngineTlsError, not a
-    decoding error from the empty answer."""
+    decoding error from the empty answer nor a bare reset (which one comes depends on timing)."""
     listener = socket.create_server(("127.0.0.1", 0))
-    closer = threading.Thread(target=lambda: listener.accept()[0].close(), daemon=True)
+    closer = threading.Thread(target=lambda: close(listener.accept()[0]), daemon=True)
     closer.start()
     try:
         with pytest.raises(EngineTlsError, match="closed the connection during the TLS"):
