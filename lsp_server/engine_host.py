@@ -256,25 +256,9 @@ class LspEngineHost(EngineHost):
             self.state = "loading"
             self.request_load(spec, drop_waiting=True)  # replaces a pending fallback too
 
-    def prewarm(self, request: CompletionRequest) -> bool:
-        """Hand `request`'s context to the engine to encode into its cache when it is idle
-        (Engine.prewarm: no denoising), so the next request sharing its start is warm (a new
-        extra-context block, issue 23). False when the loaded engine cannot (not ready, or an
-        engine without prewarm: another process's)."""
-        with self._lock:
-            engine = self._engine if self.state == "ready" else None
-        prewarm = getattr(engine, "prewarm", None)
-        if prewarm is None:
-            return False
-        try:
-            done = bool(prewarm(request))
-        except Exception:  # a pre-warm is an optimisation: it must never cost anything else
-            log.exception("prewarm failed")
-            return False
-        if done:
-            with self.stats._lock:
-                self.stats.prewarms += 1
-        return done
+    def _on_prewarm(self) -> None:
+        with self.stats._lock:
+            self.stats.prewarms += 1
 
     def submit(self, key: str, request: CompletionRequest) -> Job:  # type: ignore[override]
         job = Job(key=key, request=request)

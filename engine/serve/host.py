@@ -186,6 +186,25 @@ class EngineHost:
         with self._lock:
             return self._waiting() + len(self._running)
 
+    def prewarm(self, request: CompletionRequest) -> bool:
+        """Hand `request`'s context to the engine to encode when it is idle (Engine.prewarm:
+        no denoising, no answer), so a client's next request sharing its start is warm (a new
+        extra-context block, issue 23). False when there is no ready engine or it cannot
+        pre-warm (another process's); never raises."""
+        with self._lock:
+            engine = self._engine if self.state == "ready" else None
+        prewarm = getattr(engine, "prewarm", None)
+        if prewarm is None:
+            return False
+        try:
+            done = bool(prewarm(request))
+        except Exception as exc:  # an optimisation: it must never cost anything else
+            log.warning("a pre-warm failed: %s", one_line(exc))
+            return False
+        if done:
+            self._on_prewarm()
+        return done
+
     def close(self, timeout: float = 10.0) -> None:
         """Drop the waiting jobs, flag the running ones, and let the owning thread free the
         engine once they returned, waiting at most `timeout` seconds for it (0: do not wait;
@@ -215,6 +234,9 @@ class EngineHost:
 
     def _on_expire(self, job: Job) -> None:
         """A job whose deadline passed while it waited."""
+
+    def _on_prewarm(self) -> None:
+        """A context was handed to the engine to encode when idle."""
 
     def _max_waiting(self) -> int | None:
         """Waiting jobs kept at most (the oldest beyond are dropped); None: no bound."""
@@ -418,23 +440,8 @@ class ServiceHost(EngineHost):
             return
         super().submit(job)
 
-    def prewarm(self, request: CompletionRequest) -> bool:
-        """Hand `request`'s context to the engine to encode when it is idle (Engine.prewarm:
-        no denoising, no answer), for a client's next request sharing its start (issue 23).
-        False when there is no ready engine or it cannot pre-warm; never raises."""
-        with self._lock:
-            engine = self._engine if self.state == "ready" else None
-        prewarm = getattr(engine, "prewarm", None)
-        if prewarm is None:
-            return False
-        try:
-            done = bool(prewarm(request))
-        except Exception as exc:  # an optimisation: it must never cost anything else
-            log.warning("a pre-warm failed: %s", one_line(exc))
-            return False
-        if done:
-            self.stats.record_prewarm()
-        return done
+    def _on_prewarm(self) -> None:
+        self.stats.record_prewarm()
 
     @property
     def prewarms_encoded(self) -> int | None:

@@ -24,6 +24,15 @@ STOP_WAIT_S = 15.0
 CONNECT_WAIT_S = 60.0  # a hang guard only
 
 
+@pytest.fixture
+def token_file(tmp_path: Path, request) -> Path:
+    """The test module's TOKEN in a private file, as `--token-file` and the editors read it."""
+    path = tmp_path / "token"
+    path.write_text(request.module.TOKEN + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

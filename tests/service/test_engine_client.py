@@ -22,6 +22,7 @@ from lsp_server.engine_client import RemoteEngine, SharedEngine, resolve_mode
 from lsp_server.engine_host import LoadSpec, LspEngineHost
 from tests.service.conftest import fim_answer, memorized_hole, slow_request, wait_gone
 
+TOKEN = "remote-token"  # the remote tests' bearer token (token_file writes it)
 WAIT_S = 180.0
 
 
@@ -128,16 +129,8 @@ class HttpEngine:
         self.scheduler.close()
 
 
-@pytest.fixture
-def token_file(tmp_path):
-    path = tmp_path / "token"
-    path.write_text("remote-token\n")
-    path.chmod(0o600)
-    return path
-
-
 def test_remote_backend_completes_through_the_fim_api(memorized_model, token_file):
-    server = HttpEngine(memorized_model, "remote-token")
+    server = HttpEngine(memorized_model, TOKEN)
     try:
         engine = RemoteEngine.open(server.url, str(token_file), None)
         # The FIM shape has no exact hole length: the engine tries buckets up to max_tokens,

@@ -47,14 +47,6 @@ PREFIX = "def is_even(n):\n"
 BODY = next(s for s in SNIPPETS if s.startswith(PREFIX))[len(PREFIX):].rstrip("\n")
 
 
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "token"
-    path.write_text(TOKEN + "\n")
-    path.chmod(0o600)
-    return path
-
-
 def wait_http_ready(url: str, seconds: float = 180.0) -> None:
     deadline = time.monotonic() + seconds
     while True:
