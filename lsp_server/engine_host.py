@@ -165,6 +165,10 @@ class WorkerStats:
         with self._lock:
             self.failures += 1
 
+    def record_prewarm(self) -> None:
+        with self._lock:
+            self.prewarms += 1
+
     def record_in_flight(self, jobs: int) -> None:
         with self._lock:
             self.peak_in_flight = max(self.peak_in_flight, jobs)
@@ -257,8 +261,7 @@ class LspEngineHost(EngineHost):
             self.request_load(spec, drop_waiting=True)  # replaces a pending fallback too
 
     def _on_prewarm(self) -> None:
-        with self.stats._lock:
-            self.stats.prewarms += 1
+        self.stats.record_prewarm()
 
     def submit(self, key: str, request: CompletionRequest) -> Job:  # type: ignore[override]
         job = Job(key=key, request=request)

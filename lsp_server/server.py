@@ -263,7 +263,8 @@ class MaskfillServer(LanguageServer):
         if self._prewarm_task is not None:
             self._prewarm_task.cancel()
             self._prewarm_task = None
-        if self.service.context is not None:
+        # without an extra-context budget (the embedded model's window) there is no block
+        if self.service.context is not None and self.service.extra_budget(self.settings) > 0:
             self._prewarm_task = asyncio.ensure_future(self._prewarm_when_idle(delay))
 
     async def _prewarm_when_idle(self, delay: float | None) -> None:
@@ -435,6 +436,8 @@ class MaskfillServer(LanguageServer):
             if self.service.last_context is not None else None,
             "extraContextTokens": self.service.extra_budget(s),
             **self.worker.stats.snapshot(),
+            # pre-warms the in-process engine has encoded (None: another process's engine)
+            "prewarmsEncoded": self.worker.prewarms_encoded,
             # The last completion requests: wall time from the request read to the response
             # written, the engine's part of it, the rest (the server's overhead), CPU times.
             "recentRequests": list(self.protocol.timings.recent),

@@ -182,6 +182,11 @@ class EngineHost:
         with self._lock:
             return len(self._running)
 
+    @property
+    def prewarms_encoded(self) -> int | None:
+        """Contexts the engine encoded ahead of a request (None: an engine that cannot)."""
+        return getattr(self._engine, "prewarms", None)
+
     def queue_depth(self) -> int:
         with self._lock:
             return self._waiting() + len(self._running)
@@ -442,11 +447,6 @@ class ServiceHost(EngineHost):
 
     def _on_prewarm(self) -> None:
         self.stats.record_prewarm()
-
-    @property
-    def prewarms_encoded(self) -> int | None:
-        """Contexts the engine encoded ahead of a request (None: an engine that cannot)."""
-        return getattr(self._engine, "prewarms", None)
 
     def _refuse_closing(self, job: Job) -> None:
         job.answer(None, "the engine is shutting down")

@@ -186,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     figures = report(outcome, args.requests)
     if args.profile is not None:
-        pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(PROFILE_LINES)
+        try:
+            pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(PROFILE_LINES)
+        except OSError as exc:  # the server died before writing it: the figures still print
+            print(f"no server profile: {exc}", file=sys.stderr)
     print(json.dumps(figures))
     return 0
 

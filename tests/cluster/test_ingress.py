@@ -55,3 +55,23 @@ def test_a_raw_grpc_failure_is_a_lost_replica_sent_once_more_then_503(code_name)
         asyncio.run(ingress.dispatch(call, "session-key", None))
     assert handle.calls == ATTEMPTS == 2 and ingress.retries == 1
     assert caught.value.status == 503 and "died (2 tries)" in caught.value.message
+
+
+def test_a_grpc_refusal_of_the_call_itself_is_not_sent_again():
+    """A call too big for gRPC (RESOURCE_EXHAUSTED) would fail on any replica: one try, and
+    the 503 names the code instead of saying the replicas died."""
+    import grpc
+
+    from engine.api import CompletionRequest
+    from engine.serve.cluster.contract import EngineCall
+    from engine.serve.cluster.ingress import FimIngress
+    from engine.serve.fim_wire import ApiError
+
+    handle = LostReplicaHandle(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    ingress = object.__new__(FimIngress)
+    ingress.engine, ingress.retries = handle, 0
+    call = EngineCall(request=CompletionRequest(prefix="def f(", suffix=")"), client=-1)
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(ingress.dispatch(call, "session-key", None))
+    assert handle.calls == 1 and ingress.retries == 0
+    assert caught.value.status == 503 and "RESOURCE_EXHAUSTED" in caught.value.message

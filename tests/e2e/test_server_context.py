@@ -67,13 +67,23 @@ async def test_a_request_carries_the_other_open_files_window(memorized_model):
         await stop(client)
 
 
+async def until_encoded(client, deadline: float, encoded=None) -> None:
+    """Wait until the engine has encoded a pre-warm (its idle queue runs it): `encoded` asks
+    another process's engine; without it, the in-process engine's count in the status."""
+    loop = asyncio.get_running_loop()
+    while not (encoded() if encoded is not None
+               else ((await status(client))["prewarmsEncoded"] or 0) >= 1):
+        assert loop.time() < deadline, "the engine did not encode the pre-warm"
+        await asyncio.sleep(0.1)
+
+
 async def _first_request_after_an_open(memorized_model, idle_s: float, settings=None,
                                        encoded=None) -> dict:
     """The status after: a request in main.py with no other file open (no block), then
     other.py opened and the user idle for `idle_s`, then one character typed and the next
     request: the first to carry the new block, run by the model. `encoded`: a callable that
     says whether the engine has encoded the pre-warm (another process's engine); without it,
-    a second of idle queue."""
+    the in-process engine's count in the status."""
     client, _ = await start(memorized_model, VSCODE,
                             settings={"extraContextTokens": 64, **(settings or {})})
     try:
@@ -91,11 +101,7 @@ async def _first_request_after_an_open(memorized_model, idle_s: float, settings=
             while (await status(client))["prewarms"] < 1:
                 assert loop.time() < deadline, "no pre-warm"
                 await asyncio.sleep(0.1)
-            if encoded is None:
-                await asyncio.sleep(1.0)  # its encoding runs on the engine's idle queue
-            while encoded is not None and not encoded():
-                assert loop.time() < deadline, "the engine did not encode the pre-warm"
-                await asyncio.sleep(0.1)
+            await until_encoded(client, deadline, encoded)
         # "z" continues no suggestion: the request is not answered by typing through one
         replace(client, current, 2, (2, len("    return ")), (2, len("    return ")), "z")
         runs = (await status(client))["modelRuns"]
@@ -145,7 +151,7 @@ async def test_a_block_the_idle_rule_changes_is_prewarmed_during_the_pause(memor
         while (await status(client))["prewarms"] < 1:
             assert loop.time() < deadline, "no pre-warm during the pause"
             await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)  # its encoding runs on the engine's idle queue
+        await until_encoded(client, deadline)
         replace(client, current, 2, (2, len("    return ")), (2, len("    return ")), "z")
         runs = (await status(client))["modelRuns"]
         await inline(client, current, 2, len("    return z"), invoked=True)

@@ -22,6 +22,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import msgspec
 from grpc.aio import AioRpcError
 from ray.exceptions import RayActorError, RayTaskError
@@ -42,6 +43,13 @@ HEALTH_TIMEOUT_S = 10.0
 # RayActorError) for UNAVAILABLE; any other transport failure (the connection reset under a
 # call) comes as the raw AioRpcError. The replica's own exceptions come as RayTaskError.
 REPLICA_LOST = (RayActorError, AioRpcError)
+# gRPC codes that say the call itself is wrong (too big, refused), not that the replica is
+# gone: another replica would answer the same, so they are not sent again.
+CALL_REFUSED = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS})
 
 
 class FimIngress(FimFront):
@@ -91,6 +99,9 @@ class FimIngress(FimFront):
 
     def _replica_lost(self, attempt: int, exc: Exception, when: str) -> None:
         """A replica died under a request: send it again, or give up after ATTEMPTS tries."""
+        if isinstance(exc, AioRpcError) and exc.code() in CALL_REFUSED:
+            raise ApiError(503, f"the engine replica refused the call (gRPC {exc.code().name}: "
+                           f"{exc.details()})", "server_error") from None
         if attempt == ATTEMPTS:
             raise ApiError(503, "the engine replicas serving this request died "
                            f"({ATTEMPTS} tries); retry shortly", "server_error") from None
