@@ -26,7 +26,7 @@ MAX_FILES = 20
 MAX_FILE_LINES = 10_000
 TOP_WINDOWS = 4
 NEAR_DUPLICATE = 0.9  # a window this similar to the cursor's own lines adds nothing
-MAX_VOCABULARY = 1 << 20  # identifiers numbered before the index starts afresh
+MAX_VOCABULARY = 1 << 18  # identifiers numbered before the index starts afresh (~40 MB)
 # numpy is imported at the first indexing, not with the server: a server without an
 # in-process engine (shared, remote) would otherwise load it at start for nothing.
 
@@ -179,8 +179,8 @@ class WindowIndex:
             if in_target is None or vocabulary is not self._vocabulary or len(
                     in_target) < len(self._vocabulary):
                 vocabulary = self._vocabulary
-                in_target = np.zeros(len(vocabulary), dtype=np.int64)
-                in_target[vocabulary.known(target)] = 1
+                in_target = np.zeros(len(vocabulary), dtype=np.bool_)
+                in_target[vocabulary.known(target)] = True
             common = entry.common_counts(in_target)
             # The same float division as common / (size + window - common) in Python.
             scores = common / (size + entry.sizes - common).astype(np.float64)
