@@ -21,10 +21,25 @@ after a pause or a worn chain) against the warm rest, with different pass counts
 the model with a request just superseded or with background work; warm came out above cold in
 one `make bench` (docs/LOG.md, 2026-12-06). What reuse buys is `paired`: the same requests, in
 typing order, each timed on an engine that reuses contexts and on one that never does.
+
+Two clocks drive the same replay (`replay(clock=...)`): `RealTime` (the default) types in real
+time, and requests run beside the typing and are cancelled by the next keystroke, so the figures
+depend on the machine's load (a request cancelled while it waits reaches no model: counted in
+`replay_requests`, not in `replay_reached`). `VirtualTime` is deterministic: the same keystrokes
+and debounce decisions on a virtual clock; each request that reaches the engine runs to
+completion, then the engine settles (`wait_idle`: speculation, refresh), and timers the caller
+armed on the clock (`after`: the server's idle pre-warm, lsp_server/context/replay.py) run at
+their virtual moment, each followed by `wait_idle`. The same seed gives the same figures.
+`reuse_hit_rate` counts a request as a hit when it reused cached context (reused context tokens
+> 0), over the requests that reached the model (`replay_reached`: every request, in virtual
+time); `reuse_hit_rate_sent` keeps the old denominator (every request sent), and
+`reuse_token_share` is the reused share of those requests' context tokens.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import random
 import statistics
 import threading
@@ -55,6 +70,75 @@ class Sent:
     cancelled: bool = False
     error: str | None = None
     stats: CompletionStats | None = None
+
+    @property
+    def reached(self) -> bool:
+        """It reached the model (its context was filled, warm or cold): the engine times the
+        encode of such a request only. One cancelled while it waited, or during a cold
+        encode, did not (reports no reuse)."""
+        return self.stats is not None and "encode" in self.stats.timings_ms
+
+
+class RealTime:
+    """The wall clock: sleeping sleeps, timers are threads (the real-time replay)."""
+
+    virtual = False
+
+    def __init__(self) -> None:
+        self._began = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self._began
+
+    def sleep_until(self, moment: float) -> None:
+        time.sleep(max(0.0, moment - self.now()))
+
+    def after(self, delay: float, action: Callable[[], None]):
+        """Run `action` in `delay` s on a thread; the handle's cancel() stops it."""
+        timer = threading.Timer(delay, action)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class VirtualTime:
+    """A virtual clock for the deterministic replay: time moves only when the replay sleeps,
+    and a timer runs (on the replay's thread) when the clock passes its moment, then the
+    engine settles, so what it hands the engine is done before the next request."""
+
+    virtual = True
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self._now = 0.0
+        self._timers: list[tuple[float, int, _Timer, Callable[[], None]]] = []
+        self._order = itertools.count()
+
+    def now(self) -> float:
+        return self._now
+
+    def sleep_until(self, moment: float) -> None:
+        while self._timers and self._timers[0][0] <= moment:
+            at, _, handle, action = heapq.heappop(self._timers)
+            if handle.cancelled:
+                continue
+            self._now = max(self._now, at)
+            action()
+            self._engine.wait_idle()
+        self._now = max(self._now, moment)
+
+    def after(self, delay: float, action: Callable[[], None]) -> _Timer:
+        handle = _Timer()
+        heapq.heappush(self._timers, (self._now + delay, next(self._order), handle, action))
+        return handle
 
 
 def keystroke_gaps(n: int, text: str, seed: int = 7) -> list[float]:
@@ -118,24 +202,40 @@ def request_at(text: str, offset: int) -> CompletionRequest:
     return CompletionRequest(prefix=prefix, suffix=suffix, max_tokens=MAX_TOKENS, stop=stop)
 
 
+def sent_keys(typed: str, seed: int = 7) -> list[tuple[float, float | None]]:
+    """For each key of `typed`: (the moment it is typed, the moment its request is sent, or
+    None when the next key comes first and the server never sends it). Seconds into the
+    replay; the same for both clocks."""
+    gaps = keystroke_gaps(len(typed), typed, seed)
+    debounce = Debounce()
+    keys = []
+    clock = 0.0
+    for i in range(len(typed)):
+        clock += gaps[i]
+        delay = debounce.delay_ms(clock) / 1000.0
+        next_key = clock + gaps[i + 1] if i + 1 < len(typed) else float("inf")
+        keys.append((clock, None if next_key <= clock + delay else clock + delay))
+    return keys
+
+
 def replay(engine, chars: int = TYPED_CHARS, reached: list[CompletionRequest] | None = None,
-           decorate: Callable[[CompletionRequest, str, int], CompletionRequest] | None = None
-           ) -> dict:
-    """Type `chars` characters of SOURCE back in real time; the figures above. `reached`, when
-    given, receives the requests that reached the engine, in order (for `paired`). `decorate`
-    (request, document text, cursor offset) -> the request to send: the LSP side adds its
-    extra context with it (lsp_server/context/replay.py)."""
+           decorate: Callable[[CompletionRequest, str, int], CompletionRequest] | None = None,
+           seed: int = 7, clock: RealTime | VirtualTime | None = None,
+           log: list[Sent] | None = None) -> dict:
+    """Type `chars` characters of SOURCE back (keystroke gaps from `seed`) on `clock`
+    (RealTime by default; VirtualTime: deterministic, module doc); the figures above.
+    `reached`, when given, receives the requests that reached the engine, in order (for
+    `paired`). `decorate` (request, document text, cursor offset) -> the request to send: the
+    LSP side adds its extra context with it (lsp_server/context/replay.py), on the same
+    `clock`. `log` receives every request sent, with its outcome."""
+    clock = clock or RealTime()
     source = SOURCE.read_text(encoding="utf-8")
     start = source.index(TYPED_FROM)
     typed = source[start:start + chars]
     before, after = source[:start], source[start + chars:]
-    gaps = keystroke_gaps(len(typed), typed)
-    debounce = Debounce()
     sent: list[Sent] = []
     threads: list[threading.Thread] = []
     refreshes_before = engine.context_stats().get("refreshes", 0)
-    began = time.perf_counter()
-    clock = 0.0
 
     def run(item: Sent) -> None:
         t0 = time.perf_counter()
@@ -149,25 +249,23 @@ def replay(engine, chars: int = TYPED_CHARS, reached: list[CompletionRequest] | 
         item.reused = result.stats.reused_context_tokens
         item.stats = result.stats
 
-    def sleep_until(moment: float) -> None:
-        time.sleep(max(0.0, moment - (time.perf_counter() - began)))
-
-    for i in range(len(typed)):
-        clock += gaps[i]
-        sleep_until(clock)
+    for i, (key_at, send_at) in enumerate(sent_keys(typed, seed)):
+        clock.sleep_until(key_at)
         if sent:
             sent[-1].cancel.set()  # this keystroke supersedes the request in flight
-        delay = debounce.delay_ms(clock) / 1000.0
-        next_key = clock + gaps[i + 1] if i + 1 < len(typed) else float("inf")
-        if next_key <= clock + delay:
+        if send_at is None:
             continue  # the next key arrives first: the server never sends this one
-        sleep_until(clock + delay)
+        clock.sleep_until(send_at)
         text = before + typed[:i + 1] + after
         request = request_at(text, len(before) + i + 1)
         if decorate is not None:
             request = decorate(request, text, len(before) + i + 1)
-        item = Sent(at=clock + delay, request=request, cancel=threading.Event())
+        item = Sent(at=send_at, request=request, cancel=threading.Event())
         sent.append(item)
+        if clock.virtual:  # to completion, then the engine settles (speculation, refresh)
+            run(item)
+            engine.wait_idle()
+            continue
         thread = threading.Thread(target=run, args=(item,), daemon=True)
         thread.start()
         threads.append(thread)
@@ -176,16 +274,24 @@ def replay(engine, chars: int = TYPED_CHARS, reached: list[CompletionRequest] | 
     engine.wait_idle()  # a refresh the last request left counts too
     if reached is not None:
         reached.extend(s.request for s in sent)
+    if log is not None:
+        log.extend(sent)
     done = [s for s in sent if s.ms is not None and not s.cancelled]
     warm = [s.ms for s in done if s.reused]
     cold = [s.ms for s in done if not s.reused]
     ran = [s for s in sent if s.ms is not None]
+    into_model = [s for s in sent if s.reached]
     return {
         "replay_keystrokes": len(typed),
         "replay_requests": len(sent),
+        "replay_reached": len(into_model),
         "replay_cancelled": sum(s.cancelled for s in sent),
         "replay_completed": len(done),
-        "reuse_hit_rate": sum(1 for s in ran if s.reused) / max(len(ran), 1),
+        "reuse_hit_rate": sum(1 for s in into_model if s.reused) / max(len(into_model), 1),
+        "reuse_hit_rate_sent": sum(1 for s in ran if s.reused) / max(len(ran), 1),
+        # how much of those requests' context came from the cache (a hit may reuse a little)
+        "reuse_token_share": sum(s.reused for s in into_model) / max(
+            sum(s.stats.prefix_tokens + s.stats.suffix_tokens for s in into_model), 1),
         "replay_cold_ms_p50": statistics.median(cold) if cold else None,
         "replay_warm_ms_p50": statistics.median(warm) if warm else None,
         "replay_cold_completed": len(cold),  # what each p50 rests on

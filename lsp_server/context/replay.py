@@ -25,28 +25,33 @@ from lsp_server.context import ContextGatherer, OpenFile, StableContext
 OTHERS = ("../engine.py", "prefill.py", "context_cache.py")  # beside engine/denoise/fim.py
 
 
-def decorator(budget: int, engine=None):
+def decorator(budget: int, engine=None, clock=None):
     """(decorate, stats, stable): decorate(request, text, offset) adds the stable block.
-    With `engine`, the server's idle pre-warm too (lsp_server/server.py): once the block's
-    idle rule would re-gather it, it is re-gathered at the last request's cursor while the
-    user still idles, and a changed block is handed to `engine.prewarm`; the next request
-    cancels a pending one, as a keystroke does in the server."""
+    `clock`: the replay's (engine/bench/keystroke_replay.py: RealTime by default, or
+    VirtualTime), which the gatherer's and the block's idle rule read too. With `engine`, the
+    server's idle pre-warm (lsp_server/server.py): once the block's idle rule would re-gather
+    it, it is re-gathered at the last request's cursor while the user still idles, and a
+    changed block is handed to `engine.prewarm`; the next request cancels a pending one, as a
+    keystroke does in the server."""
     from engine.bench import keystroke_replay
 
+    clock = clock or keystroke_replay.RealTime()
     folder = keystroke_replay.SOURCE.parent
     typed_uri = keystroke_replay.SOURCE.as_uri()
     paths = [(folder / name).resolve() for name in OTHERS]
     docs = {path.as_uri(): OpenFile(path.as_uri(), "python", 1, path.read_text(encoding="utf-8"))
             for path in paths}
     current = OpenFile(typed_uri, "python", 1, "")
-    gatherer = ContextGatherer([folder.parents[1]], lambda: [*docs.values(), current])
+    gatherer = ContextGatherer([folder.parents[1]], lambda: [*docs.values(), current],
+                               clock=clock.now)
     for uri in docs:
         gatherer.opened(uri)
     gatherer.opened(typed_uri)
     stable = StableContext(gatherer)
-    stats = {"ms": [], "tokens": [], "blocks": set(), "changed_at_request": 0, "prewarms": 0}
+    stats = {"ms": [], "tokens": [], "blocks": set(), "changed_at_request": 0, "prewarms": 0,
+             "prewarm_at": []}
     lock = threading.Lock()  # the stable block is read by requests and the idle timer
-    pending: list[threading.Timer] = []
+    pending: list = []
 
     def extra_of(block):
         return tuple(ContextChunk(s.path, s.text) for s in block.snippets)
@@ -59,6 +64,7 @@ def decorator(budget: int, engine=None):
         if changed and block.snippets:
             if engine.prewarm(dataclasses.replace(request, extra=extra_of(block))):
                 stats["prewarms"] += 1
+                stats["prewarm_at"].append(round(clock.now(), 3))
 
     def decorate(request, text: str, offset: int):
         for timer in pending:
@@ -75,13 +81,77 @@ def decorator(budget: int, engine=None):
         stats["blocks"].add(block.snippets)
         request = dataclasses.replace(request, extra=extra_of(block))
         if engine is not None:
-            timer = threading.Timer(wait + 0.01, idle_refresh, args=(request, text, offset))
-            timer.daemon = True
-            pending.append(timer)
-            timer.start()
+            pending.append(clock.after(wait + 0.01, lambda: idle_refresh(request, text, offset)))
         return request
 
     return decorate, stats, stable
+
+
+LABELS = ("without", "with", "with_no_idle_prewarm")
+
+
+def replay_once(label: str, *, model: str | None = None, budget: int = 128, chars: int = 150,
+                seed: int = 7, deterministic: bool = False, log: list | None = None) -> dict:
+    """One replay on a fresh engine: `label` "without" the block, "with" it (and the idle
+    pre-warm) or "with_no_idle_prewarm"; on the virtual clock when `deterministic`. The
+    figures of engine/bench/keystroke_replay.replay, and the block's own under "block"."""
+    from engine.bench import keystroke_replay
+    from engine.engine import Engine
+    from engine.eval.harness import resolve_model
+
+    engine = Engine.load(resolve_model(model), device="cpu")
+    try:
+        clock = keystroke_replay.VirtualTime(engine) if deterministic else None
+        decorate, stats, stable = (None, None, None)
+        if label != "without":
+            decorate, stats, stable = decorator(
+                budget, engine if label == "with" else None, clock)
+        out = keystroke_replay.replay(engine, chars=chars, decorate=decorate, seed=seed,
+                                      clock=clock, log=log)
+    finally:
+        engine.close()
+    if stats is not None:
+        out["block"] = {
+            "gather_calls": len(stats["ms"]), "gatherings": stable.gathers,
+            "block_changes": stable.changes,
+            "block_changes_at_request": stats["changed_at_request"],
+            "prewarms": stats["prewarms"], "distinct_blocks": len(stats["blocks"]),
+            "block_tokens_p50": statistics.median(stats["tokens"]),
+            "context_ms_p50": round(statistics.median(stats["ms"]), 3),
+            "context_ms_max": round(max(stats["ms"]), 3),
+        }
+    return out
+
+
+def compare(labels, show_requests: bool = False, **kwargs) -> dict:
+    """reuse_hit_rate and the replay's counts for each label, and with minus without;
+    `show_requests`: each request's outcome on stderr too."""
+    record: dict = {}
+    for label in labels:
+        log: list = []
+        out = replay_once(label, log=log, **kwargs)
+        if show_requests:
+            for item in log:
+                stats = item.stats
+                print(f"{label:<22}{item.at:8.3f} s  reached {item.reached:d}  "
+                      f"cancelled {item.cancelled:d}  reused {item.reused:4d} of "
+                      f"{stats.prefix_tokens + stats.suffix_tokens if stats else 0:4d}  "
+                      f"passes {stats.forward_passes if stats else 0:3d}", file=sys.stderr)
+        record[f"reuse_hit_rate_{label}"] = round(out["reuse_hit_rate"], 4)
+        record[f"reuse_hit_rate_sent_{label}"] = round(out["reuse_hit_rate_sent"], 4)
+        record[f"reuse_token_share_{label}"] = round(out["reuse_token_share"], 4)
+        record[f"requests_{label}"] = out["replay_requests"]
+        record[f"reached_{label}"] = out["replay_reached"]
+        record[f"cancelled_{label}"] = out["replay_cancelled"]
+        record[f"warm_ms_p50_{label}"] = out["replay_warm_ms_p50"]
+        record[f"cold_ms_p50_{label}"] = out["replay_cold_ms_p50"]
+        suffix = "" if label == "with" else "_no_idle_prewarm"
+        for key, value in out.get("block", {}).items():
+            record[key + suffix] = value
+    if "reuse_hit_rate_with" in record:
+        record["reuse_delta"] = round(
+            record["reuse_hit_rate_with"] - record["reuse_hit_rate_without"], 4)
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,47 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="checkpoint folder (default: the embedded model)")
     parser.add_argument("--budget", type=int, default=128, help="extra-context tokens")
     parser.add_argument("--chars", type=int, default=150, help="characters typed")
+    parser.add_argument("--seed", type=int, default=7, help="the keystroke gaps' seed")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="on a virtual clock: each request that reaches the engine runs to "
+                             "completion, the idle pre-warm at its virtual moment")
     parser.add_argument("--compare", action="store_true",
                         help="also replay with the block but without the idle pre-warm")
+    parser.add_argument("--requests", action="store_true",
+                        help="print each request's outcome (stderr)")
     args = parser.parse_args(argv)
     import torch
 
-    from engine.bench import keystroke_replay
-    from engine.engine import Engine
-    from engine.eval.harness import resolve_model
-
     torch.set_num_threads(1)
-    record: dict = {}
     # "with_no_idle_prewarm": the block re-gathered at the first request after an idle
     # moment (no idle pre-warm; the server before issue 23's last part), for comparison.
-    for label in ("without", "with", "with_no_idle_prewarm")[: 3 if args.compare else 2]:
-        engine = Engine.load(resolve_model(args.model), device="cpu")
-        try:
-            decorate, stats, stable = (None, None, None)
-            if label != "without":
-                decorate, stats, stable = decorator(
-                    args.budget, engine if label == "with" else None)
-            out = keystroke_replay.replay(engine, chars=args.chars, decorate=decorate)
-        finally:
-            engine.close()
-        record[f"reuse_hit_rate_{label}"] = round(out["reuse_hit_rate"], 4)
-        record[f"requests_{label}"] = out["replay_requests"]
-        record[f"cancelled_{label}"] = out["replay_cancelled"]
-        record[f"warm_ms_p50_{label}"] = out["replay_warm_ms_p50"]
-        record[f"cold_ms_p50_{label}"] = out["replay_cold_ms_p50"]
-        if stats is not None:
-            suffix = "" if label == "with" else "_no_idle_prewarm"
-            record["gather_calls" + suffix] = len(stats["ms"])
-            record["gatherings" + suffix] = stable.gathers
-            record["block_changes" + suffix] = stable.changes
-            record["block_changes_at_request" + suffix] = stats["changed_at_request"]
-            record["prewarms" + suffix] = stats["prewarms"]
-            record["distinct_blocks" + suffix] = len(stats["blocks"])
-            record["block_tokens_p50" + suffix] = statistics.median(stats["tokens"])
-            record["context_ms_p50" + suffix] = round(statistics.median(stats["ms"]), 3)
-            record["context_ms_max" + suffix] = round(max(stats["ms"]), 3)
-    record["reuse_delta"] = round(record["reuse_hit_rate_with"] - record["reuse_hit_rate_without"],
-                                  4)
+    record = {"deterministic": args.deterministic, "seed": args.seed, "chars": args.chars}
+    record.update(compare(LABELS[: 3 if args.compare else 2], show_requests=args.requests,
+                          model=args.model,
+                          budget=args.budget, chars=args.chars, seed=args.seed,
+                          deterministic=args.deterministic))
     for key, value in record.items():
         print(f"{key:<44}{value}")
     print(json.dumps(record))
