@@ -271,6 +271,11 @@ def _shorten(snippet: Snippet, budget_tokens: int) -> Snippet | None:
                    snippet.start_line + len(kept) - 1, snippet.why)
 
 
+def _sent(block: ContextBlock) -> tuple[tuple[str, str], ...]:
+    """What of a block reaches the prompt (a request's `extra` chunks)."""
+    return tuple((s.path, s.text) for s in block.snippets)
+
+
 class StableContext:
     """One block per server, re-gathered only when it must change (module doc)."""
 
@@ -311,7 +316,10 @@ class StableContext:
         block = self.gatherer.gather(uri, text, offset, budget_tokens, own_lines, language_id)
         self.gathers += 1
         self._key = (uri, line, self.gatherer.generation, budget_tokens)
-        changed = block.snippets != self._block.snippets
+        # Changed is what the engine would see: a snippet's path or text. The same snippets
+        # ranked with another score ("window:0.21" for 0.20) keep the block, so no pre-warm is
+        # sent for it and no change is counted.
+        changed = _sent(block) != _sent(self._block)
         if changed:
             self.changes += 1
             self._block = block

@@ -7,6 +7,7 @@ import json
 import os
 
 from lsp_server.context import ContextGatherer, StableContext, extra_context_tokens
+from lsp_server.context.snippet import ContextBlock, Snippet
 
 SHAPES = '''\
 import math
@@ -234,3 +235,26 @@ def test_out_of_time_files_are_indexed_over_later_requests(workspace):
         indexed.append(len(gatherer._windows._files))
     assert 0 < indexed[0] < 9  # the first request did not index every open file
     assert indexed == sorted(indexed) and indexed[-1] == 9  # later ones caught up
+
+
+def test_a_re_gathered_block_that_differs_only_in_its_scores_is_unchanged(workspace, clock):
+    """The block counts as changed only when what reaches the prompt (each snippet's path and
+    text) changed: the same window ranked 0.21 instead of 0.20 sends the same chunks, so it
+    must not be counted as a change nor pre-warmed (the keystroke replay saw 5 such
+    "changes" in 31 requests, none of them visible to the engine)."""
+    doc = workspace.open("main.py", MAIN)
+    gatherer = ContextGatherer([workspace.root], workspace.documents, clock)
+    scores = iter(["window:0.20", "window:0.21", "window:0.21"])
+
+    def gather(*args, **kwargs):
+        snippet = Snippet("geometry/shapes.py", "def area(shape):\n    return 0", 1, 2,
+                          next(scores))
+        return ContextBlock(snippets=(snippet,), tokens=snippet.tokens)
+
+    gatherer.gather = gather
+    stable = StableContext(gatherer)
+    first, changed = stable.current(doc.uri, doc.source, 0, 400)
+    assert changed and stable.changes == 1
+    clock.now += 1.5  # idle: gathered again, the same text ranked anew
+    block, changed = stable.current(doc.uri, doc.source, 0, 400)
+    assert not changed and block is first and stable.changes == 1 and stable.gathers == 2
