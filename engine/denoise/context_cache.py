@@ -114,17 +114,20 @@ def _best_run(new: Tensor, old: Tensor) -> tuple[int, int, int]:
 
 def _second_run(new: Tensor, old: Tensor, head: int, window: int
                 ) -> tuple[int, int, int] | None:
-    """After a common head of `head` tokens: the run of new[head:] found in old[head:] by an
-    anchor of ANCHOR tokens, as (start in new, start in old, length), less its first `window`
-    tokens (next to the change, they are recomputed); None when there is no head, nothing
-    after it, or no anchor."""
+    """After a common head of `head` tokens: the run of new[head:] and old[head:] found by an
+    anchor of ANCHOR tokens at either side's start (as _best_run: the window's start moved
+    forward or back), as (start in new, start in old, length), less its first `window` tokens
+    (next to the change, they are recomputed); None when there is no head, nothing after it,
+    or no anchor. Both ways matter: a keystroke whose tokens merge lets the window start one
+    token earlier (measured in the keystroke replay with an extra-context block: that
+    request found no run and encoded its whole prefix again)."""
     if head < ANCHOR or new.numel() - head < ANCHOR:
         return None
-    at = _find(old[head:], new[head:head + ANCHOR])
-    if at is None:
+    s_new, s_old, length = _best_run(new[head:], old[head:])
+    length -= window
+    if length <= 0:
         return None
-    length = _common_run(new[head:], old[head + at:]) - window
-    return (head + window, head + at + window, length) if length > 0 else None
+    return head + s_new + window, head + s_old + window, length
 
 
 def match(entry: CachedContext, lead: Tensor, tail: Tensor, n_specials: int,

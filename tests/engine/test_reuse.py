@@ -81,6 +81,25 @@ def test_runs_are_found_from_the_start_and_at_offsets():
     assert wide.reused == plan.reused - 8 and wide.edited == 0
 
 
+def test_after_a_stable_head_the_file_s_run_is_found_whichever_way_its_start_moved():
+    """Issue 23: an extra-context block (a stable head), then the file's window. A keystroke
+    whose tokens merge with the one before lets the window start a token earlier; the file's
+    run must still be found (it was only looked for starting later: the replay's request then
+    encoded its whole prefix again)."""
+    head, file, tail = list(range(200, 212)), list(range(10, 40)), list(range(100, 130))
+    old = entry_of([0] + head + file, tail)
+    for lead in ([0] + head + [9] + file + [41],  # one token earlier, one typed
+                 [0] + head + file[3:] + [41]):  # three tokens later, one typed
+        lead = torch.tensor(lead)
+        plan = match(old, lead, torch.tensor(tail), 1, query_from=lead.numel() - 1)
+        kept = len(file) - (0 if lead[13] == 9 else 3)
+        assert plan.reused == 1 + len(head) + kept + len(tail)
+        assert plan.edited == (1 if lead[13] == 9 else 0)
+        moved = dict(zip(plan.new_index.tolist(), plan.old_index.tolist(), strict=True))
+        first = 1 + len(head) + (1 if lead[13] == 9 else 0)
+        assert old.lead[moved[first]] == lead[first]  # each reused token is its own old one
+
+
 def test_an_entry_for_another_hole_length_or_too_many_changes_is_not_reused():
     old = entry_of([0, 1, 2, 3], [5, 6], hole=8)
     cache = ContextCache(max_changed=2, window=0)
@@ -90,7 +109,7 @@ def test_an_entry_for_another_hole_length_or_too_many_changes_is_not_reused():
     assert cache.plan(torch.tensor([0, 9, 9, 9, 3]), torch.tensor([5, 6]), 1, 4, hole=8) is None
 
 
-@pytest.mark.parametrize("edit", ["typed", "slid", "hole moved"])
+@pytest.mark.parametrize("edit", ["typed", "slid", "hole moved", "block, window earlier"])
 def test_on_one_layer_a_warm_first_pass_is_the_cold_one(one_layer, edit):
     """On one layer a context token's K/V depend only on its own token and position: reused
     keys re-rotated to new positions must equal freshly encoded ones, and the first logits of
@@ -98,9 +117,14 @@ def test_on_one_layer_a_warm_first_pass_is_the_cold_one(one_layer, edit):
     loaded = one_layer._loaded
     args, model, tok = loaded.args, loaded.model, one_layer.tokenizer
     before = (tok.encode(PREFIX), tok.encode(SUFFIX))
+    block = tok.encode("# Compare this snippet from util.py:\n# def helper(x):\n#     return x\n")
     after = {"typed": (tok.encode(PREFIX + "a"), before[1]),
              "slid": (before[0][5:] + tok.encode("x"), before[1]),
-             "hole moved": (before[0] + before[1][:3], before[1][3:])}[edit]
+             "hole moved": (before[0] + before[1][:3], before[1][3:]),
+             # an extra-context block, then the file's window starting a token earlier
+             "block, window earlier": (block + before[0][1:] + tok.encode("x"), before[1])}[edit]
+    if edit == "block, window earlier":
+        before = (block + before[0][2:], before[1])
     lengths = [4, 9, 16]
     cache = ContextCache(max_changed=64)
     n_specials = len(lead_specials(args))
