@@ -12,6 +12,10 @@
   cold and warm latency p50 of the requests that completed in real time, and the accept scenario;
   then the same requests paired (replay_paired_*): each on an engine with context reuse and one
   without, back to back, which is what reuse buys per request.
+- (engine/bench/suite.py, with the server) the replay on a virtual clock, deterministic,
+  without and with the server's stable block from three other open files:
+  reuse_hit_rate_{without,with}_files and reuse_token_share_{without,with}_files
+  (lsp_server/context/replay.py).
 
 Measured, never asserted (tests check behaviour).
 """

@@ -18,6 +18,7 @@ import torch
 
 from engine.api import EngineError
 from engine.bench.shapes import small_random_args
+from engine.model.embedded_model import default_model_path
 from engine.model.transformer import Transformer
 
 SPAN = 32
@@ -122,6 +123,25 @@ def bench_server(device: torch.device, path: Path) -> dict[str, float]:
     return {k: figures[k] for k in keys if k in figures}
 
 
+def bench_reuse_with_files() -> dict[str, float]:
+    """The keystroke replay on the virtual clock (deterministic: the same figures every run),
+    without and with the server's stable block from three other open files: reuse_hit_rate
+    and the reused share of context tokens (lsp_server/context/replay.py, a separate process:
+    the engine does not import the server). The embedded model on the CPU, ~25 s."""
+    cmd = [sys.executable, "-m", "lsp_server.context.replay", "--deterministic"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        print(f"(reuse-with-files replay failed: {proc.stderr.strip()[-300:]})", file=sys.stderr)
+        return {}
+    figures = json.loads(lines[-1])
+    out = {}
+    for label, name in (("without", "without_files"), ("with", "with_files")):
+        out[f"reuse_hit_rate_{name}"] = figures[f"reuse_hit_rate_{label}"]
+        out[f"reuse_token_share_{name}"] = figures[f"reuse_token_share_{label}"]
+    return out
+
+
 def bench_shared(device: torch.device, path: Path, quick: bool) -> dict:
     """Three LSP clients on one shared engine, and the loopback load test (engine/serve)."""
     from engine.bench.shared_engine import run_shared_bench
@@ -161,6 +181,8 @@ def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True
     results.update(bench_warm_vs_cold(dev, reps))
     results.update(bench_batch(dev, 2 if quick else 3))
     results.update(bench_replay(dev))
+    if with_server and default_model_path() is not None:
+        results.update(bench_reuse_with_files())
     with tempfile.TemporaryDirectory() as tmp:
         memorized = memorized_checkpoint(Path(tmp) / "memorized")
         results.update(bench_memorized(dev, memorized))

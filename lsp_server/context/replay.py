@@ -1,7 +1,13 @@
-"""`python -m lsp_server.context.replay [--budget TOKENS] [--chars N]`: the keystroke replay
-(engine/bench/keystroke_replay.py) without and with extra context from three other open files,
-gathered by the server's StableContext at every request (issue 23: `reuse_hit_rate` with
-three other files open within 0.05 of without).
+"""`python -m lsp_server.context.replay [--deterministic] [--seed S] [--chars N] [--compare]`: the
+keystroke replay (engine/bench/keystroke_replay.py) without and with extra context from three
+other open files, gathered by the server's StableContext at every request (issue 23:
+`reuse_hit_rate` with three other files open within 0.05 of without).
+
+`--deterministic` replays on a virtual clock (the same figures every run; `make bench` reports
+them): each request that reaches the engine runs to completion, and the StableContext's clock,
+its idle rule and the idle pre-warm's timer run on the replay's virtual time. Without it, the
+real-time replay: requests run beside the typing and the next keystroke cancels them, so the
+figures move with the machine's load (the gatherer's 20 ms time budget too, on the wall clock).
 
 The typed file is engine/denoise/fim.py; the other open files are three more engine modules. The
 block takes `--budget` tokens of the model's window (the embedded model has no room by default, so
