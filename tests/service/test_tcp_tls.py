@@ -11,8 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from lsp_server.engine_client import _connect_endpoint
 from tests.e2e.server_session import VSCODE, inline, open_document, start, status, stop, wait_ready
 from tests.fixtures.certificates import self_signed
 from tests.fixtures.memorized import SNIPPETS
-from tests.service.conftest import STOP_WAIT_S, ServedEngine
+from tests.service.conftest import STOP_WAIT_S, ServedEngine, wait_http_ready
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX sockets and modes")
 
@@ -198,19 +196,6 @@ def test_a_remote_tcp_address_needs_tls_or_insecure_tcp(serve_engine, memorized_
     wait_loaded(port_of(secure), TOKEN, client_context(certificate[0]))
 
 
-def wait_https_ready(url: str, context) -> None:
-    deadline = time.monotonic() + LOAD_S
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5, context=context) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        assert time.monotonic() < deadline, "the HTTPS engine did not load its model"
-        time.sleep(0.1)
-
-
 async def test_remote_mode_checks_an_https_engine_against_the_ca_file(
         serve_engine, memorized_model, token_file, certificate):
     pytest.importorskip("aiohttp")  # the HTTP API's package
@@ -218,7 +203,7 @@ async def test_remote_mode_checks_an_https_engine_against_the_ca_file(
                           "--token-file", str(token_file), "--tls-cert", str(certificate[0]),
                           "--tls-key", str(certificate[1]))
     url = engine.endpoints["http"].replace("127.0.0.1", "localhost")
-    wait_https_ready(url, client_context(certificate[0]))
+    wait_http_ready(url, client_context(certificate[0]), LOAD_S)
     client, _ = await start(None, VSCODE, settings={
         "engineMode": "remote", "engineEndpoint": url, "engineTokenFile": str(token_file),
         "engineCaFile": str(certificate[0]), "timeoutMs": 120_000})
