@@ -357,12 +357,13 @@ class Engine:
         tokenized = time.perf_counter()
 
         seed = request.seed if request.seed is not None else secrets.randbits(62)
+        context = None  # (lead, tail) of the batch the buckets ran: what speculation follows
         try:
             if expanding:
                 done, rows = self._denoise_expanding(
                     loaded, request, prefix_ids, suffix_ids, lengths[0], seed, stop)
             else:
-                done, rows = self._denoise_buckets(
+                done, rows, context = self._denoise_buckets(
                     loaded, request, prefix_ids, suffix_ids, lengths, seed, stop, on_draft)
         except torch.OutOfMemoryError:
             if loaded.device.type == "cuda":
@@ -403,8 +404,8 @@ class Engine:
             "total": (finished - started) * 1000.0,
         }
         text = candidates[0].text if candidates else ""
-        if text and not done.timed_out and not expanding and request.use_cache:
-            self._speculate_on(request, text, prefix_ids, suffix_ids, max(lengths))
+        if text and not done.timed_out and context is not None and request.use_cache:
+            self._speculate_on(request, text, context, max(lengths))
         return CompletionResult(text=text, candidates=candidates, stats=stats)
 
     # ---- internals --------------------------------------------------------------------------
@@ -440,11 +441,12 @@ class Engine:
             self._require()
             return run_alone(self._loop, job)
 
-    def _speculate_on(self, request: CompletionRequest, text: str, prefix_ids: list[int],
-                      suffix_ids: list[int], hole: int) -> None:
+    def _speculate_on(self, request: CompletionRequest, text: str,
+                      context: tuple[torch.Tensor, torch.Tensor], hole: int) -> None:
         """When the worker is idle: the context as if `text` were accepted, into the cache,
-        beside the hole the next request will use (engine/denoise/speculation.py). `prefix_ids`,
-        `suffix_ids` and `hole`: this request's context, which the speculation follows."""
+        beside the hole the next request will use (engine/denoise/speculation.py). `context`
+        (its batch's (lead, tail) ids) and `hole`: this request's context, which the
+        speculation follows."""
         if not self._speculate or self._worker is None or self._loaded is None:
             return
         accepted = request.prefix + text
@@ -457,14 +459,13 @@ class Engine:
             # this context, that speculation is one step-sized pass.
             holes.append(hole)
         for rank, next_hole in enumerate(holes):
-            self._worker.when_idle(self._speculation(request, accepted, next_hole, prefix_ids,
-                                                     suffix_ids, hole),
+            self._worker.when_idle(self._speculation(request, accepted, next_hole, context, hole),
                                    key=("speculate", rank))
         for rank in range(len(holes), 2):  # an older request's second one is moot now
             self._worker.when_idle(None, key=("speculate", rank))
 
     def _speculation(self, request: CompletionRequest, accepted: str, next_hole: int,
-                     prefix_ids: list[int], suffix_ids: list[int], hole: int
+                     context: tuple[torch.Tensor, torch.Tensor], hole: int
                      ) -> Callable[[], None]:
         """The idle task that speculates (accepted, request.suffix) beside a `next_hole` hole."""
         loaded, cache = self._loaded, self._cache
@@ -475,8 +476,7 @@ class Engine:
                 return
             follows = None
             if next_hole != hole:  # nothing of this hole length to grow from: say what it follows
-                batch = fim.build_infill_batch(loaded.args, prefix_ids, suffix_ids, [hole])
-                follows = cache.find(*context_ids(batch), hole)
+                follows = cache.find(*context, hole)
                 if follows is None:  # evicted, or superseded: nobody is at that cursor now
                     return
             next_prefix, next_suffix = self._context_ids(accepted, request.suffix, budget,
@@ -519,15 +519,15 @@ class Engine:
         self._worker.when_idle(task, key="prewarm")
         return True
 
-    def _refresh_if_worn(self, batch: fim.InfillBatch, request: CompletionRequest) -> None:
+    def _refresh_if_worn(self, context: tuple[torch.Tensor, torch.Tensor], hole: int,
+                         request: CompletionRequest) -> None:
         """When the context this request left in the cache is worn (max_reuses hops from a
         full encode): encode it afresh when the worker is idle, ahead of any speculation (it
         may grow from the fresh entry; engine/denoise/context_refresh.py)."""
         if not self._refresh_worn or not request.use_cache or self._loaded is None:
             return
         loaded, cache = self._loaded, self._cache
-        lead, tail = context_ids(batch)
-        worn = cache.find(lead, tail, batch.max_hole)
+        worn = cache.find(*context, hole)
         if worn is None or worn.reuses == 0 or not cache.worn(worn):
             return  # (0 hops: max_reuses 0 turns reuse off; a fresh encode would change nothing)
 
@@ -565,9 +565,14 @@ class Engine:
         finally:
             if feed is not None:
                 feed.close()
-        if done is not None:  # cancelled or not, its first pass left its context in the cache
-            self._refresh_if_worn(batch, request)
-        return done, rows
+        if done is None:
+            return None, rows, None
+        # The (lead, tail) ids of the longest row: what its first pass left in the cache
+        # (cancelled or not), and what a speculation after it follows (the same ids and hole
+        # as a one-row batch of this context: no rebuild on the idle queue).
+        context = context_ids(batch)
+        self._refresh_if_worn(context, batch.max_hole, request)
+        return done, rows, context
 
     def _stop_decides(self, request: CompletionRequest):
         """A row whose committed run from its first slot is already cut by the stop mode needs

@@ -387,6 +387,10 @@ class RemoteEngine:
             return handshake_failure(exc, self.url)
         return EngineError(f"the remote engine at {self.url} is unreachable: {exc}")
 
+    def _silent(self, limit: float | None) -> EngineUnavailable:
+        return EngineUnavailable(f"the remote engine at {self.url} gave no answer "
+                                 f"within {limit or 0:.1f} s")
+
     def _model_window(self) -> tuple[str | None, int | None]:
         """(model id, context window) from GET /v1/models: the entry named by the `model`
         setting, else the only one. (None, None) when the endpoint does not say: a hosted API
@@ -458,8 +462,7 @@ class RemoteEngine:
                 return cancelled_result()
             if time.monotonic() > deadline:
                 _abort(connection)
-                raise EngineUnavailable(f"the remote engine at {self.url} gave no answer "
-                                        f"within {limit:.1f} s")
+                raise self._silent(limit)
         connection.close()
         if "error" in outcome:
             raise outcome["error"]
@@ -475,6 +478,10 @@ class RemoteEngine:
                                headers=headers)
             response = connection.getresponse()
             raw = response.read()
+        except TimeoutError:
+            # The socket's timeout is the call's deadline too: whichever of the two notices
+            # the silence first, it is the same answer, never a retry at half the span.
+            raise self._silent(connection.timeout) from None
         except (OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
         if response.status in (401, 403):  # no retry can fix a refused credential

@@ -67,6 +67,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--http-max-connections", type=int, default=128,
                    help="open HTTP connections at most, fewer if the file limit is low "
                    "(default 128); further ones are closed at once")
+    s.add_argument("--hello-timeout-s", type=float, default=10.0,
+                   help="seconds a socket or --tcp client has, from being accepted, to say hello "
+                   "(a TLS handshake included); silent ones are closed (default 10)")
     s.add_argument("--tcp-max-connections", type=int, default=128,
                    help="open --tcp connections at most, fewer if the file limit is low "
                    "(default 128); further ones are refused with a message and closed")
@@ -121,6 +124,8 @@ def build_options(args: argparse.Namespace):
         raise EngineError("--http-read-timeout-s must be > 0 and --http-max-connections >= 1")
     if args.tcp_max_connections < 1:
         raise EngineError("--tcp-max-connections must be >= 1")
+    if not args.hello_timeout_s > 0:
+        raise EngineError("--hello-timeout-s must be > 0")
     return ServeOptions(
         model=model, device=args.device, quant=args.quant, socket=socket_path, lock=lock,
         tcp=host_port(args.tcp) if args.tcp else None,
@@ -131,7 +136,7 @@ def build_options(args: argparse.Namespace):
         max_in_flight=max(1, args.max_in_flight), tls_cert=args.tls_cert,
         tls_key=args.tls_key, http_read_timeout_s=args.http_read_timeout_s,
         http_max_connections=args.http_max_connections,
-        tcp_max_connections=args.tcp_max_connections,
+        tcp_max_connections=args.tcp_max_connections, hello_timeout_s=args.hello_timeout_s,
         http_allowed_hosts=tuple(args.allowed_host))
 
 

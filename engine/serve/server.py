@@ -14,10 +14,12 @@ grow the engine's memory; the warning is logged at most once per LOG_EVERY_S.
 The `--tcp` listener is held like the HTTP API's (issue 20.6): at most `tcp_max_connections`
 open at once (fewer under a low file limit, so the editors' Unix socket always has descriptors
 left), a connection past the cap is told why in a Refused frame and closed at once (the
-refusal logged, throttled), and one that has not said hello within HELLO_TIMEOUT_S is closed.
-With `--tls-cert/--tls-key` it speaks TLS: the handshake runs inside the capped connection (so
-handshakes count against the cap) and must end within HELLO_TIMEOUT_S; a failed one (a plain
-client, a client that does not trust the certificate) closes the connection, logged throttled.
+refusal logged, throttled), and one that has not said hello within `hello_timeout_s` of being
+accepted is closed. With `--tls-cert/--tls-key` it speaks TLS: the handshake runs inside the
+capped connection (so handshakes count against the cap) and within the same deadline as the
+hello (a silent TLS client holds a slot no longer than a silent plain one); a failed one (a
+plain client, a client that does not trust the certificate) closes the connection, logged
+throttled.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ over_cap_log = ThrottledLog(log, "TCP connections refused (over the connection c
 handshake_log = ThrottledLog(log, "TCP connections closed for a failed TLS handshake")
 
 EXIT_ALREADY_RUNNING = 3  # another engine holds this key's lock: use that one
-HELLO_TIMEOUT_S = 10.0
+HELLO_TIMEOUT_S = 10.0  # from accept to hello, a TLS handshake included
 FAILED_EXIT_S = 2.0  # a failed load lingers this long without clients (they read the error)
 LOOPBACK_NAMES = ("localhost",)
 # Per connection. An editor has a few requests in flight and reads every answer at once.
@@ -126,6 +128,7 @@ class ServeOptions:
     http_max_connections: int = 128  # fewer under a low file limit
     tcp_max_connections: int = 128  # --tcp connections, likewise
     http_allowed_hosts: tuple[str, ...] = ()  # Host names served on loopback besides its own
+    hello_timeout_s: float = HELLO_TIMEOUT_S  # accept to hello, TLS handshake included
 
 
 def is_loopback(host: str) -> bool:
@@ -148,8 +151,10 @@ class EngineService:
     """Connections, status and idle tracking around one ServiceHost."""
 
     def __init__(self, scheduler: ServiceHost, *, token: str | None = None,
-                 idle_exit_s: float = 0.0, tcp_tls: ssl.SSLContext | None = None):
+                 idle_exit_s: float = 0.0, tcp_tls: ssl.SSLContext | None = None,
+                 hello_timeout_s: float = HELLO_TIMEOUT_S):
         self.scheduler = scheduler
+        self.hello_timeout_s = hello_timeout_s
         self.token = token
         self.tcp_tls = tcp_tls  # the --tcp listener's TLS, done per connection
         self.idle_exit_s = idle_exit_s
@@ -241,23 +246,30 @@ class EngineService:
                 writer.close()
             return
         self.tcp_open += 1
+        # One deadline from accept: the handshake's time is taken from the hello's.
+        hello_by = asyncio.get_running_loop().time() + self.hello_timeout_s
         try:
             if self.tcp_tls is not None and writer.get_extra_info("sslcontext") is None:
                 try:
-                    await writer.start_tls(self.tcp_tls, ssl_handshake_timeout=HELLO_TIMEOUT_S)
+                    await writer.start_tls(self.tcp_tls,
+                                           ssl_handshake_timeout=self.hello_timeout_s)
                 except (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError) as exc:
                     why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
                     handshake_log.warning("closing a TCP connection from %s: the TLS handshake "
                                           "failed (%s)", writer.get_extra_info("peername"), why)
                     writer.transport.abort()
                     return
-            await self.connection(reader, writer, needs_token=True)
+            await self.connection(reader, writer, needs_token=True, hello_by=hello_by)
         finally:
             self.tcp_open -= 1
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         *, needs_token: bool) -> None:
+                         *, needs_token: bool, hello_by: float | None = None) -> None:
+        """Serve one client; its hello must come by `hello_by` (loop time; default
+        hello_timeout_s from now)."""
         loop = asyncio.get_running_loop()
+        if hello_by is None:
+            hello_by = loop.time() + self.hello_timeout_s
         client: int | None = None
         self.writers.add(writer)
         unanswered: set[int] = set()  # its completions not yet answered
@@ -283,7 +295,8 @@ class EngineService:
             return reply
 
         try:
-            hello = await asyncio.wait_for(read_message(reader), HELLO_TIMEOUT_S)
+            hello = await asyncio.wait_for(read_message(reader),
+                                           max(0.0, hello_by - loop.time()))
             refusal = self._check_hello(hello, writer, needs_token)
             if refusal is not None:
                 refused_log.warning("connection refused: %s", refusal)
@@ -418,10 +431,12 @@ async def serve(options: ServeOptions, scheduler: ServiceHost | None = None) -> 
     scheduler = scheduler or ServiceHost(
         lambda: load_for_service(options.model, options.device, options.quant),
         cache_size=options.cache_size, max_in_flight=options.max_in_flight)
-    # Python 3.10 has no StreamWriter.start_tls: there the listener does the handshake.
+    # Python 3.10 has no StreamWriter.start_tls: there the listener does the handshake,
+    # before the connection's deadline starts (a TLS client then gets the limit twice).
     per_connection_tls = hasattr(asyncio.StreamWriter, "start_tls")
     service = EngineService(scheduler, token=token, idle_exit_s=options.idle_exit_s,
-                            tcp_tls=tls if per_connection_tls else None)
+                            tcp_tls=tls if per_connection_tls else None,
+                            hello_timeout_s=options.hello_timeout_s)
     closers: list = []
     endpoints: dict[str, Any] = {"pid": os.getpid()}
     if token is not None:  # where a client reads it (`maskfill-engine token` prints it too)
@@ -432,7 +447,7 @@ async def serve(options: ServeOptions, scheduler: ServiceHost | None = None) -> 
         if options.tcp is not None:
             limit = connection_limit(options.tcp_max_connections, "TCP")
             listener_tls = {} if per_connection_tls or tls is None else {
-                "ssl": tls, "ssl_handshake_timeout": HELLO_TIMEOUT_S}
+                "ssl": tls, "ssl_handshake_timeout": options.hello_timeout_s}
             server = await asyncio.start_server(
                 lambda r, w: service.tcp_connection(r, w, limit=limit), *options.tcp,
                 backlog=ACCEPT_BACKLOG, **listener_tls)

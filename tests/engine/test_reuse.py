@@ -10,7 +10,7 @@ import torch
 
 from engine.api import CompletionRequest
 from engine.denoise.context_cache import CachedContext, ContextCache, match
-from engine.denoise.fim import build_infill_batch, lead_specials
+from engine.denoise.fim import build_infill_batch, context_budget, lead_specials
 from engine.denoise.kv_arena import Layout, allocate, key_bias, query_ids
 from engine.denoise.prefill import context_ids, prefill
 from engine.engine import Engine, hole_lengths
@@ -252,6 +252,15 @@ def test_the_accepted_completion_s_context_is_ready_and_other_typing_drops_it(me
     assert speculated[0] not in cache.entries() and cache.speculative_drops == drops + 1
 
 
+def cold_context(engine: Engine, request: CompletionRequest):
+    """((lead, tail) ids, hole) of `request` as a cold request builds them: one row."""
+    args, hole = engine._loaded.args, max(hole_lengths(request))
+    budget = context_budget(args, hole, request.max_context_tokens)
+    prefix_ids, suffix_ids = engine._context_ids(request.prefix, request.suffix, budget,
+                                                 request.extra)
+    return context_ids(build_infill_batch(args, prefix_ids, suffix_ids, [hole])), hole
+
+
 def _automatic(prefix: str, suffix: str) -> CompletionRequest:
     """An editor's automatic request: the stop mode its cursor gives, 32 tokens."""
     stop = stop_for_cursor(prefix.rsplit("\n", 1)[-1], suffix.split("\n", 1)[0])
@@ -281,6 +290,15 @@ def test_the_speculation_serves_a_next_request_with_another_stop_and_answers_as_
     assert max(hole_lengths(accepted)) != max(hole_lengths(first)), (first.stop, accepted.stop)
     speculated = sorted(e.hole for e in warm._cache.entries() if e.speculative)
     assert speculated == sorted({max(hole_lengths(first)), max(hole_lengths(accepted))})
+    # The one beside the new hole holds the context a cold encode of the accepted request
+    # builds, and follows the entry of this request's own context (complete's batch's ids,
+    # not rebuilt on the idle queue: they must be a cold build's).
+    (lead, tail), hole = cold_context(warm, accepted)
+    beside = [e for e in warm._cache.entries() if e.speculative and e.hole == hole]
+    assert len(beside) == 1
+    assert torch.equal(beside[0].lead, lead) and torch.equal(beside[0].tail, tail)
+    own = warm._cache.find(*cold_context(warm, first)[0], max(hole_lengths(first)))
+    assert own is not None and beside[0].parent is own
     hits = warm._cache.speculative_hits
     after = warm.complete(accepted)
     assert after.stats.speculative_hit and warm._cache.speculative_hits == hits + 1

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from engine.serve.client import EngineConnection
 
 STOP_WAIT_S = 15.0
 CONNECT_WAIT_S = 60.0  # a hang guard only
+HTTP_LOAD_WAIT_S = 180.0  # a hang guard for an HTTP engine's model load
 
 
 @pytest.fixture
@@ -172,6 +175,21 @@ def fim_answer(model: Path, request) -> str:
         return engine.complete(dataclasses.replace(request, span_lengths=None)).text
     finally:
         engine.close()
+
+
+def wait_http_ready(url: str, context=None, seconds: float = HTTP_LOAD_WAIT_S) -> None:
+    """Poll `url`/health until the engine has loaded its model (200; 503 while loading, and
+    a refused or reset connection while it starts); `context`: an SSLContext for https."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5, context=context) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        assert time.monotonic() < deadline, f"the engine at {url} did not load its model"
+        time.sleep(0.1)
 
 
 def connect_unix(path: Path) -> EngineConnection:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from engine.api import DRAFT_MASK
+from tests.service.conftest import wait_http_ready
 
 LOAD_S = 120.0
 BODY = {"prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(1, 2))\n",
@@ -28,16 +29,8 @@ def http_engine(slow_model: Path, serve_engine):
     request below must run the model)."""
     engine = serve_engine(slow_model, "--no-socket", "--http", "127.0.0.1:0", "--cache-size", "0")
     base, token = engine.endpoints["http"], Path(engine.endpoints["token_file"]).read_text()
-    deadline = time.monotonic() + LOAD_S
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=5) as health:
-                if json.load(health)["state"] == "ready":
-                    return base, token.strip()
-        except OSError:
-            pass
-        time.sleep(0.1)
-    pytest.fail("the engine did not load")
+    wait_http_ready(base, seconds=LOAD_S)
+    return base, token.strip()
 
 
 def _post(base: str, token: str, path: str, body: dict,

@@ -179,6 +179,34 @@ def test_an_unreachable_remote_endpoint_fails_the_load_clearly(runtime_dir):
         RemoteEngine.open(None, None, None)
 
 
+class SocketTimerFirst(RemoteEngine):
+    """The race made certain: the socket's own timer (0.05 s) notices a silent endpoint
+    before the call's deadline does (with equal limits it wins most short calls)."""
+
+    def _connection(self, timeout: float):
+        return super()._connection(min(timeout, 0.05))
+
+
+def test_a_silent_remote_endpoint_is_asked_once_whichever_timer_notices():
+    """A silent endpoint is unavailable, never retried at half the span: one model run."""
+    events: list[tuple[str, dict]] = []
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; no answer
+        engine = SocketTimerFirst(f"http://127.0.0.1:{silent.getsockname()[1]}", None, None)
+        worker = LspEngineHost(loader=lambda spec: engine,
+                               on_event=lambda kind, payload: events.append((kind, payload)))
+        try:
+            worker.load(LoadSpec(model=None, mode="remote"))
+            wait_for(lambda: worker.state == "ready", "the load")
+            job = worker.submit("file:///a.py", CompletionRequest(
+                prefix="def f():\n", suffix="", max_tokens=16, timeout_ms=3000))
+            assert job.future.result(WAIT_S) is None
+            assert worker.stats.model_runs == 1 and worker.stats.failures == 1
+            said = [p["message"] for kind, p in events if kind == "engine-error"]
+            assert len(said) == 1 and "gave no answer" in said[0], said
+        finally:
+            worker.close()
+
+
 def test_remote_cancel_hangs_up_and_the_engine_stops_the_job(slow_model):
     server = HttpEngine(slow_model, "t")
     try:

@@ -30,7 +30,7 @@ from engine.serve.protocol import (
     encode,
     frame_length,
 )
-from tests.service.conftest import slow_request
+from tests.service.conftest import slow_request, wait_http_ready
 
 LOAD_S = 180.0
 HANG_GUARD_S = 300.0
@@ -283,14 +283,7 @@ def http_engine(memorized_model, serve_engine, runtime_dir):
     engine = serve_engine(memorized_model, "--no-socket", "--http", "127.0.0.1:0",
                           "--token-file", str(token_file))
     url, token = engine.endpoints["http"], token_file.read_text().strip()
-    deadline = time.monotonic() + LOAD_S
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=30):
-                break
-        except urllib.error.HTTPError:  # 503 while loading
-            assert time.monotonic() < deadline, "the model never loaded"
-            time.sleep(0.1)
+    wait_http_ready(url, seconds=LOAD_S)
     return url, token
 
 

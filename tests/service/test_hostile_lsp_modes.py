@@ -37,6 +37,7 @@ from tests.e2e.server_session import (
     wait_ready,
 )
 from tests.fixtures.memorized import SNIPPETS
+from tests.service.conftest import wait_http_ready
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc, sends SIGSTOP")
 
@@ -45,19 +46,6 @@ TIMEOUT_MS = 3000
 HANG_GUARD_S = TIMEOUT_MS / 1000 + 9  # well past timeout + the answer margin; far below +30 s
 PREFIX = "def is_even(n):\n"
 BODY = next(s for s in SNIPPETS if s.startswith(PREFIX))[len(PREFIX):].rstrip("\n")
-
-
-def wait_http_ready(url: str, seconds: float = 180.0) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        assert time.monotonic() < deadline, "the HTTP engine did not load its model"
-        time.sleep(0.1)
 
 
 @pytest.fixture

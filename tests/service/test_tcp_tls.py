@@ -5,14 +5,14 @@ against it, on the tiny memorized checkpoint. Deadlines are hang guards only."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from lsp_server.engine_client import _connect_endpoint
 from tests.e2e.server_session import VSCODE, inline, open_document, start, status, stop, wait_ready
 from tests.fixtures.certificates import self_signed
 from tests.fixtures.memorized import SNIPPETS
-from tests.service.conftest import STOP_WAIT_S, ServedEngine
+from tests.service.conftest import STOP_WAIT_S, ServedEngine, wait_http_ready
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX sockets and modes")
 
@@ -160,6 +160,56 @@ def test_a_tls_client_past_the_connection_cap_is_told_why(serve_engine, memorize
         held.close()
 
 
+HELLO_LIMIT_S = 4.0  # the engine's --hello-timeout-s here (10 s by default)
+HANDSHAKE_AFTER_S = 3.0  # a slow TLS client: its handshake starts this long after connecting
+
+
+def seconds_until_dropped(port: int, context=None, handshake_after_s: float = 0.0) -> float:
+    """Connect and never say hello (with `context`: do the TLS handshake after
+    `handshake_after_s` first); the seconds from connecting until the engine drops us."""
+    started = time.monotonic()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=LOAD_S)  # a hang guard
+    try:
+        if context is not None:
+            time.sleep(handshake_after_s)
+            try:
+                sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+            except (OSError, ssl.SSLError):  # dropped during the handshake: dropped too
+                return time.monotonic() - started
+        with contextlib.suppress(OSError, ssl.SSLError):
+            while sock.recv(4096):
+                pass
+        return time.monotonic() - started
+    finally:
+        sock.close()
+
+
+def test_a_silent_tls_client_is_dropped_by_the_same_deadline_as_a_silent_plain_one(
+        serve_engine, memorized_model, token_file, certificate):
+    """One deadline from accept covers the TLS handshake and the hello. Before, the hello got
+    its own full limit after the handshake: a client that took 3 s to shake hands and then
+    said nothing held its capped slot for 3 + 4 s, never less. The bound below is a hang
+    guard with 2.5 s of slack for a loaded machine, and still under what the old code took."""
+    engine = serve_engine(memorized_model, "--no-socket", "--tcp", "127.0.0.1:0",
+                          "--token-file", str(token_file), "--hello-timeout-s",
+                          str(HELLO_LIMIT_S), "--tls-cert", str(certificate[0]),
+                          "--tls-key", str(certificate[1]))
+    port, context = port_of(engine), client_context(certificate[0])
+    dropped: dict[str, float] = {}
+    clients = {"no handshake": lambda: seconds_until_dropped(port),
+               "slow handshake": lambda: seconds_until_dropped(port, context,
+                                                               HANDSHAKE_AFTER_S)}
+    threads = [threading.Thread(target=lambda n=n, f=f: dropped.__setitem__(n, f()))
+               for n, f in clients.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(LOAD_S)
+    assert set(dropped) == set(clients), dropped
+    old_minimum = HANDSHAKE_AFTER_S + HELLO_LIMIT_S
+    assert all(HELLO_LIMIT_S - 0.1 < s < old_minimum - 0.5 for s in dropped.values()), dropped
+
+
 def start_refused(model: Path, *args: str) -> subprocess.CompletedProcess:
     """An engine that must refuse to start: its exit, or the endpoints line it printed."""
     process = subprocess.Popen(
@@ -198,19 +248,6 @@ def test_a_remote_tcp_address_needs_tls_or_insecure_tcp(serve_engine, memorized_
     wait_loaded(port_of(secure), TOKEN, client_context(certificate[0]))
 
 
-def wait_https_ready(url: str, context) -> None:
-    deadline = time.monotonic() + LOAD_S
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5, context=context) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        assert time.monotonic() < deadline, "the HTTPS engine did not load its model"
-        time.sleep(0.1)
-
-
 async def test_remote_mode_checks_an_https_engine_against_the_ca_file(
         serve_engine, memorized_model, token_file, certificate):
     pytest.importorskip("aiohttp")  # the HTTP API's package
@@ -218,7 +255,7 @@ async def test_remote_mode_checks_an_https_engine_against_the_ca_file(
                           "--token-file", str(token_file), "--tls-cert", str(certificate[0]),
                           "--tls-key", str(certificate[1]))
     url = engine.endpoints["http"].replace("127.0.0.1", "localhost")
-    wait_https_ready(url, client_context(certificate[0]))
+    wait_http_ready(url, client_context(certificate[0]), LOAD_S)
     client, _ = await start(None, VSCODE, settings={
         "engineMode": "remote", "engineEndpoint": url, "engineTokenFile": str(token_file),
         "engineCaFile": str(certificate[0]), "timeoutMs": 120_000})

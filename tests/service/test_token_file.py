@@ -11,12 +11,11 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.service.conftest import wait_http_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -51,19 +50,6 @@ def user_env(tmp_path: Path, xdg: bool) -> dict[str, str]:
     return env
 
 
-def wait_healthy(url: str, seconds: float = 300.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=10) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"{url} did not become healthy")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("xdg", [True, False], ids=["XDG_RUNTIME_DIR set", "unset"])
 def test_the_readme_curl_works_as_written(tmp_path: Path, memorized_model: Path, xdg: bool):
@@ -89,7 +75,7 @@ def test_the_readme_curl_works_as_written(tmp_path: Path, memorized_model: Path,
         assert where.stdout == f"{expected}\n"
         assert expected.read_text().strip() not in where.stdout + where.stderr  # never printed
 
-        wait_healthy(started["http"])  # the model loads after the endpoints line
+        wait_http_ready(started["http"], seconds=300.0)  # the model loads after the endpoints line
         command = readme_curl().replace("http://127.0.0.1:8471", started["http"])
         curl = subprocess.run(["bash", "-c", command + " -w '\\n%{http_code}'"], env=env,
                               capture_output=True, text=True, timeout=300)
