@@ -5,7 +5,8 @@ while the Complete it stops is still waiting. `complete` has the signature of
 Engine.complete: the caller's cancel Event is watched while the answer is awaited and turned
 into a Cancel message, so newest-wins and $/cancelRequest reach the model across the socket.
 Over TCP the session may be TLS (an engine serving `--tcp` with `--tls-cert`): `tcp(tls=...)`
-checks the engine's certificate and name before the token is sent.
+checks the engine's certificate and name before the token is sent. One deadline
+(SETUP_TIMEOUT_S) covers a connection's whole set-up: connect, TLS handshake and hello.
 """
 
 from __future__ import annotations
@@ -44,12 +45,18 @@ from engine.serve.protocol import (
     encode,
     frame_length,
 )
+from engine.serve.setup_deadline import (
+    DeadlineSocket,
+    SetupDeadline,
+    connect_tcp,
+)
 from engine.serve.tls import EngineTlsError, TlsChannel, handshake_failure, looks_like_tls
 
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_S = 0.005  # how soon a set cancel Event becomes a Cancel message
-HANDSHAKE_TIMEOUT_S = 10.0
+# Connect, TLS handshake and hello together: a silent endpoint holds a connect this long.
+SETUP_TIMEOUT_S = 10.0
 DEADLINE_SLACK_S = 30.0  # beyond the request's own deadline, before a silent engine is given up
 # A stopped engine reads nothing: once the socket buffer is full a send would block for ever
 # (holding the send lock); past this the connection is failed instead.
@@ -109,21 +116,31 @@ def _read_frame(sock: socket.socket | TlsChannel):
 
 
 class EngineConnection:
-    def __init__(self, sock: socket.socket | TlsChannel, *, name: str = "",
-                 token: str | None = None):
+    def __init__(self, sock: socket.socket | TlsChannel | DeadlineSocket, *, name: str = "",
+                 token: str | None = None, setup: DeadlineSocket | None = None):
+        """Say hello over `sock` (a connected socket, or a TlsChannel over one). `setup`: the
+        DeadlineSocket under `sock` whose deadline the stages before already used; None (a
+        socket connected elsewhere): the hello alone gets SETUP_TIMEOUT_S."""
+        if setup is None:
+            sock = setup = DeadlineSocket(sock, SetupDeadline(SETUP_TIMEOUT_S))
         self._sock = sock
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, Future] = {}
         self._pending_lock = threading.Lock()
         self.lost: str | None = None
-        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        deadline = setup.deadline
+        assert deadline is not None, "set-up released before the hello"
+        deadline.stage = "waiting for its Welcome to our hello"
         try:
             sock.sendall(encode(Hello(client=name, token=token)))
             first = _read_frame(sock)
         except AnsweredInTls as exc:
             sock.close()
             raise EngineTlsError(str(exc)) from None
+        except TimeoutError:  # before OSError: a timeout is one
+            sock.close()
+            raise deadline.expired() from None
         except (OSError, FrameError) as exc:
             sock.close()
             raise EngineGone(f"the engine did not answer hello: {exc}") from None
@@ -134,7 +151,7 @@ class EngineConnection:
             sock.close()
             raise EngineGone("the engine closed the connection during hello")
         self.welcome = first
-        sock.settimeout(None)
+        setup.release()
         _bound_sends(sock, SEND_TIMEOUT_S)
         self._reader = threading.Thread(target=self._read, name="maskfill-engine-reader",
                                         daemon=True)
@@ -142,31 +159,48 @@ class EngineConnection:
 
     @classmethod
     def unix(cls, path: Path | str, *, name: str = "") -> EngineConnection:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        """Over a unix socket; connect and hello within SETUP_TIMEOUT_S (EngineSetupTimeout
+        past it, OSError when nothing listens there)."""
+        deadline = SetupDeadline(SETUP_TIMEOUT_S, f"unix:{path}")
+        sock = DeadlineSocket(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), deadline)
         try:
-            sock.settimeout(HANDSHAKE_TIMEOUT_S)
             sock.connect(str(path))
+        except TimeoutError:  # a listener whose backlog is full (a hung engine)
+            sock.close()
+            raise deadline.expired() from None
         except OSError:
             sock.close()
             raise
-        return cls(sock, name=name)
+        return cls(sock, name=name, setup=sock)
 
     @classmethod
     def tcp(cls, host: str, port: int, *, token: str, name: str = "",
-            tls: ssl.SSLContext | None = None) -> EngineConnection:
+            tls: ssl.SSLContext | None = None,
+            setup_s: float | None = None) -> EngineConnection:
         """Over TCP; with `tls`, a TLS session whose certificate and host name are checked
-        before the token is sent (EngineTlsError when they are not good)."""
-        sock = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S)
+        before the token is sent (EngineTlsError when they are not good). Connect, handshake
+        and hello share one deadline, `setup_s` (default SETUP_TIMEOUT_S): EngineSetupTimeout
+        past it, whichever stage the endpoint went silent in."""
+        where = f"{'tls' if tls is not None else 'tcp'}://{host}:{port}"
+        deadline = SetupDeadline(SETUP_TIMEOUT_S if setup_s is None else setup_s, where)
+        try:
+            sock = connect_tcp(host, port, deadline)
+        except TimeoutError:
+            raise deadline.expired() from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is None:
-            return cls(sock, name=name, token=token)
+            return cls(sock, name=name, token=token, setup=sock)
+        deadline.stage = "shaking hands (TLS)"
         channel = TlsChannel(sock, tls, server_hostname=host)
         try:
             channel.handshake()
-        except (OSError, ssl.SSLError) as exc:  # timeouts and resets included
+        except TimeoutError:  # before OSError: silence is not a failed handshake
             sock.close()
-            raise handshake_failure(exc, f"tls://{host}:{port}", channel.first_answer) from None
-        return cls(channel, name=name, token=token)
+            raise deadline.expired() from None
+        except (OSError, ssl.SSLError) as exc:  # resets included
+            sock.close()
+            raise handshake_failure(exc, where, channel.first_answer) from None
+        return cls(channel, name=name, token=token, setup=sock)
 
     @property
     def alive(self) -> bool:

@@ -21,6 +21,7 @@ from engine.api import EngineError
 from engine.serve import paths
 from engine.serve.client import EngineConnection, EngineGone
 from engine.serve.server import EXIT_ALREADY_RUNNING
+from engine.serve.setup_deadline import EngineSetupTimeout
 
 START_TIMEOUT_S = 120.0  # Python + torch import on a busy machine; the model loads after
 POLL_S = 0.05
@@ -49,7 +50,8 @@ class EngineLocation:
 
 def connect(location: EngineLocation, name: str, *, use_unix: bool = HAS_UNIX_SOCKETS
             ) -> EngineConnection:
-    """Connect to a running engine; OSError/EngineGone when there is none."""
+    """Connect to a running engine; OSError/EngineGone when there is none, EngineSetupTimeout
+    when one is there but silent (connect_or_start treats the three alike)."""
     if use_unix:
         return EngineConnection.unix(location.socket, name=name)
     try:
@@ -66,14 +68,14 @@ def connect_or_start(location: EngineLocation, name: str, *, idle_exit_s: float 
                      use_unix: bool = HAS_UNIX_SOCKETS) -> EngineConnection:
     try:
         return connect(location, name, use_unix=use_unix)
-    except (OSError, EngineGone):
+    except (OSError, EngineGone, EngineSetupTimeout):
         pass  # none running, or a crashed engine's socket file: start one
     process = spawn(location, idle_exit_s=idle_exit_s, use_unix=use_unix)
     deadline = time.monotonic() + start_timeout_s
     while True:
         try:
             return connect(location, name, use_unix=use_unix)
-        except (OSError, EngineGone):
+        except (OSError, EngineGone, EngineSetupTimeout):
             pass
         code = process.returncode  # set by the reaper thread (poll() would race with it)
         if code is not None and code != EXIT_ALREADY_RUNNING:

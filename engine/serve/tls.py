@@ -114,8 +114,9 @@ class TlsChannel:
         self.first_answer = b""  # the engine's first bytes (handshake_failure reads them)
 
     def handshake(self) -> None:
-        """Run the handshake (the socket's timeout bounds each wait); ssl.SSLError, OSError or
-        ConnectionError when it fails."""
+        """Run the handshake; ssl.SSLError, OSError or ConnectionError when it fails. The
+        socket bounds each wait (the client's DeadlineSocket: one deadline for the whole
+        set-up); a TimeoutError from it is passed on as it is."""
         try:
             self._handshake()
         except (ConnectionResetError, BrokenPipeError) as exc:
