@@ -256,7 +256,9 @@ class SharedEngine:
 def _connect_endpoint(endpoint: str, token_file: str | None,
                       ca_file: str | None = None) -> EngineConnection:
     """A user-run engine: unix:/path, tcp://host:port, or tls://host:port (its certificate
-    checked against engineCaFile, else the system's CAs, and its host name too)."""
+    checked against engineCaFile, else the system's CAs, and its host name too). One deadline
+    covers connect, handshake and hello: an engine silent past it raises EngineSetupTimeout,
+    which says the stage and is passed on as it is (never retried, like EngineTlsError)."""
     parsed = urllib.parse.urlparse(endpoint)
     if parsed.scheme == "unix":
         return EngineConnection.unix(parsed.path, name=_client_name())

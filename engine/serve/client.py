@@ -45,11 +45,7 @@ from engine.serve.protocol import (
     encode,
     frame_length,
 )
-from engine.serve.setup_deadline import (
-    DeadlineSocket,
-    SetupDeadline,
-    connect_tcp,
-)
+from engine.serve.setup_deadline import DeadlineSocket, SetupDeadline, connect_tcp
 from engine.serve.tls import EngineTlsError, TlsChannel, handshake_failure, looks_like_tls
 
 log = logging.getLogger(__name__)
