@@ -8,12 +8,16 @@ debounce and queue for the model, and a newer request for the same document supe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import re
 from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from lsprotocol import types
 from pygls.workspace import TextDocument
@@ -29,7 +33,7 @@ from lsp_server.engine_host import CALL_MS, LspEngineHost
 from lsp_server.postprocess import CursorContext, choose_stop, is_useless, postprocess
 from lsp_server.protocol import Suggestion, cover_auto_closed, shift
 from lsp_server.settings import Settings
-from lsp_server.syntax.pick import SyntaxView, hole_check, pick, view_at
+from lsp_server.syntax.pick import Picked, SyntaxView, hole_check, pick, view_at
 from lsp_server.syntax.rank import Row
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,8 @@ INDENT_SAMPLE_CHARS = 8000  # each side of the cursor
 LOADING_STATES = ("unloaded", "loading")  # a request arriving now waits for the model
 # A lone surrogate (a JSON "\ud800" from a client) has no UTF-8 form: no tokenizer takes it.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Builds each request's hole check while the model runs (the rows' cut waits for it).
+_SYNTAX_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="maskfill-syntax")
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,15 @@ class Selection:
     end: int
     text: str
     client_start: types.Position
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The texts of one model answer, post-processed and cut (`_cut`), best first; and the
+    syntax pick's verdict, which the status counts (`_count`)."""
+
+    texts: tuple[str, ...]
+    picked: Picked | None = None
 
 
 @dataclass(frozen=True)
@@ -307,13 +322,19 @@ class CompletionService:
         if await ticket.wait_superseded(delay_ms / 1000):
             return []
         generation = self.generation
-        ticket.job = self.worker.submit(snap.uri, self._request(prepared))
-        # The hole's syntax check is built in a thread while the model runs.
-        check = None if prepared.syntax is None else asyncio.get_running_loop().run_in_executor(
-            None, request_timing.timed_in_thread, request_timing.current.get(), hole_check,
-            prepared.syntax)
+        timing = request_timing.current.get()
+        # The hole's syntax check is built in a thread while the model runs; the rows are cut
+        # by the thread that answers the job (the engine host's runner) right after the
+        # model, so that the event loop serves the editor meanwhile (issue 23).
+        check: Future | None = None if prepared.syntax is None else Future()
+        answered: Future = Future()
+        ticket.job = self.worker.submit(snap.uri, self._request(prepared), reply=functools.partial(
+            self._cut_answer, answered, prepared, check, timing))
+        if check is not None:  # (submitted second: the engine's thread starts first)
+            _SYNTAX_THREADS.submit(_fulfil, check, request_timing.timed_in_thread, timing,
+                                   hole_check, prepared.syntax)
         try:
-            result = await asyncio.wrap_future(ticket.job.future)
+            result, finished = await asyncio.wrap_future(answered)
         except asyncio.CancelledError:  # $/cancelRequest: stop the model between steps
             ticket.job.cancel.set()
             raise
@@ -322,12 +343,8 @@ class CompletionService:
         if result is None or result.stats.cancelled or generation != self.generation:
             return []  # stopped, or made under settings (or a model) that no longer hold
         self.model_answers += 1
-        try:
-            built = await check if check is not None else None
-        except Exception:  # a grammar's failure must never cost the completion
-            log.exception("syntax check failed; today's choice kept")
-            built = None
-        texts = self._finish(result, prepared, built)
+        self._count(finished)
+        texts = finished.texts
         if not result.stats.timed_out:  # a finished answer is worth keeping even if superseded
             self.cache.put(prepared.cache_key, texts)
         if ticket.superseded.is_set():
@@ -358,8 +375,38 @@ class CompletionService:
 
     def _finish(self, result: CompletionResult, prepared: Prepared,
                 check=None) -> tuple[str, ...]:
+        """`_cut`, counted."""
+        finished = self._cut(result, prepared, check)
+        self._count(finished)
+        return finished.texts
+
+    def _cut_answer(self, answered: Future, prepared: Prepared, check: Future | None, timing,
+                    result: CompletionResult | None, _error: str | None) -> None:
+        """The job's reply, on the thread that answered it: `answered` gets `result` and its
+        cut (none when stopped)."""
+        if result is None or result.stats.cancelled:
+            _fulfil(answered, lambda: (result, Finished(())))
+            return
+        try:
+            built = check.result() if check is not None else None
+        except Exception:  # a grammar's failure must never cost the completion
+            log.exception("syntax check failed; today's choice kept")
+            built = None
+        _fulfil(answered, lambda: (result, request_timing.timed_in_thread(
+            timing, self._cut, result, prepared, built)))
+
+    def _count(self, finished: Finished) -> None:
+        """The syntax pick's counters of the status (the event loop's thread)."""
+        picked = finished.picked
+        if picked is not None and picked.opinion:
+            self.syntax_judged += 1
+            self.syntax_hidden_rows += picked.hidden
+            self.syntax_emptied += not picked.texts
+
+    def _cut(self, result: CompletionResult, prepared: Prepared, check=None) -> Finished:
         """Post-process every candidate; keep the distinct survivors, best first. With a
-        syntax view, only those whose cut parses, ranked (lsp_server/syntax/pick.py)."""
+        syntax view, only those whose cut parses, ranked (lsp_server/syntax/pick.py). Any
+        thread: it reads only its arguments."""
         raw = result.candidates or [
             Candidate(text=result.text, mean_confidence=0.0, span_length=0, ended=False)]
         rows: list[Row] = []
@@ -368,6 +415,7 @@ class CompletionService:
             if text is not None and text not in (row.text for row in rows):
                 rows.append(Row(text, candidate.ended, candidate.mean_confidence))
         texts = [row.text for row in rows]
+        picked = None
         if prepared.syntax is not None and rows:
             try:
                 picked = pick(prepared.syntax, rows, want=prepared.candidates, check=check,
@@ -376,11 +424,8 @@ class CompletionService:
                 log.exception("syntax pick failed; today's choice kept")
             else:
                 if picked.opinion:
-                    self.syntax_judged += 1
-                    self.syntax_hidden_rows += picked.hidden
-                    self.syntax_emptied += not picked.texts
                     texts = [t for t in picked.texts if not is_useless(t, prepared.cursor)]
-        return tuple(texts[: prepared.candidates])
+        return Finished(tuple(texts[: prepared.candidates]), picked)
 
     def _remember(self, snap: Snapshot, selection: Selection | None, texts: tuple[str, ...]):
         if selection is None:
@@ -439,6 +484,19 @@ class CompletionService:
                 )
                 out.append(Suggestion(text=suggestion.text, start=suggestion.start, end=end))
         return out
+
+
+def _fulfil(future: Future, function: Callable[..., Any], *args: Any) -> None:
+    """Set `future` to `function(*args)`, or to what it raised; a future whose waiter gave up
+    (a cancelled request) is left as it is."""
+    try:
+        value = function(*args)
+    except BaseException as exc:  # the waiter's await raises it
+        with contextlib.suppress(InvalidStateError):
+            future.set_exception(exc)
+    else:
+        with contextlib.suppress(InvalidStateError):
+            future.set_result(value)
 
 
 def _cursor_context(prefix: str, suffix: str, eol: str, indent_sample: str) -> CursorContext:

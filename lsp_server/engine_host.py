@@ -59,7 +59,7 @@ from engine.api import (
     QuantMode,
     one_line,
 )
-from engine.serve.host import EngineHost, Job
+from engine.serve.host import EngineHost, Job, Reply
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,12 @@ class LspEngineHost(EngineHost):
     def _on_prewarm(self) -> None:
         self.stats.record_prewarm()
 
-    def submit(self, key: str, request: CompletionRequest) -> Job:  # type: ignore[override]
-        job = Job(key=key, request=request)
+    def submit(self, key: str, request: CompletionRequest,  # type: ignore[override]
+               reply: Reply | None = None) -> Job:
+        """Queue `request` for document `key`. `reply(result, error)`, if given, is called
+        once by the thread that answers the job: a runner right after the model (or, for a
+        job dropped at once, this one)."""
+        job = Job(key=key, request=request, reply=reply)
         super().submit(job)
         return job
 

@@ -2,8 +2,9 @@
 overhead"), measured inside the server: from the request's body in hand (rpc.receive) to its
 response written (rpc._send_handler_result), minus the engine's own time (engine.complete
 as the worker timed it). Also the CPU time the event loop's thread spent meanwhile, which
-load on the machine does not inflate, and the CPU time of the work the request handed to a
-thread (the hole's syntax check, built while the model runs).
+load on the machine does not inflate, and the CPU time of the work done for the request on
+other threads (the hole's syntax check, built while the model runs; the rows' cut, on the
+thread that answers the job, right after the model).
 
 The request's RequestTiming travels with its handler through a context variable: rpc sets it
 around the dispatch, and the handler's task, created inside, keeps it (asyncio copies the
@@ -34,7 +35,7 @@ class RequestTiming:
     started: float = field(default_factory=time.perf_counter)
     started_cpu: float = field(default_factory=time.thread_time)
     engine_ms: float | None = None  # set when the request ran the model
-    offloaded_cpu_ms: float = 0.0  # CPU time of its work on other threads (the hole check)
+    offloaded_cpu_ms: float = 0.0  # CPU time of its work on other threads (syntax check, cut)
 
     def finish(self) -> dict[str, Any]:
         wall_ms = (time.perf_counter() - self.started) * 1000

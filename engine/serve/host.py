@@ -10,7 +10,10 @@ The host keeps, under one lock:
   key drops that client's waiting job for it and flags its running one, whose cancel Event the
   engine checks between denoising steps;
 - the running jobs, at most `max_in_flight` at once, each on its own runner thread (or, where
-  `inline_single` says so and one runs at a time, on the owning thread itself);
+  `inline_single` says so and one runs at a time, on the owning thread itself). A runner
+  that finished its job waits for the next one and takes it from the queue itself: a job
+  submitted while a runner idles starts after one thread wake-up, not two and a thread start
+  (issue 23's server overhead);
 - a pending (re)load, done on the owning thread once no runner runs: the model is never freed
   or replaced under a runner.
 A job's deadline (its request's timeout_ms from submission, where the user sets `deadline`) is
@@ -113,6 +116,9 @@ class EngineHost:
         self._pending_load: Any = None  # what `_load_task` gets, once no runner runs
         self._closing = False
         self._in_loader = False
+        self._loading = False  # the owning thread frees and loads: no job starts meanwhile
+        self._runners = 0  # runner threads alive
+        self._idle_runners = 0  # of which waiting for a job
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -341,13 +347,24 @@ class EngineHost:
                 if self._pending_load is not None:
                     if not self._running:  # never free or replace the model under a runner
                         task, self._pending_load = self._pending_load, None
+                        self._loading = True
                         return "load", task
-                elif (self._can_run() and len(self._running) < self.max_in_flight
-                      and (job := self._take()) is not None):
-                    self._running.append(job)
-                    self._on_start(len(self._running))
-                    return "job", job
+                elif not self._idle_runners and (job := self._start_next()) is not None:
+                    return "job", job  # (an idle runner takes it itself)
                 self._lock.wait(self._expire())
+
+    def _start_next(self) -> Job | None:
+        """The next job, now counted as running, if one may start now (lock held)."""
+        if (self._pending_load is None and not self._loading and self._can_run()
+                and len(self._running) < self.max_in_flight
+                and (job := self._take()) is not None):
+            self._running.append(job)
+            self._on_start(len(self._running))
+            return job
+        return None
+
+    def _inline(self) -> bool:
+        return self.inline_single and self.max_in_flight == 1
 
     def _on_start(self, in_flight: int) -> None:
         """A job left the queue for a runner; `in_flight` run now (lock held)."""
@@ -367,10 +384,16 @@ class EngineHost:
                         log.exception("engine host load failed")
                     finally:
                         self._in_loader = False
-                elif self.inline_single and self.max_in_flight == 1:
+                        with self._lock:  # idle runners may take the waiting jobs now
+                            self._loading = False
+                            self._lock.notify_all()
+                elif self._inline():
                     self._serve(what)
                 else:
-                    threading.Thread(target=self._serve, args=(what,), name="maskfill-job",
+                    with self._lock:
+                        self._runners += 1
+                    # (in a list the thread empties: its args must not keep the job alive)
+                    threading.Thread(target=self._runner, args=([what],), name="maskfill-job",
                                      daemon=True).start()
         finally:
             with self._lock:  # close() flagged them: each returns within a denoising step
@@ -378,6 +401,36 @@ class EngineHost:
                     self._lock.wait()
             self._free()
             self._after_close()
+
+    # -- a runner thread --------------------------------------------------------------------
+
+    def _runner(self, first: list[Job]) -> None:
+        """Serve the job in `first`, then the jobs this runner takes from the queue while it
+        is needed."""
+        job: Job | None = first.pop()
+        while job is not None:
+            self._serve(job)
+            job = None  # not kept alive while the runner idles
+            job = self._next_for_runner()
+
+    def _next_for_runner(self) -> Job | None:
+        """The next job for an idle runner; None (the thread ends) once the host closes, or
+        runs its jobs on the owning thread, or has more runners than jobs may run at once."""
+        with self._lock:
+            self._idle_runners += 1
+            try:
+                while not (self._closing or self._inline()
+                           or self._runners > self.max_in_flight):
+                    if (job := self._start_next()) is not None:
+                        if self._front or self._waiting():  # the next may start too
+                            self._lock.notify_all()
+                        return job
+                    self._lock.wait()
+                self._runners -= 1
+                self._lock.notify_all()  # the owning thread starts the jobs no runner waits for
+                return None
+            finally:
+                self._idle_runners -= 1
 
     def _serve(self, job: Job) -> None:
         outcome: tuple[CompletionResult | None, str | None] | None = (None, "internal error")

@@ -11,8 +11,9 @@ stats go to FILE and the costliest functions are printed.
    `recentRequests`, lsp_server/request_timing.py): overhead = from the request's body read to
    its response written, minus the engine's time (engine.complete, timed by the worker). Also
    the CPU time the server's event loop thread spent meanwhile, and the CPU time of the work
-   it handed to a thread (the hole's syntax check, run while the model runs): CPU time is what
-   load on the machine does not inflate. The client's round trip (its own JSON work and the
+   done for it on other threads (the hole's syntax check, built while the model runs, and
+   the rows' cut, on the engine host's runner after it): CPU time is what load on the
+   machine does not inflate. The client's round trip (its own JSON work and the
    pipes included) is printed beside.
 2. Rapid typing: 100 didChange + inlineCompletion pairs sent back to back on one document with
    the default settings (like Neovim: nothing cancelled by the client); the model runs counted.
@@ -46,7 +47,7 @@ DEFAULTS = {"debounceMinMs": 75, "debounceMaxMs": 400, "cacheSize": 256}
 TIMED = {
     "overhead": "server overhead (wall)",
     "loop_cpu": "  event loop CPU",
-    "offloaded_cpu": "  hole check CPU (thread)",
+    "offloaded_cpu": "  syntax check + cut CPU",
     "engine": "engine",
     "round_trip": "client round trip",
     "round_trip_overhead": "round trip - engine",

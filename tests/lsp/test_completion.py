@@ -107,8 +107,8 @@ class OneJobWorker:
     def __init__(self):
         self.job = None
 
-    def submit(self, key, request):
-        self.job = Job(key=key, request=request)
+    def submit(self, key, request, reply=None):
+        self.job = Job(key=key, request=request, reply=reply)
         return self.job
 
 
@@ -130,7 +130,7 @@ async def test_an_answer_made_under_old_settings_is_dropped_and_not_cached():
         await asyncio.sleep(0)
     current[0] = Settings(max_tokens=8, debounce_min_ms=0, debounce_max_ms=0)
     pipeline.settings_changed(reloaded=False)
-    worker.job.future.set_result(finished("return x"))
+    worker.job.answer(finished("return x"))  # as the host answers a job
     assert await pending == []
     assert len(pipeline.cache) == 0
 
@@ -160,7 +160,7 @@ async def submitted_request(text: str, line: int, character: int):
     pending = asyncio.ensure_future(pipeline.suggest(snap, document, invoked=True))
     while worker.job is None:
         await asyncio.sleep(0)
-    worker.job.future.set_result(finished("return x"))
+    worker.job.answer(finished("return x"))  # as the host answers a job
     await pending
     return worker.job.request
 
