@@ -214,7 +214,7 @@ class CompletionService:
             suffix=window.suffix,
             cursor=cursor,
             stop=stop,
-            extra=tuple(ContextChunk(x.path, x.text) for x in block.snippets),
+            extra=block.chunks(),
             extra_tokens=block.tokens,
             candidates=s.num_candidates if invoked else 1,
             knobs=(s.model, s.device, s.quant, s.max_tokens, s.timeout_ms, s.context_tokens,

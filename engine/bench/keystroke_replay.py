@@ -32,8 +32,9 @@ armed on the clock (`after`: the server's idle pre-warm, lsp_server/context/repl
 their virtual moment, each followed by `wait_idle`. The same seed gives the same figures.
 `reuse_hit_rate` counts a request as a hit when it reused cached context (reused context tokens
 > 0), over the requests that reached the model (`replay_reached`: every request, in virtual
-time); `reuse_hit_rate_sent` keeps the old denominator (every request sent), and
-`reuse_token_share` is the reused share of those requests' context tokens.
+time); `reuse_hit_rate_sent` is over every request sent (one cancelled while it waited, or
+that failed, counts as a miss), and `reuse_token_share` is the reused share of the context
+tokens of the requests that reached the model.
 """
 
 from __future__ import annotations
@@ -132,13 +133,26 @@ class VirtualTime:
                 continue
             self._now = max(self._now, at)
             action()
-            self._engine.wait_idle()
+            settle(self._engine)
         self._now = max(self._now, moment)
 
     def after(self, delay: float, action: Callable[[], None]) -> _Timer:
         handle = _Timer()
         heapq.heappush(self._timers, (self._now + delay, next(self._order), handle, action))
         return handle
+
+
+SETTLE_S = 120.0  # a hang guard: the embedded model's background work takes seconds
+
+
+def settle(engine) -> None:
+    """Wait for the engine's background work (speculation, refresh) to end. The virtual
+    clock's determinism rests on it: a run that went on while that work still ran would race
+    it, so one that does not end within SETTLE_S stops the replay with an error."""
+    if not engine.wait_idle(SETTLE_S):
+        raise RuntimeError(f"the deterministic replay's engine still had background work after "
+                           f"{SETTLE_S:.0f} s: its figures would depend on timing, so none "
+                           f"are given")
 
 
 def keystroke_gaps(n: int, text: str, seed: int = 7) -> list[float]:
@@ -218,16 +232,20 @@ def sent_keys(typed: str, seed: int = 7) -> list[tuple[float, float | None]]:
     return keys
 
 
-def replay(engine, chars: int = TYPED_CHARS, reached: list[CompletionRequest] | None = None,
+def replay(engine, chars: int = TYPED_CHARS,
+           sent_requests: list[CompletionRequest] | None = None,
            decorate: Callable[[CompletionRequest, str, int], CompletionRequest] | None = None,
            seed: int = 7, clock: RealTime | VirtualTime | None = None,
-           log: list[Sent] | None = None) -> dict:
+           log: list[Sent] | None = None,
+           keyed: Callable[[str, int], None] | None = None) -> dict:
     """Type `chars` characters of SOURCE back (keystroke gaps from `seed`) on `clock`
     (RealTime by default; VirtualTime: deterministic, module doc); the figures above.
-    `reached`, when given, receives the requests that reached the engine, in order (for
-    `paired`). `decorate` (request, document text, cursor offset) -> the request to send: the
-    LSP side adds its extra context with it (lsp_server/context/replay.py), on the same
-    `clock`. `log` receives every request sent, with its outcome."""
+    `sent_requests`, when given, receives every request sent, in order (for `paired`).
+    `decorate` (request, document text, cursor offset) -> the request to send: the LSP side
+    adds its extra context with it (lsp_server/context/replay.py), on the same `clock`.
+    `keyed` (document text, cursor offset) is called at every keystroke, before its request
+    if it sends one (the server's didChange). `log` receives every request sent, with its
+    outcome."""
     clock = clock or RealTime()
     source = SOURCE.read_text(encoding="utf-8")
     start = source.index(TYPED_FROM)
@@ -253,10 +271,12 @@ def replay(engine, chars: int = TYPED_CHARS, reached: list[CompletionRequest] | 
         clock.sleep_until(key_at)
         if sent:
             sent[-1].cancel.set()  # this keystroke supersedes the request in flight
+        text = before + typed[:i + 1] + after
+        if keyed is not None:
+            keyed(text, len(before) + i + 1)
         if send_at is None:
             continue  # the next key arrives first: the server never sends this one
         clock.sleep_until(send_at)
-        text = before + typed[:i + 1] + after
         request = request_at(text, len(before) + i + 1)
         if decorate is not None:
             request = decorate(request, text, len(before) + i + 1)
@@ -264,22 +284,24 @@ def replay(engine, chars: int = TYPED_CHARS, reached: list[CompletionRequest] | 
         sent.append(item)
         if clock.virtual:  # to completion, then the engine settles (speculation, refresh)
             run(item)
-            engine.wait_idle()
+            settle(engine)
             continue
         thread = threading.Thread(target=run, args=(item,), daemon=True)
         thread.start()
         threads.append(thread)
     for thread in threads:
         thread.join(60.0)
-    engine.wait_idle()  # a refresh the last request left counts too
-    if reached is not None:
-        reached.extend(s.request for s in sent)
+    if clock.virtual:
+        settle(engine)  # a refresh the last request left counts too
+    else:
+        engine.wait_idle()
+    if sent_requests is not None:
+        sent_requests.extend(s.request for s in sent)
     if log is not None:
         log.extend(sent)
     done = [s for s in sent if s.ms is not None and not s.cancelled]
     warm = [s.ms for s in done if s.reused]
     cold = [s.ms for s in done if not s.reused]
-    ran = [s for s in sent if s.ms is not None]
     into_model = [s for s in sent if s.reached]
     return {
         "replay_keystrokes": len(typed),
@@ -288,7 +310,7 @@ def replay(engine, chars: int = TYPED_CHARS, reached: list[CompletionRequest] | 
         "replay_cancelled": sum(s.cancelled for s in sent),
         "replay_completed": len(done),
         "reuse_hit_rate": sum(1 for s in into_model if s.reused) / max(len(into_model), 1),
-        "reuse_hit_rate_sent": sum(1 for s in ran if s.reused) / max(len(ran), 1),
+        "reuse_hit_rate_sent": sum(1 for s in sent if s.reused) / max(len(sent), 1),
         # how much of those requests' context came from the cache (a hit may reuse a little)
         "reuse_token_share": sum(s.reused for s in into_model) / max(
             sum(s.stats.prefix_tokens + s.stats.suffix_tokens for s in into_model), 1),

@@ -144,10 +144,10 @@ def bench_replay(device: torch.device) -> dict[str, float]:
         return {}
     threads = torch.get_num_threads()
     engine = Engine.load(str(path), device=str(device))
-    reached: list = []
+    sent: list = []
     try:
         engine.use_cpu_threads()
-        out = replay(engine, reached=reached)
+        out = replay(engine, sent_requests=sent)
         out.update(accept_scenario(engine))
         stats = engine.context_stats()
         out["replay_peak_batch_rows"] = stats.get("peak_batch_rows", 0)
@@ -159,7 +159,7 @@ def bench_replay(device: torch.device) -> dict[str, float]:
     cold = Engine.load(str(path), device=str(device), context_reuse=False)
     try:
         warm.use_cpu_threads()
-        out.update(paired(warm, cold, reached))
+        out.update(paired(warm, cold, sent))
     finally:
         warm.close()
         cold.close()

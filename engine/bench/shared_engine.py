@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.api import CompletionRequest, EngineError
+from engine.bench.json_part import run_json_part
 from engine.serve.client import EngineConnection
 
 LOAD_CLIENTS = 4
@@ -161,13 +162,10 @@ def _wait_ready(connection: EngineConnection, timeout_s: float = 600.0) -> None:
 def lsp_clients(model: str, device: str, requests: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "lsp_server.tools.shared_bench", "--model", model,
                "--device", device, "--requests", str(requests)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise EngineError(f"the LSP part failed: {done.stderr.strip()[-500:]}")
-    for line in lines[:-1]:
+    figures, before = run_json_part(command)
+    for line in before:
         print(line)
-    return json.loads(lines[-1])
+    return figures
 
 
 def run_shared_bench(model_path: str, device: str = "cpu", *, quick: bool = False

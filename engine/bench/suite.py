@@ -9,14 +9,15 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from engine.api import EngineError
+from engine.bench.json_part import run_json_part
 from engine.bench.shapes import small_random_args
 from engine.model.embedded_model import default_model_path
 from engine.model.transformer import Transformer
@@ -110,14 +111,8 @@ def bench_memorized(device: torch.device, path: Path) -> dict[str, float]:
 
 def bench_server(device: torch.device, path: Path) -> dict[str, float]:
     """The LSP server's own figures, from its benchmark run as a separate process."""
-    cmd = [sys.executable, "-m", "lsp_server.tools.bench", "--model", str(path), "--device",
-           str(device)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        print(f"(server bench failed: {proc.stderr.strip()[-300:]})", file=sys.stderr)
-        return {}
-    figures = json.loads(lines[-1])
+    figures, _ = run_json_part([sys.executable, "-m", "lsp_server.tools.bench", "--model",
+                                str(path), "--device", str(device)])
     keys = ("server_overhead_ms_p50", "server_overhead_ms_p95", "server_loop_cpu_ms_p50",
             "round_trip_ms_p50", "engine_ms_p50", "model_runs_per_100_rapid_requests")
     return {k: figures[k] for k in keys if k in figures}
@@ -127,14 +122,9 @@ def bench_reuse_with_files() -> dict[str, float]:
     """The keystroke replay on the virtual clock (deterministic: the same figures every run),
     without and with the server's stable block from three other open files: reuse_hit_rate
     and the reused share of context tokens (lsp_server/context/replay.py, a separate process:
-    the engine does not import the server). The embedded model on the CPU, ~25 s."""
-    cmd = [sys.executable, "-m", "lsp_server.context.replay", "--deterministic"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        print(f"(reuse-with-files replay failed: {proc.stderr.strip()[-300:]})", file=sys.stderr)
-        return {}
-    figures = json.loads(lines[-1])
+    the engine does not import the server). The embedded model on the CPU, ~22 s of CPU."""
+    figures, _ = run_json_part([sys.executable, "-m", "lsp_server.context.replay",
+                                "--deterministic"])
     out = {}
     for label, name in (("without", "without_files"), ("with", "with_files")):
         out[f"reuse_hit_rate_{name}"] = figures[f"reuse_hit_rate_{label}"]
@@ -146,11 +136,21 @@ def bench_shared(device: torch.device, path: Path, quick: bool) -> dict:
     """Three LSP clients on one shared engine, and the loopback load test (engine/serve)."""
     from engine.bench.shared_engine import run_shared_bench
 
+    return run_shared_bench(str(path), str(device), quick=quick)
+
+
+def run_part(results: dict, name: str, part: Callable[[], dict]) -> bool:
+    """Add a bench part's figures to `results`; one that fails is reported (stderr, and
+    `{name}_failed` in the JSON line) and the bench goes on. True when it gave figures."""
     try:
-        return run_shared_bench(str(path), str(device), quick=quick)
+        figures = part()
     except Exception as error:  # noqa: BLE001 - reported, and the bench exits 1
-        print(f"(shared engine bench failed: {type(error).__name__}: {error})", file=sys.stderr)
-        return {}
+        message = f"{type(error).__name__}: {error}"
+        print(f"({name} bench failed: {message})", file=sys.stderr)
+        results[f"{name}_failed"] = message
+        return False
+    results.update(figures)
+    return bool(figures)
 
 
 def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True) -> int:
@@ -181,15 +181,16 @@ def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True
     results.update(bench_warm_vs_cold(dev, reps))
     results.update(bench_batch(dev, 2 if quick else 3))
     results.update(bench_replay(dev))
+    served = True  # the parts that run the server gave their figures
     if with_server and default_model_path() is not None:
-        results.update(bench_reuse_with_files())
+        served &= run_part(results, "reuse_with_files", bench_reuse_with_files)
     with tempfile.TemporaryDirectory() as tmp:
         memorized = memorized_checkpoint(Path(tmp) / "memorized")
         results.update(bench_memorized(dev, memorized))
-        server = bench_server(dev, memorized) if with_server else {}
-        results.update(server)
-        shared = bench_shared(dev, memorized, quick) if with_server else {}
-        results.update(shared)
+        if with_server:
+            served &= run_part(results, "server", lambda: bench_server(dev, memorized))
+            served &= run_part(results, "shared_engine",
+                               lambda: bench_shared(dev, memorized, quick))
 
     width = max(len(k) for k in results)
     print(f"{'metric':<{width}}  value")
@@ -197,5 +198,5 @@ def run_bench(device: str = "cpu", quick: bool = False, with_server: bool = True
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)
         print(f"{key:<{width}}  {shown}")
     print(json.dumps(results))
-    # A failed server bench must not look green.
-    return 1 if with_server and not (server and shared) else 0
+    # A failed part must not look green.
+    return 0 if served else 1

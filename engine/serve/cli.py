@@ -12,6 +12,7 @@ from typing import get_args
 
 from engine.api import EngineError, QuantMode
 from engine.serve import paths
+from engine.serve.protocol import HELLO_TIMEOUT_S
 from engine.setup.extras import install_hint
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
@@ -67,9 +68,10 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--http-max-connections", type=int, default=128,
                    help="open HTTP connections at most, fewer if the file limit is low "
                    "(default 128); further ones are closed at once")
-    s.add_argument("--hello-timeout-s", type=float, default=10.0,
+    s.add_argument("--hello-timeout-s", type=float, default=HELLO_TIMEOUT_S,
                    help="seconds a socket or --tcp client has, from being accepted, to say hello "
-                   "(a TLS handshake included); silent ones are closed (default 10)")
+                   "(a TLS handshake included; on Python 3.10 the handshake has its own limit "
+                   f"of as long); silent ones are closed (default {HELLO_TIMEOUT_S:g})")
     s.add_argument("--tcp-max-connections", type=int, default=128,
                    help="open --tcp connections at most, fewer if the file limit is low "
                    "(default 128); further ones are refused with a message and closed")

@@ -16,10 +16,11 @@ open at once (fewer under a low file limit, so the editors' Unix socket always h
 left), a connection past the cap is told why in a Refused frame and closed at once (the
 refusal logged, throttled), and one that has not said hello within `hello_timeout_s` of being
 accepted is closed. With `--tls-cert/--tls-key` it speaks TLS: the handshake runs inside the
-capped connection (so handshakes count against the cap) and within the same deadline as the
-hello (a silent TLS client holds a slot no longer than a silent plain one); a failed one (a
-plain client, a client that does not trust the certificate) closes the connection, logged
-throttled.
+capped connection (so handshakes count against the cap) and, on Python 3.11+, within the same
+deadline as the hello (a silent TLS client holds a slot no longer than a silent plain one); on
+Python 3.10 (no StreamWriter.start_tls) the listener does the handshake, with its own
+`hello_timeout_s`, before the hello's deadline starts. A failed handshake (a plain client, a
+client that does not trust the certificate) closes the connection, logged throttled.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from engine.serve.log_throttle import ThrottledLog, flush_all, throttle_accept_e
 from engine.serve.protocol import (
     CAPABILITIES,
     HEADER_BYTES,
+    HELLO_TIMEOUT_S,
     PROTOCOL_VERSION,
     Cancel,
     ClientMessage,
@@ -77,7 +79,6 @@ over_cap_log = ThrottledLog(log, "TCP connections refused (over the connection c
 handshake_log = ThrottledLog(log, "TCP connections closed for a failed TLS handshake")
 
 EXIT_ALREADY_RUNNING = 3  # another engine holds this key's lock: use that one
-HELLO_TIMEOUT_S = 10.0  # from accept to hello, a TLS handshake included
 FAILED_EXIT_S = 2.0  # a failed load lingers this long without clients (they read the error)
 LOOPBACK_NAMES = ("localhost",)
 # Per connection. An editor has a few requests in flight and reads every answer at once.
@@ -128,7 +129,7 @@ class ServeOptions:
     http_max_connections: int = 128  # fewer under a low file limit
     tcp_max_connections: int = 128  # --tcp connections, likewise
     http_allowed_hosts: tuple[str, ...] = ()  # Host names served on loopback besides its own
-    hello_timeout_s: float = HELLO_TIMEOUT_S  # accept to hello, TLS handshake included
+    hello_timeout_s: float = HELLO_TIMEOUT_S  # accept to hello (3.11+: TLS handshake included)
 
 
 def is_loopback(host: str) -> bool:
@@ -246,7 +247,7 @@ class EngineService:
                 writer.close()
             return
         self.tcp_open += 1
-        # One deadline from accept: the handshake's time is taken from the hello's.
+        # One deadline from accept (3.11+): the handshake's time is taken from the hello's.
         hello_by = asyncio.get_running_loop().time() + self.hello_timeout_s
         try:
             if self.tcp_tls is not None and writer.get_extra_info("sslcontext") is None:

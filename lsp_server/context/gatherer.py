@@ -271,11 +271,6 @@ def _shorten(snippet: Snippet, budget_tokens: int) -> Snippet | None:
                    snippet.start_line + len(kept) - 1, snippet.why)
 
 
-def _sent(block: ContextBlock) -> tuple[tuple[str, str], ...]:
-    """What of a block reaches the prompt (a request's `extra` chunks)."""
-    return tuple((s.path, s.text) for s in block.snippets)
-
-
 class StableContext:
     """One block per server, re-gathered only when it must change (module doc)."""
 
@@ -319,7 +314,7 @@ class StableContext:
         # Changed is what the engine would see: a snippet's path or text. The same snippets
         # ranked with another score ("window:0.21" for 0.20) keep the block, so no pre-warm is
         # sent for it and no change is counted.
-        changed = _sent(block) != _sent(self._block)
+        changed = block.chunks() != self._block.chunks()
         if changed:
             self.changes += 1
             self._block = block

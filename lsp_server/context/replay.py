@@ -25,20 +25,24 @@ import sys
 import threading
 import time
 
-from engine.api import ContextChunk
 from lsp_server.context import ContextGatherer, OpenFile, StableContext
 
 OTHERS = ("../engine.py", "prefill.py", "context_cache.py")  # beside engine/denoise/fim.py
 
 
 def decorator(budget: int, engine=None, clock=None):
-    """(decorate, stats, stable): decorate(request, text, offset) adds the stable block.
-    `clock`: the replay's (engine/bench/keystroke_replay.py: RealTime by default, or
-    VirtualTime), which the gatherer's and the block's idle rule read too. With `engine`, the
-    server's idle pre-warm (lsp_server/server.py): once the block's idle rule would re-gather
-    it, it is re-gathered at the last request's cursor while the user still idles, and a
-    changed block is handed to `engine.prewarm`; the next request cancels a pending one, as a
-    keystroke does in the server."""
+    """(decorate, keyed, stats, stable): decorate(request, text, offset) adds the stable block;
+    keyed(text, offset) is the server's didChange, called at every keystroke. `clock`: the
+    replay's (engine/bench/keystroke_replay.py: RealTime by default, or VirtualTime), which the
+    gatherer's and the block's idle rule read too. With `engine`, the server's idle pre-warm
+    (lsp_server/server.py): each keystroke and each request restart the block's idle clock and
+    re-arm one timer; once the idle rule would re-gather the block, the timer re-gathers it at
+    the last request's cursor (unless a key was typed since, as refresh_context) and hands a
+    changed block to `engine.prewarm`.
+
+    The server's didChange also records the edit for the gatherer's recent-edits source; the
+    replay does not: the server leaves out edits inside the request's own lines, which is where
+    the replay types."""
     from engine.bench import keystroke_replay
 
     clock = clock or keystroke_replay.RealTime()
@@ -54,43 +58,54 @@ def decorator(budget: int, engine=None, clock=None):
         gatherer.opened(uri)
     gatherer.opened(typed_uri)
     stable = StableContext(gatherer)
-    stats = {"ms": [], "tokens": [], "blocks": set(), "changed_at_request": 0, "prewarms": 0,
-             "prewarm_at": []}
+    stats = {"ms": [], "tokens": [], "blocks": set(), "changed_at_request": 0, "prewarms": 0}
     lock = threading.Lock()  # the stable block is read by requests and the idle timer
-    pending: list = []
-
-    def extra_of(block):
-        return tuple(ContextChunk(s.path, s.text) for s in block.snippets)
+    pending: list = []  # the idle pre-warm's timer (one at most)
+    last_sent: list = []  # (request, text, offset) of the last request
+    typed: list[str] = [""]  # the document as of the last keystroke
 
     def idle_refresh(request, text: str, offset: int) -> None:
         with lock:
-            if stable.idle_in() > 0:  # a request came in between
+            if stable.idle_in() > 0 or typed[0] != text:  # typed since: the next request gathers
                 return
             block, changed = stable.current(typed_uri, text, offset, budget, None, "python")
         if changed and block.snippets:
-            if engine.prewarm(dataclasses.replace(request, extra=extra_of(block))):
+            if engine.prewarm(dataclasses.replace(request, extra=block.chunks())):
                 stats["prewarms"] += 1
-                stats["prewarm_at"].append(round(clock.now(), 3))
 
-    def decorate(request, text: str, offset: int):
+    def arm() -> None:
+        """(Re)start the pre-warm's wait, as the server's not_idle: it fires once the block's
+        idle rule would re-gather it, counted from the latest keystroke or request."""
         for timer in pending:
             timer.cancel()
         pending.clear()
+        if engine is None or not last_sent:
+            return
         with lock:
-            current.source = text
+            wait = stable.idle_in()
+        pending.append(clock.after(wait + 0.01, lambda args=last_sent[-1]: idle_refresh(*args)))
+
+    def keyed(text: str, offset: int) -> None:
+        with lock:
+            typed[0] = text
+            stable.activity()
+        arm()
+
+    def decorate(request, text: str, offset: int):
+        with lock:
+            current.source = typed[0] = text
             started = time.perf_counter()
             block, changed = stable.current(typed_uri, text, offset, budget, None, "python")
             stats["ms"].append((time.perf_counter() - started) * 1000.0)
             stats["changed_at_request"] += changed
-            wait = stable.idle_in()
         stats["tokens"].append(block.tokens)
         stats["blocks"].add(block.snippets)
-        request = dataclasses.replace(request, extra=extra_of(block))
-        if engine is not None:
-            pending.append(clock.after(wait + 0.01, lambda: idle_refresh(request, text, offset)))
+        request = dataclasses.replace(request, extra=block.chunks())
+        last_sent[:] = [(request, text, offset)]
+        arm()
         return request
 
-    return decorate, stats, stable
+    return decorate, keyed, stats, stable
 
 
 LABELS = ("without", "with", "with_no_idle_prewarm")
@@ -99,7 +114,9 @@ LABELS = ("without", "with", "with_no_idle_prewarm")
 def replay_once(label: str, *, model: str | None = None, budget: int = 128, chars: int = 150,
                 seed: int = 7, deterministic: bool = False, log: list | None = None) -> dict:
     """One replay on a fresh engine: `label` "without" the block, "with" it (and the idle
-    pre-warm) or "with_no_idle_prewarm"; on the virtual clock when `deterministic`. The
+    pre-warm, its clock restarted by every keystroke as in the server) or
+    "with_no_idle_prewarm" (keystrokes do not restart the block's idle clock: a request after
+    a pause re-gathers it); on the virtual clock when `deterministic`. The
     figures of engine/bench/keystroke_replay.replay, and the block's own under "block"."""
     from engine.bench import keystroke_replay
     from engine.engine import Engine
@@ -108,12 +125,13 @@ def replay_once(label: str, *, model: str | None = None, budget: int = 128, char
     engine = Engine.load(resolve_model(model), device="cpu")
     try:
         clock = keystroke_replay.VirtualTime(engine) if deterministic else None
-        decorate, stats, stable = (None, None, None)
+        decorate, keyed, stats, stable = (None, None, None, None)
         if label != "without":
-            decorate, stats, stable = decorator(
+            decorate, keyed, stats, stable = decorator(
                 budget, engine if label == "with" else None, clock)
         out = keystroke_replay.replay(engine, chars=chars, decorate=decorate, seed=seed,
-                                      clock=clock, log=log)
+                                      clock=clock, log=log,
+                                      keyed=keyed if label == "with" else None)
     finally:
         engine.close()
     if stats is not None:

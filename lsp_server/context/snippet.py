@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from engine.api import ContextChunk
 from lsp_server.documents import CHARS_PER_TOKEN
 
 SNIPPET_OVERHEAD_TOKENS = 8  # the path line and separators a layout adds around each snippet
@@ -35,6 +36,11 @@ class ContextBlock:
     snippets: tuple[Snippet, ...] = ()
     tokens: int = 0
     ms: float = 0.0
+
+    def chunks(self) -> tuple[ContextChunk, ...]:
+        """What of the block reaches the prompt: each snippet's path and text (a request's
+        `extra`). Two blocks with the same chunks are the same to the engine."""
+        return tuple(ContextChunk(s.path, s.text) for s in self.snippets)
 
     def to_json(self) -> str:
         """One JSON line, as `maskfill-lsp --explain-context` prints it."""

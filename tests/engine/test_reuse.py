@@ -337,28 +337,28 @@ def test_a_request_that_arrives_first_drops_the_speculation_it_would_wait_for(me
 @pytest.mark.slow
 def test_the_paired_replay_times_the_same_requests_warm_and_cold(memorized_model):
     """Issue 21.7: the real-time replay's cold and warm p50s compare different requests, so
-    `make bench` pairs them: the requests that reached the engine, each on an engine that
+    `make bench` pairs them: the requests sent, each on an engine that
     reuses its predecessor's context and on one that never reuses, back to back."""
     from engine.bench.keystroke_replay import paired, replay
 
     live = Engine.load(str(memorized_model))
-    reached: list[CompletionRequest] = []
+    sent: list[CompletionRequest] = []
     try:
-        figures = replay(live, chars=24, reached=reached)
+        figures = replay(live, chars=24, sent_requests=sent)
     finally:
         live.close()
-    assert len(reached) == figures["replay_requests"] >= 3
+    assert len(sent) == figures["replay_requests"] >= 3
     assert figures["replay_cold_completed"] + figures["replay_warm_completed"] == \
         figures["replay_completed"]
 
     warm = Engine.load(str(memorized_model))
     cold = Engine.load(str(memorized_model), context_reuse=False)
     try:
-        out = paired(warm, cold, reached)
-        assert out["replay_paired_requests"] == len(reached) - 1  # the first has no predecessor
+        out = paired(warm, cold, sent)
+        assert out["replay_paired_requests"] == len(sent) - 1  # the first has no predecessor
         assert out["replay_paired_warm_rate"] == 1.0  # every later request reused a context
         assert cold.context_stats()["hits"] == 0
-        assert warm.context_stats()["hits"] >= len(reached) - 1
+        assert warm.context_stats()["hits"] >= len(sent) - 1
         for key in ("cold_ms_p50", "warm_ms_p50", "speedup_p50", "cold_encode_ms_p50",
                     "warm_encode_ms_p50"):
             assert out[f"replay_paired_{key}"] > 0, key

@@ -178,14 +178,22 @@ def fim_answer(model: Path, request) -> str:
 
 
 def wait_http_ready(url: str, context=None, seconds: float = HTTP_LOAD_WAIT_S) -> None:
-    """Poll `url`/health until the engine has loaded its model (200; 503 while loading, and
-    a refused or reset connection while it starts); `context`: an SSLContext for https."""
+    """Poll `url`/health until the engine has loaded its model (200; 503 with state "loading"
+    while it loads, and a refused or reset connection while it starts); `context`: an
+    SSLContext for https. Any other state (a failed load) fails at once, with the body."""
     deadline = time.monotonic() + seconds
     while True:
         try:
             with urllib.request.urlopen(url + "/health", timeout=5, context=context) as answer:
                 if answer.status == 200:
                     return
+        except urllib.error.HTTPError as answer:
+            body = answer.read().decode("utf-8", "replace")
+            try:
+                state = json.loads(body).get("state")
+            except ValueError:
+                state = None
+            assert state == "loading", f"the engine at {url} answered {answer.code}: {body}"
         except (urllib.error.URLError, OSError):
             pass
         assert time.monotonic() < deadline, f"the engine at {url} did not load its model"

@@ -24,7 +24,13 @@ import pytest
 
 from engine.serve.client import EngineConnection
 from tests.fixtures.certificates import self_signed
-from tests.service.conftest import STOP_WAIT_S, ServedEngine, connect_unix, memorized_hole
+from tests.service.conftest import (
+    STOP_WAIT_S,
+    ServedEngine,
+    connect_unix,
+    memorized_hole,
+    wait_http_ready,
+)
 
 HANG_S = 60.0  # hang guards only: every wait below ends far sooner when things work
 LOAD_S = 180.0
@@ -63,13 +69,7 @@ def request(engine: ServedEngine, method: str, path: str, body: dict | None = No
 
 
 def wait_healthy(engine: ServedEngine, context: ssl.SSLContext | None = None) -> None:
-    deadline = time.monotonic() + LOAD_S
-    while True:
-        status, _, body = request(engine, "GET", "/health", context=context)
-        if status == 200:
-            return
-        assert body["state"] == "loading" and time.monotonic() < deadline, body
-        time.sleep(0.1)
+    wait_http_ready(engine.endpoints["http"], context, LOAD_S)
 
 
 def fim_body(model: Path) -> tuple[dict, str]:

@@ -186,10 +186,10 @@ def seconds_until_dropped(port: int, context=None, handshake_after_s: float = 0.
 
 def test_a_silent_tls_client_is_dropped_by_the_same_deadline_as_a_silent_plain_one(
         serve_engine, memorized_model, token_file, certificate):
-    """One deadline from accept covers the TLS handshake and the hello. Before, the hello got
-    its own full limit after the handshake: a client that took 3 s to shake hands and then
-    said nothing held its capped slot for 3 + 4 s, never less. The bound below is a hang
-    guard with 2.5 s of slack for a loaded machine, and still under what the old code took."""
+    """The real engine drops a silent client, plain or slow to shake hands over TLS, and not
+    before the limit. No upper bound: the model loads in the same process and a loaded machine
+    may be late by seconds. That the hello gets only what the handshake left of the limit is
+    tests/service/test_hello_deadline.py's, in process and load-proof."""
     engine = serve_engine(memorized_model, "--no-socket", "--tcp", "127.0.0.1:0",
                           "--token-file", str(token_file), "--hello-timeout-s",
                           str(HELLO_LIMIT_S), "--tls-cert", str(certificate[0]),
@@ -206,8 +206,7 @@ def test_a_silent_tls_client_is_dropped_by_the_same_deadline_as_a_silent_plain_o
     for thread in threads:
         thread.join(LOAD_S)
     assert set(dropped) == set(clients), dropped
-    old_minimum = HANDSHAKE_AFTER_S + HELLO_LIMIT_S
-    assert all(HELLO_LIMIT_S - 0.1 < s < old_minimum - 0.5 for s in dropped.values()), dropped
+    assert all(s > HELLO_LIMIT_S - 0.1 for s in dropped.values()), dropped
 
 
 def start_refused(model: Path, *args: str) -> subprocess.CompletedProcess:
