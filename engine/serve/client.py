@@ -161,7 +161,8 @@ class EngineConnection:
         sock = DeadlineSocket(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), deadline)
         try:
             sock.connect(str(path))
-        except TimeoutError:  # a listener whose backlog is full (a hung engine)
+        except TimeoutError:  # the deadline ended the connect (on Linux a full backlog is
+            # BlockingIOError at once, an OSError like nothing listening)
             sock.close()
             raise deadline.expired() from None
         except OSError:
