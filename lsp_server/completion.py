@@ -46,6 +46,10 @@ LOADING_STATES = ("unloaded", "loading")  # a request arriving now waits for the
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # Builds each request's hole check while the model runs (the rows' cut waits for it).
 _SYNTAX_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="maskfill-syntax")
+# The longest the thread that answers a job waits for its hole check after the model (a check
+# is a parse, ~1 ms at 2k lines): one never built (the pool shut down at interpreter exit)
+# must not hold that thread for good, nor, with a one-call engine, the whole engine host.
+SYNTAX_CHECK_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -331,8 +335,11 @@ class CompletionService:
         ticket.job = self.worker.submit(snap.uri, self._request(prepared), reply=functools.partial(
             self._cut_answer, answered, prepared, check, timing))
         if check is not None:  # (submitted second: the engine's thread starts first)
-            _SYNTAX_THREADS.submit(_fulfil, check, request_timing.timed_in_thread, timing,
-                                   hole_check, prepared.syntax)
+            try:
+                _SYNTAX_THREADS.submit(_fulfil, check, request_timing.timed_in_thread, timing,
+                                       hole_check, prepared.syntax)
+            except Exception as exc:  # shut down (interpreter exit): the cut goes without it
+                check.set_exception(exc)
         try:
             result, finished = await asyncio.wrap_future(answered)
         except asyncio.CancelledError:  # $/cancelRequest: stop the model between steps
@@ -383,15 +390,16 @@ class CompletionService:
     def _cut_answer(self, answered: Future, prepared: Prepared, check: Future | None, timing,
                     result: CompletionResult | None, _error: str | None) -> None:
         """The job's reply, on the thread that answered it: `answered` gets `result` and its
-        cut (none when stopped)."""
+        cut (none when stopped). It waits for `check` at most SYNTAX_CHECK_WAIT_S."""
         if result is None or result.stats.cancelled:
             _fulfil(answered, lambda: (result, Finished(())))
             return
         try:
-            built = check.result() if check is not None else None
-        except Exception:  # a grammar's failure must never cost the completion
-            log.exception("syntax check failed; today's choice kept")
-            built = None
+            built = check.result(SYNTAX_CHECK_WAIT_S) if check is not None else None
+        except Exception:  # a grammar's failure (or no check) must never cost the completion
+            log.exception("syntax check failed; the rows are shown without the syntax cut")
+            # as in a language without a grammar (a pick would build the check again here)
+            prepared, built = dataclasses.replace(prepared, syntax=None), None
         _fulfil(answered, lambda: (result, request_timing.timed_in_thread(
             timing, self._cut, result, prepared, built)))
 

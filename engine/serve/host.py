@@ -189,6 +189,12 @@ class EngineHost:
             return len(self._running)
 
     @property
+    def idle_runners(self) -> int:
+        """Runner threads waiting for a job: the next job submitted starts on one of them."""
+        with self._lock:
+            return self._idle_runners
+
+    @property
     def prewarms_encoded(self) -> int | None:
         """Contexts the engine encoded ahead of a request (None: an engine that cannot)."""
         return getattr(self._engine, "prewarms", None)
@@ -393,8 +399,15 @@ class EngineHost:
                     with self._lock:
                         self._runners += 1
                     # (in a list the thread empties: its args must not keep the job alive)
-                    threading.Thread(target=self._runner, args=([what],), name="maskfill-job",
-                                     daemon=True).start()
+                    runner = threading.Thread(target=self._runner, args=([what],),
+                                              name="maskfill-job", daemon=True)
+                    try:
+                        runner.start()
+                    except RuntimeError:  # no thread to be had: this one serves the job
+                        log.exception("engine host could not start a runner")
+                        with self._lock:
+                            self._runners -= 1
+                        self._serve(what)
         finally:
             with self._lock:  # close() flagged them: each returns within a denoising step
                 while self._running:
@@ -407,15 +420,24 @@ class EngineHost:
     def _runner(self, first: list[Job]) -> None:
         """Serve the job in `first`, then the jobs this runner takes from the queue while it
         is needed."""
-        job: Job | None = first.pop()
-        while job is not None:
-            self._serve(job)
-            job = None  # not kept alive while the runner idles
-            job = self._next_for_runner()
+        counted = True  # in `_runners`: this thread must take itself out however it ends
+        try:
+            job: Job | None = first.pop()
+            while job is not None:
+                self._serve(job)
+                job = None  # not kept alive while the runner idles
+                job = self._next_for_runner()
+            counted = False  # (`_next_for_runner` took it out, in the same turn of the lock)
+        finally:
+            if counted:  # a BaseException: a count left high would make later runners quit
+                with self._lock:
+                    self._runners -= 1
+                    self._lock.notify_all()
 
     def _next_for_runner(self) -> Job | None:
-        """The next job for an idle runner; None (the thread ends) once the host closes, or
-        runs its jobs on the owning thread, or has more runners than jobs may run at once."""
+        """The next job for an idle runner; None (the thread ends, no longer counted in
+        `_runners`) once the host closes, or runs its jobs on the owning thread, or has more
+        runners than jobs may run at once."""
         with self._lock:
             self._idle_runners += 1
             try:

@@ -24,6 +24,7 @@ from lsp_server.engine_host import (
     LoadSpec,
     LspEngineHost,
 )
+from tests.waiting import wait_until
 
 OUT_OF_MEMORY = EngineError("out of memory (probe)")
 
@@ -69,13 +70,6 @@ class SchedulingProbe:
 
 def request(tag: str, max_tokens: int = 32) -> CompletionRequest:
     return CompletionRequest(prefix=tag, suffix="", max_tokens=max_tokens)
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -405,6 +399,8 @@ def test_a_runner_that_finished_takes_the_next_job_itself():
     it (a thread start and a second wake-up were ~0.3 ms of each request, issue 23)."""
     worker, (probe,) = overlap_worker()
     for tag in ("a", "b", "c"):
+        if tag != "a":  # (the job's answer comes before its runner idles again)
+            wait_until(lambda: worker.idle_runners == 1)
         job = worker.submit(tag, request(tag))
         assert probe.started(tag)
         probe.release(tag)
@@ -414,9 +410,42 @@ def test_a_runner_that_finished_takes_the_next_job_itself():
     worker.close()
 
 
+class RunnerKilled(BaseException):
+    """Ends a runner thread past `_serve`'s `except Exception` (like a SystemExit would)."""
+
+
+def test_a_runner_ended_by_a_base_exception_leaves_the_runner_count_right(monkeypatch):
+    """A runner thread that dies must not stay counted: a count left too high makes every
+    later runner quit after one job (a thread start per job again, unseen)."""
+    died: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda hook: died.append(hook.exc_value))
+    worker, (probe,) = overlap_worker(hold=False)
+    original = probe.complete
+
+    def complete(request, cancel=None):
+        if request.prefix.startswith("kill"):
+            raise RunnerKilled
+        return original(request, cancel)
+
+    probe.complete = complete
+    for index in range(MAX_IN_FLIGHT):  # as many dead runners as may run: all, if counted
+        job = worker.submit(f"kill{index}", request(f"kill{index}"))
+        assert job.future.result(5) is None  # answered all the same ("internal error")
+        wait_until(lambda n=index + 1: len(died) == n)
+    assert all(isinstance(exc, RunnerKilled) for exc in died)
+    for tag in ("a", "b", "c"):
+        if tag != "a":
+            wait_until(lambda: worker.idle_runners == 1)
+        assert worker.submit(tag, request(tag)).future.result(5) is not None
+    assert len(set(probe.thread_objects)) == 1  # one runner took them all
+    worker.close()
+
+
 def test_a_job_submitted_during_a_reload_waits_for_the_new_model_with_runners_idle():
-    """Idle runners take no job while the owning thread frees and loads: the job reaches the
-    new model, it is not dropped for want of one."""
+    """A job submitted while the new model loads reaches it, not dropped for want of one.
+    (LspEngineHost._free sets max_in_flight to 1 first, so the idle runner quits rather than
+    take it: test_an_idle_runner_takes_no_job_while_the_owning_thread_frees_the_old_model
+    guards the `_loading` rule.)"""
     probes: list[OverlapProbe] = []
     loading = threading.Event()
     finish_load = threading.Event()
@@ -437,6 +466,71 @@ def test_a_job_submitted_during_a_reload_waits_for_the_new_model_with_runners_id
     job = worker.submit("b", request("b"))
     finish_load.set()
     assert job.future.result(5) is not None
+    assert [r.prefix for r in probes[1].seen] == ["b"]
+    assert worker.stats.dropped == 0
+    worker.close()
+
+
+def test_a_job_whose_runner_cannot_start_runs_on_the_owning_thread(monkeypatch):
+    """No thread to be had (RuntimeError from start): the job still runs, and the host
+    still serves the next ones."""
+    start = threading.Thread.start
+
+    def refuse_runners(thread):
+        if thread.name == "maskfill-job":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    worker, (probe,) = overlap_worker(hold=False)
+    monkeypatch.setattr(threading.Thread, "start", refuse_runners)
+    for tag in ("a", "b"):
+        job = worker.submit(tag, request(tag))
+        assert job.future.result(5) is not None and not job.future.result().stats.cancelled
+    assert probe.threads == ["maskfill-engine"] * 2
+    worker.close()
+
+
+class PausingFreeHost(LspEngineHost):
+    """Pauses in `_free` (on the owning thread, before the model is freed) once asked."""
+
+    def __init__(self, loader):
+        self.pause_next_free = False
+        self.freeing = threading.Event()
+        self.resume = threading.Event()
+        super().__init__(loader)
+
+    def _free(self) -> None:
+        if self.pause_next_free and self._engine is not None:
+            self.pause_next_free = False
+            self.freeing.set()
+            assert self.resume.wait(10)
+        super()._free()
+
+
+def test_an_idle_runner_takes_no_job_while_the_owning_thread_frees_the_old_model():
+    """No job starts while the owning thread frees and loads (`_loading`): a job submitted
+    then, with an idle runner at hand and the old model not yet freed, runs on the new one."""
+    probes: list[OverlapProbe] = []
+
+    def loader(spec):
+        probes.append(OverlapProbe(spec.device, hold=False))
+        return probes[-1]
+
+    worker = PausingFreeHost(loader)
+    worker.load(LoadSpec(model="probe"))
+    wait_until(lambda: worker.ready)
+    assert worker.submit("a", request("a")).future.result(5) is not None
+    wait_until(lambda: worker.idle_runners == 1)
+    worker.pause_next_free = True
+    worker.load(LoadSpec(model="probe"))
+    assert worker.freeing.wait(5)
+    assert worker.idle_runners == 1 and worker.max_in_flight == MAX_IN_FLIGHT
+    job = worker.submit("b", request("b"))
+    # (the idle runner would take it at once: a while without it on the old model will do)
+    assert not probes[0].started("b", timeout=0.5)
+    worker.resume.set()
+    assert job.future.result(5) is not None and not job.future.result().stats.cancelled
+    assert [r.prefix for r in probes[0].seen] == ["a"]
     assert [r.prefix for r in probes[1].seen] == ["b"]
     assert worker.stats.dropped == 0
     worker.close()

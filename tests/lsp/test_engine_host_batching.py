@@ -3,19 +3,11 @@ denoising passes (issue 13 item 2) and each still gets what it gets alone."""
 
 from __future__ import annotations
 
-import time
-
 from engine.api import CompletionRequest
 from lsp_server.engine_host import LoadSpec, LspEngineHost, load_engine
 from tests.engine.test_batching import Gate, own_rows
 from tests.fixtures.memorized import SNIPPETS, split_middle
-
-
-def wait_until(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+from tests.waiting import wait_until
 
 
 def fill_requests(tokenizer) -> list[CompletionRequest]:
