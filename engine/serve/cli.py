@@ -12,7 +12,7 @@ from typing import get_args
 
 from engine.api import EngineError, QuantMode
 from engine.serve import paths
-from engine.serve.protocol import HELLO_TIMEOUT_S
+from engine.serve.setup_deadline import HELLO_TIMEOUT_S
 from engine.setup.extras import install_hint
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024

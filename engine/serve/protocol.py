@@ -21,9 +21,6 @@ PROTOCOL_VERSION = 1
 # because a Welcome's unknown field is ignored by an older client and an older Welcome has
 # no capabilities.
 CAPABILITIES = ("prewarm",)
-# Seconds a client has from being accepted to say hello (on Python 3.11+ a --tcp TLS
-# handshake included; engine/serve/server.py). The engine's default --hello-timeout-s.
-HELLO_TIMEOUT_S = 10.0
 # A completion request carries at most a few hundred KB of context; anything far larger is a
 # broken or hostile peer, refused before its body is read.
 MAX_FRAME_BYTES = 8 * 1024 * 1024

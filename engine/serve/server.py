@@ -52,7 +52,6 @@ from engine.serve.log_throttle import ThrottledLog, flush_all, throttle_accept_e
 from engine.serve.protocol import (
     CAPABILITIES,
     HEADER_BYTES,
-    HELLO_TIMEOUT_S,
     PROTOCOL_VERSION,
     Cancel,
     ClientMessage,
@@ -69,6 +68,7 @@ from engine.serve.protocol import (
     encode,
     frame_length,
 )
+from engine.serve.setup_deadline import HELLO_TIMEOUT_S
 from engine.serve.tls import server_context
 
 log = logging.getLogger(__name__)

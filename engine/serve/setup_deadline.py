@@ -13,6 +13,12 @@ import time
 
 from engine.api import EngineUnavailable
 
+# The engine's side of the same set-up: seconds a client has from being accepted to say hello
+# (on Python 3.11+ a --tcp TLS handshake included; engine/serve/server.py), the default of
+# --hello-timeout-s. Here, not in protocol.py, so `maskfill-engine --help` needs no msgspec
+# (the GPU image has none: tests/engine/test_gpu_entry_points.py).
+HELLO_TIMEOUT_S = 10.0
+
 
 class EngineSetupTimeout(EngineUnavailable):
     """The engine's endpoint gave no answer within the set-up deadline (stopped, hung, not an
