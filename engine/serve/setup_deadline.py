@@ -12,6 +12,7 @@ import socket
 import time
 
 from engine.api import EngineUnavailable
+from engine.serve.wrapped_socket import WrappedSocket
 
 # The engine's side of the same set-up: seconds a client has from being accepted to say hello
 # (on Python 3.11+ a --tcp TLS handshake included; engine/serve/server.py), the default of
@@ -49,7 +50,7 @@ class SetupDeadline:
                                   f"{self.seconds:.1f} s while {self.stage}")
 
 
-class DeadlineSocket:
+class DeadlineSocket(WrappedSocket):
     """A socket whose blocking calls wait only what `deadline` has left, until `release()`;
     from then on they block as the socket is set (the connection's reader waits for ever).
 
@@ -81,18 +82,6 @@ class DeadlineSocket:
         """Set-up is over: no deadline, blocking calls."""
         self.deadline = None
         self._sock.settimeout(None)
-
-    def settimeout(self, seconds: float | None) -> None:
-        self._sock.settimeout(seconds)
-
-    def setsockopt(self, *args) -> None:
-        self._sock.setsockopt(*args)
-
-    def shutdown(self, how: int) -> None:
-        self._sock.shutdown(how)
-
-    def close(self) -> None:
-        self._sock.close()
 
 
 def connect_tcp(host: str, port: int, deadline: SetupDeadline) -> DeadlineSocket:

@@ -18,6 +18,7 @@ import threading
 
 from engine.api import EngineError, EngineUnavailable
 from engine.serve.protocol import HEADER_BYTES, FrameError, Refused, decode_server, frame_length
+from engine.serve.wrapped_socket import WrappedSocket
 
 READ_CHUNK = 64 * 1024
 # The first bytes of a TLS record: content type (alert 21, handshake 22), then major version 3.
@@ -95,7 +96,7 @@ def _refusal_in(answer: bytes) -> str | None:
     return message.message if isinstance(message, Refused) else None
 
 
-class TlsChannel:
+class TlsChannel(WrappedSocket):
     """A TLS client session over a connected blocking socket, with the few socket methods the
     engine client uses (recv, sendall, settimeout, setsockopt, shutdown, close).
 
@@ -189,14 +190,3 @@ class TlsChannel:
             if wire:
                 self._sock.sendall(wire)
 
-    def settimeout(self, seconds: float | None) -> None:
-        self._sock.settimeout(seconds)
-
-    def setsockopt(self, *args) -> None:
-        self._sock.setsockopt(*args)
-
-    def shutdown(self, how: int) -> None:
-        self._sock.shutdown(how)
-
-    def close(self) -> None:
-        self._sock.close()
